@@ -1,0 +1,93 @@
+"""Conv layers numbered 1..N in forward order, as the study counts them.
+
+Layer 1 of the DenseNet is the stem, layer 2 the first dense layer's conv, layer 14 the
+first conv of block 2. A layer is addressed by that number or by its module path, the
+path of its kernel without the `params/` prefix and `/kernel` suffix (e.g.
+`block1/layer1/conv`). The order is read by intercepting every `nn.Conv` call during an
+abstract trace, so it works for any Flax model, not only the project's.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LayerRef = int | str
+
+
+def conv_layers(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
+    """Returns the module paths of every nn.Conv in the order the forward pass calls them.
+
+    Args:
+        model: A Flax module whose `__call__(x)` takes images.
+        input_shape: (N, H, W, C) of a dummy input; only shapes are traced.
+    """
+    paths: list[str] = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
+            path = "/".join(context.module.path)
+            if path not in paths:
+                paths.append(path)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(input_shape, jnp.float32))
+    return paths
+
+
+def resolve_layer(layer: LayerRef, paths: Sequence[str]) -> str:
+    """Returns the conv path for a layer number (1-based) or path.
+
+    Args:
+        layer: 1..N, or a path; `params/` prefix and `/kernel` suffix are accepted.
+        paths: The output of `conv_layers`.
+
+    Raises:
+        ValueError: naming the layer and listing the layers that exist.
+    """
+    listing = ", ".join(f"{i}:{p}" for i, p in enumerate(paths, start=1))
+    if isinstance(layer, str) and layer.strip().isdigit():
+        layer = int(layer)
+    if isinstance(layer, int):
+        if not 1 <= layer <= len(paths):
+            raise ValueError(
+                f"layer {layer} does not exist: the model has conv layers 1..{len(paths)} "
+                f"({listing})"
+            )
+        return paths[layer - 1]
+    path = layer.removeprefix("params/").removesuffix("/kernel")
+    if path not in paths:
+        raise ValueError(f"layer {layer!r} is not a conv layer of the model; layers: {listing}")
+    return path
+
+
+def layer_number(path: str, paths: Sequence[str]) -> int:
+    """The 1-based number of the conv at `path`."""
+    return list(paths).index(resolve_layer(path, paths)) + 1
+
+
+def layer_output_fn(model: nn.Module, path: str) -> Callable[[Any, jax.Array], jax.Array]:
+    """Returns f(variables, images) -> the conv's output (N, H', W', F), inference mode.
+
+    Under jit, XLA drops everything after the captured conv, so the rest of the network
+    costs nothing.
+    """
+
+    def output(variables: Any, images: jax.Array) -> jax.Array:
+        _, state = model.apply(
+            variables,
+            images,
+            capture_intermediates=lambda mdl, method: (
+                method == "__call__" and "/".join(mdl.path) == path
+            ),
+            mutable=["intermediates"],
+        )
+        node = state["intermediates"]
+        for key in path.split("/"):
+            node = node[key]
+        return node["__call__"][0]
+
+    return output

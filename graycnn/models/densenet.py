@@ -1,0 +1,139 @@
+"""The study's DenseNet for 32x32 images, and smaller variants of the same design.
+
+Topology (Keras notebook "Densenet_on_Cifar_10"): a 3x3 stem conv; dense blocks of
+BN-ReLU-Conv3x3 layers whose outputs are concatenated to their inputs; transitions
+BN-ReLU-Conv1x1-AvgPool2 between blocks; a head BN-ReLU-AvgPool2-Conv2x2(valid, bias).
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from graycnn.models.common import BN_EPSILON, BN_MOMENTUM, Widths, scale_input, width_of
+
+
+class DenseNet(nn.Module):
+    """DenseNet of `num_blocks` blocks of `layers_per_block` layers.
+
+    Conv paths (the keys of `widths`): `stem`, `block{b}/layer{l}/conv`,
+    `transition{b}/conv`, `head/conv`. Every BatchNorm sits in front of the conv
+    that reads its output, at the sibling path ending in `bn`.
+
+    Attributes:
+        num_classes: Output classes.
+        stem_features: Filters of the stem conv (the study: 36).
+        growth_rate: Filters of each dense layer (the study: 18).
+        transition_features: Filters of each transition conv (the study: 18).
+        layers_per_block: Dense layers in each block, e.g. (12, 12, 12, 12).
+        widths: Output-width overrides, ((conv path, width), ...), for merged models.
+        input_scale, input_offset: The model sees (pixels - offset) * scale, where pixels
+            are 0-255 (the study: 1 and 0, raw pixels).
+    """
+
+    num_classes: int = 10
+    stem_features: int = 36
+    growth_rate: int = 18
+    transition_features: int = 18
+    layers_per_block: Sequence[int] = (12, 12, 12, 12)
+    widths: Widths = ()
+    input_scale: float = 1.0
+    input_offset: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Maps pixels (N, 32, 32, C) in 0-255 to logits (N, num_classes)."""
+        x = scale_input(x, self.input_scale, self.input_offset)
+        x = nn.Conv(
+            width_of(self.widths, "stem", self.stem_features),
+            (3, 3),
+            padding="SAME",
+            use_bias=False,
+            name="stem",
+        )(x)
+        for b, num_layers in enumerate(self.layers_per_block, start=1):
+            x = DenseBlock(
+                tuple(
+                    width_of(self.widths, f"block{b}/layer{i}/conv", self.growth_rate)
+                    for i in range(1, num_layers + 1)
+                ),
+                train=train,
+                name=f"block{b}",
+            )(x)
+            if b < len(self.layers_per_block):
+                x = Transition(
+                    width_of(self.widths, f"transition{b}/conv", self.transition_features),
+                    train=train,
+                    name=f"transition{b}",
+                )(x)
+        return Head(width_of(self.widths, "head/conv", self.num_classes), train=train, name="head")(
+            x
+        )
+
+
+class DenseBlock(nn.Module):
+    """Dense layers `layer1..layerL`, each fed the concatenation of all before it."""
+
+    features: Sequence[int]
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, features in enumerate(self.features, start=1):
+            y = DenseLayer(features, train=self.train, name=f"layer{i}")(x)
+            x = jnp.concatenate([x, y], axis=-1)
+        return x
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-Conv3x3 without bias; the caller concatenates its output."""
+
+    features: int
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _bn(self.train)(x)
+        x = nn.relu(x)
+        return nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv")(x)
+
+
+class Transition(nn.Module):
+    """BN-ReLU-Conv1x1-AvgPool2."""
+
+    features: int
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _bn(self.train)(x)
+        x = nn.relu(x)
+        x = nn.Conv(self.features, (1, 1), use_bias=False, name="conv")(x)
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Head(nn.Module):
+    """BN-ReLU-AvgPool2-Conv2x2(valid, bias)-flatten: a 4x4 map becomes logits."""
+
+    num_classes: int
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _bn(self.train)(x)
+        x = nn.relu(x)
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+        x = nn.Conv(self.num_classes, (2, 2), padding="VALID", name="conv")(x)
+        if x.shape[1:3] != (1, 1):
+            raise ValueError(
+                f"the DenseNet head needs a 4x4 feature map (32x32 images through 4 blocks); "
+                f"its conv output is {x.shape[1:3]}"
+            )
+        return x.reshape((x.shape[0], -1))
+
+
+def _bn(train: bool) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="bn"
+    )

@@ -1,0 +1,45 @@
+"""Process-wide JAX settings shared by the experiment scripts and the tests."""
+
+import os
+import sys
+from collections.abc import Callable
+
+import jax
+from absl import app, logging
+
+
+def enable_compilation_cache(directory: str | None = None) -> None:
+    """Caches compiled programs on disk: a DenseNet train step compiles in ~10 s on CPU,
+    and a second run of the same shapes then loads it in ~2 s."""
+    directory = directory or os.path.join(os.path.expanduser("~"), ".cache", "graycnn", "jax")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def setup(distributed: bool = False) -> None:
+    """Call first in every entry point.
+
+    Args:
+        distributed: Join a multi-host run with `jax.distributed.initialize()`, which reads
+            the coordinator address, process count and id from the cluster environment
+            (SLURM, TPU pods, or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+            JAX_PROCESS_ID variables).
+    """
+    if distributed:
+        jax.distributed.initialize()
+    enable_compilation_cache()
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """`absl.app.run(main)`, with the input errors graycnn raises shown as one line
+    `error: ...` and exit status 2, instead of a traceback."""
+
+    def wrapped(argv: list[str]) -> None:
+        logging.set_verbosity(logging.WARNING)  # JAX logs its TPU probe at INFO.
+        try:
+            main(argv)
+        except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(wrapped)

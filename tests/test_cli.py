@@ -1,0 +1,69 @@
+"""The CLIs as a user runs them, in subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from graycnn import data, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, total",
+    [
+        ([], 995230),
+        (["--in_channels=1"], 994582),
+        (["--in_channels=1", "--widths=1:20,2:12"], 950046),
+    ],
+)
+def test_summary_ends_with_total(flags, total):
+    result = _run("experiments.summary", "--model=densenet_seed", *flags)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == f"total parameters: {total}"
+    assert any(line.split()[:2] == ["1", "stem"] for line in lines)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, sample_npz):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = train.TrainConfig(model="densenet_test", dataset=f"npz:{sample_npz}", epochs=1)
+    model_config, variables, _ = train.train_and_evaluate(config, workdir)
+    return workdir, model_config, variables
+
+
+@pytest.mark.parametrize("view", ["color", "gray3"])
+def test_evaluate_loads_the_model_from_the_checkpoint(trained, sample_npz, view):
+    workdir, model_config, variables = trained
+    result = _run(
+        "experiments.evaluate",
+        f"--checkpoint={workdir}",
+        f"--dataset=npz:{sample_npz}",
+        f"--view={view}",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    split = data.load_dataset(f"npz:{sample_npz}", "validation")
+    expected = train.evaluate(model_config, variables, split, view)
+    assert report["examples"] == 30 and report["params"] > 0
+    assert report["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    result = _run("experiments.evaluate", f"--checkpoint={tmp_path}/nothing")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: checkpoint directory")
+    result = _run("experiments.train", "--dataset=imagenet", f"--workdir={tmp_path}/w")
+    assert result.returncode == 2 and "unknown dataset 'imagenet'" in result.stderr
+    result = _run("experiments.summary", "--model=densenet_tiny", "--widths=18:4")
+    assert result.returncode == 2 and "layer 18 does not exist" in result.stderr

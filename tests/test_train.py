@@ -1,0 +1,109 @@
+import dataclasses
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from graycnn import checkpoint, data, train
+from graycnn.models import ModelConfig, init_variables
+
+
+@pytest.fixture()
+def config(sample_npz):
+    # 130 train images of 160 -> 2 steps of 64 per epoch.
+    return train.TrainConfig(model="densenet_test", dataset=f"npz:{sample_npz}", epochs=1)
+
+
+def _assert_trees_equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_two_step_train_on_two_host_devices(config, tmp_path):
+    assert jax.device_count() == 2
+    model_config, variables, history = train.train_and_evaluate(config, str(tmp_path))
+    assert model_config.name == "densenet_test" and model_config.in_channels == 3
+    assert [h["step"] for h in history] == [2]
+    assert np.isfinite(history[0]["train_loss"]) and 0 <= history[0]["val_accuracy"] <= 1
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["step"] == 2
+    # The train step really runs sharded: the batch lives on both devices.
+    batch_sharding, _ = train.mesh_shardings()
+    images, labels = train.shard_batch(
+        batch_sharding, np.zeros((4, 32, 32, 3), np.uint8), np.zeros(4, np.int32)
+    )
+    assert len(images.sharding.device_set) == 2
+    assert images.addressable_shards[0].data.shape == (2, 32, 32, 3)
+
+
+def test_same_seed_same_weights_and_resume_equals_uninterrupted(config, tmp_path):
+    two = dataclasses.replace(config, epochs=2)
+    _, straight, _ = train.train_and_evaluate(two, str(tmp_path / "a"))
+    _, again, _ = train.train_and_evaluate(two, str(tmp_path / "b"))
+    _assert_trees_equal(straight, again)
+    # A run killed during epoch 2 has only the epoch-1 checkpoint (step 2); restarted with
+    # the same flags, it resumes at epoch 2 and ends where the uninterrupted run did.
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    shutil.rmtree(tmp_path / "c" / "checkpoints" / "4")
+    _, resumed, history = train.train_and_evaluate(two, str(tmp_path / "c"))
+    assert [h["epoch"] for h in history] == [2]
+    _assert_trees_equal(straight, resumed)
+    other_seed = dataclasses.replace(two, seed=1)
+    _, different, _ = train.train_and_evaluate(other_seed, str(tmp_path / "d"))
+    assert not np.array_equal(
+        different["params"]["stem"]["kernel"], straight["params"]["stem"]["kernel"]
+    )
+
+
+def test_batchnorm_only_training_freezes_the_rest(config, tmp_path):
+    config = dataclasses.replace(config, trainable="batchnorm")
+    model_config = ModelConfig("densenet_test")
+    start = jax.device_get(init_variables(model_config, jax.random.key(3)))
+    _, end, _ = train.train_and_evaluate(config, str(tmp_path), init=(model_config, start))
+    np.testing.assert_array_equal(
+        start["params"]["stem"]["kernel"], end["params"]["stem"]["kernel"]
+    )
+    bn_start, bn_end = (v["params"]["block1"]["layer1"]["bn"]["scale"] for v in (start, end))
+    assert not np.array_equal(bn_start, bn_end)
+
+
+def test_evaluate_counts_every_example_once(sample_npz):
+    split = data.load_dataset(f"npz:{sample_npz}", "validation")
+    model_config = ModelConfig("densenet_test")
+    variables = init_variables(model_config, jax.random.key(0))
+    result = train.evaluate(model_config, variables, split, "color", batch_size=8)
+    assert result["examples"] == len(split) == 30
+    logits = np.asarray(
+        jax.jit(lambda v, x: __import__("graycnn").models.build_model(model_config).apply(v, x))(
+            variables, split.images.astype(np.float32)
+        )
+    )
+    np.testing.assert_allclose(result["accuracy"], np.mean(logits.argmax(-1) == split.labels))
+    with pytest.raises(ValueError, match="view 'gray' gives 1-channel input"):
+        train.evaluate(model_config, variables, split, "gray")
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    model_config = ModelConfig("densenet_test", in_channels=1, widths={"stem": 5})
+    variables = jax.device_get(init_variables(model_config, jax.random.key(0)))
+    path = checkpoint.save_model(str(tmp_path / "m"), model_config, variables, note="x")
+    loaded_config, loaded, extra = checkpoint.load_model(path)
+    assert loaded_config == model_config and extra["note"] == "x"
+    _assert_trees_equal(variables, loaded)
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        checkpoint.save_model(path, model_config, variables)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpoint.load_model(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        checkpoint.load_model(str(tmp_path / "empty"))
+    for f in (tmp_path / "m" / "0" / "variables").rglob("*"):
+        if f.is_file() and "manifest" in f.name:
+            f.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt or incomplete"):
+        checkpoint.load_model(path)
+    bad = jax.tree.map(lambda x: x, variables)
+    bad["params"]["stem"]["kernel"] = np.full_like(bad["params"]["stem"]["kernel"], np.nan)
+    with pytest.raises(ValueError, match=r"'params'\]\['stem'\]\['kernel'\] holds NaN"):
+        checkpoint.save_model(str(tmp_path / "nan"), model_config, bad)
