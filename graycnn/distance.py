@@ -1,0 +1,307 @@
+"""Pairwise distances between receptive-field images, as jitted (N, N) matrices.
+
+The study compared receptive fields with MSE (layer 1), SSIM and IMED (layer 2)
+before clustering them. Every metric here takes a stack of images and returns
+the full symmetric matrix with a zero diagonal, so that `graycnn.cluster` can
+consume any of them.
+
+Registered metrics (`METRICS`):
+  - ``mse``: mean of squared differences over pixels and channels.
+  - ``ssim``: ``1 - SSIM`` as computed by ``dm_pix.ssim`` (per-channel Gaussian
+    windows, averaged over pixels and channels).
+  - ``imed``: the Image Euclidean Distance of Wang, Zhang & Feng (TPAMI 2005),
+    ``d = sqrt((x - y)^T G (x - y))`` with a Gaussian metric ``G`` over pixel
+    positions; for C channels the squared distances add up over channels.
+
+Example:
+  >>> images = np.random.default_rng(0).random((36, 32, 32))
+  >>> d = pairwise(images, "imed", sigma=1.0)  # (36, 36) jax.Array
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dm_pix
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The default of dm_pix.ssim; shrunk to the image size when none is given.
+_DEFAULT_SSIM_FILTER_SIZE = 11
+# Pairs per vmapped dm_pix.ssim batch: bounds memory at ~15 (chunk, H, W, C) temporaries.
+_SSIM_PAIR_CHUNK = 512
+
+
+def _as_image_stack(images: Any) -> np.ndarray:
+    """Validates a stack of images and returns it as (N, H, W, C) numpy.
+
+    Args:
+      images: (N, H, W) or (N, H, W, C) real numbers, or a sequence of N
+        arrays of one shape (H, W) or (H, W, C).
+
+    Returns:
+      (N, H, W, C) array, C = 1 for gray input; float32/float64 kept, other
+      dtypes cast to float32.
+
+    Raises:
+      ValueError: mismatched shapes, wrong rank, N < 2, empty images,
+        non-numeric dtype, or non-finite values.
+    """
+    if isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
+        shapes = {np.shape(image) for image in images}
+        if len(shapes) > 1:
+            raise ValueError(f"images: all images must have the same shape, got {sorted(shapes)}")
+    # np.asarray on a jax.Array copies to host; validation needs concrete values anyway.
+    array = np.asarray(images)
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"images: expected real numbers, got dtype {array.dtype}")
+    if np.issubdtype(array.dtype, np.complexfloating):
+        raise ValueError(f"images: expected real numbers, got dtype {array.dtype}")
+    if array.ndim not in (3, 4):
+        raise ValueError(f"images: expected shape (N, H, W) or (N, H, W, C), got {array.shape}")
+    if array.shape[0] < 2:
+        raise ValueError(f"images: need at least 2 images for pairs, got N={array.shape[0]}")
+    if min(array.shape[1:]) < 1:
+        raise ValueError(f"images: empty image dimensions in shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise ValueError(f"images: {bad} non-finite values (NaN or inf)")
+    if not np.issubdtype(array.dtype, np.floating) or array.dtype.itemsize < 4:
+        # float16 loses the Gram-form distances to cancellation.
+        array = array.astype(np.float32)
+    if array.ndim == 3:
+        array = array[..., None]
+    return array
+
+
+def _to_device(array: np.ndarray) -> jax.Array:
+    # Without a dtype argument jnp.asarray keeps float64 under x64 and quietly
+    # gives float32 otherwise; asking for float64 explicitly would warn.
+    return jnp.asarray(array)
+
+
+def _finish(sq: jax.Array) -> jax.Array:
+    """Makes a matrix of squared distances exactly symmetric, >= 0, zero-diagonal."""
+    sq = 0.5 * (sq + sq.T)
+    sq = jnp.maximum(sq, 0.0)
+    return jnp.where(jnp.eye(sq.shape[0], dtype=bool), 0.0, sq)
+
+
+def _squared_euclidean(features: jax.Array) -> jax.Array:
+    """(N, D) features -> (N, N) squared Euclidean distances via one Gram matrix.
+
+    The Gram form costs N^2 D in a single matmul instead of N^2 D elementwise
+    passes; centering first keeps |a|^2 + |b|^2 - 2ab from cancelling badly in
+    float32 (distances are translation invariant).
+    """
+    features = features - jnp.mean(features, axis=0, keepdims=True)
+    gram = jnp.matmul(features, features.T, precision=jax.lax.Precision.HIGHEST)
+    norms = jnp.diagonal(gram)
+    return _finish(norms[:, None] + norms[None, :] - 2.0 * gram)
+
+
+@jax.jit
+def _mse_core(images: jax.Array) -> jax.Array:
+    flat = images.reshape(images.shape[0], -1)
+    return _squared_euclidean(flat) / flat.shape[1]
+
+
+def pairwise_mse(images: Any) -> jax.Array:
+    """Mean squared error between every pair of images.
+
+    Args:
+      images: (N, H, W) or (N, H, W, C) float.
+
+    Returns:
+      (N, N) float: d_ij = mean over H, W (and C) of (x_i - x_j)^2.
+    """
+    return _mse_core(_to_device(_as_image_stack(images)))
+
+
+@functools.lru_cache(maxsize=32)
+def gaussian_metric_sqrt(size: int, sigma: float) -> np.ndarray:
+    """Square root of the 1-D factor of the IMED metric, in float64.
+
+    The 2-D metric g_ij = exp(-|P_i - P_j|^2 / 2 sigma^2) / (2 pi sigma^2)
+    factors as G = G_y (x) G_x with (G_1)_ab = exp(-(a - b)^2 / 2 sigma^2) /
+    (sqrt(2 pi) sigma), so the standardizing transform G^(1/2) = G_y^(1/2) (x)
+    G_x^(1/2) is two small matrix products per image.
+
+    Args:
+      size: number of pixel positions along one axis.
+      sigma: width of the Gaussian in pixels, > 0.
+
+    Returns:
+      (size, size) float64 symmetric S with S @ S = G_1 (up to round-off).
+    """
+    positions = np.arange(size, dtype=np.float64)
+    diff = positions[:, None] - positions[None, :]
+    g1 = np.exp(-(diff**2) / (2.0 * sigma**2)) / (np.sqrt(2.0 * np.pi) * sigma)
+    eigvals, eigvecs = np.linalg.eigh(g1)
+    # G_1 is positive definite in exact arithmetic; for wide sigma its smallest
+    # eigenvalues are round-off and may come out slightly negative.
+    root = (eigvecs * np.sqrt(np.clip(eigvals, 0.0, None))) @ eigvecs.T
+    root.setflags(write=False)
+    return root
+
+
+@jax.jit
+def _imed_core(images: jax.Array, sqrt_y: jax.Array, sqrt_x: jax.Array) -> jax.Array:
+    # u = (G_y^(1/2) (x) G_x^(1/2)) x per channel: N H W (H + W) work instead of
+    # forming the (HW x HW) metric; then IMED is plain Euclidean distance on u.
+    standardized = jnp.einsum(
+        "ab,nbwc,dw->nadc",
+        sqrt_y.astype(images.dtype),
+        images,
+        sqrt_x.astype(images.dtype),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return jnp.sqrt(_squared_euclidean(standardized.reshape(images.shape[0], -1)))
+
+
+def pairwise_imed(images: Any, *, sigma: float = 1.0) -> jax.Array:
+    """Image Euclidean Distance (Wang, Zhang & Feng, TPAMI 2005) between every pair.
+
+    d_ij^2 = (x_i - x_j)^T G (x_i - x_j), with g_kl = exp(-|P_k - P_l|^2 /
+    2 sigma^2) / (2 pi sigma^2) over pixel positions P. Computed through the
+    separable standardizing transform; cost N H W C (H + W) + N^2 H W C.
+
+    Args:
+      images: (N, H, W) or (N, H, W, C) float. Channels are independent: the
+        squared distances of the C channels are summed.
+      sigma: width of the Gaussian metric in pixels, > 0. Default 1.
+
+    Returns:
+      (N, N) float: the distances d_ij (not squared).
+    """
+    if not (np.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
+    stack = _as_image_stack(images)
+    sqrt_y = gaussian_metric_sqrt(stack.shape[1], float(sigma))
+    sqrt_x = gaussian_metric_sqrt(stack.shape[2], float(sigma))
+    return _imed_core(_to_device(stack), sqrt_y, sqrt_x)
+
+
+@functools.partial(jax.jit, static_argnames=("filter_size", "filter_sigma", "k1", "k2"))
+def _ssim_core(
+    images: jax.Array,
+    data_range: jax.Array,
+    *,
+    filter_size: int,
+    filter_sigma: float,
+    k1: float,
+    k2: float,
+) -> jax.Array:
+    n = images.shape[0]
+    # SSIM is symmetric in its arguments, so only the upper triangle is computed.
+    rows, cols = jnp.triu_indices(n, k=1)
+
+    def ssim_of_pair(pair):
+        i, j = pair
+        return dm_pix.ssim(
+            images[i],
+            images[j],
+            max_val=data_range,
+            filter_size=filter_size,
+            filter_sigma=filter_sigma,
+            k1=k1,
+            k2=k2,
+        )
+
+    # lax.map with batch_size vmaps over chunks of pairs: vectorized, bounded memory.
+    values = jax.lax.map(ssim_of_pair, (rows, cols), batch_size=_SSIM_PAIR_CHUNK)
+    upper = jnp.zeros((n, n), images.dtype).at[rows, cols].set(1.0 - values)
+    return _finish(upper + upper.T)
+
+
+def pairwise_ssim(
+    images: Any,
+    *,
+    data_range: float = 1.0,
+    filter_size: int | None = None,
+    filter_sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> jax.Array:
+    """Structural dissimilarity 1 - SSIM between every pair, via dm_pix.ssim.
+
+    Args:
+      images: (N, H, W) or (N, H, W, C) float; channels are filtered
+        separately and averaged, as dm_pix does.
+      data_range: max - min of the value range the images live in (dm_pix's
+        `max_val`); SSIM's stabilizers scale with it. Deprocessed receptive
+        fields are in [0, 1], hence the default 1.0. Images spanning more than
+        `data_range` raise, since SSIM would then be silently wrong.
+      filter_size: Gaussian window size; must fit in the image. None uses
+        min(11, H, W), so images as small as 8 x 8 work.
+      filter_sigma: Gaussian window width in pixels, > 0.
+      k1: SSIM luminance stabilizer constant, > 0.
+      k2: SSIM contrast stabilizer constant, > 0.
+
+    Returns:
+      (N, N) float: 1 - SSIM, clipped at 0 (SSIM(x, x) = 1 up to round-off), in [0, 2].
+    """
+    stack = _as_image_stack(images)
+    if not (np.isfinite(data_range) and data_range > 0):
+        raise ValueError(f"data_range must be a finite number > 0, got {data_range}")
+    span = float(stack.max() - stack.min())
+    if span > data_range * (1 + 1e-6):
+        raise ValueError(
+            f"data_range={data_range} is smaller than the span of the images "
+            f"[{stack.min():.6g}, {stack.max():.6g}]; pass data_range explicitly"
+        )
+    smallest = min(stack.shape[1], stack.shape[2])
+    if filter_size is None:
+        filter_size = min(_DEFAULT_SSIM_FILTER_SIZE, smallest)
+    if not (isinstance(filter_size, (int, np.integer)) and 1 <= filter_size <= smallest):
+        raise ValueError(
+            f"filter_size must be an int in [1, min(H, W) = {smallest}] for images of "
+            f"shape {stack.shape[1:3]}, got {filter_size}"
+        )
+    for name, value in (("filter_sigma", filter_sigma), ("k1", k1), ("k2", k2)):
+        if not (np.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    device_images = _to_device(stack)
+    return _ssim_core(
+        device_images,
+        jnp.asarray(data_range, device_images.dtype),
+        filter_size=int(filter_size),
+        filter_sigma=float(filter_sigma),
+        k1=float(k1),
+        k2=float(k2),
+    )
+
+
+METRICS: dict[str, Callable[..., jax.Array]] = {
+    "mse": pairwise_mse,
+    "ssim": pairwise_ssim,
+    "imed": pairwise_imed,
+}
+
+
+def pairwise(images: Any, metric: str, **options: Any) -> jax.Array:
+    """The (N, N) distance matrix of a stack of images under one metric.
+
+    Args:
+      images: (N, H, W) or (N, H, W, C) float, N >= 2, all finite.
+      metric: a key of `METRICS`: "mse", "ssim" or "imed".
+      **options: keyword options of that metric, e.g. `sigma` for "imed",
+        `data_range` and `filter_size` for "ssim" (see `pairwise_<metric>`).
+
+    Returns:
+      (N, N) float jax.Array, symmetric, zero diagonal, non-negative.
+
+    Raises:
+      ValueError: unknown metric (the message lists the known ones) or bad input.
+
+    Example:
+      >>> d = pairwise(np.zeros((3, 8, 8)), "mse")
+      >>> d.shape
+      (3, 3)
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known metrics: {sorted(METRICS)}")
+    return METRICS[metric](images, **options)
