@@ -1,0 +1,154 @@
+"""Figures of receptive fields: PNG grids with the filter index on every tile.
+
+`plot_receptive_fields` draws color fields (the study's Figure 4) or gray fields in a
+blue-yellow pseudo-color map (Figure 5); `plot_color_and_gray` puts the color fields
+and their BT.601 gray versions side by side (Figures 6-7). Figures are drawn on the Agg
+canvas without pyplot, so no display is needed and no global backend is changed; PNGs
+are written to a temp file in the same directory and renamed over the target.
+"""
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure, SubFigure
+
+from graycnn.io import save_figure
+from graycnn.receptive_field import to_gray
+
+_CELL = 0.8  # inches per tile
+
+
+def plot_receptive_fields(
+    fields: Any,
+    path: str | os.PathLike,
+    title: str = "Receptive fields",
+    *,
+    indices: Any = None,
+    cmap: str = "cividis",
+    columns: int | None = None,
+    dpi: int = 120,
+) -> str:
+    """One tile per filter, titled with its index.
+
+    Args:
+        fields: (F, H, W, 3) color in [0, 1], or (F, H, W) / (F, H, W, 1) gray, drawn
+            with `cmap` on one scale shared by all tiles (their min to max), with a
+            colorbar.
+        path: PNG to write; parent directories are created.
+        title: Figure title.
+        indices: (F,) filter index of each tile; default 0..F-1.
+        cmap: Colormap of gray fields; 'cividis' is the study's blue-yellow, and stays
+            readable for color-blind viewers.
+        columns: Tiles per row; default near-square.
+        dpi: Resolution.
+
+    Returns:
+        The path written.
+    """
+    images, indices = _check(fields, indices)
+    columns = columns or _columns(len(images))
+    rows = math.ceil(len(images) / columns)
+    figure = Figure(
+        figsize=(0.4 + _CELL * columns + 0.6, 0.5 + _CELL * 1.15 * rows), layout="constrained"
+    )
+    _draw_grid(figure, images, indices, title, cmap, columns)
+    return save_figure(figure, path, dpi)
+
+
+def plot_color_and_gray(
+    fields: Any,
+    path: str | os.PathLike,
+    title: str = "Receptive fields",
+    *,
+    indices: Any = None,
+    cmap: str = "cividis",
+    columns: int | None = None,
+    dpi: int = 120,
+) -> str:
+    """Color fields (left) and their BT.601 gray versions in pseudo-color (right).
+
+    Args:
+        fields: (F, H, W, 3) in [0, 1].
+        path, title, indices, cmap, columns, dpi: As for `plot_receptive_fields`.
+
+    Returns:
+        The path written.
+    """
+    images, indices = _check(fields, indices)
+    if images.ndim != 4:
+        raise ValueError(f"fields: side by side needs color (F, H, W, 3), got {images.shape}")
+    gray = np.asarray(to_gray(images))[..., 0]
+    columns = columns or _columns(len(images))
+    rows = math.ceil(len(images) / columns)
+    width = 0.4 + _CELL * columns
+    figure = Figure(figsize=(2 * width + 0.8, 0.8 + _CELL * 1.15 * rows), layout="constrained")
+    left, right = figure.subfigures(1, 2, width_ratios=(width, width + 0.8))
+    _draw_grid(left, images, indices, "color", cmap, columns)
+    _draw_grid(right, gray, indices, "gray (BT.601 luma)", cmap, columns)
+    figure.suptitle(title, fontsize=10)
+    return save_figure(figure, path, dpi)
+
+
+def _check(fields: Any, indices: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(F, H, W[, 1 | 3]) -> (F, H, W) gray or (F, H, W, 3) color, and (F,) indices."""
+    images = np.asarray(fields, np.float64)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)) or not len(images):
+        raise ValueError(
+            f"fields: expected (F, H, W), (F, H, W, 1) or (F, H, W, 3) with F >= 1, "
+            f"got shape {np.shape(fields)}"
+        )
+    if not np.all(np.isfinite(images)):
+        raise ValueError("fields: non-finite values (NaN or inf)")
+    indices = np.arange(len(images)) if indices is None else np.asarray(indices)
+    if indices.shape != (len(images),):
+        raise ValueError(f"indices: expected shape ({len(images)},), got {indices.shape}")
+    return images, indices
+
+
+def _columns(n: int) -> int:
+    """A near-square grid, preferring a column count that divides n (18 -> 6 x 3)."""
+    root = math.sqrt(n)
+    for columns in range(math.ceil(root), math.ceil(1.8 * root) + 1):
+        if n % columns == 0:
+            return columns
+    return math.ceil(root)
+
+
+def _draw_grid(
+    figure: Figure | SubFigure,
+    images: np.ndarray,
+    indices: np.ndarray,
+    title: str,
+    cmap: str,
+    columns: int,
+) -> None:
+    rows = math.ceil(len(images) / columns)
+    axes = figure.subplots(rows, columns, squeeze=False)
+    gray = images.ndim == 3
+    if gray:
+        # One scale for all tiles, stretched to the data for contrast (the study's reason
+        # for pseudo-color), so brightness still compares across filters.
+        vmin, vmax = images.min(), images.max()
+    else:
+        # imshow clips RGB to [0, 1]; rescale jointly so filters stay comparable.
+        low, high = min(images.min(), 0.0), max(images.max(), 1.0)
+        images = (images - low) / (high - low)
+        vmin = vmax = None
+    shown = None
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k >= len(images):
+            ax.set_axis_off()
+            continue
+        shown = ax.imshow(
+            images[k], cmap=cmap if gray else None, vmin=vmin, vmax=vmax, interpolation="nearest"
+        )
+        ax.set_title(str(indices[k]), fontsize=7, pad=2)
+    if gray:
+        figure.colorbar(shown, ax=axes, fraction=0.04, pad=0.02, label="luma")
+    figure.suptitle(f"{title} ({len(images)} filters)", fontsize=9)
