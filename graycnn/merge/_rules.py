@@ -1,0 +1,279 @@
+"""Abstract interpretation of a jaxpr that follows conv output channels (internal).
+
+Every jaxpr variable gets a `Value`: its shape, and either the channels it carries (a
+list of `Segment`s along one axis: "positions p..p+n hold channels s..s+n of conv X"),
+or, for a value computed from variables only, which variable leaves it was computed
+from and which leaf axis each of its axes indexes. When a variable-derived value meets
+a channel-carrying value in an elementwise op, the leaf axis aligned with the channel
+axis is indexed by those channels (a BatchNorm mean, a conv bias); when a conv or
+dot_general contracts the channels against a kernel leaf, the kernel's input axis is.
+An op this module does not understand marks the convs whose channels it touched as
+unmergeable, with the primitive's name, rather than guessing.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from jax.extend import core as jcore
+
+from graycnn.merge._layout import (
+    broadcast_in_dim,
+    cumulative,
+    pad,
+    reduce,
+    reduce_window,
+    reshape,
+    rev,
+    slice_,
+    split,
+    squeeze,
+    transpose,
+)
+from graycnn.merge._values import (
+    Channels,
+    Recorder,
+    Segment,
+    Use,
+    Value,
+    derived,
+    module_of,
+    unknown,
+)
+
+
+def interpret(closed: jcore.ClosedJaxpr, inputs: Sequence[Value], rec: Recorder) -> list[Value]:
+    """Runs the abstract interpretation over `closed`; returns the output Values."""
+    jaxpr = closed.jaxpr
+    env: dict[jcore.Var, Value] = {}
+    for var in jaxpr.constvars:
+        env[var] = Value(tuple(var.aval.shape))
+    for var, value in zip(jaxpr.invars, inputs, strict=True):
+        env[var] = value
+
+    def read(var) -> Value:
+        if isinstance(var, jcore.Literal):
+            return Value(tuple(np.shape(var.val)))
+        return env[var]
+
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        outs = _apply(eqn, ins, rec)
+        for var, value in zip(eqn.outvars, outs, strict=True):
+            if not isinstance(var, jcore.DropVar):
+                env[var] = value
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _apply(eqn, ins: list[Value], rec: Recorder) -> list[Value]:
+    name = eqn.primitive.name
+    shapes = [tuple(v.aval.shape) if hasattr(v.aval, "shape") else () for v in eqn.outvars]
+    sub = _sub_jaxpr(eqn)
+    if sub is not None:
+        return interpret(sub, ins, rec)
+    rule = _RULES.get(name)
+    if rule is None and name.startswith("reduce_window"):
+        rule = reduce_window
+    if rule is None:
+        return unknown(name, ins, shapes, rec)
+    return rule(eqn, ins, shapes, rec)
+
+
+def _sub_jaxpr(eqn) -> jcore.ClosedJaxpr | None:
+    # jit, custom_jvp_call, custom_vjp_call, remat, closed_call: the body runs once
+    # with the eqn's operands; control flow (scan, while, cond) is not followed.
+    if eqn.primitive.name in ("scan", "while", "cond"):
+        return None
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        sub = eqn.params.get(key)
+        if isinstance(sub, jcore.Jaxpr):
+            sub = jcore.ClosedJaxpr(sub, [])
+        if isinstance(sub, jcore.ClosedJaxpr) and len(sub.jaxpr.invars) == len(eqn.invars):
+            return sub
+    return None
+
+
+_LAYOUT = {"convert_element_type", "copy", "copy_p", "reduce_precision", "stop_gradient"}
+_ELEMENTWISE = _LAYOUT | set(
+    "neg sign floor ceil round is_finite exp exp2 log log1p expm1 tanh logistic sin cos tan "
+    "asin acos atan sinh cosh asinh acosh atanh abs sqrt rsqrt cbrt integer_pow square erf "
+    "erfc erf_inv lgamma digamma not imag real conj add sub mul div rem pow max min atan2 "
+    "nextafter and or xor eq ne lt le gt ge add_any select_n clamp".split()
+)
+
+
+def _elementwise(eqn, ins, shapes, rec) -> list[Value]:
+    name = eqn.primitive.name
+    (shape,) = shapes
+    carrying = [(i, v) for i, v in enumerate(ins) if v.channels is not None]
+    if not carrying:
+        if any(v.data for v in ins):
+            return [Value(shape, data=True)]
+        leaves: dict[str, tuple[int | None, ...]] = {}
+        for v in ins:
+            if len(v.shape) != len(shape):
+                continue
+            for leaf, amap in v.leaves.items():
+                leaves.setdefault(
+                    leaf,
+                    tuple(
+                        a if n == m else None for a, n, m in zip(amap, v.shape, shape, strict=True)
+                    ),
+                )
+        exact = name in _LAYOUT and len(ins) == 1 and ins[0].exact
+        return [Value(shape, leaves=leaves, exact=exact, opaque=any(v.opaque for v in ins))]
+    first = carrying[0][1]
+    axis = first.channels.axis
+    if any(v.channels.axis != axis for _, v in carrying):
+        rec.taint(ins, f"{name} combines channels on different axes")
+        return [Value(shape, data=True)]
+    for _, v in carrying[1:]:
+        rec.tie(first.channels, v.channels, name)
+    width = shape[axis]
+    for v in ins:
+        if v.channels is not None or len(v.shape) != len(shape) or v.shape[axis] != width:
+            continue
+        if v.data and width > 1:
+            rec.taint(
+                [first],
+                f"{name} combines the channels with a per-channel tensor computed from the "
+                "input (e.g. attention or squeeze-excite gating)",
+            )
+        elif (v.opaque or not v.leaves) and width > 1:
+            rec.taint(
+                [first],
+                f"{name} combines the channels with a per-channel constant or a per-channel "
+                "tensor computed by an op that is not followed",
+            )
+        else:
+            for leaf, amap in v.leaves.items():
+                if amap[axis] is not None:
+                    rec.uses.append(
+                        Use(leaf, amap[axis], first.channels.segments, "elementwise", name)
+                    )
+    pristine = first.channels.pristine
+    if name not in _LAYOUT:
+        others = [v for v in ins if v.channels is None and v.shape]
+        other = others[0] if len(carrying) == 1 and len(others) == 1 else None
+        for i, v in carrying:
+            rec.first_op(v.channels, name, i, other)
+        pristine = frozenset()
+    return [
+        Value(shape, channels=dataclasses.replace(first.channels, pristine=pristine), data=True)
+    ]
+
+
+def _conv(eqn, ins, shapes, rec) -> list[Value]:
+    lhs, rhs = ins
+    (shape,) = shapes
+    lhs_spec, rhs_spec, out_spec = eqn.params["dimension_numbers"]
+    kernel = rhs.kernel()
+    in_size = rhs.shape[rhs_spec[1]] * math.prod(rhs.shape[d] for d in rhs_spec[2:])
+    flops = 2 * math.prod(shape) * in_size
+    leaf, amap = kernel if kernel is not None else (None, None)
+    path = rec.layer(
+        module_of(leaf) if leaf else None,
+        "conv",
+        leaf,
+        amap[rhs_spec[1]] if amap else None,
+        amap[rhs_spec[0]] if amap else None,
+        flops,
+    )
+    rec.taint([rhs], "the channels are used as a conv kernel")
+    if lhs.channels is not None:
+        grouped = eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1
+        if lhs.channels.axis != lhs_spec[1]:
+            rec.taint([lhs], "a conv slides over the channel axis")
+        elif grouped:
+            rec.taint([lhs], "a grouped or depthwise conv reads the channels")
+        elif kernel is None:
+            rec.taint([lhs], f"the kernel of conv {path} is not a plain variable leaf")
+        else:
+            rec.uses.append(Use(leaf, amap[rhs_spec[1]], lhs.channels.segments, "contract", "conv"))
+        if lhs.channels.pristine:
+            rec.first_op(lhs.channels, eqn.primitive.name, 0)
+    if kernel is None or not lhs.data:
+        return [derived(shape, ins)]
+    width = shape[out_spec[1]]
+    if rec.sources.setdefault(path, width) != width:
+        rec.problem([path], f"conv {path} is applied with different widths")
+    segments = (Segment(path, 0, width),)
+    rec.uses.append(Use(leaf, amap[rhs_spec[0]], segments, "produce", "conv"))
+    channels = Channels(out_spec[1], segments, frozenset({path}))
+    return [Value(shape, channels=channels, data=True)]
+
+
+def _dot_general(eqn, ins, shapes, rec) -> list[Value]:
+    lhs, rhs = ins
+    (shape,) = shapes
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    flops = 2 * math.prod(shape) * math.prod(lhs.shape[d] for d in lc)
+    kernel_side = [v.kernel() for v in (lhs, rhs)]
+    kernel = kernel_side[1] or kernel_side[0]
+    if kernel is not None and (lhs.data or rhs.data):
+        rec.layer(module_of(kernel[0]), "dense", kernel[0], None, None, flops)
+    out_channels = None
+    lhs_free = [d for d in range(len(lhs.shape)) if d not in lc and d not in lb]
+    rhs_free = [d for d in range(len(rhs.shape)) if d not in rc and d not in rb]
+    sides = ((lhs, rhs, lc, rc, lb, 0, lhs_free), (rhs, lhs, rc, lc, rb, 1, rhs_free))
+    for x, other, xc, oc, xb, side, free in sides:
+        if x.channels is None:
+            continue
+        a = x.channels.axis
+        if x.channels.pristine:
+            rec.first_op(x.channels, "dot_general", side)
+        if a in xc:
+            other_kernel = other.kernel()
+            if other_kernel is None:
+                rec.taint([x], "dot_general contracts the channels with a non-variable tensor")
+            else:
+                leaf, amap = other_kernel
+                axis = amap[oc[list(xc).index(a)]]
+                rec.uses.append(Use(leaf, axis, x.channels.segments, "contract", "dot_general"))
+        elif a in xb:
+            rec.taint([x], "dot_general uses the channel axis as a batch axis")
+        else:
+            offset = len(lb) + (len(lhs_free) if side == 1 else 0)
+            out_channels = Channels(offset + free.index(a), x.channels.segments)
+    if out_channels is not None:
+        return [Value(shape, channels=out_channels, data=True)]
+    return [derived(shape, ins)]
+
+
+def _concatenate(eqn, ins, shapes, rec):
+    dim = eqn.params["dimension"]
+    (shape,) = shapes
+    carrying = [v for v in ins if v.channels is not None]
+    if not carrying:
+        return [derived(shape, ins)]
+    if all(v.channels.axis == dim for v in carrying):
+        segments: list[Segment] = []
+        for v in ins:
+            segments += v.channels.segments if v.channels else [Segment(None, 0, v.shape[dim])]
+        pristine = frozenset().union(*(v.channels.pristine for v in carrying))
+        return [Value(shape, channels=Channels(dim, tuple(segments), pristine), data=True)]
+    if len(carrying) == len(ins) and all(v.channels.axis != dim for v in carrying):
+        for v in carrying[1:]:
+            rec.tie(carrying[0].channels, v.channels, "concatenate")
+        return [Value(shape, channels=carrying[0].channels, data=True)]
+    rec.taint(ins, "concatenate mixes channels with other values along a non-channel axis")
+    return [Value(shape, data=True)]
+
+
+_RULES: dict[str, Callable] = {name: _elementwise for name in _ELEMENTWISE}
+_RULES.update(
+    conv_general_dilated=_conv,
+    dot_general=_dot_general,
+    reshape=reshape,
+    broadcast_in_dim=broadcast_in_dim,
+    transpose=transpose,
+    squeeze=squeeze,
+    concatenate=_concatenate,
+    slice=slice_,
+    split=split,
+    pad=pad,
+    rev=rev,
+    **{k: reduce for k in "reduce_sum reduce_max reduce_min reduce_prod argmax argmin".split()},
+    **{k: cumulative for k in "cumsum cumprod cummax cummin cumlogsumexp".split()},
+)

@@ -1,0 +1,324 @@
+"""Merging a conv's output channels by cluster labels, as an exact tree transform.
+
+For a conv whose F filters carry labels 0..K-1, `merge_layer` returns a tree where:
+
+* the conv has K filters: each cluster's kernel (and bias) is the mean of its members',
+  so the merged channel is the mean of the members' outputs;
+* every consumer (a conv or dense kernel found by `trace_channels`, at the right offset
+  inside a concatenation, also after a flatten) has the input slices of each cluster
+  summed: a consumer of identical channels reads sum_i W_i h = (sum_i W_i) h;
+* every per-channel vector between the conv and its consumers is merged per cluster:
+  BatchNorm by `merge_batchnorm`, anything else (a conv bias) by the mean;
+* a conv in a residual group (channels added to other convs' channels) is merged
+  together with every conv of the group, with the same labels: the add needs channel i
+  of each operand to stay channel i. This happens automatically.
+
+If every cluster's filters and all their per-channel parameters are identical, the
+merged network computes exactly the same logits; labels all distinct give back the same
+tree. Computation is in float64, and the leaves keep their dtype.
+"""
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import numpy as np
+
+from graycnn.layers import LayerRef, conv_layers, resolve_layer
+from graycnn.merge._values import Segment, like_leaf, module_of
+from graycnn.merge.trace import ChannelGraph, prepare, trace_unchecked
+from graycnn.tree import flatten, unflatten
+
+BN_RULES = ("moments", "mean", "affine")
+_BN_ROLES = {"mean": "batch_stats", "var": "batch_stats", "scale": "params", "bias": "params"}
+
+
+def check_labels(labels: Any, width: int, path: str) -> np.ndarray:
+    """Returns labels as (width,) int64 after checking they are 0..K-1 with no gap.
+
+    Raises:
+        ValueError: naming `path`, for a wrong length, non-integers or missing labels.
+    """
+    arr = np.asarray(labels)
+    if arr.shape != (width,):
+        raise ValueError(
+            f"labels for conv {path!r} must have shape ({width},), one per filter; "
+            f"got shape {arr.shape}"
+        )
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise ValueError(f"labels for conv {path!r} must be integers, got {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if arr.size == 0 or arr.min() < 0:
+        raise ValueError(f"labels for conv {path!r} must be 0..K-1, got minimum {arr.min()}")
+    missing = sorted(set(range(arr.max() + 1)) - set(arr.tolist()))
+    if missing:
+        raise ValueError(
+            f"labels for conv {path!r} must use every cluster 0..{arr.max()}; "
+            f"missing {missing[:20]}"
+        )
+    return arr
+
+
+def merge_batchnorm(
+    mean: np.ndarray,
+    var: np.ndarray,
+    scale: np.ndarray | None,
+    bias: np.ndarray | None,
+    labels: np.ndarray,
+    epsilon: float,
+    rule: str = "moments",
+) -> dict[str, np.ndarray | None]:
+    """Merges BatchNorm vectors (F,) into (K,) per cluster.
+
+    The merged conv's output for a cluster is z = mean_i x_i, the mean of its members'
+    outputs. Its running mean is then exactly mean(mean_i). Clustering groups filters of
+    the same pattern, whose outputs are (nearly) perfectly correlated but may differ in
+    scale: x_i = mean_i + std_i n for one normalized signal n. Then z = mean(mean_i) +
+    mean(std_i) n, so with
+
+        'moments' (default): mean = mean(mean_i), sqrt(var + eps) = mean(sqrt(var_i +
+        eps)), scale = mean(scale_i), bias = mean(bias_i),
+
+    the merged BN normalizes z to the same n as every member, and scale n + bias is the
+    least-squares fit of the members' outputs scale_i n + bias_i. Averaging the variances
+    instead (rms of the stds, >= their mean by Jensen) over-estimates the merged std;
+    the true std of z is at most mean(std_i), equal for perfectly correlated members.
+
+        'mean': average all four tensors (the study).
+        'affine': average the members' affine maps y_i = s_i x + t_i (s_i = scale_i /
+        std_i, t_i = bias_i - s_i mean_i), the least-squares fit when the members'
+        outputs are equal (x_i = z) rather than equal up to scale; mean and std as in
+        'moments', scale and bias chosen to express the averaged map. A member of small
+        std has a large s_i and dominates, so it suits near-duplicate filters only.
+
+    All three are exact when a cluster's members are identical, and a cluster of one
+    keeps its tensors bit for bit.
+
+    Args:
+        mean, var: (F,) running statistics.
+        scale, bias: (F,) or None when the BN has no scale or bias.
+        labels: (F,) 0..K-1.
+        epsilon: The BN's epsilon.
+        rule: 'moments', 'mean' or 'affine'.
+
+    Returns:
+        {'mean', 'var', 'scale', 'bias'}: (K,) float64, None where the input was None.
+    """
+    if rule not in BN_RULES:
+        raise ValueError(f"unknown BatchNorm merge rule {rule!r}; rules: {BN_RULES}")
+    labels = np.asarray(labels)
+    avg = _cluster_matrix(labels, normalize=True)
+    tensors = dict(mean=mean, var=var, scale=scale, bias=bias)
+    tensors = {k: None if v is None else np.asarray(v, np.float64) for k, v in tensors.items()}
+    if rule == "mean":
+        merged = {k: None if v is None else avg @ v for k, v in tensors.items()}
+    else:
+        std = np.sqrt(tensors["var"] + epsilon)
+        std_new = avg @ std
+        merged = {
+            "mean": avg @ tensors["mean"],
+            # A mean of numbers >= sqrt(eps) is >= sqrt(eps): var stays >= 0.
+            "var": np.maximum(std_new**2 - epsilon, 0.0),
+            "scale": None if scale is None else avg @ tensors["scale"],
+            "bias": None if bias is None else avg @ tensors["bias"],
+        }
+        if rule == "affine":
+            merged = _affine_average(tensors, std, std_new, merged["mean"], avg, epsilon)
+    # The float64 round trips above are not bit-exact for clusters of one.
+    single = np.flatnonzero(np.bincount(labels) == 1)
+    member = np.array([np.flatnonzero(labels == k)[0] for k in single], np.int64)
+    for key, value in merged.items():
+        if value is not None and len(single):
+            value[single] = tensors[key][member]
+    return merged
+
+
+def _affine_average(tensors, std, std_new, mean_new, avg, epsilon) -> dict[str, Any]:
+    """BN tensors expressing the average of the members' affine maps (rule 'affine')."""
+    scale, bias = tensors["scale"], tensors["bias"]
+    s = (1.0 if scale is None else scale) / std
+    t = (0.0 if bias is None else bias) - s * tensors["mean"]
+    s_new, t_new = avg @ s, avg @ t
+    if scale is None:
+        std_new = 1.0 / s_new  # With scale fixed at 1, only the std can carry s.
+    if bias is None:
+        mean_new = -t_new / s_new  # With bias fixed at 0, only the mean can carry t.
+    return {
+        "mean": mean_new,
+        # 1 / mean(1 / std_i) >= min(std_i) >= sqrt(eps) too.
+        "var": np.maximum(std_new**2 - epsilon, 0.0),
+        "scale": None if scale is None else s_new * std_new,
+        "bias": None if bias is None else t_new + s_new * mean_new,
+    }
+
+
+def merge_layer(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    layer: LayerRef,
+    labels: Any,
+    *,
+    input_shape: Sequence[int],
+    bn_rule: str = "moments",
+) -> dict[str, Any]:
+    """Returns new variables with the filters of conv `layer` merged per cluster.
+
+    Args:
+        model: The architecture; conv widths are read off `variables`, so the original
+            module works for an already merged tree.
+        variables: {'params', 'batch_stats', ...}; not modified.
+        layer: 1-based conv number (forward order) or conv path.
+        labels: (F,) ints 0..K-1, every cluster used, for the conv's F filters.
+        input_shape: (N, H, W, C) of the images the tree expects.
+        bn_rule: 'moments' (default), 'mean' (the study) or 'affine'; see
+            `merge_batchnorm`.
+
+    Returns:
+        The merged tree; run it with `rebuild(model, merged, input_shape)`.
+
+    Raises:
+        ValueError: naming the path: unknown layer, bad labels, a conv whose channels no
+            layer reads (the classifier) or that are read by an op that cannot be
+            followed, NaN weights, a tree that does not match the model.
+    """
+    model = prepare(model, variables, input_shape)
+    path = resolve_layer(layer, conv_layers(model, input_shape))
+    return _merge(trace_unchecked(model, variables, input_shape), variables, path, labels, bn_rule)
+
+
+def merge_layers(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    labels: Mapping[LayerRef, Any],
+    *,
+    input_shape: Sequence[int],
+    bn_rule: str = "moments",
+) -> dict[str, Any]:
+    """Merges several layers in turn ({layer: labels}); layer numbers do not shift."""
+    for layer, layer_labels in labels.items():
+        variables = merge_layer(
+            model, variables, layer, layer_labels, input_shape=input_shape, bn_rule=bn_rule
+        )
+    return variables
+
+
+def _merge(graph: ChannelGraph, variables, path: str, labels, bn_rule: str) -> dict[str, Any]:
+    graph.check_mergeable(path)
+    labels = check_labels(labels, graph.widths[path], path)
+    members = set(graph.group(path))
+    flat = flatten(variables)
+    layouts: dict[str, dict[int, set]] = defaultdict(lambda: defaultdict(set))
+    for use in graph.uses_of(path):
+        layouts[use.leaf][use.axis].add((use.segments, use.kind))
+    for leaf, axes in layouts.items():
+        for axis, found in axes.items():
+            if len(found) > 1:
+                raise ValueError(
+                    f"cannot merge conv {path!r}: {leaf} axis {axis} is read with "
+                    f"{len(found)} different channel layouts"
+                )
+    new = dict(flat)
+    done: set[str] = set()
+    for leaf, axes in layouts.items():
+        if leaf in done:
+            continue
+        module = module_of(leaf)
+        role = leaf.rsplit("/", 1)[-1]
+        for axis, ((segments, kind),) in sorted(axes.items()):
+            if kind == "elementwise" and module in graph.batchnorms and role in _BN_ROLES:
+                bn = {
+                    r: f"{c}/{module}/{r}"
+                    for r, c in _BN_ROLES.items()
+                    if f"{c}/{module}/{r}" in flat
+                }
+                for other in bn.values():
+                    if layouts.get(other, {}).get(axis) != {(segments, kind)}:
+                        raise ValueError(
+                            f"cannot merge conv {path!r}: BatchNorm {module} leaf {other} "
+                            "does not read the same channels as its other leaves"
+                        )
+                merged = _merge_axis(
+                    {r: new[p] for r, p in bn.items()},
+                    axis,
+                    segments,
+                    members,
+                    labels,
+                    _bn_reducer(graph.batchnorms[module], bn_rule),
+                    path,
+                    leaf,
+                )
+                for r, p in bn.items():
+                    new[p] = merged[r]
+                done.update(bn.values())
+            else:
+                reducer = _sum if kind == "contract" else _mean
+                new[leaf] = _merge_axis(
+                    {"x": new[leaf]}, axis, segments, members, labels, reducer, path, leaf
+                )["x"]
+    return unflatten(new)
+
+
+Reducer = Callable[[dict[str, np.ndarray], np.ndarray], dict[str, np.ndarray]]
+
+
+def _sum(arrays: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
+    return {"x": np.tensordot(_cluster_matrix(labels, False), arrays["x"], axes=1)}
+
+
+def _mean(arrays: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
+    return {"x": np.tensordot(_cluster_matrix(labels, True), arrays["x"], axes=1)}
+
+
+def _bn_reducer(epsilon: float, rule: str) -> Reducer:
+    def reduce(arrays, labels):
+        out = merge_batchnorm(
+            arrays["mean"],
+            arrays["var"],
+            arrays.get("scale"),
+            arrays.get("bias"),
+            labels,
+            epsilon,
+            rule,
+        )
+        return {k: v for k, v in out.items() if k in arrays}
+
+    return reduce
+
+
+def _cluster_matrix(labels: np.ndarray, normalize: bool) -> np.ndarray:
+    """(K, F): row k sums (or averages) the members of cluster k."""
+    one_hot = (labels[None, :] == np.arange(labels.max() + 1)[:, None]).astype(np.float64)
+    return one_hot / one_hot.sum(axis=1, keepdims=True) if normalize else one_hot
+
+
+def _merge_axis(
+    arrays: dict[str, Any],
+    axis: int,
+    segments: tuple[Segment, ...],
+    members: set[str],
+    labels: np.ndarray,
+    reducer: Reducer,
+    path: str,
+    leaf: str,
+) -> dict[str, Any]:
+    """Applies `reducer` to each group member's slice along `axis` of every array."""
+    host = {r: np.asarray(a, np.float64) for r, a in arrays.items()}
+    pieces: dict[str, list[np.ndarray]] = {r: [] for r in arrays}
+    pos = 0
+    for seg in segments:
+        part = {r: np.take(a, np.arange(pos, pos + seg.length), axis=axis) for r, a in host.items()}
+        pos += seg.length
+        if seg.source in members:
+            if seg.start != 0 or seg.length != len(labels):
+                raise ValueError(
+                    f"cannot merge conv {path!r}: {leaf} reads channels "
+                    f"{seg.start}..{seg.start + seg.length - 1} of {seg.source}, not all "
+                    f"{len(labels)}"
+                )
+            moved = {r: np.moveaxis(a, axis, 0) for r, a in part.items()}
+            part = {r: np.moveaxis(a, 0, axis) for r, a in reducer(moved, labels).items()}
+        for r in pieces:
+            pieces[r].append(part[r])
+    return {r: like_leaf(arrays[r], np.concatenate(pieces[r], axis=axis)) for r in arrays}

@@ -1,0 +1,116 @@
+"""Modules that run a merged tree: conv widths read off the tree.
+
+A merged tree has fewer output channels in some convs, so the module that made it no
+longer matches it. Two ways back:
+
+* The project's models (any module with a `widths` attribute of ((conv path, width),
+  ...)) are cloned with `widths` read off the tree; `widths_of` gives the same widths for
+  `ModelConfig(..., widths=...)`, so a checkpoint of the merged model rebuilds itself.
+* Any other Flax module is wrapped in `Rebuilt`, which runs the module unchanged except
+  that each `nn.Conv` named in its table gets that many `features`.
+
+How `Rebuilt` works, and its limits: the wrapper shares its scope with the wrapped
+module (`nn.share_scope`), so variable paths are unchanged, and runs it under
+`nn.intercept_methods`; the interceptor sets `features` on each `nn.Conv` instance just
+before its `__call__` (instances are created afresh for every init/apply, so this never
+leaks into the user's module object). Only `nn.Conv` (and subclasses) widths are
+rewritten: a module that sizes a variable from its own attribute (e.g. a custom
+per-channel scale of `self.channels` entries) rather than from its input's shape will
+not match the merged tree, and `check_variables` says which leaf.
+
+Example:
+    >>> merged = merge_layer(model, variables, 1, labels, input_shape=(1, 32, 32, 1))
+    >>> model = rebuild(model, merged, (1, 32, 32, 1))
+    >>> logits = model.apply(merged, images)
+"""
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+
+from graycnn.layers import conv_layers
+from graycnn.tree import tree_get
+
+
+class Rebuilt(nn.Module):
+    """`module` with the `features` of the convs named in `features` overridden.
+
+    Attributes:
+        module: The user's module (its own variable paths are kept).
+        features: ((conv module path, output width), ...).
+    """
+
+    module: nn.Module
+    features: tuple[tuple[str, int], ...] = ()
+
+    def setup(self):
+        nn.share_scope(self, self.module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        widths = dict(self.features)
+
+        def rewrite(next_fun, args, kwargs, context):
+            module = context.module
+            if isinstance(module, nn.Conv) and context.method_name == "__call__":
+                width = widths.get("/".join(module.path))
+                if width is not None and width != module.features:
+                    # A per-call bound instance, so mutating it cannot leak (see module doc).
+                    object.__setattr__(module, "features", width)
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(rewrite):
+            return self.module(*args, **kwargs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a `Rebuilt` wrapper, else `model` itself."""
+    return model.module if isinstance(model, Rebuilt) else model
+
+
+def widths_of(
+    model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
+) -> dict[str, int]:
+    """Output width of every conv, read off a (merged) tree.
+
+    Args:
+        model: The architecture (merged or not: only conv paths are read from it).
+        variables: {'params': ..., ...}; arrays or jax.ShapeDtypeStruct.
+        input_shape: (N, H, W, C) of the images the tree expects.
+
+    Returns:
+        {conv path: width} for every conv, in forward order.
+
+    Raises:
+        ValueError: a conv of the model has no kernel in the tree (naming the path).
+    """
+    widths = {}
+    for path in conv_layers(unwrap(model), input_shape):
+        try:
+            kernel = tree_get(variables, f"params/{path}/kernel")
+        except KeyError as e:
+            raise ValueError(f"the tree does not match the model: {e.args[0]}") from None
+        widths[path] = int(kernel.shape[-1])
+    return widths
+
+
+def rebuild(
+    model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
+) -> nn.Module:
+    """Returns a module like `model` whose conv widths are those of `variables`.
+
+    Args:
+        model: The original (or an earlier rebuilt) module.
+        variables: A (merged) tree.
+        input_shape: (N, H, W, C) of the images the tree expects.
+
+    Returns:
+        `model.clone(widths=...)` for modules with a `widths` attribute (the project's
+        models), else a `Rebuilt` wrapper.
+    """
+    base = unwrap(model)
+    widths = tuple(widths_of(base, variables, input_shape).items())
+    if "widths" in {f.name for f in dataclasses.fields(base)}:
+        return base.clone(widths=tuple(sorted(widths)))
+    return Rebuilt(base, widths)

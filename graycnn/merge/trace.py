@@ -1,0 +1,240 @@
+"""Which variables read each conv's output channels, found from the model's jaxpr.
+
+`trace_channels` runs `jax.make_jaxpr` on `model.apply` (inference mode) as a function
+of the flattened variables, so every jaxpr input is a named leaf, and follows each
+conv's output channels forward (see `_rules`): through BatchNorm, activations and
+pooling; through concatenation, at their offset (DenseNet's fan-out to every later layer
+of a block and to the transition); through a residual add, which ties the added convs
+into one group whose channels can only be merged together; through a flatten into a
+dense head. It records every leaf axis indexed by the channels (`Use`), and for each
+conv, what it cannot follow (`problems`). Only shapes are traced, so no arrays are
+computed, and the same code serves the project's models and a user's own Flax model.
+
+Example:
+    >>> graph = trace_channels(model, variables, (1, 32, 32, 3))
+    >>> graph.consumers("stem")
+    ['block1/layer1/conv', 'block1/layer2/conv', ..., 'transition1/conv']
+"""
+
+import dataclasses
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from graycnn.merge import _rules
+from graycnn.merge._values import FirstOp, LayerOp, Recorder, Segment, Use, Value, module_of
+from graycnn.merge.rebuild import rebuild, unwrap
+from graycnn.tree import flatten, unflatten
+
+__all__ = [
+    "ChannelGraph",
+    "FirstOp",
+    "LayerOp",
+    "Segment",
+    "Use",
+    "check_variables",
+    "trace_channels",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelGraph:
+    """Where each conv's output channels go.
+
+    Attributes:
+        convs: Module paths of the convs whose outputs are traced, in forward order.
+        widths: conv path -> output channels.
+        uses: Every leaf axis indexed by traced channels.
+        first_ops: The first non-layout op reading each conv's raw output.
+        problems: conv path -> why its channels cannot be merged.
+        batchnorms: nn.BatchNorm module path -> epsilon.
+        layers: conv/dense path -> LayerOp (kernel leaf, axes, FLOPs for the traced batch).
+        roots: conv path -> representative of its residual group.
+    """
+
+    convs: tuple[str, ...]
+    widths: Mapping[str, int]
+    uses: tuple[Use, ...]
+    first_ops: tuple[FirstOp, ...]
+    problems: Mapping[str, tuple[str, ...]]
+    batchnorms: Mapping[str, float]
+    layers: Mapping[str, LayerOp]
+    roots: Mapping[str, str]
+
+    def group(self, path: str) -> tuple[str, ...]:
+        """The convs whose channels are added to `path`'s (itself included), in order."""
+        root = self.roots.get(path, path)
+        return tuple(c for c in self.convs if self.roots[c] == root)
+
+    def uses_of(self, path: str) -> list[Use]:
+        """The uses that index channels of `path`'s group."""
+        members = set(self.group(path))
+        return [u for u in self.uses if any(s.source in members for s in u.segments)]
+
+    def consumers(self, path: str) -> list[str]:
+        """Module paths of the convs and dense layers that read `path`'s group channels."""
+        seen = {}
+        for u in self.uses_of(path):
+            if u.kind == "contract":
+                seen.setdefault(module_of(u.leaf), None)
+        return list(seen)
+
+    def check_mergeable(self, path: str) -> None:
+        """Raises ValueError, naming the conv, unless `path`'s channels can be merged."""
+        if path not in self.widths:
+            raise ValueError(
+                f"conv {path!r} does not produce traced channels (its input or kernel is not "
+                f"a plain image tensor and variable leaf); traced convs: {list(self.convs)}"
+            )
+        reasons = [f"{m}: {r}" for m in self.group(path) for r in self.problems.get(m, ())]
+        if not self.consumers(path):
+            raise ValueError(
+                f"conv {path!r} has no traced consumers (no conv or dense layer reads its "
+                "channels: is it the classifier?), so its channels cannot be merged"
+                + "".join(f"; {r}" for r in reasons)
+            )
+        if reasons:
+            raise ValueError(f"cannot merge conv {path!r}: " + "; ".join(reasons))
+
+
+def call_kwargs(model: nn.Module) -> dict[str, Any]:
+    """{'train': False} if the module's __call__ takes `train`, else {}."""
+    try:
+        params = inspect.signature(type(unwrap(model)).__call__).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"train": False} if "train" in params else {}
+
+
+def check_variables(
+    model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
+) -> None:
+    """Raises ValueError, naming the path, unless `variables` fit `model` exactly.
+
+    Checks that every leaf is finite (leaves given as shapes are not), and that the tree
+    has exactly the paths and shapes `model.init` makes for `input_shape`.
+    """
+    flat = flatten(variables)
+    for path, leaf in flat.items():
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            continue
+        if not np.all(np.isfinite(np.asarray(leaf))):
+            raise ValueError(f"variable {path} holds NaN or inf")
+    x = jnp.zeros(input_shape, jnp.float32)
+    try:
+        expected = flatten(
+            jax.eval_shape(lambda: model.init(jax.random.key(0), x, **call_kwargs(model)))
+        )
+    except Exception as e:  # Flax raises many types for shapes it cannot build.
+        raise ValueError(
+            f"the model cannot be built for input shape {tuple(input_shape)}: {e}"
+        ) from e
+    missing = sorted(set(expected) - set(flat))
+    extra = sorted(set(flat) - set(expected))
+    wrong = [
+        f"{p} is {shape_of(flat[p])}, the model makes {tuple(expected[p].shape)}"
+        for p in sorted(set(flat) & set(expected))
+        if shape_of(flat[p]) != tuple(expected[p].shape)
+    ]
+    if missing or extra or wrong:
+        parts = [
+            f"missing {_few(missing)}" if missing else "",
+            f"unexpected {_few(extra)}" if extra else "",
+            f"wrong shapes: {_few(wrong)}" if wrong else "",
+        ]
+        raise ValueError(
+            f"the tree does not match the model for input shape {tuple(input_shape)}: "
+            + "; ".join(p for p in parts if p)
+        )
+
+
+def prepare(
+    model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
+) -> nn.Module:
+    """The model rebuilt with the tree's conv widths, after checking the tree fits it."""
+    if len(input_shape) != 4:
+        raise ValueError(f"input_shape must be (N, H, W, C), got {tuple(input_shape)}")
+    try:
+        model = rebuild(model, variables, input_shape)
+    except ValueError:
+        pass  # check_variables names what is wrong.
+    check_variables(model, variables, input_shape)
+    return model
+
+
+def trace_channels(
+    model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
+) -> ChannelGraph:
+    """Traces where every conv's output channels go.
+
+    Args:
+        model: A Flax module taking images (N, H, W, C); called with train=False if its
+            __call__ takes `train`. Conv widths are read off `variables`, so the original
+            module works for a merged tree.
+        variables: Arrays or jax.ShapeDtypeStruct leaves.
+        input_shape: (N, H, W, C) of the images.
+
+    Raises:
+        ValueError: the tree does not fit the model, or holds NaN, naming the path.
+    """
+    model = prepare(model, variables, input_shape)
+    return trace_unchecked(model, variables, input_shape)
+
+
+def trace_unchecked(
+    model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
+) -> ChannelGraph:
+    """`trace_channels` for a model that `prepare` already returned."""
+    flat = flatten(variables)
+    paths = sorted(flat)
+    kwargs = call_kwargs(model)
+    batchnorms: dict[str, float] = {}
+
+    def record(next_fun, args, kw, context):
+        if isinstance(context.module, nn.BatchNorm):
+            batchnorms["/".join(context.module.path)] = float(context.module.epsilon)
+        return next_fun(*args, **kw)
+
+    def apply(leaves, x):
+        return model.apply(unflatten(dict(zip(paths, leaves, strict=True))), x, **kwargs)
+
+    shapes = [jax.ShapeDtypeStruct(shape_of(flat[p]), _dtype(flat[p])) for p in paths]
+    with nn.intercept_methods(record):
+        closed = jax.make_jaxpr(apply)(shapes, jax.ShapeDtypeStruct(input_shape, jnp.float32))
+    inputs = [
+        Value(s.shape, leaves={p: tuple(range(len(s.shape)))}, exact=True)
+        for p, s in zip(paths, shapes, strict=True)
+    ]
+    inputs.append(Value(tuple(input_shape), data=True))
+    rec = Recorder()
+    for out in _rules.interpret(closed, inputs, rec):
+        rec.taint([out], "its channels are part of the model's output")
+    return ChannelGraph(
+        convs=tuple(rec.sources),
+        widths=dict(rec.sources),
+        uses=tuple(rec.uses),
+        first_ops=tuple(rec.first_ops),
+        problems={k: tuple(v) for k, v in rec.problems.items()},
+        batchnorms=batchnorms,
+        layers=dict(rec.layers),
+        roots={c: rec.find(c) for c in rec.sources},
+    )
+
+
+def shape_of(leaf: Any) -> tuple[int, ...]:
+    """The shape of an array or jax.ShapeDtypeStruct."""
+    return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
+
+
+def _dtype(leaf: Any) -> Any:
+    return leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+
+
+def _few(items: Sequence[str], limit: int = 8) -> str:
+    more = f" ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
