@@ -121,6 +121,34 @@ def pairwise_mse(images: Any) -> jax.Array:
     return _mse_core(_to_device(_as_image_stack(images)))
 
 
+@jax.jit
+def _correlation_core(images: jax.Array) -> jax.Array:
+    flat = images.reshape(images.shape[0], -1)
+    flat = flat - jnp.mean(flat, axis=1, keepdims=True)
+    norms = jnp.sqrt(jnp.sum(flat * flat, axis=1))
+    flat = flat / jnp.where(norms > 0, norms, 1.0)[:, None]
+    corr = jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST)
+    d = jnp.clip(1.0 - corr, 0.0, 2.0)
+    d = 0.5 * (d + d.T)
+    return d * (1.0 - jnp.eye(d.shape[0], dtype=d.dtype))
+
+
+def pairwise_correlation(images: Any) -> jax.Array:
+    """Correlation distance 1 - Pearson r between every pair of (flattened) images.
+
+    Fed filter responses on real images (N filters, each (B, H, W)), it measures how
+    interchangeable two channels are once a BatchNorm has normalized them: positively
+    proportional responses have distance 0, which is why merging them is nearly lossless.
+
+    Args:
+      images: (N, H, W) or (N, H, W, C) float.
+
+    Returns:
+      (N, N) float in [0, 2]; a constant image has r = 0 with every other.
+    """
+    return _correlation_core(_to_device(_as_image_stack(images)))
+
+
 @functools.lru_cache(maxsize=32)
 def gaussian_metric_sqrt(size: int, sigma: float) -> np.ndarray:
     """Square root of the 1-D factor of the IMED metric, in float64.
@@ -279,6 +307,7 @@ METRICS: dict[str, Callable[..., jax.Array]] = {
     "mse": pairwise_mse,
     "ssim": pairwise_ssim,
     "imed": pairwise_imed,
+    "correlation": pairwise_correlation,
 }
 
 
@@ -287,7 +316,7 @@ def pairwise(images: Any, metric: str, **options: Any) -> jax.Array:
 
     Args:
       images: (N, H, W) or (N, H, W, C) float, N >= 2, all finite.
-      metric: a key of `METRICS`: "mse", "ssim" or "imed".
+      metric: a key of `METRICS`: "mse", "ssim", "imed" or "correlation".
       **options: keyword options of that metric, e.g. `sigma` for "imed",
         `data_range` and `filter_size` for "ssim" (see `pairwise_<metric>`).
 

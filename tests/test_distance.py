@@ -168,7 +168,9 @@ def test_bad_images_are_rejected(images, match):
 
 
 def test_unknown_metric_lists_known_ones():
-    with pytest.raises(ValueError, match=r"known metrics: \['imed', 'mse', 'ssim'\]"):
+    with pytest.raises(
+        ValueError, match=r"known metrics: \['correlation', 'imed', 'mse', 'ssim'\]"
+    ):
         distance.pairwise(_images((3, 4, 4)), "l1")
 
 
@@ -187,3 +189,15 @@ def test_unknown_metric_lists_known_ones():
 def test_bad_options_are_rejected(metric, options, match):
     with pytest.raises(ValueError, match=match):
         distance.pairwise(_images((3, 8, 8)), metric, **options)
+
+
+def test_correlation_matches_numpy_corrcoef():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(6, 5))
+    # Item 1 is a positive multiple of item 0 plus an offset: distance 0 after centering.
+    images = np.stack([base, 3.0 * base + 2.0, -base, *rng.normal(size=(3, 6, 5))])
+    d = np.asarray(distance.pairwise(images, "correlation"))
+    expected = 1.0 - np.corrcoef(images.reshape(6, -1))
+    np.fill_diagonal(expected, 0.0)
+    np.testing.assert_allclose(d, expected, atol=1e-5)
+    assert d[0, 1] == pytest.approx(0.0, abs=1e-5) and d[0, 2] == pytest.approx(2.0, abs=1e-5)
