@@ -19,18 +19,16 @@ channel) gets only the gray figure.
 """
 
 import os
-import tempfile
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from tqdm.auto import tqdm
 
-from graycnn import checkpoint, receptive_field
+from graycnn import checkpoint, io, receptive_field, runtime
 from graycnn.figures.receptive_fields import plot_color_and_gray, plot_receptive_fields
 from graycnn.layers import conv_layers, layer_number
 from graycnn.models import build_model
-from graycnn.runtime import enable_compilation_cache
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint dir or training workdir.")
 _LAYERS = flags.DEFINE_list("layers", ["1", "2"], "Conv layers: 1-based numbers or paths.")
@@ -50,7 +48,7 @@ _LOOP = flags.DEFINE_enum("loop", "auto", list(receptive_field.LOOPS), "Step loo
 
 def main(argv):
     del argv
-    enable_compilation_cache()
+    runtime.setup()
     model_config, variables, _ = checkpoint.load_model(_CHECKPOINT.value)
     model = build_model(model_config)
     paths = conv_layers(model, model_config.input_shape)
@@ -117,21 +115,9 @@ def main(argv):
 
 
 def _save_npz(filename: str, **arrays) -> str:
-    """np.savez to a temp file beside `filename`, then an atomic rename."""
-    directory = os.path.dirname(os.path.abspath(filename))
-    handle, tmp = tempfile.mkstemp(suffix=".npz", prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, filename)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return filename
+    return io.write_atomically(filename, lambda f: np.savez(f, **arrays))
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["checkpoint", "outdir"])
-    app.run(main)
+    runtime.run(main)

@@ -1,0 +1,184 @@
+"""The study's Tables 1 and 2: what gray input costs, per model.
+
+Rows, all with the same epochs, optimizer and seed:
+    1. color images, from scratch;
+    2. gray3 images (luma on 3 channels), from scratch;
+    3. gray3 images, fine-tuned from the row-1 color weights;
+    4. gray images, 1-channel first conv folded ('sum') from row 1, fine-tuned;
+    5. as 4, with only BatchNorm re-estimated instead of fine-tuned.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from matplotlib.figure import Figure
+
+from graycnn import batchnorm, checkpoint, data, io, merge, train
+from graycnn.models import build_model, count_params
+
+ROWS = (
+    "color_scratch",
+    "gray3_scratch",
+    "gray3_finetuned",
+    "gray_folded_finetuned",
+    "gray_folded_bn",
+)
+_TITLES = {
+    "color_scratch": "color, from scratch",
+    "gray3_scratch": "gray3, from scratch",
+    "gray3_finetuned": "gray3, fine-tuned from color",
+    "gray_folded_finetuned": "gray, 1-channel conv folded from color, fine-tuned",
+    "gray_folded_bn": "gray, 1-channel conv folded from color, BN re-estimated only",
+}
+
+
+def run_baselines(
+    models: Sequence[str],
+    workdir: str,
+    base: train.TrainConfig,
+    bn: str = "train",
+) -> dict[str, Any]:
+    """Trains and evaluates every row for every model.
+
+    Args:
+        models: Model names.
+        workdir: Per-row training workdirs (a rerun resumes them), report.md,
+            report.json, and accuracy_<model>.png.
+        base: Epochs, optimizer, seed and dataset shared by every row.
+        bn: BN re-estimation of row 5 ('train' or 'recalibrate').
+
+    Returns:
+        {'rows': [{'model', 'row', 'name', 'view', 'accuracy', 'params', 'seconds',
+        'checkpoint', 'history'}], 'config': {...}}.
+    """
+    workdir = os.path.abspath(workdir)
+    val = data.load_dataset(base.dataset, "validation", base.data_dir)
+    rows: list[dict[str, Any]] = []
+    for name in models:
+        config = dataclasses.replace(base, model=name)
+
+        def run(row, view, init=None, config=config, name=name):
+            directory = os.path.join(workdir, name, row)
+            start = time.perf_counter()
+            model_config, variables, _ = train.train_and_evaluate(
+                dataclasses.replace(config, view=view), directory, init=init
+            )
+            return _row(
+                name,
+                row,
+                view,
+                model_config,
+                variables,
+                val,
+                directory,
+                time.perf_counter() - start,
+            )
+
+        color = run("color_scratch", "color")
+        rows += [color, run("gray3_scratch", "gray3")]
+        color_config, color_vars, _ = checkpoint.load_model(color["checkpoint"])
+        rows.append(run("gray3_finetuned", "gray3", init=(color_config, color_vars)))
+        gray_config = color_config.replace(in_channels=1)
+        folded = merge.fold_to_gray(
+            build_model(color_config), color_vars, "sum", input_shape=color_config.input_shape
+        )
+        rows.append(run("gray_folded_finetuned", "gray", init=(gray_config, folded)))
+        start = time.perf_counter()
+        directory = os.path.join(workdir, name, "gray_folded_bn")
+        reestimated = jax.device_get(
+            batchnorm.reestimate(
+                bn,
+                gray_config,
+                folded,
+                dataset=config.dataset,
+                view="gray",
+                workdir=directory,
+                seed=config.seed,
+                data_dir=config.data_dir,
+            )
+        )
+        model_dir = os.path.join(directory, "model")
+        if not os.path.exists(model_dir):
+            checkpoint.save_model(model_dir, gray_config, reestimated)
+        rows.append(
+            _row(
+                name,
+                "gray_folded_bn",
+                "gray",
+                gray_config,
+                reestimated,
+                val,
+                model_dir,
+                time.perf_counter() - start,
+            )
+        )
+        plot_histories(
+            [r for r in rows if r["model"] == name], os.path.join(workdir, f"accuracy_{name}.png")
+        )
+    report = {"rows": rows, "config": dataclasses.asdict(base) | {"models": list(models), "bn": bn}}
+    io.write_json(os.path.join(workdir, "report.json"), report)
+    io.write_text(os.path.join(workdir, "report.md"), format_report(report))
+    return report
+
+
+def _row(model, row, view, model_config, variables, val, directory, seconds) -> dict[str, Any]:
+    history = []
+    metrics = os.path.join(directory, "metrics.jsonl")
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            history = [json.loads(line)["val_accuracy"] for line in f]
+    return {
+        "model": model,
+        "row": row,
+        "name": _TITLES[row],
+        "view": view,
+        "accuracy": train.evaluate(model_config, variables, val, view)["accuracy"],
+        "params": count_params(variables),
+        "seconds": seconds,
+        "checkpoint": directory,
+        "history": history,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    c = report["config"]
+    lines = [
+        "# graycnn baselines (the study's Tables 1 and 2)",
+        "",
+        f"Dataset {c['dataset']}, {c['epochs']} epochs, SGD lr {c['learning_rate']} momentum "
+        f"{c['momentum']}, batch {c['batch_size']}, seed {c['seed']}; row 5 re-estimates "
+        f"BatchNorm by '{c['bn']}'.",
+        "",
+        "| model | row | input | accuracy | params | wall time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['name']} | {r['view']} | {100 * r['accuracy']:.2f}% "
+            f"| {r['params']:,} | {r['seconds']:.0f} s |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_histories(rows: Sequence[dict[str, Any]], path: str) -> str:
+    """Validation accuracy vs epoch, every row of one model overlaid."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for r in rows:
+        if r["history"]:
+            epochs = range(1, len(r["history"]) + 1)
+            ax.plot(epochs, [100 * a for a in r["history"]], marker=".", label=r["name"])
+        else:
+            ax.axhline(100 * r["accuracy"], ls="--", color="gray", label=r["name"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(rows[0]["model"] if rows else "")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return io.save_figure(fig, path)

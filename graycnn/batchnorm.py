@@ -1,0 +1,129 @@
+"""BatchNorm re-estimation after a fold or merge: `recalibrate`, `train` or `none`.
+
+`recalibrate` re-estimates the running statistics from forward passes in train mode,
+with no gradients. Flax updates running stats as m * old + (1 - m) * batch; we instead
+average the batch statistics exactly over the batches (as PyTorch does with
+momentum=None), so the result does not depend on m or on the old statistics. m itself is
+read off one probe pass, so this works for any Flax model's BatchNorm.
+
+`train` is the study's method: only BN scale and bias are trained (running statistics
+update as usual), one epoch of SGD with lr 0.01 and momentum 0.7.
+"""
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from graycnn import data, train
+from graycnn.models import ModelConfig, build_model
+
+METHODS = ("recalibrate", "train", "none")
+
+
+def recalibrate(
+    model_config: ModelConfig,
+    variables: Mapping[str, Any],
+    split: data.Split,
+    view: str,
+    *,
+    num_batches: int = 50,
+    batch_size: int = 128,
+    seed: int = 0,
+    augment: bool = True,
+) -> dict[str, Any]:
+    """Returns variables whose `batch_stats` are the mean batch statistics of
+    `num_batches` shuffled training batches; params unchanged.
+
+    Args:
+        augment: Use the training augmentation, whose statistics (zero-padded crops) the
+            network was trained with.
+    """
+    model = build_model(model_config)
+    batch_sharding, replicated = train.mesh_shardings()
+    params = jax.device_put(variables["params"], replicated)
+    zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+    ones = jax.tree.map(jnp.ones_like, variables["batch_stats"])
+
+    @jax.jit
+    def updated_stats(batch_stats, images, rng):
+        x = data.apply_view(images, view)
+        if augment:
+            x = data.augment(rng, x)
+        _, state = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return state["batch_stats"]
+
+    batches = data.iterate_batches(split, batch_size, seed=seed, drop_remainder=True)
+    total, count, momentum = None, 0, None
+    for images, _, _ in tqdm(batches, total=num_batches, desc="recalibrate BN", leave=False):
+        if count == num_batches:
+            break
+        (images,) = train.shard_batch(batch_sharding, images)
+        rng = jax.random.fold_in(jax.random.key(seed), count)
+        from_zeros = updated_stats(zeros, images, rng)  # = (1 - m) * batch statistic
+        if momentum is None:
+            # ones in: m + (1 - m) * batch statistic, so m is the difference.
+            momentum = jax.tree.map(jnp.subtract, updated_stats(ones, images, rng), from_zeros)
+        batch = jax.tree.map(lambda z, m: z / (1 - m), from_zeros, momentum)
+        total = batch if total is None else jax.tree.map(jnp.add, total, batch)
+        count += 1
+    if count == 0:
+        raise ValueError(f"recalibration needs at least one batch of {batch_size} images")
+    stats = jax.tree.map(lambda t: np.asarray(t / count), total)
+    return {**variables, "batch_stats": stats}
+
+
+def reestimate(
+    method: str,
+    model_config: ModelConfig,
+    variables: Mapping[str, Any],
+    *,
+    dataset: str,
+    view: str,
+    workdir: str,
+    seed: int = 0,
+    epochs: int = 1,
+    learning_rate: float = 0.01,
+    momentum: float = 0.7,
+    num_batches: int = 50,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
+    """Re-estimates BatchNorm by `method` ('recalibrate', 'train' or 'none').
+
+    Args:
+        workdir: For 'train', its checkpoints (a rerun resumes or reuses them).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown BN method {method!r}; methods: {METHODS}")
+    if method == "none":
+        return dict(variables)
+    if method == "recalibrate":
+        split = data.load_dataset(dataset, "train", data_dir)
+        return recalibrate(model_config, variables, split, view, num_batches=num_batches, seed=seed)
+    config = dataclasses.replace(
+        train.TrainConfig(),
+        model=model_config.name,
+        dataset=dataset,
+        view=view,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        momentum=momentum,
+        lr_drops=(),
+        trainable="batchnorm",
+        seed=seed,
+        data_dir=data_dir,
+    )
+    _, trained, _ = train.train_and_evaluate(
+        config, os.path.join(workdir, "bn_train"), init=(model_config, dict(variables))
+    )
+    return trained

@@ -1,0 +1,60 @@
+"""Figures of the compress report: the data in color vs gray, accuracy vs parameters."""
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from graycnn import data
+from graycnn.io import save_figure
+
+
+def plot_color_vs_gray(images: np.ndarray, path: str | os.PathLike, columns: int = 3) -> str:
+    """The study's Figure 1: a grid of images in color (left) and BT.601 gray (right).
+
+    Args:
+        images: (N, H, W, 3) uint8; the first columns**2 are shown.
+    """
+    images = images[: columns * columns]
+    gray = np.asarray(data.apply_view(images, "gray"))[..., 0]
+    fig = Figure(figsize=(2 * columns + 0.5, columns + 0.6))
+    grids = fig.subfigures(1, 2)
+    for sub, title, stack, cmap in (
+        (grids[0], "color", images, None),
+        (grids[1], "gray (BT.601 luma)", gray, "gray"),
+    ):
+        sub.suptitle(title)
+        axes = sub.subplots(columns, columns)
+        for ax, im in zip(axes.flat, stack, strict=False):
+            ax.imshow(im, cmap=cmap, vmin=0, vmax=255)
+            ax.set_axis_off()
+    return save_figure(fig, path)
+
+
+def plot_accuracy_vs_params(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:
+    """Accuracy (%) against parameters, one labelled point per report row."""
+    fig = Figure(figsize=(7.5, 4.8))
+    ax = fig.add_subplot()
+    for row in rows:
+        marker = "s" if row["image_type"] == "color" else "o"
+        ax.scatter(row["params"], 100 * row["accuracy"], marker=marker, s=40)
+        ax.annotate(
+            row["name"],
+            (row["params"], 100 * row["accuracy"]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    baseline = next((r for r in rows if r.get("baseline")), None)
+    if baseline is not None:
+        ax.axhline(
+            100 * baseline["accuracy"], color="gray", ls="--", lw=0.8, label="gray + BN baseline"
+        )
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("parameters (BatchNorm statistics included)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)

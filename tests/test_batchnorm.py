@@ -1,0 +1,54 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from graycnn import batchnorm, data, models
+from graycnn.layers import layer_output_fn
+
+
+class _Net(nn.Module):
+    """Conv -> BN (an unusual momentum) -> head, registered as a test model below."""
+
+    num_classes: int = 10
+    widths: tuple = ()
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(4, (3, 3), use_bias=False, name="conv")(x / 255.0)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.3, name="bn")(x)
+        return nn.Dense(self.num_classes, name="head")(x.mean((1, 2)))
+
+
+@pytest.fixture()
+def net(monkeypatch):
+    monkeypatch.setitem(models.TEST_MODELS, "bn_net", _Net)
+    monkeypatch.setitem(models._ALL, "bn_net", _Net)
+    return models.ModelConfig("bn_net")
+
+
+def test_recalibrate_is_the_exact_mean_of_batch_statistics(net, sample_npz):
+    split = data.load_dataset(f"npz:{sample_npz}", "train")
+    variables = models.init_variables(net, jax.random.key(0))
+    out = batchnorm.recalibrate(
+        net, variables, split, "color", num_batches=3, batch_size=32, augment=False, seed=5
+    )
+    conv = jax.jit(layer_output_fn(models.build_model(net), "conv"))
+    means, variances = [], []
+    for images, _, _ in list(data.iterate_batches(split, 32, seed=5, drop_remainder=True))[:3]:
+        y = np.asarray(conv(variables, jnp.asarray(images, jnp.float32)), np.float64)
+        means.append(y.mean((0, 1, 2)))
+        variances.append(y.var((0, 1, 2)))
+    np.testing.assert_allclose(
+        out["batch_stats"]["bn"]["mean"], np.mean(means, 0), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        out["batch_stats"]["bn"]["var"], np.mean(variances, 0), rtol=1e-4, atol=1e-6
+    )
+    jax.tree.map(np.testing.assert_array_equal, out["params"], variables["params"])
+
+
+def test_reestimate_rejects_unknown_method(net):
+    with pytest.raises(ValueError, match="unknown BN method 'adam'"):
+        batchnorm.reestimate("adam", net, {}, dataset="cifar10_sample", view="gray", workdir="x")

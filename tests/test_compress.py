@@ -1,0 +1,169 @@
+"""experiments.compress end to end on a tiny model: rows, reload, determinism, safety."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from graycnn import checkpoint, compress, data, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _digest(directory: str) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(pathlib.Path(directory).rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def color_checkpoint(tmp_path_factory, sample_npz):
+    workdir = str(tmp_path_factory.mktemp("color"))
+    config = train.TrainConfig(model="densenet_test", dataset=f"npz:{sample_npz}", epochs=2)
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def config(color_checkpoint, sample_npz):
+    return compress.CompressConfig(
+        checkpoint=color_checkpoint,
+        dataset=f"npz:{sample_npz}",
+        layers=(1, 2),
+        steps=3,
+        num_clusters={1: 5, 2: 3},
+        bn="recalibrate",
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(config, color_checkpoint, tmp_path_factory):
+    before = _digest(color_checkpoint)
+    first = compress.compress(config, str(tmp_path_factory.mktemp("a")))
+    second = compress.compress(config, str(tmp_path_factory.mktemp("b")))
+    return before, first, second
+
+
+def test_report_rows_and_files(runs, config):
+    _, report, _ = runs
+    names = [r["name"] for r in report["rows"]]
+    assert names[:4] == [
+        "color model, color images",
+        "color model, gray images (naive)",
+        "gray fold (sum), no BN re-estimation",
+        "gray + BN re-estimation, no merge",
+    ]
+    assert names[-1] == "merged layers 1+2 + BN re-estimation"
+    final = report["rows"][-1]
+    assert final["clusters"] == {"1": 5, "2": 3}
+    assert final["params"] < report["rows"][3]["params"] < report["rows"][0]["params"]
+    assert final["flops"] < report["rows"][0]["flops"]
+    for row in report["rows"]:
+        assert set(row) >= {
+            "name",
+            "image_type",
+            "accuracy",
+            "params",
+            "flops",
+            "clusters",
+            "bn",
+            "checkpoint",
+        }
+
+
+def test_every_row_reloads_to_its_accuracy(runs, config, tmp_path_factory):
+    _, report, _ = runs
+    workdir = report["config"]["workdir"]
+    val = data.load_dataset(config.dataset, "validation")
+    for row in report["rows"]:
+        model_config, variables, _ = checkpoint.load_model(os.path.join(workdir, row["checkpoint"]))
+        view = {"color": "color", "gray3": "gray3", "gray": "gray"}[row["image_type"]]
+        result = train.evaluate(model_config, variables, val, view)
+        assert result["accuracy"] == pytest.approx(row["accuracy"], abs=1e-9), row["name"]
+    last = report["rows"][-1]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.evaluate",
+            f"--checkpoint={os.path.join(workdir, last['checkpoint'])}",
+            f"--dataset={config.dataset}",
+            "--view=gray",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1])["accuracy"] == pytest.approx(last["accuracy"])
+
+
+def test_input_untouched_and_same_seed_same_results(runs, color_checkpoint):
+    before, first, second = runs
+    assert _digest(color_checkpoint) == before
+    strip = lambda rows: [{k: r[k] for k in ("accuracy", "params", "clusters")} for r in rows]  # noqa: E731
+    assert strip(first["rows"]) == strip(second["rows"])
+    labels = [
+        json.load(open(os.path.join(r["config"]["workdir"], "clusters_layer2.json")))
+        for r in (first, second)
+    ]
+    assert labels[0]["labels"] == labels[1]["labels"]
+
+
+def test_bad_config_is_a_clear_error(config, tmp_path):
+    for changes, message in [
+        ({"layers": (1, 1)}, "--layers lists a layer twice"),
+        ({"layers": (1, 99)}, "--layers: layer 99 is out of range 1..10"),
+        ({"metric": {2: "cosine"}}, "--metric: unknown distance 'cosine'"),
+        ({"fold": "avg"}, "--fold: unknown method 'avg'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            compress.compress(dataclasses.replace(config, **changes), str(tmp_path / "x"))
+    os.makedirs(tmp_path / "done" / "models")
+    with pytest.raises(FileExistsError, match="already holds a compress run"):
+        compress.compress(config, str(tmp_path / "done"))
+
+
+def test_cli_flag_errors(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.compress", "--layers=1,1", f"--workdir={tmp_path}/w"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "error: --layers lists a layer twice" in result.stderr
+
+
+def test_shipped_pretrained_model_loads_and_is_trained():
+    path = ROOT / "graycnn" / "assets" / compress.PRETRAINED["densenet_tiny"]
+    model_config, variables, _ = checkpoint.load_model(str(path))
+    assert (model_config.name, model_config.in_channels) == ("densenet_tiny", 3)
+    val = data.load_dataset("cifar10_sample", "validation")
+    # 40 epochs on the 4,085 sample images (BUILD_NOTES.md); chance is 10%.
+    assert train.evaluate(model_config, variables, val, "color")["accuracy"] > 0.6
+
+
+def test_filter_responses_are_the_conv_outputs_per_filter(sample_npz):
+    from graycnn.layers import layer_output_fn
+    from graycnn.models import ModelConfig, build_model, init_variables
+
+    config = ModelConfig("densenet_test", in_channels=1)
+    model, variables = build_model(config), init_variables(config, jax.random.key(0))
+    split = data.load_dataset(f"npz:{sample_npz}", "train")
+    responses = compress.filter_responses(model, variables, "stem", split, seed=0, count=7)
+    assert responses.shape == (8, 7, 32, 32)  # (filters, images, H, W)
+    idx = np.random.default_rng(0).permutation(len(split))[:7]
+    direct = layer_output_fn(model, "stem")(variables, data.apply_view(split.images[idx], "gray"))
+    np.testing.assert_allclose(responses, np.moveaxis(np.asarray(direct), -1, 0), atol=1e-5)
