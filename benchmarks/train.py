@@ -50,6 +50,8 @@ def main(argv):
         config = ModelConfig(name)
         model = build_model(config)
         variables = init_variables(config, jax.random.key(0))
+        # The train step donates its state, so eval gets its own copy of the weights.
+        eval_variables = jax.device_put(jax.device_get(variables), replicated)
         tx = train.make_optimizer(train.TrainConfig(), 100, variables["params"])
         state = jax.device_put(
             train.TrainState(
@@ -69,8 +71,9 @@ def main(argv):
 
         compile_s, train_s = _time(train_once, FLAGS.steps)
         eval_step = train.make_eval_step(model, "color")
-        variables = jax.device_put(variables, replicated)
-        _, eval_s = _time(lambda e=eval_step, v=variables: e(v, images, labels, mask), FLAGS.steps)
+        _, eval_s = _time(
+            lambda e=eval_step, v=eval_variables: e(v, images, labels, mask), FLAGS.steps
+        )
         print(f"{name:<15} {compile_s:>9.1f} {b / train_s:>12.0f} {b / eval_s:>11.0f}")
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from graycnn import batchnorm, checkpoint, data, io, merge, train
 from graycnn.models import build_model, count_params
@@ -175,6 +176,7 @@ def plot_histories(rows: Sequence[dict[str, Any]], path: str) -> str:
             ax.plot(epochs, [100 * a for a in r["history"]], marker=".", label=r["name"])
         else:
             ax.axhline(100 * r["accuracy"], ls="--", color="gray", label=r["name"])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(rows[0]["model"] if rows else "")

@@ -23,7 +23,11 @@ def manager(directory: str, max_to_keep: int | None = 2) -> ocp.CheckpointManage
     """A CheckpointManager at `directory` (made absolute, as orbax requires)."""
     return ocp.CheckpointManager(
         os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        # Saves are waited for anyway; synchronous saves leave no background event loop
+        # to be torn down at exit.
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+        ),
         item_names=_ITEMS,
     )
 

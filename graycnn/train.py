@@ -29,7 +29,8 @@ Variables = dict[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """A training run. The defaults are the embedded-default job (~2 min on 2 CPU cores).
+    """A training run. The defaults train densenet_tiny on the embedded sample (~4.5 min on
+    2 CPU cores, ~56% validation accuracy).
 
     Attributes:
         lr_drops: ((fraction of training, factor), ...): the study's manual drops

@@ -34,25 +34,20 @@ def plot_color_vs_gray(images: np.ndarray, path: str | os.PathLike, columns: int
 
 
 def plot_accuracy_vs_params(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:
-    """Accuracy (%) against parameters, one labelled point per report row."""
-    fig = Figure(figsize=(7.5, 4.8))
+    """Accuracy (%) against parameters: numbered points, named in the legend."""
+    fig = Figure(figsize=(10, 4.8))
     ax = fig.add_subplot()
-    for row in rows:
+    for i, row in enumerate(rows, start=1):
+        x, y = row["params"], 100 * row["accuracy"]
         marker = "s" if row["image_type"] == "color" else "o"
-        ax.scatter(row["params"], 100 * row["accuracy"], marker=marker, s=40)
-        ax.annotate(
-            row["name"],
-            (row["params"], 100 * row["accuracy"]),
-            fontsize=7,
-            xytext=(4, 4),
-            textcoords="offset points",
-        )
+        ax.scatter(x, y, marker=marker, s=40, label=f"{i}. {row['name']} ({y:.1f}%)")
+        ax.annotate(str(i), (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
     baseline = next((r for r in rows if r.get("baseline")), None)
     if baseline is not None:
         ax.axhline(
             100 * baseline["accuracy"], color="gray", ls="--", lw=0.8, label="gray + BN baseline"
         )
-        ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     ax.set_xlabel("parameters (BatchNorm statistics included)")
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
