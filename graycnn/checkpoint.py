@@ -6,6 +6,7 @@ the items `variables` ({'params', 'batch_stats'}), `config` (JSON: {'model': Mod
 directory and renames it when complete, so a killed run never leaves a half-written step.
 """
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -113,9 +114,13 @@ def load_model(
         model_config = ModelConfig.from_json(config["model"])
         variables = jax.tree.map(np.asarray, dict(restored["variables"]))
     except Exception as e:  # orbax raises many types for truncated or foreign files.
+        # Orbax restores leaves in parallel asyncio tasks, and the others are still
+        # running when the first fails. Closing the manager now would close their loop
+        # under them ("Event loop is closed" tracebacks), and their own errors are
+        # logged as "Task exception was never retrieved": both would bury this message.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         raise ValueError(f"checkpoint {root} (step {step}) is corrupt or incomplete: {e}") from e
-    finally:
-        mngr.close()
+    mngr.close()
     _check_finite(variables, root)
     return model_config, variables, config
 

@@ -39,7 +39,13 @@ def run(main: Callable[[list[str]], None]) -> None:
         try:
             main(argv)
         except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            # After a failed orbax restore its background threads still report into a
+            # closed event loop ("Event loop is closed" tracebacks); mute them and exit
+            # at once, so the one line that matters stands alone. Every file we write
+            # is complete or absent (atomic writes), so skipping shutdown loses nothing.
+            sys.unraisablehook = lambda _: None
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(2)
 
     app.run(wrapped)

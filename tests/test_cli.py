@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -67,3 +68,17 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert result.returncode == 2 and "unknown dataset 'imagenet'" in result.stderr
     result = _run("experiments.summary", "--model=densenet_tiny", "--widths=18:4")
     assert result.returncode == 2 and "layer 18 does not exist" in result.stderr
+
+
+def test_corrupt_checkpoint_is_a_clear_error(trained, tmp_path):
+    workdir, _, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    for f in copy.rglob("manifest.ocdbt"):
+        f.write_bytes(b"garbage")
+    result = _run("experiments.evaluate", f"--checkpoint={copy}")
+    assert result.returncode == 2
+    # Orbax's own restore threads may add a stray traceback line (BUILD_NOTES.md,
+    # pitfalls); our message is one line.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is corrupt or incomplete" in errors[0]
