@@ -248,14 +248,7 @@ def _dbscan(d: np.ndarray, options: dict[str, Any]) -> Clustering:
     # Noise (-1) only occurs with min_samples > 1; each noise filter stays unmerged.
     noise = np.flatnonzero(labels == -1)
     labels[noise] = labels.max(initial=-1) + 1 + np.arange(len(noise))
-    labels = renumber(labels)
-    return Clustering(
-        labels=labels,
-        members=members_of(labels),
-        num_clusters=int(labels.max()) + 1,
-        method="dbscan",
-        eps=eps,
-    )
+    return _clustering(labels, "dbscan", eps=eps)
 
 
 def _complete(d: np.ndarray, options: dict[str, Any]) -> Clustering:
@@ -279,14 +272,12 @@ def _complete(d: np.ndarray, options: dict[str, Any]) -> Clustering:
             metric="precomputed",
             linkage="complete",
         )
-    labels = renumber(model.fit(d).labels_)
-    return Clustering(
-        labels=labels,
-        members=members_of(labels),
-        num_clusters=int(labels.max()) + 1,
-        method="complete",
-        threshold=threshold,
-    )
+    return _clustering(model.fit(d).labels_, "complete", threshold=threshold)
+
+
+def _clustering(labels: np.ndarray, method: str, **rule: Any) -> Clustering:
+    labels = renumber(labels)
+    return Clustering(labels, members_of(labels), int(labels.max()) + 1, method, **rule)
 
 
 def cluster(distances: Any, method: str = "dbscan", **options: Any) -> Clustering:
