@@ -14,7 +14,7 @@ from absl import flags
 
 from graycnn import runtime, summary
 from graycnn.layers import conv_layers
-from graycnn.models import MODELS, ModelConfig, build_model
+from graycnn.models import MODELS, ModelConfig, build_model, count_params
 
 flags.DEFINE_enum("model", "densenet_seed", sorted(MODELS), "Model.")
 flags.DEFINE_enum("in_channels", "3", ["1", "3"], "Input channels.")
@@ -33,7 +33,7 @@ def main(argv):
     rows = summary.summarize(config)
     model = build_model(config)
     variables = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros(config.input_shape))
-    print(summary.format_table(rows, summary.total_params(variables)))
+    print(summary.format_table(rows, count_params(variables)))
 
 
 if __name__ == "__main__":

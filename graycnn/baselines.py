@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from graycnn import batchnorm, checkpoint, data, io, merge, train
+from graycnn.figures import report as report_figures
 from graycnn.models import build_model, count_params
 
 ROWS = (
@@ -118,7 +117,7 @@ def run_baselines(
                 time.perf_counter() - start,
             )
         )
-        plot_histories(
+        report_figures.plot_histories(
             [r for r in rows if r["model"] == name], os.path.join(workdir, f"accuracy_{name}.png")
         )
     report = {"rows": rows, "config": dataclasses.asdict(base) | {"models": list(models), "bn": bn}}
@@ -164,23 +163,3 @@ def format_report(report: dict[str, Any]) -> str:
             f"| {r['params']:,} | {r['seconds']:.0f} s |"
         )
     return "\n".join(lines) + "\n"
-
-
-def plot_histories(rows: Sequence[dict[str, Any]], path: str) -> str:
-    """Validation accuracy vs epoch, every row of one model overlaid."""
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
-    for r in rows:
-        if r["history"]:
-            epochs = range(1, len(r["history"]) + 1)
-            ax.plot(epochs, [100 * a for a in r["history"]], marker=".", label=r["name"])
-        else:
-            ax.axhline(100 * r["accuracy"], ls="--", color="gray", label=r["name"])
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(rows[0]["model"] if rows else "")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return io.save_figure(fig, path)

@@ -1,7 +1,6 @@
 """A Keras-style per-layer table: every module that owns variables, in forward order."""
 
 import dataclasses
-from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -81,7 +80,3 @@ def format_table(rows: list[Row], total: int) -> str:
         )
     lines += ["-" * len(header), f"total parameters: {total}"]
     return "\n".join(lines)
-
-
-def total_params(variables: Mapping) -> int:
-    return int(sum(leaf.size for leaf in jax.tree.leaves(variables)))

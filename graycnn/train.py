@@ -7,6 +7,7 @@ gradient and BatchNorm all-reduces. Each host feeds only its own slice of each b
 """
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
@@ -134,8 +136,13 @@ def make_train_step(
     return jax.jit(step, donate_argnums=0)
 
 
+@functools.lru_cache(maxsize=32)
 def make_eval_step(model: flax.linen.Module, view: str) -> Callable:
-    """Returns jitted step(variables, images, labels, mask) -> sums of correct, loss, count."""
+    """Returns jitted step(variables, images, labels, mask) -> sums of correct, loss, count.
+
+    Cached: `evaluate` runs every epoch and for every report row, and a fresh jit of a
+    fresh closure would trace and compile again each time. Modules hash by value.
+    """
 
     def step(variables, images, labels, mask):
         logits = model.apply(variables, data.apply_view(images, view), train=False)
@@ -310,9 +317,7 @@ def train_and_evaluate(
     return model_config, jax.device_get(state.variables), history
 
 
-def _restore(mngr, state: TrainState) -> TrainState:
-    import orbax.checkpoint as ocp
-
+def _restore(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
     step = mngr.latest_step()
     target = jax.device_get({"variables": state.variables, "opt_state": state.opt_state})
     restored = mngr.restore(

@@ -1,4 +1,5 @@
-"""Figures of the compress report: the data in color vs gray, accuracy vs parameters."""
+"""Report figures: the data in color vs gray, accuracy vs parameters (compress), and
+validation accuracy per epoch (baselines)."""
 
 import os
 from collections.abc import Mapping, Sequence
@@ -6,6 +7,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from graycnn import data
 from graycnn.io import save_figure
@@ -51,5 +53,25 @@ def plot_accuracy_vs_params(rows: Sequence[Mapping[str, Any]], path: str | os.Pa
     ax.set_xlabel("parameters (BatchNorm statistics included)")
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_histories(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:
+    """Validation accuracy vs epoch, every row of one model overlaid."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for r in rows:
+        if r["history"]:
+            epochs = range(1, len(r["history"]) + 1)
+            ax.plot(epochs, [100 * a for a in r["history"]], marker=".", label=r["name"])
+        else:
+            ax.axhline(100 * r["accuracy"], ls="--", color="gray", label=r["name"])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(rows[0]["model"] if rows else "")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
