@@ -101,6 +101,7 @@ def main(argv):
         for way in _WAYS.value:
             for loop in _LOOPS.value:
                 options = {"steps": _STEPS.value, "loop": loop, "seed": 0}
+                options |= {"input_shape": config.input_shape[1:]}
                 if way == "one_at_a_time":
                     options |= {"chunk_size": 1, "devices": devices[:1]}
                 elif way == "one_chunk":

@@ -12,39 +12,24 @@ The full-size study on a GPU:
         --models=resnet18,densenet_seed --learning_rate=0.01 --momentum=0.7
 """
 
-import dataclasses
-
 from absl import flags
 
-from graycnn import baselines, runtime, train
+from graycnn import baselines, config, runtime, train
 
-flags.DEFINE_list("models", ["resnet20", "densenet_tiny"], "Models.")
-flags.DEFINE_string("dataset", "cifar10_sample", "cifar10, cifar10_sample, npz:PATH, folder:PATH.")
-flags.DEFINE_integer("epochs", 4, "Epochs of every trained row.")
-flags.DEFINE_integer("batch_size", 64, "Global batch size.")
-flags.DEFINE_float("learning_rate", train.TrainConfig.learning_rate, "SGD learning rate.")
-flags.DEFINE_float("momentum", train.TrainConfig.momentum, "SGD momentum.")
-flags.DEFINE_enum("bn", "train", ["train", "recalibrate"], "Row 5's BN re-estimation.")
-flags.DEFINE_integer("seed", 0, "Seed shared by every row.")
+config.define_flags(baselines.BaselinesConfig)
+config.define_flags(
+    train.TrainConfig, only=baselines.TRAIN_FLAGS, defaults=baselines.TRAIN_DEFAULTS
+)
 flags.DEFINE_string("workdir", "runs/baselines", "Output directory.")
-flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
     runtime.setup()
-    base = dataclasses.replace(
-        train.TrainConfig(),
-        dataset=FLAGS.dataset,
-        epochs=FLAGS.epochs,
-        batch_size=FLAGS.batch_size,
-        learning_rate=FLAGS.learning_rate,
-        momentum=FLAGS.momentum,
-        seed=FLAGS.seed,
-        data_dir=FLAGS.data_dir,
-    )
-    report = baselines.run_baselines(FLAGS.models, FLAGS.workdir, base, bn=FLAGS.bn)
+    options = config.from_flags(baselines.BaselinesConfig)
+    base = config.from_flags(train.TrainConfig, only=baselines.TRAIN_FLAGS)
+    report = baselines.run_baselines(options.models, FLAGS.workdir, base, bn=options.bn)
     print(baselines.format_report(report))
 
 

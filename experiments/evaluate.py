@@ -2,21 +2,26 @@
 
     python -m experiments.evaluate --checkpoint=/tmp/graycnn_tiny_color --view=gray3
 
-`--checkpoint` is a checkpoint directory or a training workdir. The last stdout line is
-one JSON object: {"accuracy": 0..1, "examples": N, "params": N, "loss": ..., ...}.
-Takes ~10 s for densenet_tiny on the 1,000 validation images of the embedded sample.
+`--checkpoint` is a checkpoint directory or a training workdir. An `npz:` or `folder:`
+dataset is evaluated on every example (the train/validation split applies to training
+only); cifar10 and cifar10_sample on their validation split. The last stdout line is one
+JSON object: {"accuracy": 0..1, "examples": N, "params": N, "loss": ..., ...}. Takes
+~10 s for densenet_tiny on the 1,000 validation images of the embedded sample.
 """
 
 import json
 
 from absl import flags
 
-from graycnn import checkpoint, data, runtime, train
+from graycnn import checkpoint, data, evaluation, runtime
 from graycnn.models import count_params
 
 flags.DEFINE_string("checkpoint", None, "Checkpoint directory or training workdir.", required=True)
-flags.DEFINE_string("dataset", "cifar10_sample", "cifar10, cifar10_sample, npz:PATH, folder:PATH.")
-flags.DEFINE_enum("split", "validation", list(data.SPLITS), "Split to evaluate.")
+flags.DEFINE_string("dataset", "cifar10_sample", data.DATASET_HELP)
+flags.DEFINE_enum(
+    "split", None, list(data.SPLITS), "Split; default: all of an npz: or folder: dataset, "
+    "the validation split of cifar10 and cifar10_sample."
+)  # fmt: skip
 flags.DEFINE_enum(
     "view",
     None,
@@ -33,14 +38,16 @@ def main(argv):
     runtime.setup()
     model_config, variables, _ = checkpoint.load_model(FLAGS.checkpoint)
     view = FLAGS.view or ("color" if model_config.in_channels == 3 else "gray")
-    split = data.load_dataset(FLAGS.dataset, FLAGS.split, FLAGS.data_dir)
-    result = train.evaluate(model_config, variables, split, view, FLAGS.batch_size)
+    split_name = FLAGS.split or data.default_eval_split(FLAGS.dataset)
+    split = data.load_dataset(FLAGS.dataset, split_name, FLAGS.data_dir)
+    result = evaluation.evaluate(model_config, variables, split, view, FLAGS.batch_size)
+    result.pop("correct")
     result |= {
         "params": count_params(variables),
         "model": model_config.name,
         "view": view,
         "dataset": FLAGS.dataset,
-        "split": FLAGS.split,
+        "split": split_name,
     }
     print(json.dumps(result))
 

@@ -9,7 +9,6 @@ Rows, all with the same epochs, optimizer and seed:
 """
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -17,7 +16,8 @@ from typing import Any
 
 import jax
 
-from graycnn import batchnorm, checkpoint, data, io, merge, train
+from graycnn import batchnorm, checkpoint, data, evaluation, fold, io, train
+from graycnn.config import setting
 from graycnn.figures import report as report_figures
 from graycnn.models import build_model, count_params
 
@@ -35,6 +35,19 @@ _TITLES = {
     "gray_folded_finetuned": "gray, 1-channel conv folded from color, fine-tuned",
     "gray_folded_bn": "gray, 1-channel conv folded from color, BN re-estimated only",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselinesConfig:
+    """What the baselines command adds to the training settings it shares."""
+
+    models: tuple[str, ...] = setting(("resnet20", "densenet_tiny"), "Models.")
+    bn: str = setting("train", "Row 5's BN re-estimation.", choices=("train", "recalibrate"))
+
+
+# The training settings the command exposes, and its own defaults for them.
+TRAIN_FLAGS = ("dataset", "epochs", "batch_size", "learning_rate", "momentum", "seed", "data_dir")
+TRAIN_DEFAULTS = {"epochs": 4}
 
 
 def run_baselines(
@@ -84,7 +97,7 @@ def run_baselines(
         color_config, color_vars, _ = checkpoint.load_model(color["checkpoint"])
         rows.append(run("gray3_finetuned", "gray3", init=(color_config, color_vars)))
         gray_config = color_config.replace(in_channels=1)
-        folded = merge.fold_to_gray(
+        folded = fold.fold_to_gray(
             build_model(color_config), color_vars, "sum", input_shape=color_config.input_shape
         )
         rows.append(run("gray_folded_finetuned", "gray", init=(gray_config, folded)))
@@ -127,17 +140,13 @@ def run_baselines(
 
 
 def _row(model, row, view, model_config, variables, val, directory, seconds) -> dict[str, Any]:
-    history = []
-    metrics = os.path.join(directory, "metrics.jsonl")
-    if os.path.exists(metrics):
-        with open(metrics) as f:
-            history = [json.loads(line)["val_accuracy"] for line in f]
+    history = [epoch["val_accuracy"] for epoch in train.read_history(directory)]
     return {
         "model": model,
         "row": row,
         "name": _TITLES[row],
         "view": view,
-        "accuracy": train.evaluate(model_config, variables, val, view)["accuracy"],
+        "accuracy": evaluation.evaluate(model_config, variables, val, view)["accuracy"],
         "params": count_params(variables),
         "seconds": seconds,
         "checkpoint": directory,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from graycnn import data, train
+from graycnn import data, parallel, train
 from graycnn.models import ModelConfig, build_model
 
 METHODS = ("recalibrate", "train", "none")
@@ -45,7 +45,7 @@ def recalibrate(
             network was trained with.
     """
     model = build_model(model_config)
-    batch_sharding, replicated = train.mesh_shardings()
+    batch_sharding, replicated = parallel.mesh_shardings()
     params = jax.device_put(variables["params"], replicated)
     zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
     ones = jax.tree.map(jnp.ones_like, variables["batch_stats"])
@@ -68,7 +68,7 @@ def recalibrate(
     for images, _, _ in tqdm(batches, total=num_batches, desc="recalibrate BN", leave=False):
         if count == num_batches:
             break
-        (images,) = train.shard_batch(batch_sharding, images)
+        (images,) = parallel.shard_batch(batch_sharding, images)
         rng = jax.random.fold_in(jax.random.key(seed), count)
         from_zeros = updated_stats(zeros, images, rng)  # = (1 - m) * batch statistic
         if momentum is None:

@@ -73,6 +73,29 @@ def save_model(
     return directory
 
 
+def restore_training(
+    mngr: ocp.CheckpointManager, variables: Any, opt_state: Any
+) -> tuple[int, dict[str, Any], Any]:
+    """Restores the latest step of a training run onto the given target trees.
+
+    Args:
+        variables, opt_state: Trees of the run's structure (optax state needs a target).
+
+    Returns:
+        (step, variables, opt_state).
+    """
+    step = mngr.latest_step()
+    target = jax.device_get({"variables": variables, "opt_state": opt_state})
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            variables=ocp.args.StandardRestore(target["variables"]),
+            opt_state=ocp.args.StandardRestore(target["opt_state"]),
+        ),
+    )
+    return step, restored["variables"], restored["opt_state"]
+
+
 def resolve(directory: str) -> str:
     """The CheckpointManager root for a checkpoint dir or a training workdir."""
     directory = os.path.abspath(directory)

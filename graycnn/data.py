@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 VIEWS = ("color", "gray", "gray3")
+DATASET_HELP = "cifar10, cifar10_sample (embedded), npz:PATH or folder:PATH."
 SPLITS = ("train", "validation", "all")
 _SAMPLE_VALIDATION_PER_CLASS = 100
 _VALIDATION_FRACTION = 0.2
@@ -67,6 +68,12 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None) -
     raise ValueError(
         f"unknown dataset {name!r}; use cifar10, cifar10_sample, npz:PATH or folder:PATH"
     )
+
+
+def default_eval_split(name: str) -> str:
+    """The split a user evaluating on dataset `name` means: all of a file or folder they
+    pass, the held-out split of the named datasets."""
+    return "all" if name.startswith(("npz:", "folder:")) else "validation"
 
 
 def view_channels(view: str) -> int:

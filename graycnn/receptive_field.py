@@ -17,7 +17,7 @@ Objectives:
 Example:
     >>> config = ModelConfig("densenet_seed")
     >>> model, variables = build_model(config), init_variables(config, jax.random.key(0))
-    >>> compute_receptive_fields(model, variables, 2).shape
+    >>> compute_receptive_fields(model, variables, 2, input_shape=(32, 32, 3)).shape
     (18, 32, 32, 3)
 """
 
@@ -98,7 +98,7 @@ def gradient_ascent(
     jitter: int = 0,
     blur_sigma: float = 0.0,
     tv_weight: float = 0.0,
-    input_shape: Sequence[int] | None = None,
+    input_shape: Sequence[int],
     filters: Sequence[int] | None = None,
     chunk_size: int | None = None,
     memory_bytes: int | None = None,
@@ -125,8 +125,7 @@ def gradient_ascent(
         blur_sigma: Regularizer: Gaussian blur of this sigma (pixels) after each step.
         tv_weight: Regularizer: subtract this times the mean absolute difference of
             neighboring pixels from each objective.
-        input_shape: (H, W, C) of the images; default 32x32 with the first layer's
-            input channels.
+        input_shape: (H, W, C) of the images the model takes.
         filters: Which filters (default all), in the order of the result's rows.
         chunk_size: Images per compiled batch; default the most that fit
             `memory_bytes` per device (a rough activation count). Rounded up to a
@@ -146,13 +145,11 @@ def gradient_ascent(
             than the first.
     """
     _check_options(objective, steps, step_size, jitter, blur_sigma, loop)
-    paths = _conv_paths(model)
-    path = resolve_layer(layer, paths)
-    if input_shape is None:
-        input_shape = (32, 32, tree_get(variables["params"], f"{paths[0]}/kernel").shape[-2])
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (H, W, C), got {tuple(input_shape)}")
     h, w, c = (int(s) for s in input_shape)
+    paths = _conv_paths(model, (1, h, w, c))
+    path = resolve_layer(layer, paths)
     num_filters = tree_get(variables["params"], f"{path}/kernel").shape[-1]
     filters = np.arange(num_filters) if filters is None else np.asarray(filters, np.int32)
     if filters.ndim != 1 or not np.all((filters >= 0) & (filters < num_filters)):
@@ -321,11 +318,10 @@ def _initial_images(key: jax.Array, filters: jax.Array, shape, scale, offset) ->
     return uniform(filters) * scale + offset
 
 
-# Tracing a deep model costs ~0.3 s; models are hashable by value, so trace once. The conv
-# order needs only shapes, so any channel count does.
+# Tracing a deep model costs ~0.3 s; models are hashable by value, so trace once.
 @functools.lru_cache(maxsize=64)
-def _conv_paths(model: nn.Module) -> tuple[str, ...]:
-    return tuple(conv_layers(model, (1, 32, 32, 3)))
+def _conv_paths(model: nn.Module, shape: tuple[int, ...]) -> tuple[str, ...]:
+    return tuple(conv_layers(model, shape))
 
 
 @functools.lru_cache(maxsize=64)

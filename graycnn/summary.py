@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from graycnn import tree
+from graycnn.config import parse_layer_values
 from graycnn.layers import conv_layers, resolve_layer
 from graycnn.models import ModelConfig, build_model
 
@@ -26,16 +27,18 @@ def parse_widths(spec: str, paths: list[str]) -> dict[str, int]:
     Raises:
         ValueError: a malformed entry or an unknown layer (listing the layers).
     """
-    widths: dict[str, int] = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        layer, sep, width = item.rpartition(":")
-        if not sep or not width.isdigit() or int(width) < 1:
-            raise ValueError(f"--widths entry {item!r} is not LAYER:WIDTH with WIDTH >= 1")
-        path = resolve_layer(layer, paths)
-        if path in widths:
-            raise ValueError(f"--widths names layer {layer!r} twice")
-        widths[path] = int(width)
+    default, widths = parse_layer_values(
+        spec, "widths", _positive_int, key=lambda layer: resolve_layer(layer, paths)
+    )
+    if default is not None:
+        raise ValueError(f"--widths: {default} has no layer; give LAYER:WIDTH")
     return widths
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError("WIDTH must be an integer >= 1")
+    return int(text)
 
 
 def summarize(config: ModelConfig) -> list[Row]:

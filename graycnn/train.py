@@ -1,13 +1,10 @@
-"""Pure jitted train and eval steps, data parallel over all devices, with resumable
-orbax checkpoints.
+"""A jitted train step and a resumable training loop, data parallel over all devices.
 
-Data parallelism: the batch is sharded over a 1-D mesh of every device (of every host,
-after `jax.distributed.initialize()`), parameters are replicated, and XLA inserts the
-gradient and BatchNorm all-reduces. Each host feeds only its own slice of each batch.
+The batch is sharded over a 1-D mesh of every device (`graycnn.parallel`), parameters
+are replicated, and XLA inserts the gradient and BatchNorm all-reduces.
 """
 
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -17,43 +14,48 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from graycnn import checkpoint, data
+from graycnn import checkpoint, data, evaluation, graph, parallel
+from graycnn.config import setting
 from graycnn.models import ModelConfig, build_model, init_variables
 
 Variables = dict[str, Any]
+TRAINABLE = ("all", "batchnorm")
+_METRICS = "metrics.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A training run. The defaults train densenet_tiny on the embedded sample (~4.5 min on
-    2 CPU cores, ~56% validation accuracy).
-
-    Attributes:
-        lr_drops: ((fraction of training, factor), ...): the study's manual drops
-            0.01 -> 1e-3 -> 5e-4 -> 1e-4, placed at 50%, 75% and 90% of the steps.
-        trainable: 'all', or 'batchnorm' to train only BN scale and bias (the study's
-            BN re-estimation).
+    2 CPU cores, ~56% validation accuracy). Every field is also a flag of
+    `experiments.train`.
     """
 
-    model: str = "densenet_tiny"
-    dataset: str = "cifar10_sample"
-    view: str = "color"
-    epochs: int = 15
-    batch_size: int = 64
-    learning_rate: float = 0.05
-    momentum: float = 0.9
-    lr_drops: tuple[tuple[float, float], ...] = ((0.5, 0.1), (0.75, 0.5), (0.9, 0.2))
-    augment: bool = True
-    trainable: str = "all"
-    seed: int = 0
-    eval_batch_size: int = 500
-    data_dir: str | None = None
+    model: str = setting("densenet_tiny", "A model of graycnn.models.MODELS.")
+    dataset: str = setting("cifar10_sample", data.DATASET_HELP)
+    view: str = setting("color", "Input view.", choices=data.VIEWS)
+    epochs: int = setting(15, "Epochs.")
+    batch_size: int = setting(64, "Global batch size.")
+    learning_rate: float = setting(0.05, "Initial SGD learning rate.")
+    momentum: float = setting(0.9, "SGD momentum.")
+    # The study's manual drops 0.01 -> 1e-3 -> 5e-4 -> 1e-4, at 50%, 75% and 90% of steps.
+    lr_drops: tuple[tuple[float, float], ...] = setting(
+        ((0.5, 0.1), (0.75, 0.5), (0.9, 0.2)),
+        "((fraction of training, factor), ...): step drops of the learning rate.",
+        flag=False,
+    )
+    augment: bool = setting(True, "Random crop (4-pixel pad) and horizontal flip.")
+    trainable: str = setting(
+        "all",
+        "'all', or 'batchnorm' to train only BN scale and bias (the study's BN re-estimation).",
+        choices=TRAINABLE,
+        flag=False,
+    )
+    seed: int = setting(0, "Seed of init, data order and augmentation.")
+    eval_batch_size: int = setting(500, "Evaluation batch size.", flag=False)
+    data_dir: str | None = setting(None, "TFDS data directory.")
 
 
 @flax.struct.dataclass
@@ -69,9 +71,14 @@ class TrainState:
 
 
 def make_optimizer(
-    config: TrainConfig, steps_per_epoch: int, params: Any
+    config: TrainConfig, steps_per_epoch: int, labels: Any = None
 ) -> optax.GradientTransformation:
-    """SGD with momentum and step decay; BN-only training freezes every other param."""
+    """SGD with momentum and step decay.
+
+    Args:
+        labels: For trainable='batchnorm', 'train'/'freeze' per param (see
+            `graph.ChannelGraph.batchnorm_labels`); every 'freeze' param stays as is.
+    """
     total = max(1, config.epochs * steps_per_epoch)
     schedule = optax.piecewise_constant_schedule(
         config.learning_rate, {int(f * total): s for f, s in config.lr_drops}
@@ -79,25 +86,9 @@ def make_optimizer(
     sgd = optax.sgd(schedule, momentum=config.momentum)
     if config.trainable == "all":
         return sgd
-    if config.trainable != "batchnorm":
-        raise ValueError(f"trainable must be 'all' or 'batchnorm', got {config.trainable!r}")
-    return optax.multi_transform(
-        {"train": sgd, "freeze": optax.set_to_zero()}, batchnorm_labels(params)
-    )
-
-
-def batchnorm_labels(params: Any) -> Any:
-    """'train' for BatchNorm scale and bias, 'freeze' for the rest, as a tree like params."""
-
-    def label(path, _):
-        names = [getattr(k, "key", str(k)) for k in path]
-        return "train" if names[-2:-1] and _is_bn(names[-2]) else "freeze"
-
-    return jax.tree_util.tree_map_with_path(label, params)
-
-
-def _is_bn(module_name: str) -> bool:
-    return module_name == "bn" or module_name.startswith("BatchNorm")
+    if config.trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {config.trainable!r}")
+    return optax.multi_transform({"train": sgd, "freeze": optax.set_to_zero()}, labels)
 
 
 def make_train_step(
@@ -136,75 +127,6 @@ def make_train_step(
     return jax.jit(step, donate_argnums=0)
 
 
-@functools.lru_cache(maxsize=32)
-def make_eval_step(model: flax.linen.Module, view: str) -> Callable:
-    """Returns jitted step(variables, images, labels, mask) -> sums of correct, loss, count.
-
-    Cached: `evaluate` runs every epoch and for every report row, and a fresh jit of a
-    fresh closure would trace and compile again each time. Modules hash by value.
-    """
-
-    def step(variables, images, labels, mask):
-        logits = model.apply(variables, data.apply_view(images, view), train=False)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        return {
-            "correct": jnp.sum(correct * mask),
-            "loss": jnp.sum(loss * mask),
-            "count": jnp.sum(mask),
-        }
-
-    return jax.jit(step)
-
-
-def mesh_shardings() -> tuple[NamedSharding, NamedSharding]:
-    """(batch sharding over every device, replicated sharding)."""
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    return NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
-
-
-def shard_batch(sharding: NamedSharding, *arrays: np.ndarray) -> list[jax.Array]:
-    """Places global-batch host arrays on the mesh; each process sends only its slice."""
-    n, i = jax.process_count(), jax.process_index()
-    out = []
-    for a in arrays:
-        if len(a) % jax.device_count():
-            raise ValueError(
-                f"batch size {len(a)} must be divisible by the {jax.device_count()} devices"
-            )
-        local = a[i * len(a) // n : (i + 1) * len(a) // n]
-        out.append(jax.make_array_from_process_local_data(sharding, local, a.shape))
-    return out
-
-
-def evaluate(
-    model_config: ModelConfig,
-    variables: Mapping[str, Any],
-    split: data.Split,
-    view: str,
-    batch_size: int = 500,
-) -> dict[str, float]:
-    """Accuracy and mean loss of a model on a split, every example counted once.
-
-    Returns:
-        {'accuracy': 0..1, 'loss': float, 'examples': int}.
-    """
-    _check_channels(model_config, split, view)
-    batch_sharding, replicated = mesh_shardings()
-    batch_size = _round_to_devices(min(batch_size, len(split)))
-    step = make_eval_step(build_model(model_config), view)
-    variables = jax.device_put(dict(variables), replicated)
-    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
-    for images, labels, mask in data.iterate_batches(split, batch_size):
-        out = step(variables, *shard_batch(batch_sharding, images, labels, mask))
-        totals = {k: totals[k] + float(out[k]) for k in totals}
-    return {
-        "accuracy": totals["correct"] / totals["count"],
-        "loss": totals["loss"] / totals["count"],
-        "examples": int(totals["count"]),
-    }
-
-
 def train_and_evaluate(
     config: TrainConfig,
     workdir: str,
@@ -235,13 +157,17 @@ def train_and_evaluate(
             **(model_overrides or {}),
         )
         variables = init_variables(model_config, jax.random.key(config.seed))
-    _check_channels(model_config, train_split, config.view)
-    batch_size = _round_to_devices(config.batch_size)
+    evaluation.check_input(model_config, train_split, config.view)
+    batch_size = parallel.round_to_devices(config.batch_size)
     steps_per_epoch = len(train_split) // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch_size={batch_size} exceeds the {len(train_split)} train images")
     model = build_model(model_config)
-    tx = make_optimizer(config, steps_per_epoch, variables["params"])
+    bn_labels = None
+    if config.trainable == "batchnorm":
+        g = graph.trace(model, variables, model_config.input_shape)
+        bn_labels = g.batchnorm_labels(variables["params"])
+    tx = make_optimizer(config, steps_per_epoch, bn_labels)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],
@@ -251,8 +177,17 @@ def train_and_evaluate(
     os.makedirs(workdir, exist_ok=True)
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
     if mngr.latest_step() is not None:
-        state = _restore(mngr, state)
-    batch_sharding, replicated = mesh_shardings()
+        step, restored, opt_state = checkpoint.restore_training(
+            mngr, state.variables, state.opt_state
+        )
+        tqdm.write(f"resuming from {mngr.directory} step {step}")
+        state = state.replace(
+            step=jnp.asarray(step, jnp.int32),
+            params=restored["params"],
+            batch_stats=restored["batch_stats"],
+            opt_state=opt_state,
+        )
+    batch_sharding, replicated = parallel.mesh_shardings()
     state = jax.device_put(state, replicated)
     train_step = make_train_step(model, tx, config.view, config.augment)
     base_rng = jax.random.key(config.seed + 1)
@@ -272,7 +207,9 @@ def train_and_evaluate(
         sums = {"loss": 0.0, "accuracy": 0.0}
         for i, (images, labels, _) in enumerate(bar):
             rng = jax.random.fold_in(base_rng, epoch * steps_per_epoch + i)
-            state, metrics = train_step(state, *shard_batch(batch_sharding, images, labels), rng)
+            state, metrics = train_step(
+                state, *parallel.shard_batch(batch_sharding, images, labels), rng
+            )
             if i % 10 == 0 or i == steps_per_epoch - 1:
                 metrics = jax.device_get(metrics)
                 rate = (i + 1) * batch_size / (time.perf_counter() - start)
@@ -284,7 +221,7 @@ def train_and_evaluate(
             # Summing device scalars keeps the host from waiting on every step.
             sums = {k: sums[k] + metrics[k] for k in sums}
         seconds = time.perf_counter() - start
-        val = evaluate(
+        val = evaluation.evaluate(
             model_config, state.variables, val_split, config.view, config.eval_batch_size
         )
         record = {
@@ -304,7 +241,7 @@ def train_and_evaluate(
             f"({record['images_per_sec']:.0f} img/s)"
         )
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+            with open(os.path.join(workdir, _METRICS), "a") as f:
                 f.write(json.dumps(record) + "\n")
         checkpoint.save(
             mngr,
@@ -317,38 +254,10 @@ def train_and_evaluate(
     return model_config, jax.device_get(state.variables), history
 
 
-def _restore(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
-    step = mngr.latest_step()
-    target = jax.device_get({"variables": state.variables, "opt_state": state.opt_state})
-    restored = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            variables=ocp.args.StandardRestore(target["variables"]),
-            opt_state=ocp.args.StandardRestore(target["opt_state"]),
-        ),
-    )
-    tqdm.write(f"resuming from {mngr.directory} step {step}")
-    return state.replace(
-        step=jnp.asarray(step, jnp.int32),
-        params=restored["variables"]["params"],
-        batch_stats=restored["variables"]["batch_stats"],
-        opt_state=restored["opt_state"],
-    )
-
-
-def _round_to_devices(batch_size: int) -> int:
-    n = jax.device_count()
-    return max(n, batch_size // n * n)
-
-
-def _check_channels(model_config: ModelConfig, split: data.Split, view: str) -> None:
-    if model_config.in_channels != data.view_channels(view):
-        raise ValueError(
-            f"view {view!r} gives {data.view_channels(view)}-channel input but the model "
-            f"takes {model_config.in_channels} channels"
-        )
-    if split.images.shape[1:3] != (model_config.image_size,) * 2:
-        raise ValueError(
-            f"images are {split.images.shape[1:3]} but the model takes "
-            f"{model_config.image_size}x{model_config.image_size}"
-        )
+def read_history(workdir: str) -> list[dict[str, Any]]:
+    """Every epoch's metrics of the run in `workdir`, resumed parts included."""
+    path = os.path.join(workdir, _METRICS)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from graycnn import baselines, checkpoint, data, train
+from graycnn import baselines, checkpoint, data, evaluation, train
 
 
 def test_every_row_end_to_end_on_a_tiny_model(tmp_path, sample_npz):
@@ -13,7 +13,7 @@ def test_every_row_end_to_end_on_a_tiny_model(tmp_path, sample_npz):
     for row in report["rows"]:
         model_config, variables, _ = checkpoint.load_model(row["checkpoint"])
         assert model_config.in_channels == (1 if row["view"] == "gray" else 3)
-        result = train.evaluate(model_config, variables, val, row["view"])
+        result = evaluation.evaluate(model_config, variables, val, row["view"])
         assert result["accuracy"] == pytest.approx(row["accuracy"], abs=1e-9), row["row"]
     trained = [r for r in report["rows"] if r["row"] != "gray_folded_bn"]
     assert all(len(r["history"]) == 1 for r in trained)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from graycnn import data, train
+from graycnn import data, evaluation, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,20 +43,26 @@ def trained(tmp_path_factory, sample_npz):
     return workdir, model_config, variables
 
 
-@pytest.mark.parametrize("view", ["color", "gray3"])
-def test_evaluate_loads_the_model_from_the_checkpoint(trained, sample_npz, view):
+@pytest.mark.parametrize(
+    "view, split, examples", [("color", None, 160), ("gray3", "validation", 30)]
+)
+def test_evaluate_loads_the_model_from_the_checkpoint(trained, sample_npz, view, split, examples):
+    """An npz file is evaluated whole unless a split is asked for."""
     workdir, model_config, variables = trained
+    flags = [f"--split={split}"] if split else []
     result = _run(
         "experiments.evaluate",
         f"--checkpoint={workdir}",
         f"--dataset=npz:{sample_npz}",
         f"--view={view}",
+        *flags,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    split = data.load_dataset(f"npz:{sample_npz}", "validation")
-    expected = train.evaluate(model_config, variables, split, view)
-    assert report["examples"] == 30 and report["params"] > 0
+    expected_split = data.load_dataset(f"npz:{sample_npz}", split or "all")
+    expected = evaluation.evaluate(model_config, variables, expected_split, view)
+    assert report["examples"] == examples == len(expected_split) and report["params"] > 0
+    assert report["split"] == (split or "all")
     assert report["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
 
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from graycnn import checkpoint, compress, data, train
+from graycnn import checkpoint, compress, data, evaluation, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_every_row_reloads_to_its_accuracy(runs, config, tmp_path_factory):
     for row in report["rows"]:
         model_config, variables, _ = checkpoint.load_model(os.path.join(workdir, row["checkpoint"]))
         view = {"color": "color", "gray3": "gray3", "gray": "gray"}[row["image_type"]]
-        result = train.evaluate(model_config, variables, val, view)
+        result = evaluation.evaluate(model_config, variables, val, view)
         assert result["accuracy"] == pytest.approx(row["accuracy"], abs=1e-9), row["name"]
     last = report["rows"][-1]
     out = subprocess.run(
@@ -97,6 +97,7 @@ def test_every_row_reloads_to_its_accuracy(runs, config, tmp_path_factory):
             "experiments.evaluate",
             f"--checkpoint={os.path.join(workdir, last['checkpoint'])}",
             f"--dataset={config.dataset}",
+            "--split=validation",
             "--view=gray",
         ],
         cwd=ROOT,
@@ -124,8 +125,8 @@ def test_bad_config_is_a_clear_error(config, tmp_path):
     for changes, message in [
         ({"layers": (1, 1)}, "--layers lists a layer twice"),
         ({"layers": (1, 99)}, "--layers: layer 99 is out of range 1..10"),
-        ({"metric": {2: "cosine"}}, "--metric: unknown distance 'cosine'"),
-        ({"fold": "avg"}, "--fold: unknown method 'avg'"),
+        ({"metric": {2: "cosine"}}, "--metric: unknown value 'cosine'; choose from mse"),
+        ({"fold": "avg"}, "--fold: unknown value 'avg'"),
     ]:
         with pytest.raises(ValueError, match=message):
             compress.compress(dataclasses.replace(config, **changes), str(tmp_path / "x"))
@@ -152,7 +153,7 @@ def test_shipped_pretrained_model_loads_and_is_trained():
     assert (model_config.name, model_config.in_channels) == ("densenet_tiny", 3)
     val = data.load_dataset("cifar10_sample", "validation")
     # 40 epochs on the 4,085 sample images (BUILD_NOTES.md); chance is 10%.
-    assert train.evaluate(model_config, variables, val, "color")["accuracy"] > 0.6
+    assert evaluation.evaluate(model_config, variables, val, "color")["accuracy"] > 0.6
 
 
 def test_filter_responses_are_the_conv_outputs_per_filter(sample_npz):

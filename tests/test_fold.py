@@ -1,4 +1,4 @@
-"""Tests for graycnn.merge.fold: the RGB -> gray fold of the first conv."""
+"""Tests for graycnn.fold: the RGB -> gray fold of the first conv."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from test_merge_helpers import VGG, any_model, images, logits, perturb
 
-from graycnn import data, merge
+from graycnn import data, fold
 from graycnn.layers import layer_output_fn
 from graycnn.tree import flatten
 
@@ -20,7 +20,7 @@ A, B = np.array([0.9, 1.05, 1.1]), np.array([10.0, -5.0, -20.0])
 )
 def test_sum_fold_equals_color_model_on_replicated_gray(name):
     model, variables, shape = any_model(name)
-    gray = merge.fold_to_gray(model, variables, "sum", input_shape=shape)
+    gray = fold.fold_to_gray(model, variables, "sum", input_shape=shape)
     g = images(shape[:3] + (1,))
     np.testing.assert_allclose(
         logits(model, gray, g),
@@ -34,8 +34,8 @@ def test_mean_and_luma_folds_are_what_the_docs_say():
     model, variables, shape = any_model("densenet_test")
     g = images(shape[:3] + (1,))
     kernel = np.asarray(variables["params"]["stem"]["kernel"])
-    for method, weights in (("mean", np.full(3, 1 / 3)), ("luma", np.array(merge.LUMA_WEIGHTS))):
-        folded = merge.fold_to_gray(model, variables, method, input_shape=shape)
+    for method, weights in (("mean", np.full(3, 1 / 3)), ("luma", np.array(fold.LUMA_WEIGHTS))):
+        folded = fold.fold_to_gray(model, variables, method, input_shape=shape)
         np.testing.assert_allclose(
             folded["params"]["stem"]["kernel"][..., 0, :],
             np.einsum("hwcf,c->hwf", kernel, weights),
@@ -55,12 +55,12 @@ def test_fit_fold_is_exact_on_the_fitted_lines_with_valid_padding(batchnorm):
     model = VGG(padding="VALID", batchnorm=batchnorm)
     shape = (1, 8, 8, 3)
     variables = perturb(model.init(jax.random.key(0), jnp.zeros(shape)))
-    gray = merge.fold_to_gray(model, variables, "fit", fit=(A, B), input_shape=shape)
+    gray = fold.fold_to_gray(model, variables, "fit", fit=(A, B), input_shape=shape)
     g = images(shape[:3] + (1,))
     color = (A * g + B).astype(np.float32)
     np.testing.assert_allclose(logits(model, gray, g), logits(model, variables, color), atol=ATOL)
     # The constant really went somewhere: without it the logits differ.
-    plain = merge.fold_to_gray(model, variables, "luma", input_shape=shape)
+    plain = fold.fold_to_gray(model, variables, "luma", input_shape=shape)
     plain["params"]["conv1"]["kernel"] = gray["params"]["conv1"]["kernel"]
     assert np.max(np.abs(logits(model, plain, g) - logits(model, variables, color))) > 10 * ATOL
 
@@ -72,7 +72,7 @@ def test_fit_fold_is_exact_away_from_the_border_with_same_padding(name, path):
     # densenet_tiny scales pixels by 1/255, the residual model maps them to x/255 - 0.5;
     # the first conv's constant reaches a BN mean (through a concatenation for DenseNet).
     model, variables, shape = any_model(name)
-    gray = merge.fold_to_gray(model, variables, "fit", fit=(A, B), input_shape=shape)
+    gray = fold.fold_to_gray(model, variables, "fit", fit=(A, B), input_shape=shape)
     g = images(shape[:3] + (1,))
     out = jax.jit(layer_output_fn(model, path))
     color = np.asarray(out(variables, (A * g + B).astype(np.float32)))
@@ -84,8 +84,8 @@ def test_fit_fold_is_exact_away_from_the_border_with_same_padding(name, path):
 
 def test_fit_gray_coefficients():
     sample = data.load_dataset("cifar10_sample", "validation").images[:200]
-    a, b = merge.fit_gray_coefficients(sample, batch_size=64)
-    luma = np.array(merge.LUMA_WEIGHTS)
+    a, b = fold.fit_gray_coefficients(sample, batch_size=64)
+    luma = np.array(fold.LUMA_WEIGHTS)
     # Gray is linear in the channels, so the fits add up to the identity.
     np.testing.assert_allclose(luma @ a, 1.0, atol=1e-4)
     np.testing.assert_allclose(luma @ b, 0.0, atol=1e-2)
@@ -94,7 +94,7 @@ def test_fit_gray_coefficients():
         slope, intercept = np.polyfit(g.ravel(), sample[..., c].ravel().astype(np.float64), 1)
         np.testing.assert_allclose([a[c], b[c]], [slope, intercept], rtol=1e-3, atol=1e-2)
     with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
-        merge.fit_gray_coefficients(sample[..., :1])
+        fold.fit_gray_coefficients(sample[..., :1])
 
 
 class _NoBias(nn.Module):
@@ -115,21 +115,21 @@ class _PerChannelNorm(nn.Module):
 def test_fold_bad_input():
     model, variables, shape = any_model("densenet_test")
     with pytest.raises(ValueError, match="unknown fold method 'max'"):
-        merge.fold_to_gray(model, variables, "max", input_shape=shape)
+        fold.fold_to_gray(model, variables, "max", input_shape=shape)
     with pytest.raises(ValueError, match="method 'fit' needs fit="):
-        merge.fold_to_gray(model, variables, "fit", input_shape=shape)
-    gray = merge.fold_to_gray(model, variables, "sum", input_shape=shape)
+        fold.fold_to_gray(model, variables, "fit", input_shape=shape)
+    gray = fold.fold_to_gray(model, variables, "sum", input_shape=shape)
     with pytest.raises(ValueError, match="params/stem/kernel is \\(3, 3, 1, 8\\)"):
-        merge.fold_to_gray(model, gray, "sum", input_shape=shape)
+        fold.fold_to_gray(model, gray, "sum", input_shape=shape)
     for module, message in (
         (_NoBias(), "read first by a bias add or a BatchNorm mean subtraction"),
         (_PerChannelNorm(), "per-channel input normalization"),
     ):
         params = module.init(jax.random.key(0), jnp.zeros((1, 6, 6, 3)))
         with pytest.raises(ValueError, match=message):
-            merge.fold_to_gray(module, params, "fit", fit=(A, B), input_shape=(1, 6, 6, 3))
-        merge.fold_to_gray(module, params, "sum", input_shape=(1, 6, 6, 3))  # always fine
+            fold.fold_to_gray(module, params, "fit", fit=(A, B), input_shape=(1, 6, 6, 3))
+        fold.fold_to_gray(module, params, "sum", input_shape=(1, 6, 6, 3))  # always fine
     before = {k: np.array(v) for k, v in flatten(variables).items()}
-    merge.fold_to_gray(model, variables, "fit", fit=(A, B), input_shape=shape)
+    fold.fold_to_gray(model, variables, "fit", fit=(A, B), input_shape=shape)
     for key, leaf in flatten(variables).items():
         np.testing.assert_array_equal(leaf, before[key])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from test_merge_helpers import any_model, images, logits, project_model, tie_clusters
 
-from graycnn import merge
+from graycnn import fold, graph, merge
 from graycnn.models import ModelConfig, build_model, count_params, init_variables
 from graycnn.tree import flatten
 
@@ -39,20 +39,20 @@ def _labels(width: int) -> np.ndarray:
 @pytest.mark.parametrize("name, layer", CASES)
 def test_merging_identical_filters_keeps_logits(name, layer):
     model, variables, shape = any_model(name)
-    graph = merge.trace_channels(model, variables, shape)
-    path = layer if isinstance(layer, str) else graph.convs[layer - 1]
-    labels = _labels(graph.widths[path])
-    tied = tie_clusters(graph, variables, path, labels)
+    g = graph.trace(model, variables, shape)
+    path = layer if isinstance(layer, str) else g.convs[layer - 1]
+    labels = _labels(g.widths[path])
+    tied = tie_clusters(g, variables, path, labels)
     x = images(shape)
     before = logits(model, tied, x)
     merged = merge.merge_layer(model, tied, layer, labels, input_shape=shape)
-    after = logits(merge.rebuild(model, merged, shape), merged, x)
+    after = logits(graph.rebuild(model, merged, shape), merged, x)
     np.testing.assert_allclose(after, before, atol=ATOL, rtol=0)
-    for member in graph.group(path):
+    for member in g.group(path):
         assert flatten(merged)[f"params/{member}/kernel"].shape[-1] == labels.max() + 1
     # The test is sensitive: merging the same clusters of untied filters moves logits.
     loose = merge.merge_layer(model, variables, layer, labels, input_shape=shape)
-    moved = logits(merge.rebuild(model, loose, shape), loose, x)
+    moved = logits(graph.rebuild(model, loose, shape), loose, x)
     assert np.max(np.abs(moved - logits(model, variables, x))) > 10 * ATOL
 
 
@@ -61,7 +61,7 @@ def test_merging_identical_filters_keeps_logits(name, layer):
 )
 def test_distinct_labels_are_the_identity(name):
     model, variables, shape = any_model(name)
-    width = merge.widths_of(model, variables, shape)
+    width = graph.widths_of(model, variables, shape)
     for path in list(width)[:3]:
         same = merge.merge_layer(model, variables, path, np.arange(width[path]), input_shape=shape)
         for key, leaf in flatten(variables).items():
@@ -86,7 +86,7 @@ def test_merge_does_not_modify_its_input():
 def test_residual_group_is_merged_together():
     model, variables, shape = project_model("resnet_test")
     merged = merge.merge_layer(model, variables, 1, [0, 0, 1, 2], input_shape=shape)
-    widths = merge.widths_of(model, merged, shape)
+    widths = graph.widths_of(model, merged, shape)
     assert widths["stem/conv"] == widths["stage1_block1/conv2/conv"] == 3
     assert widths["stage1_block1/conv1/conv"] == 4
     # The group's consumers read 3 channels; BN vectors of the group have 3 entries.
@@ -139,7 +139,7 @@ def test_densenet_seed_parameter_counts_of_the_study():
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32), shapes)
     assert count_params(variables) == 995_230
-    gray = merge.fold_to_gray(model, variables, "sum", input_shape=config.input_shape)
+    gray = fold.fold_to_gray(model, variables, "sum", input_shape=config.input_shape)
     shape = (1, 32, 32, 1)
     one = merge.merge_layer(model, gray, 1, np.arange(36) % 21, input_shape=shape)
     assert count_params(one) == 964_237
@@ -147,7 +147,7 @@ def test_densenet_seed_parameter_counts_of_the_study():
         model, gray, {1: np.arange(36) % 20, 2: np.arange(18) % 12}, input_shape=shape
     )
     assert count_params(two) == 950_046
-    widths = merge.widths_of(model, two, shape)
+    widths = graph.widths_of(model, two, shape)
     assert widths["stem"] == 20 and widths["block1/layer1/conv"] == 12
     rebuilt = ModelConfig("densenet_seed", in_channels=1, widths=widths)
     assert count_params(jax.eval_shape(lambda: init_variables(rebuilt, jax.random.key(0)))) == (

@@ -1,4 +1,4 @@
-"""Tests for graycnn.merge.trace: consumers found from the jaxpr, for our models and others."""
+"""Tests for graycnn.graph.trace: consumers found from the jaxpr, for our models and others."""
 
 from collections.abc import Callable
 
@@ -9,70 +9,70 @@ import numpy as np
 import pytest
 from test_merge_helpers import any_model
 
-from graycnn import merge
-from graycnn.merge import Segment
+from graycnn import graph, merge
+from graycnn.graph import Segment
 
 
-def _segments(graph, leaf):
-    (segments,) = {u.segments for u in graph.uses if u.leaf == leaf}
+def _segments(g, leaf):
+    (segments,) = {u.segments for u in g.uses if u.leaf == leaf}
     return segments
 
 
 def test_densenet_fan_out_through_concatenation():
     model, variables, shape = any_model("densenet_tiny")
-    graph = merge.trace_channels(model, variables, shape)
-    assert graph.consumers("stem") == [
+    g = graph.trace(model, variables, shape)
+    assert g.consumers("stem") == [
         "block1/layer1/conv",
         "block1/layer2/conv",
         "block1/layer3/conv",
         "transition1/conv",
     ]
-    assert graph.group("stem") == ("stem",)
+    assert g.group("stem") == ("stem",)
     # The transition's BN reads [stem 36, layer1 18, layer2 18, layer3 18] in that order.
-    assert _segments(graph, "batch_stats/transition1/bn/var") == (
+    assert _segments(g, "batch_stats/transition1/bn/var") == (
         Segment("stem", 0, 36),
         Segment("block1/layer1/conv", 0, 18),
         Segment("block1/layer2/conv", 0, 18),
         Segment("block1/layer3/conv", 0, 18),
     )
-    stem_uses = {(u.leaf, u.axis, u.kind) for u in graph.uses_of("stem")}
+    stem_uses = {(u.leaf, u.axis, u.kind) for u in g.uses_of("stem")}
     assert ("params/block1/layer3/conv/kernel", 2, "contract") in stem_uses
     assert ("params/stem/kernel", 3, "produce") in stem_uses
     assert ("params/block1/layer2/bn/scale", 0, "elementwise") in stem_uses
     assert len(stem_uses) == 1 + 4 + 4 * 4  # kernel, 4 consumers, 4 BNs of 4 vectors
-    assert graph.consumers("block3/layer3/conv") == ["transition3/conv"]
-    assert set(graph.problems) == {"head/conv"}  # its channels are the logits
+    assert g.consumers("block3/layer3/conv") == ["transition3/conv"]
+    assert set(g.problems) == {"head/conv"}  # its channels are the logits
 
 
 def test_resnet_residual_adds_form_groups():
     model, variables, shape = any_model("resnet20")
-    graph = merge.trace_channels(model, variables, shape)
+    g = graph.trace(model, variables, shape)
     stage1 = ("stem/conv",) + tuple(f"stage1_block{b}/conv2/conv" for b in (1, 2, 3))
-    assert graph.group("stage1_block2/conv2/conv") == stage1
-    assert graph.group("stage2_block1/shortcut/conv") == (
+    assert g.group("stage1_block2/conv2/conv") == stage1
+    assert g.group("stage2_block1/shortcut/conv") == (
         "stage2_block1/conv2/conv",
         "stage2_block1/shortcut/conv",
         "stage2_block2/conv2/conv",
         "stage2_block3/conv2/conv",
     )
-    assert graph.group("stage1_block1/conv1/conv") == ("stage1_block1/conv1/conv",)
+    assert g.group("stage1_block1/conv1/conv") == ("stage1_block1/conv1/conv",)
     # The head reads the last group through a spatial mean.
-    assert "head" in graph.consumers("stage3_block1/shortcut/conv")
-    assert not graph.problems
+    assert "head" in g.consumers("stage3_block1/shortcut/conv")
+    assert not g.problems
 
 
 def test_user_models_vgg_flatten_and_residual():
     model, variables, shape = any_model("vgg")
-    graph = merge.trace_channels(model, variables, shape)
-    assert graph.consumers("conv1") == ["conv2"]
-    assert graph.consumers("conv2") == ["fc1"]
+    g = graph.trace(model, variables, shape)
+    assert g.consumers("conv1") == ["conv2"]
+    assert g.consumers("conv2") == ["fc1"]
     # Flattening (4, 4, 5) puts channels fastest: 16 copies of conv2's 5 channels.
-    assert _segments(graph, "params/fc1/kernel") == (Segment("conv2", 0, 5),) * 16
-    assert _segments(graph, "params/conv2/bias") == (Segment("conv2", 0, 5),)
+    assert _segments(g, "params/fc1/kernel") == (Segment("conv2", 0, 5),) * 16
+    assert _segments(g, "params/conv2/bias") == (Segment("conv2", 0, 5),)
     model, variables, shape = any_model("residual")
-    graph = merge.trace_channels(model, variables, shape)
-    assert graph.group("res3") == ("stem", "res2", "res3")
-    assert graph.consumers("stem") == ["res1", "res3", "head"]  # res3 reads its own group
+    g = graph.trace(model, variables, shape)
+    assert g.group("res3") == ("stem", "res2", "res3")
+    assert g.consumers("stem") == ["res1", "res3", "head"]  # res3 reads its own group
 
 
 class _Probe(nn.Module):
@@ -120,7 +120,7 @@ def test_ops_that_mix_channels_are_refused_by_name(op, message):
 def test_trace_needs_shapes_only():
     model, variables, shape = any_model("densenet_test")
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
-    graph = merge.trace_channels(model, shapes, shape)
-    assert graph.widths["stem"] == 8 and graph.batchnorms["block1/layer1/bn"] == 1e-3
-    assert graph.convs[:2] == ("stem", "block1/layer1/conv")
-    assert np.isfinite(graph.layers["stem"].flops)
+    g = graph.trace(model, shapes, shape)
+    assert g.widths["stem"] == 8 and g.batchnorms["block1/layer1/bn"] == 1e-3
+    assert g.convs[:2] == ("stem", "block1/layer1/conv")
+    assert np.isfinite(g.layers["stem"].flops)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from graycnn import checkpoint, data, train
+from graycnn import checkpoint, data, evaluation, parallel, train
 from graycnn.models import ModelConfig, init_variables
 
 
@@ -29,8 +29,8 @@ def test_two_step_train_on_two_host_devices(config, tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["step"] == 2
     # The train step really runs sharded: the batch lives on both devices.
-    batch_sharding, _ = train.mesh_shardings()
-    images, labels = train.shard_batch(
+    batch_sharding, _ = parallel.mesh_shardings()
+    images, labels = parallel.shard_batch(
         batch_sharding, np.zeros((4, 32, 32, 3), np.uint8), np.zeros(4, np.int32)
     )
     assert len(images.sharding.device_set) == 2
@@ -72,7 +72,7 @@ def test_evaluate_counts_every_example_once(sample_npz):
     split = data.load_dataset(f"npz:{sample_npz}", "validation")
     model_config = ModelConfig("densenet_test")
     variables = init_variables(model_config, jax.random.key(0))
-    result = train.evaluate(model_config, variables, split, "color", batch_size=8)
+    result = evaluation.evaluate(model_config, variables, split, "color", batch_size=8)
     assert result["examples"] == len(split) == 30
     logits = np.asarray(
         jax.jit(lambda v, x: __import__("graycnn").models.build_model(model_config).apply(v, x))(
@@ -81,7 +81,7 @@ def test_evaluate_counts_every_example_once(sample_npz):
     )
     np.testing.assert_allclose(result["accuracy"], np.mean(logits.argmax(-1) == split.labels))
     with pytest.raises(ValueError, match="view 'gray' gives 1-channel input"):
-        train.evaluate(model_config, variables, split, "gray")
+        evaluation.evaluate(model_config, variables, split, "gray")
 
 
 def test_checkpoint_round_trip_and_errors(tmp_path):

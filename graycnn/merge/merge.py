@@ -4,7 +4,7 @@ For a conv whose F filters carry labels 0..K-1, `merge_layer` returns a tree whe
 
 * the conv has K filters: each cluster's kernel (and bias) is the mean of its members',
   so the merged channel is the mean of the members' outputs;
-* every consumer (a conv or dense kernel found by `trace_channels`, at the right offset
+* every consumer (a conv or dense kernel found by `graph.trace`, at the right offset
   inside a concatenation, also after a flatten) has the input slices of each cluster
   summed: a consumer of identical channels reads sum_i W_i h = (sum_i W_i) h;
 * every per-channel vector between the conv and its consumers is merged per cluster:
@@ -16,8 +16,22 @@ For a conv whose F filters carry labels 0..K-1, `merge_layer` returns a tree whe
 If every cluster's filters and all their per-channel parameters are identical, the
 merged network computes exactly the same logits; labels all distinct give back the same
 tree. Computation is in float64, and the leaves keep their dtype.
+
+A merge is first a plan (`plan_merge`: every leaf axis it will reduce, and how), which
+can be printed, then applied (`MergePlan.apply`), as Torch-Pruning groups before it
+prunes.
+
+Example:
+    >>> g = graph.trace(model, variables, (1, 32, 32, 1))
+    >>> plan = plan_merge(g, 1, labels)
+    >>> print(plan.describe())
+    conv 'stem' (group: stem): 36 -> 20 channels
+      params/stem/kernel axis 3: produce (mean)
+      ...
+    >>> merged = plan.apply(variables)
 """
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,9 +39,9 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
-from graycnn.layers import LayerRef, conv_layers, resolve_layer
-from graycnn.merge._values import Segment, like_leaf, module_of
-from graycnn.merge.trace import ChannelGraph, prepare, trace_unchecked
+from graycnn import graph
+from graycnn.graph import ChannelGraph, Segment, like_leaf, module_of
+from graycnn.layers import LayerRef, resolve_layer
 from graycnn.tree import flatten, unflatten
 
 BN_RULES = ("moments", "mean", "affine")
@@ -154,6 +168,127 @@ def _affine_average(tensors, std, std_new, mean_new, avg, epsilon) -> dict[str, 
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class PlanStep:
+    """One reduction of a merge: `leaves` (one leaf, or a BatchNorm's leaves by role)
+    along `axis`, whose positions hold `segments`, reduced per cluster by `how`
+    ('mean' for a conv's filters or a per-channel vector, 'sum' for a consumer's input
+    slices, 'batchnorm' by the plan's BN rule)."""
+
+    leaves: tuple[tuple[str, str], ...]  # ((role, leaf path), ...)
+    axis: int
+    segments: tuple[Segment, ...]
+    kind: str
+    how: str
+    epsilon: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MergePlan:
+    """What merging a conv's filters by `labels` changes, before anything is changed.
+
+    Attributes:
+        path: The conv's module path.
+        group: Every conv merged with the same labels (its residual group).
+        labels: (F,) int64, 0..K-1.
+        bn_rule: How BatchNorm vectors are merged (see `merge_batchnorm`).
+        steps: Every leaf axis reduced, in a fixed order.
+        consumers: The convs and dense layers whose input slices are summed.
+    """
+
+    path: str
+    group: tuple[str, ...]
+    labels: np.ndarray
+    bn_rule: str
+    steps: tuple[PlanStep, ...]
+    consumers: tuple[str, ...]
+
+    @property
+    def num_clusters(self) -> int:
+        return int(self.labels.max()) + 1
+
+    def describe(self) -> str:
+        """A readable listing of the plan, one line per reduced leaf axis."""
+        lines = [
+            f"conv {self.path!r} (group: {', '.join(self.group)}): {len(self.labels)} -> "
+            f"{self.num_clusters} channels; consumers: {', '.join(self.consumers)}"
+        ]
+        for step in self.steps:
+            leaves = ", ".join(leaf for _, leaf in step.leaves)
+            lines.append(f"  {leaves} axis {step.axis}: {step.kind} ({step.how})")
+        return "\n".join(lines)
+
+    def apply(self, variables: Mapping[str, Any]) -> dict[str, Any]:
+        """Returns the merged tree; `variables` is not modified."""
+        flat = flatten(variables)
+        new = dict(flat)
+        members = set(self.group)
+        for step in self.steps:
+            if step.how == "batchnorm":
+                reducer = _bn_reducer(step.epsilon, self.bn_rule)
+            else:
+                reducer = _sum if step.how == "sum" else _mean
+            arrays = {role: new[leaf] for role, leaf in step.leaves}
+            merged = _merge_axis(
+                arrays, step.axis, step.segments, members, self.labels, reducer, self.path,
+                step.leaves[0][1],
+            )  # fmt: skip
+            for role, leaf in step.leaves:
+                new[leaf] = merged[role]
+        return unflatten(new)
+
+
+def plan_merge(
+    g: ChannelGraph, layer: LayerRef, labels: Any, bn_rule: str = "moments"
+) -> MergePlan:
+    """The plan of merging conv `layer`'s filters by `labels` in the traced model `g`.
+
+    Raises:
+        ValueError: naming the conv: unknown layer, bad labels, channels no layer reads
+            (the classifier) or read by an op that cannot be followed.
+    """
+    if bn_rule not in BN_RULES:
+        raise ValueError(f"unknown BatchNorm merge rule {bn_rule!r}; rules: {BN_RULES}")
+    path = resolve_layer(layer, g.conv_order)
+    g.check_mergeable(path)
+    labels = check_labels(labels, g.widths[path], path)
+    layouts: dict[str, dict[int, set]] = defaultdict(lambda: defaultdict(set))
+    for use in g.uses_of(path):
+        layouts[use.leaf][use.axis].add((use.segments, use.kind))
+    for leaf, axes in layouts.items():
+        for axis, found in axes.items():
+            if len(found) > 1:
+                raise ValueError(
+                    f"cannot merge conv {path!r}: {leaf} axis {axis} is read with "
+                    f"{len(found)} different channel layouts"
+                )
+    steps: list[PlanStep] = []
+    done: set[str] = set()
+    for leaf, axes in layouts.items():
+        if leaf in done:
+            continue
+        module, role = module_of(leaf), leaf.rsplit("/", 1)[-1]
+        for axis, ((segments, kind),) in sorted(axes.items()):
+            if kind == "elementwise" and module in g.batchnorms and role in _BN_ROLES:
+                bn = tuple(
+                    (r, f"{c}/{module}/{r}")
+                    for r, c in _BN_ROLES.items()
+                    if f"{c}/{module}/{r}" in g.leaf_shapes
+                )
+                for _, other in bn:
+                    if layouts.get(other, {}).get(axis) != {(segments, kind)}:
+                        raise ValueError(
+                            f"cannot merge conv {path!r}: BatchNorm {module} leaf {other} "
+                            "does not read the same channels as its other leaves"
+                        )
+                steps.append(PlanStep(bn, axis, segments, kind, "batchnorm", g.batchnorms[module]))
+                done.update(other for _, other in bn)
+            else:
+                how = "sum" if kind == "contract" else "mean"
+                steps.append(PlanStep((("x", leaf),), axis, segments, kind, how))
+    return MergePlan(path, g.group(path), labels, bn_rule, tuple(steps), tuple(g.consumers(path)))
+
+
 def merge_layer(
     model: nn.Module,
     variables: Mapping[str, Any],
@@ -176,16 +311,15 @@ def merge_layer(
             `merge_batchnorm`.
 
     Returns:
-        The merged tree; run it with `rebuild(model, merged, input_shape)`.
+        The merged tree; run it with `graph.rebuild(model, merged, input_shape)`.
 
     Raises:
         ValueError: naming the path: unknown layer, bad labels, a conv whose channels no
             layer reads (the classifier) or that are read by an op that cannot be
             followed, NaN weights, a tree that does not match the model.
     """
-    model = prepare(model, variables, input_shape)
-    path = resolve_layer(layer, conv_layers(model, input_shape))
-    return _merge(trace_unchecked(model, variables, input_shape), variables, path, labels, bn_rule)
+    g = graph.trace(model, variables, input_shape)
+    return plan_merge(g, layer, labels, bn_rule).apply(variables)
 
 
 def merge_layers(
@@ -202,62 +336,6 @@ def merge_layers(
             model, variables, layer, layer_labels, input_shape=input_shape, bn_rule=bn_rule
         )
     return variables
-
-
-def _merge(graph: ChannelGraph, variables, path: str, labels, bn_rule: str) -> dict[str, Any]:
-    graph.check_mergeable(path)
-    labels = check_labels(labels, graph.widths[path], path)
-    members = set(graph.group(path))
-    flat = flatten(variables)
-    layouts: dict[str, dict[int, set]] = defaultdict(lambda: defaultdict(set))
-    for use in graph.uses_of(path):
-        layouts[use.leaf][use.axis].add((use.segments, use.kind))
-    for leaf, axes in layouts.items():
-        for axis, found in axes.items():
-            if len(found) > 1:
-                raise ValueError(
-                    f"cannot merge conv {path!r}: {leaf} axis {axis} is read with "
-                    f"{len(found)} different channel layouts"
-                )
-    new = dict(flat)
-    done: set[str] = set()
-    for leaf, axes in layouts.items():
-        if leaf in done:
-            continue
-        module = module_of(leaf)
-        role = leaf.rsplit("/", 1)[-1]
-        for axis, ((segments, kind),) in sorted(axes.items()):
-            if kind == "elementwise" and module in graph.batchnorms and role in _BN_ROLES:
-                bn = {
-                    r: f"{c}/{module}/{r}"
-                    for r, c in _BN_ROLES.items()
-                    if f"{c}/{module}/{r}" in flat
-                }
-                for other in bn.values():
-                    if layouts.get(other, {}).get(axis) != {(segments, kind)}:
-                        raise ValueError(
-                            f"cannot merge conv {path!r}: BatchNorm {module} leaf {other} "
-                            "does not read the same channels as its other leaves"
-                        )
-                merged = _merge_axis(
-                    {r: new[p] for r, p in bn.items()},
-                    axis,
-                    segments,
-                    members,
-                    labels,
-                    _bn_reducer(graph.batchnorms[module], bn_rule),
-                    path,
-                    leaf,
-                )
-                for r, p in bn.items():
-                    new[p] = merged[r]
-                done.update(bn.values())
-            else:
-                reducer = _sum if kind == "contract" else _mean
-                new[leaf] = _merge_axis(
-                    {"x": new[leaf]}, axis, segments, members, labels, reducer, path, leaf
-                )["x"]
-    return unflatten(new)
 
 
 Reducer = Callable[[dict[str, np.ndarray], np.ndarray], dict[str, np.ndarray]]

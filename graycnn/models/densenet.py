@@ -1,4 +1,4 @@
-"""The study's DenseNet for 32x32 images, and smaller variants of the same design.
+"""The study's DenseNet (32x32 images), and smaller variants of the same design.
 
 Topology (Keras notebook "Densenet_on_Cifar_10"): a 3x3 stem conv; dense blocks of
 BN-ReLU-Conv3x3 layers whose outputs are concatenated to their inputs; transitions
@@ -43,7 +43,7 @@ class DenseNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Maps pixels (N, 32, 32, C) in 0-255 to logits (N, num_classes)."""
+        """Maps pixels (N, H, W, C) in 0-255 to logits (N, num_classes)."""
         x = scale_input(x, self.input_scale, self.input_offset)
         x = nn.Conv(
             width_of(self.widths, "stem", self.stem_features),
@@ -114,7 +114,11 @@ class Transition(nn.Module):
 
 
 class Head(nn.Module):
-    """BN-ReLU-AvgPool2-Conv2x2(valid, bias)-flatten: a 4x4 map becomes logits."""
+    """BN-ReLU-AvgPool-Conv2x2(valid, bias)-flatten: an even HxW map becomes logits.
+
+    The study's 4x4 map (32x32 images) is pooled 2x2 to 2x2; a larger map (e.g. 8x8 from
+    64x64 images) is pooled with a window of half its size, to the same 2x2.
+    """
 
     num_classes: int
     train: bool = False
@@ -123,13 +127,15 @@ class Head(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _bn(self.train)(x)
         x = nn.relu(x)
-        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-        x = nn.Conv(self.num_classes, (2, 2), padding="VALID", name="conv")(x)
-        if x.shape[1:3] != (1, 1):
+        h, w = x.shape[1:3]
+        if h % 2 or w % 2:
             raise ValueError(
-                f"the DenseNet head needs a 4x4 feature map (32x32 images through 4 blocks); "
-                f"its conv output is {x.shape[1:3]}"
+                f"the DenseNet head needs a feature map of even height and width (e.g. 4x4 "
+                f"from 32x32 images through 4 blocks); it got {h}x{w}: choose an image size "
+                "or a number of blocks that gives one"
             )
+        x = nn.avg_pool(x, (h // 2, w // 2), strides=(h // 2, w // 2))
+        x = nn.Conv(self.num_classes, (2, 2), padding="VALID", name="conv")(x)
         return x.reshape((x.shape[0], -1))
 
 

@@ -7,7 +7,7 @@ unmergeable. Variable-derived values keep, per axis, the leaf axis they index.
 
 from collections.abc import Callable
 
-from graycnn.merge._values import Channels, Value, cut_segments, unknown
+from graycnn.graph.values import Channels, Value, cut_segments, unknown
 
 
 def _shift_axis(eqn, ins, shapes, rec, new_axis: Callable, keep_pristine=True, leaf_map=None):

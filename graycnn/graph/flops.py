@@ -1,9 +1,7 @@
-"""FLOPs per conv and dense layer, read off the model's jaxpr.
+"""FLOPs per conv and dense layer, read off the model's channel graph.
 
 A FLOP here is one multiply or one add: a layer costs 2 x its multiply-accumulates,
-2 * output elements * (kernel taps * input channels per group), for one image. Only
-convs and dense layers are counted (BatchNorm, activations and pooling are a few
-percent of a CNN's cost and are left out, as in the usual parameter/FLOP tables).
+2 * output elements * (kernel taps * input channels per group), for one image.
 """
 
 from collections.abc import Mapping, Sequence
@@ -12,7 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from graycnn.merge.trace import _dtype, prepare, shape_of, trace_unchecked
+from graycnn.graph.trace import dtype_of, shape_of, trace
 
 
 def count_flops(
@@ -33,13 +31,7 @@ def count_flops(
         >>> count_flops(model, variables, (1, 32, 32, 3))["per_layer"]["stem"]
         1990656
     """
-    if len(input_shape) != 4:
-        raise ValueError(f"input_shape must be (N, H, W, C), got {tuple(input_shape)}")
     shapes = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(shape_of(x), _dtype(x)), dict(variables_or_shapes)
+        lambda x: jax.ShapeDtypeStruct(shape_of(x), dtype_of(x)), dict(variables_or_shapes)
     )
-    one = (1, *input_shape[1:])
-    model = prepare(model, shapes, one)
-    layers = trace_unchecked(model, shapes, one).layers
-    per_layer = {path: int(op.flops) for path, op in layers.items()}
-    return {"total": sum(per_layer.values()), "per_layer": per_layer}
+    return trace(model, shapes, input_shape).flops()

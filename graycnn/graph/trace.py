@@ -1,22 +1,29 @@
-"""Which variables read each conv's output channels, found from the model's jaxpr.
+"""Where each conv's output channels go, traced once from the model's jaxpr.
 
-`trace_channels` runs `jax.make_jaxpr` on `model.apply` (inference mode) as a function
-of the flattened variables, so every jaxpr input is a named leaf, and follows each
-conv's output channels forward (see `_rules`): through BatchNorm, activations and
-pooling; through concatenation, at their offset (DenseNet's fan-out to every later layer
-of a block and to the transition); through a residual add, which ties the added convs
-into one group whose channels can only be merged together; through a flatten into a
-dense head. It records every leaf axis indexed by the channels (`Use`), and for each
-conv, what it cannot follow (`problems`). Only shapes are traced, so no arrays are
-computed, and the same code serves the project's models and a user's own Flax model.
+`trace` runs `jax.make_jaxpr` on `model.apply` (inference mode) as a function of the
+flattened variables, so every jaxpr input is a named leaf, and follows each conv's
+output channels forward (see `rules`): through BatchNorm, activations and pooling;
+through concatenation, at their offset (DenseNet's fan-out to every later layer of a
+block and to the transition); through a residual add, which ties the added convs into
+one group whose channels can only be merged together; through a flatten into a dense
+head. It records every leaf axis indexed by the channels (`Use`), and for each conv,
+what it cannot follow (`problems`). Only shapes are traced, so no arrays are computed,
+and the same code serves the project's models and a user's own Flax model.
+
+The graph is the one source of what the rest of the library needs to know about a
+model's structure: the conv order, the widths, the FLOPs, which modules are BatchNorms,
+and what a merge must touch. A trace is cached by (module, leaf shapes, input shape), so
+one run traces each architecture once however many stages ask.
 
 Example:
-    >>> graph = trace_channels(model, variables, (1, 32, 32, 3))
+    >>> graph = trace(model, variables, (1, 32, 32, 3))
     >>> graph.consumers("stem")
     ['block1/layer1/conv', 'block1/layer2/conv', ..., 'transition1/conv']
+    >>> graph.flops()["total"]
 """
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,20 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graycnn.merge import _rules
-from graycnn.merge._values import FirstOp, LayerOp, Recorder, Segment, Use, Value, module_of
-from graycnn.merge.rebuild import rebuild, unwrap
+from graycnn.graph import rules
+from graycnn.graph.rebuild import rebuild, unwrap
+from graycnn.graph.values import FirstOp, LayerOp, Recorder, Use, Value, module_of
 from graycnn.tree import flatten, unflatten
-
-__all__ = [
-    "ChannelGraph",
-    "FirstOp",
-    "LayerOp",
-    "Segment",
-    "Use",
-    "check_variables",
-    "trace_channels",
-]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +50,13 @@ class ChannelGraph:
         first_ops: The first non-layout op reading each conv's raw output.
         problems: conv path -> why its channels cannot be merged.
         batchnorms: nn.BatchNorm module path -> epsilon.
-        layers: conv/dense path -> LayerOp (kernel leaf, axes, FLOPs for the traced batch).
+        layers: conv/dense path -> LayerOp (kernel leaf, axes, FLOPs for one image).
         roots: conv path -> representative of its residual group.
+        model: The module that runs the traced tree (rebuilt with its conv widths).
+        input_shape: (1, H, W, C) of the traced images.
+        conv_order: Every nn.Conv's path in the order the forward pass calls it: the
+            layer numbers 1..N (see graycnn.layers).
+        leaf_shapes: Every variable leaf ('params/...') -> its shape.
     """
 
     convs: tuple[str, ...]
@@ -65,6 +67,30 @@ class ChannelGraph:
     batchnorms: Mapping[str, float]
     layers: Mapping[str, LayerOp]
     roots: Mapping[str, str]
+    model: nn.Module
+    input_shape: tuple[int, ...]
+    conv_order: tuple[str, ...]
+    leaf_shapes: Mapping[str, tuple[int, ...]]
+
+    def flops(self) -> dict[str, Any]:
+        """FLOPs of one image's forward pass: {'total': int, 'per_layer': {path: int}}.
+
+        A FLOP is one multiply or one add: a layer costs 2 x its multiply-accumulates.
+        Only convs and dense layers count (BatchNorm, activations and pooling are a few
+        percent of a CNN's cost and are left out, as in the usual tables).
+        """
+        per_layer = {path: int(op.flops) for path, op in self.layers.items()}
+        return {"total": sum(per_layer.values()), "per_layer": per_layer}
+
+    def batchnorm_labels(self, params: Mapping[str, Any]) -> Any:
+        """'train' for every BatchNorm's scale and bias, 'freeze' for the rest: an optax
+        `multi_transform` label tree shaped like `params`."""
+        return unflatten(
+            {
+                p: "train" if module_of(f"params/{p}") in self.batchnorms else "freeze"
+                for p in flatten(params)
+            }
+        )
 
     def group(self, path: str) -> tuple[str, ...]:
         """The convs whose channels are added to `path`'s (itself included), in order."""
@@ -119,12 +145,21 @@ def check_variables(
     Checks that every leaf is finite (leaves given as shapes are not), and that the tree
     has exactly the paths and shapes `model.init` makes for `input_shape`.
     """
-    flat = flatten(variables)
-    for path, leaf in flat.items():
+    check_finite(variables)
+    _check_shapes(model, variables, tuple(input_shape))
+
+
+def check_finite(variables: Mapping[str, Any]) -> None:
+    """Raises ValueError naming the first leaf that holds NaN or inf (shapes pass)."""
+    for path, leaf in flatten(variables).items():
         if isinstance(leaf, jax.ShapeDtypeStruct):
             continue
         if not np.all(np.isfinite(np.asarray(leaf))):
             raise ValueError(f"variable {path} holds NaN or inf")
+
+
+def _check_shapes(model: nn.Module, variables: Mapping[str, Any], input_shape) -> None:
+    flat = flatten(variables)
     x = jnp.zeros(input_shape, jnp.float32)
     try:
         expected = flatten(
@@ -153,66 +188,69 @@ def check_variables(
         )
 
 
-def prepare(
-    model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
-) -> nn.Module:
-    """The model rebuilt with the tree's conv widths, after checking the tree fits it."""
-    if len(input_shape) != 4:
-        raise ValueError(f"input_shape must be (N, H, W, C), got {tuple(input_shape)}")
-    try:
-        model = rebuild(model, variables, input_shape)
-    except ValueError:
-        pass  # check_variables names what is wrong.
-    check_variables(model, variables, input_shape)
-    return model
-
-
-def trace_channels(
+def trace(
     model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
 ) -> ChannelGraph:
-    """Traces where every conv's output channels go.
+    """Traces where every conv's output channels go; cached per architecture.
 
     Args:
         model: A Flax module taking images (N, H, W, C); called with train=False if its
             __call__ takes `train`. Conv widths are read off `variables`, so the original
             module works for a merged tree.
         variables: Arrays or jax.ShapeDtypeStruct leaves.
-        input_shape: (N, H, W, C) of the images.
+        input_shape: (N, H, W, C) of the images; N is ignored (one image is traced).
 
     Raises:
         ValueError: the tree does not fit the model, or holds NaN, naming the path.
     """
-    model = prepare(model, variables, input_shape)
-    return trace_unchecked(model, variables, input_shape)
+    if len(input_shape) != 4:
+        raise ValueError(f"input_shape must be (N, H, W, C), got {tuple(input_shape)}")
+    check_finite(variables)
+    signature = tuple((p, shape_of(x), str(dtype_of(x))) for p, x in flatten(variables).items())
+    one = (1, *(int(s) for s in input_shape[1:]))
+    try:
+        hash(model)
+    except TypeError:  # A module with unhashable attributes: trace without the cache.
+        return _trace.__wrapped__(model, signature, one)
+    return _trace(model, signature, one)
 
 
-def trace_unchecked(
-    model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
-) -> ChannelGraph:
-    """`trace_channels` for a model that `prepare` already returned."""
-    flat = flatten(variables)
+@functools.lru_cache(maxsize=32)
+def _trace(model: nn.Module, signature: tuple, input_shape: tuple[int, ...]) -> ChannelGraph:
+    shapes = unflatten({p: jax.ShapeDtypeStruct(s, d) for p, s, d in signature})
+    try:
+        model = rebuild(model, shapes, input_shape)
+    except ValueError:
+        pass  # _check_shapes names what is wrong.
+    _check_shapes(model, shapes, input_shape)
+    flat = flatten(shapes)
     paths = sorted(flat)
     kwargs = call_kwargs(model)
     batchnorms: dict[str, float] = {}
+    convs: list[str] = []
 
     def record(next_fun, args, kw, context):
         if isinstance(context.module, nn.BatchNorm):
             batchnorms["/".join(context.module.path)] = float(context.module.epsilon)
+        if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
+            path = "/".join(context.module.path)
+            if path not in convs:
+                convs.append(path)
         return next_fun(*args, **kw)
 
     def apply(leaves, x):
         return model.apply(unflatten(dict(zip(paths, leaves, strict=True))), x, **kwargs)
 
-    shapes = [jax.ShapeDtypeStruct(shape_of(flat[p]), _dtype(flat[p])) for p in paths]
+    leaves = [flat[p] for p in paths]
     with nn.intercept_methods(record):
-        closed = jax.make_jaxpr(apply)(shapes, jax.ShapeDtypeStruct(input_shape, jnp.float32))
+        closed = jax.make_jaxpr(apply)(leaves, jax.ShapeDtypeStruct(input_shape, jnp.float32))
     inputs = [
         Value(s.shape, leaves={p: tuple(range(len(s.shape)))}, exact=True)
-        for p, s in zip(paths, shapes, strict=True)
+        for p, s in zip(paths, leaves, strict=True)
     ]
     inputs.append(Value(tuple(input_shape), data=True))
     rec = Recorder()
-    for out in _rules.interpret(closed, inputs, rec):
+    for out in rules.interpret(closed, inputs, rec):
         rec.taint([out], "its channels are part of the model's output")
     return ChannelGraph(
         convs=tuple(rec.sources),
@@ -223,6 +261,10 @@ def trace_unchecked(
         batchnorms=batchnorms,
         layers=dict(rec.layers),
         roots={c: rec.find(c) for c in rec.sources},
+        model=model,
+        input_shape=input_shape,
+        conv_order=tuple(convs),
+        leaf_shapes={p: tuple(flat[p].shape) for p in paths},
     )
 
 
@@ -231,7 +273,8 @@ def shape_of(leaf: Any) -> tuple[int, ...]:
     return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
 
 
-def _dtype(leaf: Any) -> Any:
+def dtype_of(leaf: Any) -> Any:
+    """The dtype of an array or jax.ShapeDtypeStruct."""
     return leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
 
 

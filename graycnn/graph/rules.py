@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from jax.extend import core as jcore
 
-from graycnn.merge._layout import (
+from graycnn.graph.layout import (
     broadcast_in_dim,
     cumulative,
     pad,
@@ -31,7 +31,7 @@ from graycnn.merge._layout import (
     squeeze,
     transpose,
 )
-from graycnn.merge._values import (
+from graycnn.graph.values import (
     Channels,
     Recorder,
     Segment,

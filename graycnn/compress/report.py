@@ -1,46 +1,7 @@
-"""The compress report: one row per model, as report.json and a Markdown table."""
+"""report.md: the compress report as a Markdown table."""
 
-import os
 from collections.abc import Mapping
 from typing import Any
-
-from graycnn import checkpoint, data, merge, train
-from graycnn.models import ModelConfig, build_model, count_params
-
-
-def evaluate_row(
-    name: str,
-    view: str,
-    model_config: ModelConfig,
-    variables: Mapping[str, Any],
-    val: data.Split,
-    workdir: str,
-    checkpoint_dir: str,
-    clusters: Mapping[int, int],
-    bn: str,
-    **extra: Any,
-) -> dict[str, Any]:
-    """Evaluates one model and returns its report row; saves it to `checkpoint_dir`
-    unless that already holds it (the color model's copy).
-
-    Returns:
-        {'name', 'image_type', 'accuracy', 'params', 'flops', 'clusters', 'bn',
-        'checkpoint' (relative to workdir), **extra}.
-    """
-    if not os.path.exists(checkpoint_dir):
-        checkpoint.save_model(checkpoint_dir, model_config, variables, row=name, view=view)
-    model = build_model(model_config)
-    return {
-        "name": name,
-        "image_type": view,
-        "accuracy": train.evaluate(model_config, variables, val, view)["accuracy"],
-        "params": count_params(variables),
-        "flops": merge.count_flops(model, variables, model_config.input_shape)["total"],
-        "clusters": {str(k): v for k, v in clusters.items()},
-        "bn": bn,
-        "checkpoint": os.path.relpath(checkpoint_dir, workdir),
-        **extra,
-    }
 
 
 def format_report(report: Mapping[str, Any]) -> str:

@@ -37,15 +37,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from graycnn.layers import conv_layers
-from graycnn.merge._values import like_leaf
-from graycnn.merge.trace import call_kwargs, prepare, trace_unchecked
+from graycnn import graph
 from graycnn.tree import flatten, unflatten
 
-FOLD_METHODS = ("sum", "mean", "luma", "fit")
+METHODS = ("sum", "mean", "luma", "fit")
 # dm-pix's rgb_to_grayscale weights, which data.apply_view uses for the gray view.
 LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
-DEFAULT_INPUT_SHAPE = (1, 32, 32, 3)
 
 
 def fit_gray_coefficients(images: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, ...]:
@@ -85,7 +82,7 @@ def fold_to_gray(
     method: str = "sum",
     *,
     fit: tuple[np.ndarray, np.ndarray] | None = None,
-    input_shape: Sequence[int] | None = None,
+    input_shape: Sequence[int],
 ) -> dict[str, Any]:
     """Returns new variables whose first conv reads one gray channel instead of RGB.
 
@@ -94,7 +91,7 @@ def fold_to_gray(
         variables: Its tree; not modified.
         method: 'sum', 'mean', 'luma' or 'fit' (see the module docstring).
         fit: (a, b) from `fit_gray_coefficients`; required by method 'fit'.
-        input_shape: (N, H, W, 3) of the color images; default (1, 32, 32, 3).
+        input_shape: (N, H, W, 3) of the color images.
 
     Returns:
         The folded tree, for the same module fed (N, H, W, 1) gray images.
@@ -104,15 +101,15 @@ def fold_to_gray(
             3 channels, a constant that cannot be absorbed exactly, or a tree that does
             not match the model, naming the path.
     """
-    if method not in FOLD_METHODS:
-        raise ValueError(f"unknown fold method {method!r}; methods: {FOLD_METHODS}")
-    input_shape = tuple(input_shape or DEFAULT_INPUT_SHAPE)
+    if method not in METHODS:
+        raise ValueError(f"unknown fold method {method!r}; methods: {METHODS}")
+    input_shape = tuple(input_shape)
     if len(input_shape) != 4 or input_shape[-1] != 3:
         raise ValueError(f"input_shape must be (N, H, W, 3) color images, got {input_shape}")
-    model = prepare(model, variables, input_shape)
-    path = conv_layers(model, input_shape)[0]
-    graph = trace_unchecked(model, variables, input_shape)
-    op = graph.layers.get(path)
+    g = graph.trace(model, variables, input_shape)
+    model = g.model
+    path = g.conv_order[0]
+    op = g.layers.get(path)
     if op is None or op.kernel is None or op.in_axis is None:
         raise ValueError(f"layer 1 ({path!r}) is not a conv with a plain kernel leaf")
     flat = flatten(variables)
@@ -131,14 +128,14 @@ def fold_to_gray(
         weights = weights[method]
     folded = np.tensordot(kernel, weights, axes=([op.in_axis], [0]))
     new = dict(flat)
-    new[op.kernel] = like_leaf(flat[op.kernel], np.expand_dims(folded, op.in_axis))
+    new[op.kernel] = graph.like_leaf(flat[op.kernel], np.expand_dims(folded, op.in_axis))
     if method == "fit":
         t0, t255 = input_transform(model, variables, input_shape, path)
         slope = (t255 - t0) / 255.0
         const = (t0 + slope * b) - a * t0  # T(b_c) - a_c T(0)
         delta = np.tensordot(kernel, const, axes=([op.in_axis], [0]))
         delta = delta.sum(axis=tuple(range(delta.ndim - 1)))  # over the spatial taps
-        _absorb_constant(graph, new, path, delta)
+        _absorb_constant(g, new, path, delta)
     return unflatten(new)
 
 
@@ -168,7 +165,7 @@ def input_transform(
         image = jnp.full((1, *input_shape[1:]), pixel, jnp.float32)
         try:
             with nn.intercept_methods(capture):
-                model.apply(variables, image, **call_kwargs(model))
+                model.apply(variables, image, **graph.call_kwargs(model))
         except _Captured:
             pass
         if "x" not in seen:
@@ -184,9 +181,9 @@ def input_transform(
     return values[0], values[1]
 
 
-def _absorb_constant(graph, new: dict[str, Any], path: str, delta: np.ndarray) -> None:
+def _absorb_constant(g: graph.ChannelGraph, new: dict[str, Any], path: str, delta) -> None:
     """Adds the per-filter constant `delta` to the conv's output, exactly, in `new`."""
-    ops = [f for f in graph.first_ops if f.source == path]
+    ops = [f for f in g.first_ops if f.source == path]
     bad = [f.primitive for f in ops if f.primitive not in ("add", "sub") or f.leaf is None]
     if not ops or bad:
         raise ValueError(
@@ -210,4 +207,4 @@ def _absorb_constant(graph, new: dict[str, Any], path: str, delta: np.ndarray) -
             pos += seg.length
         shape = [1] * leaf.ndim
         shape[f.leaf_axis] = -1
-        new[f.leaf] = like_leaf(new[f.leaf], leaf + sign * shift.reshape(shape))
+        new[f.leaf] = graph.like_leaf(new[f.leaf], leaf + sign * shift.reshape(shape))

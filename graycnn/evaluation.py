@@ -1,0 +1,90 @@
+"""Accuracy and loss of a model on a dataset split, data parallel, every example once."""
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from graycnn import data, parallel
+from graycnn.models import ModelConfig, build_model
+
+
+@functools.lru_cache(maxsize=32)
+def make_eval_step(model: flax.linen.Module, view: str) -> Callable:
+    """Returns jitted step(variables, images, labels, mask) -> sums of correct, loss, count.
+
+    Cached: `evaluate` runs every epoch and for every report row, and a fresh jit of a
+    fresh closure would trace and compile again each time. Modules hash by value.
+    """
+
+    def step(variables, images, labels, mask):
+        logits = model.apply(variables, data.apply_view(images, view), train=False)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        return {
+            "correct": jnp.sum(correct * mask),
+            "loss": jnp.sum(loss * mask),
+            "count": jnp.sum(mask),
+            "per_example": correct,
+        }
+
+    return jax.jit(step)
+
+
+def evaluate(
+    model_config: ModelConfig,
+    variables: Mapping[str, Any],
+    split: data.Split,
+    view: str,
+    batch_size: int = 500,
+) -> dict[str, Any]:
+    """Accuracy and mean loss of a model on a split, every example counted once.
+
+    Returns:
+        {'accuracy': 0..1, 'loss': float, 'examples': int, 'correct': (N,) bool, in the
+        split's order: what paired statistics compare}.
+    """
+    check_input(model_config, split, view)
+    batch_sharding, replicated = parallel.mesh_shardings()
+    batch_size = parallel.round_to_devices(min(batch_size, len(split)))
+    step = make_eval_step(build_model(model_config), view)
+    variables = jax.device_put(dict(variables), replicated)
+    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    correct = []
+    for images, labels, mask in data.iterate_batches(split, batch_size):
+        out = step(variables, *parallel.shard_batch(batch_sharding, images, labels, mask))
+        totals = {k: totals[k] + float(out[k]) for k in totals}
+        correct.append(_to_host(out["per_example"])[mask > 0])
+    return {
+        "accuracy": totals["correct"] / totals["count"],
+        "loss": totals["loss"] / totals["count"],
+        "examples": int(totals["count"]),
+        "correct": np.concatenate(correct).astype(bool),
+    }
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    # Rows of a batch live on every host's devices; each host needs all of them.
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def check_input(model_config: ModelConfig, split: data.Split, view: str) -> None:
+    """Raises ValueError unless `view` of `split` is what the model takes."""
+    if model_config.in_channels != data.view_channels(view):
+        raise ValueError(
+            f"view {view!r} gives {data.view_channels(view)}-channel input but the model "
+            f"takes {model_config.in_channels} channels"
+        )
+    if split.images.shape[1:3] != (model_config.image_size,) * 2:
+        raise ValueError(
+            f"images are {split.images.shape[1:3]} but the model takes "
+            f"{model_config.image_size}x{model_config.image_size}"
+        )

@@ -1,0 +1,45 @@
+"""The channel graph of a Flax model: where each conv's output channels go.
+
+Traced once per architecture from the model's jaxpr (`trace`), it is what the fold, the
+merge, the FLOP count and BN-only training read about a model's structure. See
+`graycnn.graph.trace` for what is followed and `graycnn.graph.rebuild` for running a
+tree whose convs were narrowed.
+
+Example:
+    >>> g = trace(model, variables, (1, 32, 32, 3))
+    >>> g.consumers("stem"), g.flops()["total"], g.conv_order[0]
+"""
+
+from graycnn.graph.flops import count_flops
+from graycnn.graph.rebuild import Rebuilt, rebuild, unwrap, widths_of
+from graycnn.graph.trace import (
+    ChannelGraph,
+    call_kwargs,
+    check_finite,
+    check_variables,
+    dtype_of,
+    shape_of,
+    trace,
+)
+from graycnn.graph.values import FirstOp, LayerOp, Segment, Use, like_leaf, module_of
+
+__all__ = [
+    "ChannelGraph",
+    "FirstOp",
+    "LayerOp",
+    "Rebuilt",
+    "Segment",
+    "Use",
+    "call_kwargs",
+    "check_finite",
+    "check_variables",
+    "count_flops",
+    "dtype_of",
+    "like_leaf",
+    "module_of",
+    "rebuild",
+    "shape_of",
+    "trace",
+    "unwrap",
+    "widths_of",
+]
