@@ -1,14 +1,20 @@
 """Datasets as uint8 arrays, the color/gray views, and seeded augmentation.
 
 Names:
-    cifar10          the stock TFDS builder (train / test as validation); needs internet once.
+    cifar10          the stock TFDS builder: train = the first 90% of the official
+                     training set, validation = its last 10%, test = the official test
+                     set; needs internet once.
     cifar10_sample   the embedded default: 5,085 real CIFAR-10 training images, split
-                     class-balanced into 4,085 train / 1,000 validation (the last 100 of
-                     each class in file order), so everything runs offline.
+                     class-balanced (per class, in file order) into 3,085 train, 1,000
+                     test (the 100 before the last 100) and 1,000 validation (the last
+                     100), so everything runs offline.
     npz:PATH         arrays `images` (N, H, W, C) uint8 and `labels` (N,) int.
     folder:PATH      one subfolder per class (sorted names) of image files.
-For npz and folder datasets, `validation` is the same class-balanced split (20% of each
-class, the last images in order) and `all` is everything.
+For npz and folder datasets, `validation` is the same kind of class-balanced split (20%
+of each class, the last images in order), there is no `test`, and `all` is everything.
+
+Splits have one purpose each: `train` fits weights, `validation` is where choices are
+made (levers, budgets, early looks), and `test` is reported and never chosen on.
 """
 
 import dataclasses
@@ -23,8 +29,9 @@ import numpy as np
 
 VIEWS = ("color", "gray", "gray3")
 DATASET_HELP = "cifar10, cifar10_sample (embedded), npz:PATH or folder:PATH."
-SPLITS = ("train", "validation", "all")
-_SAMPLE_VALIDATION_PER_CLASS = 100
+SPLITS = ("train", "validation", "test", "all")
+# Per class, from the end of the file order: validation, then test before it.
+_SAMPLE_HELD_OUT_PER_CLASS = {"validation": 100, "test": 100}
 _VALIDATION_FRACTION = 0.2
 
 
@@ -60,11 +67,11 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None) -
         path = importlib.resources.files("graycnn") / "assets" / "cifar10_sample.npz"
         with importlib.resources.as_file(path) as p:
             images, labels = _read_npz(str(p))
-        return _split(images, labels, split, per_class=_SAMPLE_VALIDATION_PER_CLASS)
+        return _split(images, labels, split, per_class=_SAMPLE_HELD_OUT_PER_CLASS, source=name)
     if name.startswith("npz:"):
-        return _split(*_read_npz(name[4:]), split)
+        return _split(*_read_npz(name[4:]), split, source=name)
     if name.startswith("folder:"):
-        return _split(*_read_folder(name[7:]), split)
+        return _split(*_read_folder(name[7:]), split, source=name)
     raise ValueError(
         f"unknown dataset {name!r}; use cifar10, cifar10_sample, npz:PATH or folder:PATH"
     )
@@ -209,25 +216,52 @@ def _read_folder(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _split(
-    images: np.ndarray, labels: np.ndarray, split: str, per_class: int | None = None
+    images: np.ndarray,
+    labels: np.ndarray,
+    split: str,
+    per_class: dict[str, int] | None = None,
+    source: str = "",
 ) -> Split:
+    """Class-balanced held-out splits taken from the end of each class, in file order.
+
+    Args:
+        per_class: {'validation': k, 'test': k}: the last k of each class are validation,
+            the k before them test. None: the last 20% of each class are validation and
+            there is no test split.
+    """
     num_classes = int(labels.max()) + 1
     if split == "all":
         return Split(images, labels, num_classes)
-    is_val = np.zeros(len(labels), bool)
+    if split == "test" and not (per_class or {}).get("test"):
+        raise ValueError(
+            f"dataset {source!r} has no test split: pass held-out data as its own dataset "
+            "(e.g. --eval_dataset=npz:PATH)"
+        )
+    part = np.full(len(labels), "train", dtype=object)
     for c in range(num_classes):
         idx = np.flatnonzero(labels == c)
-        k = per_class if per_class is not None else int(round(len(idx) * _VALIDATION_FRACTION))
-        if k:
-            is_val[idx[-k:]] = True
-    keep = is_val if split == "validation" else ~is_val
+        end = len(idx)
+        for name in ("validation", "test"):
+            if per_class is None:
+                k = int(round(len(idx) * _VALIDATION_FRACTION)) if name == "validation" else 0
+            else:
+                k = per_class.get(name, 0)
+            k = min(k, end)
+            part[idx[end - k : end]] = name
+            end -= k
+    keep = part == split
     return Split(images[keep], labels[keep], num_classes)
 
 
 def _load_tfds_cifar10(split: str, data_dir: str | None) -> Split:
     import tensorflow_datasets as tfds
 
-    tfds_split = {"train": "train", "validation": "test", "all": "train+test"}[split]
+    tfds_split = {
+        "train": "train[:90%]",
+        "validation": "train[90%:]",
+        "test": "test",
+        "all": "train+test",
+    }[split]
     # Batches of 10,000 rather than batch_size=-1: the latter aborts the process under
     # tfds.testing.mock_data (std::length_error), which the tests use.
     ds = tfds.load(
