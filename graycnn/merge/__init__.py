@@ -20,6 +20,7 @@ from graycnn.merge.merge import (
     merge_layer,
     merge_layers,
     plan_merge,
+    plan_prune,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "merge_layer",
     "merge_layers",
     "plan_merge",
+    "plan_prune",
 ]

@@ -194,6 +194,9 @@ class MergePlan:
         bn_rule: How BatchNorm vectors are merged (see `merge_batchnorm`).
         steps: Every leaf axis reduced, in a fixed order.
         consumers: The convs and dense layers whose input slices are summed.
+        prune: A pruning plan (`plan_prune`): labels are -1 for dropped filters and
+            0..K-1 for kept ones, and every step keeps the kept filters' slices and
+            drops the rest, in conv, per-channel vectors and consumers alike.
     """
 
     path: str
@@ -202,6 +205,7 @@ class MergePlan:
     bn_rule: str
     steps: tuple[PlanStep, ...]
     consumers: tuple[str, ...]
+    prune: bool = False
 
     @property
     def num_clusters(self) -> int:
@@ -210,12 +214,14 @@ class MergePlan:
     def describe(self) -> str:
         """A readable listing of the plan, one line per reduced leaf axis."""
         lines = [
-            f"conv {self.path!r} (group: {', '.join(self.group)}): {len(self.labels)} -> "
-            f"{self.num_clusters} channels; consumers: {', '.join(self.consumers)}"
+            f"{'prune' if self.prune else 'merge'} conv {self.path!r} (group: "
+            f"{', '.join(self.group)}): {len(self.labels)} -> {self.num_clusters} channels; "
+            f"consumers: {', '.join(self.consumers)}"
         ]
         for step in self.steps:
             leaves = ", ".join(leaf for _, leaf in step.leaves)
-            lines.append(f"  {leaves} axis {step.axis}: {step.kind} ({step.how})")
+            how = "keep" if self.prune else step.how
+            lines.append(f"  {leaves} axis {step.axis}: {step.kind} ({how})")
         return "\n".join(lines)
 
     def apply(self, variables: Mapping[str, Any]) -> dict[str, Any]:
@@ -224,7 +230,9 @@ class MergePlan:
         new = dict(flat)
         members = set(self.group)
         for step in self.steps:
-            if step.how == "batchnorm":
+            if self.prune:
+                reducer = _keep
+            elif step.how == "batchnorm":
                 reducer = _bn_reducer(step.epsilon, self.bn_rule)
             else:
                 reducer = _sum if step.how == "sum" else _mean
@@ -289,6 +297,37 @@ def plan_merge(
     return MergePlan(path, g.group(path), labels, bn_rule, tuple(steps), tuple(g.consumers(path)))
 
 
+def plan_prune(g: ChannelGraph, layer: LayerRef, keep: Any) -> MergePlan:
+    """The plan of pruning conv `layer` to the filters `keep` (indices, in the order the
+    pruned conv will hold them): a merge without folding, whose consumers simply lose
+    the dropped filters' input slices.
+
+    Raises:
+        ValueError: naming the conv, for an unmergeable conv or bad indices.
+    """
+    path = resolve_layer(layer, g.conv_order)
+    width = g.widths.get(path)
+    keep = np.asarray(keep)
+    if (
+        width is None
+        or keep.ndim != 1
+        or keep.size == 0
+        or not np.issubdtype(keep.dtype, np.integer)
+        or len(set(keep.tolist())) != keep.size
+        or keep.min() < 0
+        or keep.max() >= width
+    ):
+        raise ValueError(
+            f"keep for conv {path!r} must be distinct filter indices in [0, {width}), "
+            f"got {keep.tolist()[:20]}"
+        )
+    labels = np.zeros(width, np.int64)  # a valid clustering, to plan the reductions
+    plan = plan_merge(g, path, labels)
+    pruned = np.full(width, -1, np.int64)
+    pruned[keep] = np.arange(keep.size)
+    return dataclasses.replace(plan, labels=pruned, prune=True)
+
+
 def merge_layer(
     model: nn.Module,
     variables: Mapping[str, Any],
@@ -347,6 +386,12 @@ def _sum(arrays: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndar
 
 def _mean(arrays: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
     return {"x": np.tensordot(_cluster_matrix(labels, True), arrays["x"], axes=1)}
+
+
+def _keep(arrays: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
+    kept = np.argsort(np.where(labels < 0, labels.max() + 1, labels), kind="stable")
+    kept = kept[: labels.max() + 1]  # kept[k] is the filter labelled k
+    return {r: a[kept] for r, a in arrays.items()}
 
 
 def _bn_reducer(epsilon: float, rule: str) -> Reducer:
