@@ -28,7 +28,9 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     runtime.setup()
-    result = compress.compress(config.from_flags(compress.CompressConfig), FLAGS.workdir)
+    settings = config.from_flags(compress.CompressConfig)
+    given = [name for name in config.field_names(compress.CompressConfig) if FLAGS[name].present]
+    result = compress.compress(settings, FLAGS.workdir, given=given)
     print(compress.format_report(result))
 
 

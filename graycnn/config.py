@@ -253,6 +253,11 @@ def to_json(config: Any) -> dict[str, Any]:
     return out
 
 
+def field_names(cls: type) -> list[str]:
+    """The names of the fields that are flags."""
+    return [field.name for field, _ in _fields(cls, None)]
+
+
 def _fields(cls: type, only: Iterable[str] | None) -> list[tuple[dataclasses.Field, type]]:
     hints = typing.get_type_hints(cls)
     wanted = None if only is None else set(only)

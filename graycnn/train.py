@@ -47,6 +47,15 @@ class TrainConfig:
         flag=False,
     )
     augment: bool = setting(True, "Random crop (4-pixel pad) and horizontal flip.")
+    distill: str = setting(
+        "ce",
+        "'ce': the labels; 'kd': distill a color teacher's softened predictions on the "
+        "matching color images (plus the labels); needs a teacher.",
+        choices=("ce", "kd"),
+        flag=False,
+    )
+    temperature: float = setting(4.0, "Distillation temperature.", flag=False)
+    distill_weight: float = setting(0.9, "Weight of the distillation term.", flag=False)
     trainable: str = setting(
         "all",
         "'all', or 'batchnorm' to train only BN scale and bias (the study's BN re-estimation).",
@@ -92,14 +101,34 @@ def make_optimizer(
 
 
 def make_train_step(
-    model: flax.linen.Module, tx: optax.GradientTransformation, view: str, augment: bool
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    view: str,
+    augment: bool,
+    teacher: Callable | None = None,
+    temperature: float = 4.0,
+    distill_weight: float = 0.9,
 ) -> Callable:
-    """Returns jitted step(state, images uint8 (B,H,W,C), labels (B,), rng) -> (state, metrics)."""
+    """Returns jitted step(state, images uint8 (B,H,W,C), labels (B,), rng, teacher_vars)
+    -> (state, metrics).
 
-    def step(state: TrainState, images, labels, rng):
+    Args:
+        teacher: For distillation, f(teacher_vars, images (B,H,W,C) float) -> logits
+            (B, classes) on the color view; it sees the same crops and flips as the
+            student (the same rng), so its targets match the student's images.
+        temperature, distill_weight: The loss is distill_weight * T^2 *
+            KL(softmax(teacher / T) || softmax(student / T)) + (1 - distill_weight) *
+            cross-entropy with the labels (Hinton et al. 2015).
+    """
+
+    def step(state: TrainState, images, labels, rng, teacher_vars=None):
         x = data.apply_view(images, view)
         if augment:
             x = data.augment(rng, x)
+        targets = None
+        if teacher is not None:
+            color = data.apply_view(images, "color")
+            targets = teacher(teacher_vars, data.augment(rng, color) if augment else color)
 
         def loss_fn(params):
             logits, updates = model.apply(
@@ -109,6 +138,14 @@ def make_train_step(
                 mutable=["batch_stats"],
             )
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            if targets is not None:
+                soft = optax.softmax_cross_entropy(
+                    logits / temperature, jax.nn.softmax(targets / temperature)
+                ) - optax.softmax_cross_entropy(
+                    targets / temperature, jax.nn.softmax(targets / temperature)
+                )  # KL = cross-entropy - the teacher's entropy
+                kd = temperature**2 * soft.mean()
+                loss = distill_weight * kd + (1 - distill_weight) * loss
             return loss, (logits, updates["batch_stats"])
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -132,6 +169,7 @@ def train_and_evaluate(
     workdir: str,
     init: tuple[ModelConfig, Variables] | None = None,
     model_overrides: Mapping[str, Any] | None = None,
+    teacher: tuple[ModelConfig, Variables] | None = None,
 ) -> tuple[ModelConfig, Variables, list[dict[str, Any]]]:
     """Trains, evaluating every epoch; resumes from `workdir/checkpoints` if present.
 
@@ -140,6 +178,7 @@ def train_and_evaluate(
         workdir: Checkpoints and `metrics.jsonl` go here.
         init: Start from these weights (fine-tuning) instead of a fresh init.
         model_overrides: ModelConfig fields (e.g. widths) for a fresh init.
+        teacher: The color model whose predictions config.distill='kd' distills.
 
     Returns:
         (model config, final variables, one metrics dict per epoch of this process's run).
@@ -189,7 +228,22 @@ def train_and_evaluate(
         )
     batch_sharding, replicated = parallel.mesh_shardings()
     state = jax.device_put(state, replicated)
-    train_step = make_train_step(model, tx, config.view, config.augment)
+    teacher_fn, teacher_vars = None, None
+    if config.distill == "kd":
+        if teacher is None or teacher[0].in_channels != 3:
+            raise ValueError("distill='kd' needs a color teacher model")
+        teacher_model = build_model(teacher[0])
+        teacher_fn = lambda v, x: teacher_model.apply(v, x, train=False)  # noqa: E731
+        teacher_vars = jax.device_put(dict(teacher[1]), replicated)
+    train_step = make_train_step(
+        model,
+        tx,
+        config.view,
+        config.augment,
+        teacher_fn,
+        config.temperature,
+        config.distill_weight,
+    )
     base_rng = jax.random.key(config.seed + 1)
     history = []
     first_epoch = int(state.step) // steps_per_epoch
@@ -208,7 +262,7 @@ def train_and_evaluate(
         for i, (images, labels, _) in enumerate(bar):
             rng = jax.random.fold_in(base_rng, epoch * steps_per_epoch + i)
             state, metrics = train_step(
-                state, *parallel.shard_batch(batch_sharding, images, labels), rng
+                state, *parallel.shard_batch(batch_sharding, images, labels), rng, teacher_vars
             )
             if i % 10 == 0 or i == steps_per_epoch - 1:
                 metrics = jax.device_get(metrics)

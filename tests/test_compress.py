@@ -42,6 +42,7 @@ def config(color_checkpoint, sample_npz):
         steps=3,
         num_clusters={1: 5, 2: 3},
         bn="recalibrate",
+        eval_dataset=f"npz:{sample_npz}",
     )
 
 
@@ -55,49 +56,64 @@ def runs(config, color_checkpoint, tmp_path_factory):
 
 def test_report_rows_and_files(runs, config):
     _, report, _ = runs
-    names = [r["name"] for r in report["rows"]]
-    assert names[:4] == [
+    rows = {r["key"]: r for r in report["rows"]}
+    assert [r["name"] for r in report["rows"]][:4] == [
         "color model, color images",
         "color model, gray images (naive)",
         "gray fold (sum), no BN re-estimation",
         "gray + BN re-estimation, no merge",
     ]
-    assert names[-1] == "merged layers 1+2 + BN re-estimation"
-    final = report["rows"][-1]
-    assert final["clusters"] == {"1": 5, "2": 3}
-    assert final["params"] < report["rows"][3]["params"] < report["rows"][0]["params"]
-    assert final["flops"] < report["rows"][0]["flops"]
+    final = rows["merged_1+2"]
+    assert final["name"] == "merged layers 1+2 + BN re-estimation"
+    assert final["clusters"] == {"1": 5, "2": 3} and final["control"] is None
+    assert final["params"] < rows["gray_bn"]["params"] < rows["color"]["params"]
+    assert final["flops"] < rows["color"]["flops"]
+    assert rows["gray_bn"]["baseline"] and rows["gray_bn"]["budget"] == "bn"
+    # Both controls for every merged row, at exactly its widths.
+    for names in ("1", "1+2"):
+        merged = rows[f"merged_{names}"]
+        for control in ("random", "prune_l1"):
+            row = rows[f"{control}_{names}"]
+            assert row["control"] == control and row["bn"] == merged["bn"] == "recalibrate"
+            assert (row["params"], row["flops"]) == (merged["params"], merged["flops"])
+    # Paired statistics on every gray row, against the baseline, on validation and the
+    # held-out set (here all 160 images of the npz).
     for row in report["rows"]:
-        assert set(row) >= {
-            "name",
-            "image_type",
-            "accuracy",
-            "params",
-            "flops",
-            "clusters",
-            "bn",
-            "checkpoint",
-        }
+        assert set(row) >= {"name", "image_type", "accuracy", "params", "flops", "clusters",
+                            "bn", "checkpoint", "control", "eval"}  # fmt: skip
+        assert row["eval"]["examples"] == 160
+        if row["image_type"] == "color":
+            assert "delta" not in row
+            continue
+        for where in (row, row["eval"]):
+            lo, hi = where["ci95"]
+            assert lo <= where["delta"] <= hi and 0 <= where["p_value"] <= 1
+            assert where["verdict"] == ("above" if lo > 0 else "below" if hi < 0 else "tied")
+    assert rows["gray_bn"]["delta"] == 0 and rows["gray_bn"]["ci95"] == [0, 0]
+    report_md = open(os.path.join(report["config"]["workdir"], "report.md")).read()
+    assert "## Held out" in report_md and "## Verdicts" in report_md
 
 
 def test_every_row_reloads_to_its_accuracy(runs, config, tmp_path_factory):
     _, report, _ = runs
     workdir = report["config"]["workdir"]
     val = data.load_dataset(config.dataset, "validation")
+    everything = data.load_dataset(config.eval_dataset, "all")
     for row in report["rows"]:
         model_config, variables, _ = checkpoint.load_model(os.path.join(workdir, row["checkpoint"]))
         view = {"color": "color", "gray3": "gray3", "gray": "gray"}[row["image_type"]]
         result = evaluation.evaluate(model_config, variables, val, view)
         assert result["accuracy"] == pytest.approx(row["accuracy"], abs=1e-9), row["name"]
-    last = report["rows"][-1]
+        held = evaluation.evaluate(model_config, variables, everything, view)
+        assert held["accuracy"] == pytest.approx(row["eval"]["accuracy"], abs=1e-9), row["name"]
+    last = {r["key"]: r for r in report["rows"]}["merged_1+2"]
     out = subprocess.run(
         [
             sys.executable,
             "-m",
             "experiments.evaluate",
             f"--checkpoint={os.path.join(workdir, last['checkpoint'])}",
-            f"--dataset={config.dataset}",
-            "--split=validation",
+            f"--dataset={config.eval_dataset}",
             "--view=gray",
         ],
         cwd=ROOT,
@@ -106,7 +122,9 @@ def test_every_row_reloads_to_its_accuracy(runs, config, tmp_path_factory):
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.splitlines()[-1])["accuracy"] == pytest.approx(last["accuracy"])
+    printed = json.loads(out.stdout.splitlines()[-1])
+    assert printed["examples"] == last["eval"]["examples"] == 160
+    assert printed["accuracy"] == pytest.approx(last["eval"]["accuracy"], abs=1e-12)
 
 
 def test_input_untouched_and_same_seed_same_results(runs, color_checkpoint):
@@ -121,15 +139,26 @@ def test_input_untouched_and_same_seed_same_results(runs, color_checkpoint):
     assert labels[0]["labels"] == labels[1]["labels"]
 
 
-def test_bad_config_is_a_clear_error(config, tmp_path):
+def test_bad_config_is_a_clear_error_before_any_work(config, tmp_path):
+    """Every setting that can be checked is checked before work starts: no debris."""
     for changes, message in [
         ({"layers": (1, 1)}, "--layers lists a layer twice"),
-        ({"layers": (1, 99)}, "--layers: layer 99 is out of range 1..10"),
+        ({"layers": ()}, "--layers is empty"),
+        ({"layers": (1, 99), "num_clusters": {1: 5}}, "--layers: layer 99 does not exist: the "
+         "model has conv layers 1..10"),
         ({"metric": {2: "cosine"}}, "--metric: unknown value 'cosine'; choose from mse"),
+        ({"layers": (1,), "metric": {2: "mse"}}, "--metric: layer 2 is not in --layers=1"),
         ({"fold": "avg"}, "--fold: unknown value 'avg'"),
-    ]:
+        ({"num_clusters": {1: 0, 2: 3}}, "--num_clusters: layer 1 has 8 filters, so its "
+         "cluster count must be 1..7, got 0"),
+        ({"num_clusters": {1: 37, 2: 3}}, "layer 1 has 8 filters"),
+        ({"steps": 0}, "--steps must be >= 1"),
+        ({"layers": (10,), "num_clusters": {10: 5}}, "cannot be merged|no traced consumers"),
+    ]:  # fmt: skip
+        workdir = tmp_path / "x"
         with pytest.raises(ValueError, match=message):
-            compress.compress(dataclasses.replace(config, **changes), str(tmp_path / "x"))
+            compress.compress(dataclasses.replace(config, **changes), str(workdir))
+        assert not (workdir / "models").exists() and not (workdir / "bn").exists()
     os.makedirs(tmp_path / "done" / "models")
     with pytest.raises(FileExistsError, match="already holds a compress run"):
         compress.compress(config, str(tmp_path / "done"))

@@ -1,8 +1,11 @@
-"""The settings of one compress run, each declared once (flags are made from them)."""
+"""The settings of one compress run, each declared once (flags are made from them), and
+the presets that set several at once."""
 
 import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from graycnn import batchnorm, cluster, distance, fold
+from graycnn import batchnorm, cluster, distance, fold, merge
 from graycnn import config as config_lib
 from graycnn import receptive_field as rf
 from graycnn.config import PerLayer, setting
@@ -11,6 +14,8 @@ from graycnn.data import DATASET_HELP
 # Besides the receptive-field objectives: cluster each filter's responses to real images.
 ACTIVATION = "activation"
 OBJECTIVES = (*rf.OBJECTIVES, ACTIVATION)
+FIELDS = ("gray", "color_luma")
+CONTROLS = ("random", "prune_l1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,11 +26,23 @@ class CompressConfig:
     what `python -m experiments.compress` runs.
     """
 
+    preset: str = setting(
+        "",
+        "Set several flags at once ('study': the study's exact method); flags given "
+        "explicitly still win.",
+        choices=("", "study"),
+    )
     checkpoint: str | None = setting(
         None, "Color model; default: the shipped pretrained --model, or train one."
     )
     model: str = setting("densenet_tiny", "Model to train when no checkpoint is given or shipped.")
     dataset: str = setting("cifar10_sample", DATASET_HELP)
+    eval_dataset: str = setting(
+        "test",
+        "Held-out data every row is also evaluated on, all of it: 'test' (the dataset's "
+        "own test split, if it has one), 'none', or a dataset name (e.g. npz:PATH). No "
+        "choice is ever made on it.",
+    )
     train_epochs: int = setting(40, "Epochs when the color model is trained.")
     layers: tuple[int, ...] = setting((1, 2), "Conv layers to merge, in order.")
     fold: str = setting("sum", "RGB-to-gray fold of layer 1.", choices=fold.METHODS)
@@ -34,6 +51,12 @@ class CompressConfig:
         "What is compared per layer: receptive fields ('mean', 'center'), the kernels "
         "('kernel', layer 1) or the filters' responses to real images ('activation').",
         choices=OBJECTIVES,
+    )
+    fields: str = setting(
+        "gray",
+        "Whose receptive fields are compared: the model being merged ('gray') or the "
+        "color model's, converted to luma ('color_luma', the study).",
+        choices=FIELDS,
     )
     steps: int = setting(100, "Gradient-ascent steps of the receptive fields.")
     metric: PerLayer = setting(
@@ -48,9 +71,43 @@ class CompressConfig:
         item=int,
     )
     eps_std: float = setting(0.2, "DBSCAN eps in std of the distances (the study).")
+    bn_rule: str = setting(
+        "moments", "How a cluster's BatchNorm vectors merge (the study: mean).",
+        choices=merge.BN_RULES,
+    )  # fmt: skip
+    compensate: str = setting(
+        "none",
+        "After each merge, refit every consumer of the merged channels to its original "
+        "outputs on training images ('lstsq'), or not ('none').",
+        choices=("none", "lstsq"),
+    )
     bn: str = setting("train", "BN re-estimation of every gray row.", choices=batchnorm.METHODS)
     bn_epochs: int = setting(1, "Epochs of BN-only training for --bn=train.")
-    seed: int = setting(0, "Seed of every random choice.")
+    finetune_epochs: int = setting(
+        0, "Also a fine-tune budget: every model (baseline included) trained this many "
+        "epochs on gray images after BN re-estimation; 0: none.",
+    )  # fmt: skip
+    finetune: str = setting(
+        "kd", "Fine-tune loss: 'kd' distills the color model; 'ce' uses the labels only.",
+        choices=("kd", "ce"),
+    )  # fmt: skip
+    finetune_lr: float = setting(0.01, "Fine-tune SGD learning rate (momentum 0.9).")
+    target_flops: float = setting(
+        0.0, "Pick layers and cluster counts to reach this fraction of the color model's "
+        "FLOPs (0: use --layers and --num_clusters).",
+    )  # fmt: skip
+    target_params: float = setting(
+        0.0, "As --target_flops, for the fraction of the color model's parameters.",
+    )  # fmt: skip
+    controls: bool = setting(
+        True, "Add a random-partition and an L1-pruning row at the same widths for every "
+        "merged row.",
+    )  # fmt: skip
+    seeds: int = setting(
+        1, "Repeat every stochastic stage (field noise, random control, BN data order) "
+        "this many times; rows report the mean, and the CIs cover the seeds.",
+    )  # fmt: skip
+    seed: int = setting(0, "Seed of every random choice (the first of --seeds).")
     data_dir: str | None = setting(None, "TFDS data directory.")
 
     def __post_init__(self):
@@ -63,19 +120,92 @@ class CompressConfig:
         # The study: MSE for layer 1 (brightness), IMED for later (patterns).
         return self.metric.of(layer, "mse" if layer == 1 else "imed")
 
+    @property
+    def budgets(self) -> tuple[str, ...]:
+        """The recovery budgets every model gets: BN re-estimation, and fine-tuning."""
+        return ("bn", "finetune") if self.finetune_epochs > 0 else ("bn",)
 
-def validate(config: CompressConfig, num_layers: int | None = None) -> None:
-    """Raises ValueError naming the flag at fault; layer ranges only if num_layers is given."""
+
+def study_preset(layers: Sequence[int]) -> dict[str, Any]:
+    """The study's method: the color model's `mean` fields in luma, MSE for layer 1 and
+    IMED after, DBSCAN (min_samples=1) searched to its counts (21 for layer 1 alone,
+    20 + 12 for layers 1 and 2), BN vectors averaged, one BN-only epoch of SGD (lr 0.01,
+    momentum 0.7)."""
+    counts = {1: 21} if tuple(layers) == (1,) else {1: 20, 2: 12}
+    return {
+        "fields": "color_luma",
+        "objective": PerLayer("mean"),
+        "metric": PerLayer(),
+        "cluster": "dbscan",
+        "num_clusters": PerLayer.of_dict({k: v for k, v in counts.items() if k in layers}),
+        "bn_rule": "mean",
+        "compensate": "none",
+        "bn": "train",
+        "bn_epochs": 1,
+    }
+
+
+PRESETS = {"study": study_preset}
+
+
+def with_preset(config: CompressConfig, given: Sequence[str] = ()) -> CompressConfig:
+    """`config` with its preset's settings, except the fields named in `given` (set
+    explicitly by the user), which win."""
+    if not config.preset:
+        return config
+    values = PRESETS[config.preset](config.layers)
+    return dataclasses.replace(config, **{k: v for k, v in values.items() if k not in given})
+
+
+def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) -> None:
+    """Raises ValueError naming the flag at fault.
+
+    Args:
+        widths: {layer number: filters} of the model to compress, once known (one
+            abstract trace): checks layer ranges and cluster counts before any work.
+    """
+    config_lib.check(config)
+    if not config.layers and not _target(config):
+        raise ValueError("--layers is empty: name at least one conv layer to merge")
     if len(set(config.layers)) != len(config.layers):
         raise ValueError(f"--layers lists a layer twice: {list(config.layers)}")
+    if config.target_flops and config.target_params:
+        raise ValueError("give --target_flops or --target_params, not both")
+    for flag in ("target_flops", "target_params"):
+        value = getattr(config, flag)
+        if value and not 0 < value < 1:
+            raise ValueError(f"--{flag} must be a fraction in (0, 1), got {value}")
+    for flag, low in (("steps", 1), ("seeds", 1), ("bn_epochs", 1), ("finetune_epochs", 0)):
+        if getattr(config, flag) < low:
+            raise ValueError(f"--{flag} must be >= {low}, got {getattr(config, flag)}")
     per_layer = {
-        "--layers": config.layers,
-        "--objective": config.objective.layer_numbers(),
-        "--metric": config.metric.layer_numbers(),
-        "--num_clusters": config.num_clusters.layer_numbers(),
+        "--objective": config.objective,
+        "--metric": config.metric,
+        "--num_clusters": config.num_clusters,
     }
-    for flag, keys in per_layer.items():
-        for layer in keys:
-            if layer < 1 or (num_layers is not None and layer > num_layers):
-                raise ValueError(f"{flag}: layer {layer} is out of range 1..{num_layers}")
-    config_lib.check(config)
+    defaults = {f.name: f.default for f in dataclasses.fields(CompressConfig)}
+    for flag, value in per_layer.items():
+        given = value != defaults[flag[2:]] and not _target(config)
+        for layer in value.layer_numbers():
+            if given and layer not in config.layers:
+                raise ValueError(
+                    f"{flag}: layer {layer} is not in --layers={','.join(map(str, config.layers))}"
+                )
+    if widths is None:
+        return
+    for layer in config.layers:
+        if layer not in widths:
+            raise ValueError(
+                f"--layers: layer {layer} does not exist: the model has conv layers "
+                f"1..{len(widths)}"
+            )
+        count = config.num_clusters.of(layer)
+        if count is not None and not 1 <= count < widths[layer]:
+            raise ValueError(
+                f"--num_clusters: layer {layer} has {widths[layer]} filters, so its "
+                f"cluster count must be 1..{widths[layer] - 1}, got {count}"
+            )
+
+
+def _target(config: CompressConfig) -> bool:
+    return bool(config.target_flops or config.target_params)

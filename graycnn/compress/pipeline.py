@@ -1,63 +1,98 @@
-"""The whole study in one call: fold a color model to gray, then for each layer compare
-the filters, cluster and merge them, re-estimate BatchNorm, and evaluate every model.
+"""The whole study in one call: fold a color model to gray; for each seed and layer,
+compare the filters, cluster and merge them (and make the random and pruning controls
+at the same widths); give every model the same recovery budget; evaluate every model on
+the validation images and on held-out images no choice was made on.
 
 Every row of the report is a model saved under `workdir/models/`, loadable by
 `experiments.evaluate` with no further flags. The input checkpoint is only read.
 """
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from graycnn import config as config_lib
 from graycnn.compress import stages
-from graycnn.compress.config import CompressConfig, validate
+from graycnn.compress.config import CONTROLS, CompressConfig, validate, with_preset
+from graycnn.compress.table import RowSpec, Table, color_specs, recovered_spec
 from graycnn.compress.writer import Writer
 
 
-def compress(config: CompressConfig, workdir: str) -> dict[str, Any]:
+def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) -> dict[str, Any]:
     """Runs the study; writes report.json, report.md, figures and one checkpoint per row.
+
+    Args:
+        given: Fields the user set explicitly; the preset does not override them.
 
     Returns:
         The report: {'rows': [...], 'config': {...}}.
     """
-    out = Writer(workdir)
+    config = with_preset(config, given)
     validate(config)
+    out = Writer(workdir)
     color = stages.color_model(config, out.path("color_model"))
-    validate(config, len(color.graph().conv_order))
     splits = stages.load_splits(config)
-    out.data_figure(splits)
-    rows, checkpoints = [], []
-
-    def add(name: str, key: str, view: str, model: stages.Model, **kw: Any) -> None:
-        row = stages.evaluate(name, key, view, model, splits.validation, **kw)
-        rows.append(row)
-        checkpoints.append(out.model(row, model))
-        tqdm.write(
-            f"{name}: accuracy {row.accuracy:.4f}, {row.params:,} params, {row.flops:,} FLOPs"
-        )
-
-    def bn(model: stages.Model, key: str) -> stages.Model:
-        return stages.reestimate_bn(config, model, out.path("bn", key))
-
-    add("color model, color images", "color", "color", color)
-    add("color model, gray images (naive)", "color", "gray3", color)
     gray = stages.fold_to_gray(config, color, splits.train)
-    add(f"gray fold ({config.fold}), no BN re-estimation", "gray_fold", "gray", gray, bn="none")
-    add("gray + BN re-estimation, no merge", "gray_bn", "gray", bn(gray, "gray"), bn=config.bn,
-        baseline=True)  # fmt: skip
-    # Merges chain on trees without BN re-estimation, and every row gets one re-estimation
-    # of the baseline's budget: a deeper merge gets no extra BN training.
-    current, clusters = gray, {}
-    for layer in tqdm(config.layers, desc="layers", leave=False):
-        result = stages.merge_layer(config, current, layer, splits.train, color)
-        out.layer(result)
-        current, clusters[layer] = result.merged, result.clustering.num_clusters
-        names = "+".join(map(str, clusters))
-        title = f"merged {'layers' if len(clusters) > 1 else 'layer'} {names}"
-        add(f"{title}, no BN re-estimation", f"merged_{names}_raw", "gray", current,
-            clusters=dict(clusters), bn="none")  # fmt: skip
-        add(f"{title} + BN re-estimation", f"merged_{names}", "gray",
-            bn(current, f"merged_{names}"), clusters=dict(clusters), bn=config.bn)  # fmt: skip
-    settings = config_lib.to_json(config) | {"color_checkpoint": color.source}
-    return out.finish(rows, checkpoints, settings)
+    steps = stages.plan_steps(config, gray, splits)
+    out.data_figure(splits)
+    run = _Run(config, color, splits, out)
+    for spec, model in zip(color_specs(config), (color, color, gray), strict=True):
+        run.add(spec, model)
+    for i in tqdm(range(config.seeds), desc="seeds", leave=False, disable=config.seeds == 1):
+        seed = config.seed + i
+        run.recover(gray, {}, None, i)
+        chains = {None: gray} | (dict.fromkeys(CONTROLS, gray) if config.controls else {})
+        clusters: dict[int, int] = {}
+        for layer, count in tqdm(steps, desc="layers", leave=False):
+            result = stages.merge_layer(
+                config, chains[None], layer, count, splits.train, color, seed, figures=i == 0
+            )
+            if i == 0:
+                out.layer(result)
+            clusters[layer] = result.clustering.num_clusters
+            for c, before in chains.items():
+                labels = result.clustering.labels
+                merged = result.merged if c is None else stages.control(
+                    config, c, before, layer, labels, seed)  # fmt: skip
+                chains[c] = stages.compensate(config, before, merged, layer, splits.train)
+            run.add(recovered_spec(config, clusters, None, None), chains[None], i)
+            for c, model in chains.items():
+                run.recover(model, clusters, c, i)
+    return out.finish(run.table.rows(), _settings(config, color, steps))
+
+
+class _Run:
+    """Evaluates, saves and tabulates the models of one run."""
+
+    def __init__(self, config, color, splits, out):
+        self.config, self.color, self.splits, self.out = config, color, splits, out
+        self.table = Table(splits.held_out_name)
+
+    def add(self, spec: RowSpec, model: stages.Model, seed_index: int = 0) -> None:
+        result = stages.evaluate(model, spec.image_type, self.splits)
+        checkpoint = self.out.model(spec.model_dir, seed_index, spec, model)
+        self.table.add(spec, result, stages.size(model), checkpoint)
+        tqdm.write(f"{spec.name}: validation accuracy {100 * result.validation.mean():.2f}%")
+
+    def recover(self, model, clusters: Mapping[int, int], control, seed_index: int) -> None:
+        """Adds `model` after each recovery budget: BN re-estimation, then fine-tuning
+        from it; with no clusters, these are the budgets' baselines."""
+        seed = self.config.seed + seed_index
+        spec = recovered_spec(self.config, clusters, control, "bn")
+        tag = f"{spec.key}.seed{seed}"
+        model = stages.reestimate_bn(self.config, model, self.out.path("bn", tag), seed)
+        self.add(spec, model, seed_index)
+        if self.config.finetune_epochs:
+            spec = recovered_spec(self.config, clusters, control, "finetune")
+            model = stages.finetune(
+                self.config, model, self.color, self.out.path("finetune", tag), seed
+            )
+            self.add(spec, model, seed_index)
+
+
+def _settings(config, color, steps) -> dict[str, Any]:
+    return config_lib.to_json(config) | {
+        "color_checkpoint": color.source,
+        "plan": [{"layer": layer, "clusters": count} for layer, count in steps],
+    }

@@ -1,38 +1,101 @@
-"""report.md: the compress report as a Markdown table."""
+"""report.md: the compress report as Markdown tables, with paired comparisons."""
 
 from collections.abc import Mapping
 from typing import Any
 
 
 def format_report(report: Mapping[str, Any]) -> str:
-    """report.md: the study's Table 3 with the rows it left out."""
+    """report.md: every row on the validation images, then on the held-out images, and
+    one verdict line per merged model."""
     rows = report["rows"]
-    color_params = rows[0]["params"]
+    config = report["config"]
+    color = rows[0]
+    seeds = config.get("seeds", 1)
     lines = [
         "# graycnn compress report",
         "",
-        "| model | input | accuracy | params | vs color | FLOPs | clusters | BN |",
-        "|---|---|---|---|---|---|---|---|",
+        _settings(config),
+        "",
+        f"## Validation ({color['examples']} images; levers are chosen here)",
+        "",
+        "Δ: accuracy points against the baseline of the row's budget (the unmerged gray "
+        f"model with the same recovery), on the same images{' and seeds' if seeds > 1 else ''}"
+        "; 95% CI: paired bootstrap; p: exact McNemar.",
+        "",
+        "| model | input | accuracy | Δ | 95% CI | p | params | vs color | FLOPs | clusters | BN |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         clusters = ", ".join(f"L{k}: {v}" for k, v in r["clusters"].items()) or "-"
-        smaller = 100 * (1 - r["params"] / color_params)
+        smaller = 100 * (1 - r["params"] / color["params"])
         lines.append(
-            f"| {r['name']} | {r['image_type']} | {100 * r['accuracy']:.2f}% | "
+            f"| {r['name']} | {r['image_type']} | {_acc(r)} | {_delta(r)} | "
             f"{r['params']:,} | -{smaller:.1f}% | {r['flops']:,} | {clusters} | {r['bn']} |"
         )
-    baseline = next(r for r in rows if r.get("baseline"))
-    final = rows[-1]
-    verdict = "beats" if final["accuracy"] >= baseline["accuracy"] else "does not beat"
+    held = [r for r in rows if "eval" in r]
+    if held:
+        e = held[0]["eval"]
+        lines += [
+            "",
+            f"## Held out: {e['dataset']} ({e['examples']} images; no choice was made on them)",
+            "",
+            "| model | accuracy | Δ | 95% CI | p |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {r['name']} | {_acc(r['eval'])} | {_delta(r['eval'])} |" for r in held]
+    lines += ["", "## Verdicts", ""] + _verdicts(rows, color)
     lines += [
         "",
-        f"The last merged model ({100 * final['accuracy']:.2f}%, "
-        f"{100 * (1 - final['params'] / color_params):.1f}% fewer parameters than the color "
-        f"model) {verdict} the gray + BN re-estimation baseline "
-        f"({100 * baseline['accuracy']:.2f}%).",
-        "",
-        "Figures: `figures/`. Every row's model: `checkpoint` in report.json; evaluate it "
-        "with `python -m experiments.evaluate --checkpoint=<workdir>/<checkpoint> "
-        "--dataset=... --view=<input>`.",
+        "Figures: `figures/` (pareto.png: accuracy against parameters and FLOPs). Every "
+        "row's model: `checkpoint` in report.json; evaluate it with `python -m "
+        "experiments.evaluate --checkpoint=<workdir>/<checkpoint> --dataset=... "
+        "--view=<input>`.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _verdicts(rows: list[dict[str, Any]], color: Mapping[str, Any]) -> list[str]:
+    """One line per merged (non-control) recovered row: above / below / tied."""
+    out = []
+    for r in rows:
+        if not r["clusters"] or r.get("control") or r.get("budget") is None:
+            continue
+        smaller = 100 * (1 - r["params"] / color["params"])
+        fewer = 100 * (1 - r["flops"] / color["flops"])
+        where = [f"validation {r['verdict']} ({_ci(r)})"]
+        if "eval" in r and "verdict" in r["eval"]:
+            where.append(f"held out {r['eval']['verdict']} ({_ci(r['eval'])})")
+        out.append(
+            f"- {r['name']} ({smaller:.1f}% fewer parameters, {fewer:.1f}% fewer FLOPs than "
+            f"the color model), against its budget's baseline: {'; '.join(where)}."
+        )
+    return out or ["- no merged row."]
+
+
+def _settings(config: Mapping[str, Any]) -> str:
+    preset = f"preset `{config['preset']}`" if config.get("preset") else "no preset"
+    keys = (
+        "dataset", "layers", "fold", "objective", "fields", "metric", "cluster",
+        "num_clusters", "bn_rule", "compensate", "bn", "bn_epochs", "finetune_epochs",
+        "finetune", "target_flops", "target_params", "controls", "seeds", "seed",
+    )  # fmt: skip
+    shown = ", ".join(f"{k}={config[k]}" for k in keys if k in config)
+    return f"Settings ({preset}): {shown}. Color model: `{config.get('color_checkpoint')}`."
+
+
+def _acc(r: Mapping[str, Any]) -> str:
+    text = f"{100 * r['accuracy']:.2f}%"
+    if "accuracy_sd" in r:
+        text += f" ± {100 * r['accuracy_sd']:.2f}"
+    return text
+
+
+def _delta(r: Mapping[str, Any]) -> str:
+    if "delta" not in r:
+        return "- | - | -"
+    return f"{r['delta']:+.2f} | {_ci(r)} | {r['p_value']:.3g}"
+
+
+def _ci(r: Mapping[str, Any]) -> str:
+    lo, hi = r["ci95"]
+    return f"[{lo:+.2f}, {hi:+.2f}]"

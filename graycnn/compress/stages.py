@@ -1,11 +1,12 @@
 """The stages of compress, as functions of plain data: no files, figures or JSON here.
 
     color model -> fold to gray -> per layer: compare filters (fields or responses)
-    -> distances -> clusters -> merge -> BN re-estimation -> evaluation
+    -> distances -> clusters -> merge (and the controls at the same widths)
+    -> recovery (compensation, BN re-estimation, fine-tuning) -> evaluation
 
-Each stage takes and returns `Model`s, arrays and small result types, so a new stage (a
-control, a compensation step, a fine-tune) is one function here and one line in
-`pipeline.compress`. `graycnn.compress.writer` owns every file.
+Each stage takes and returns `Model`s, arrays and small result types, so a new stage is
+one function here and one line in `pipeline.compress`. `graycnn.compress.writer` owns
+every file.
 """
 
 import dataclasses
@@ -16,11 +17,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from graycnn import batchnorm, checkpoint, cluster, data, distance, evaluation, fold, graph
+from graycnn import batchnorm, checkpoint, cluster, controls, data, distance, evaluation, fold
+from graycnn import graph as graph_lib
 from graycnn import merge as merge_lib
 from graycnn import receptive_field as rf
 from graycnn import train as train_lib
-from graycnn.compress.config import ACTIVATION, CompressConfig
+from graycnn.compress.config import ACTIVATION, CompressConfig, validate
 from graycnn.layers import layer_output_fn, resolve_layer
 from graycnn.models import ModelConfig, build_model, count_params
 
@@ -40,15 +42,25 @@ class Model:
     variables: Mapping[str, Any]
     source: str | None = None
 
-    def graph(self) -> graph.ChannelGraph:
+    def graph(self) -> graph_lib.ChannelGraph:
         """The model's channel graph (traced once per architecture, then cached)."""
-        return graph.trace(build_model(self.config), self.variables, self.config.input_shape)
+        return graph_lib.trace(build_model(self.config), self.variables, self.config.input_shape)
+
+    def widths(self) -> dict[int, int]:
+        """{conv layer number: filters}."""
+        g = self.graph()
+        return {i: g.widths.get(p, 0) for i, p in enumerate(g.conv_order, start=1)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
+    """train fits weights; validation is where rows are compared; held_out (optional)
+    is reported and never chosen on."""
+
     train: data.Split
     validation: data.Split
+    held_out: data.Split | None = None
+    held_out_name: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +71,7 @@ class LayerResult:
         layer, path: The conv's number and module path.
         objective, metric: What was compared, and how.
         fields: The merged model's receptive fields of the layer (F, H, W, 1).
-        color_fields: The color model's fields of the same layer (F, H, W, 3), shown
-            beside their luma (the study's Figures 6-7).
+        color_fields: The color model's fields of the same layer (F, H, W, 3).
         distances: (F, F) between the filters.
         clustering: The clusters.
         plan: The merge as applied.
@@ -79,44 +90,31 @@ class LayerResult:
     merged: Model
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Row:
-    """One row of the report: one model evaluated on the validation split.
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """Per-image correctness (bool, split order) on validation and held-out data."""
 
-    Attributes:
-        correct: (N,) bool per validation image, in split order (for paired statistics;
-            not written to report.json).
-    """
-
-    name: str
-    key: str
-    image_type: str
-    accuracy: float
-    params: int
-    flops: int
-    clusters: Mapping[int, int]
-    bn: str
-    correct: np.ndarray
-    baseline: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        out = {
-            "name": self.name,
-            "image_type": self.image_type,
-            "accuracy": self.accuracy,
-            "params": self.params,
-            "flops": self.flops,
-            "clusters": {str(k): v for k, v in self.clusters.items()},
-            "bn": self.bn,
-        }
-        return out | ({"baseline": True} if self.baseline else {})
+    validation: np.ndarray
+    held_out: np.ndarray | None
 
 
 def load_splits(config: CompressConfig) -> Splits:
-    return Splits(
-        data.load_dataset(config.dataset, "train", config.data_dir),
-        data.load_dataset(config.dataset, "validation", config.data_dir),
-    )
+    """The run's data; the held-out set is all of --eval_dataset, or the dataset's own
+    test split for --eval_dataset=test (absent if it has none)."""
+    train = data.load_dataset(config.dataset, "train", config.data_dir)
+    validation = data.load_dataset(config.dataset, "validation", config.data_dir)
+    name, held_out = config.eval_dataset, None
+    if name == "test":
+        name = f"{config.dataset}:test"
+        try:
+            held_out = data.load_dataset(config.dataset, "test", config.data_dir)
+        except ValueError:
+            name = None  # The dataset has no test split; --eval_dataset names one.
+    elif name != "none":
+        held_out = data.load_dataset(name, "all", config.data_dir)
+    else:
+        name = None
+    return Splits(train, validation, held_out, name)
 
 
 def color_model(config: CompressConfig, train_workdir: str) -> Model:
@@ -156,47 +154,97 @@ def fold_to_gray(config: CompressConfig, color: Model, train: data.Split) -> Mod
 
 
 def merge_layer(
-    config: CompressConfig, model: Model, layer: int, train: data.Split, color: Model
+    config: CompressConfig,
+    model: Model,
+    layer: int,
+    count: int | None,
+    train: data.Split,
+    color: Model,
+    seed: int,
+    figures: bool = True,
 ) -> LayerResult:
-    """Fields (or responses) -> distances -> clusters -> merge, for one layer."""
+    """Fields (or responses) -> distances -> clusters (to `count`, or by DBSCAN's eps
+    rule if None) -> merge, for one layer.
+
+    Args:
+        figures: Also compute what only the figures show (the color model's fields,
+            when they are not what is compared); else `color_fields` is None.
+    """
     net = build_model(model.config)
     path = resolve_layer(layer, model.graph().conv_order)
     objective = config.objective_of(layer)
     ascent = dict(
-        objective="center" if objective == ACTIVATION else objective,
-        steps=config.steps,
-        seed=config.seed,
+        objective="center" if objective == ACTIVATION else objective, steps=config.steps, seed=seed
     )
     fields = rf.gradient_ascent(
         net, model.variables, layer, input_shape=model.config.input_shape[1:], **ascent
     )
-    color_fields = rf.gradient_ascent(
-        build_model(color.config),
-        color.variables,
-        layer,
-        input_shape=color.config.input_shape[1:],
-        **ascent,
-    ).fields
-    compared = fields.fields[..., 0]
+    color_fields = None
+    if figures or (config.fields == "color_luma" and objective != ACTIVATION):
+        color_fields = rf.gradient_ascent(
+            build_model(color.config),
+            color.variables,
+            layer,
+            input_shape=color.config.input_shape[1:],
+            **ascent,
+        ).fields
     if objective == ACTIVATION:
-        compared = filter_responses(net, model.variables, path, train, config.seed)
+        compared = filter_responses(net, model.variables, path, train, seed)
+    elif config.fields == "color_luma":
+        compared = np.asarray(rf.to_gray(color_fields))[..., 0]
+    else:
+        compared = fields.fields[..., 0]
     distances = np.asarray(distance.pairwise(compared, config.metric_of(layer)))
-    clustering = cluster_filters(config, layer, distances)
-    plan = merge_lib.plan_merge(model.graph(), layer, clustering.labels)
-    merged = plan.apply(model.variables)
-    widths = graph.widths_of(net, merged, model.config.input_shape)
+    if count is not None:
+        clustering = cluster.cluster(distances, config.cluster, num_clusters=count)
+    else:
+        clustering = cluster.cluster(distances, "dbscan", eps_std=config.eps_std)
+    plan = merge_lib.plan_merge(model.graph(), layer, clustering.labels, config.bn_rule)
     return LayerResult(
-        layer,
-        path,
-        objective,
-        config.metric_of(layer),
-        fields,
-        color_fields,
-        distances,
-        clustering,
-        plan,
-        Model(model.config.replace(widths=widths), merged),
-    )
+        layer, path, objective, config.metric_of(layer), fields, color_fields, distances,
+        clustering, plan, apply_plan(model, plan),
+    )  # fmt: skip
+
+
+def plan_steps(config: CompressConfig, gray: Model, splits: Splits) -> list[tuple[int, int | None]]:
+    """[(layer, cluster count or None for DBSCAN's eps rule)] in merge order, checked
+    against the model's widths before any long work."""
+    widths = gray.widths()
+    validate(config, widths)
+    g = gray.graph()
+    for layer in config.layers:
+        g.check_mergeable(resolve_layer(layer, g.conv_order))
+    return [(layer, config.num_clusters.of(layer)) for layer in config.layers]
+
+
+def compensate(
+    config: CompressConfig, before: Model, merged: Model, layer: int, train: data.Split
+) -> Model:
+    """`merged` with the consumers of `layer` refit to `before`'s outputs ('lstsq'), or
+    as is ('none')."""
+    if config.compensate == "none":
+        return merged
+    raise NotImplementedError("lstsq compensation lands with graycnn.compensate")
+
+
+def apply_plan(model: Model, plan: merge_lib.MergePlan) -> Model:
+    """The model with a merge or prune plan applied, its config narrowed to match."""
+    variables = plan.apply(model.variables)
+    widths = graph_lib.widths_of(build_model(model.config), variables, model.config.input_shape)
+    return Model(model.config.replace(widths=widths), variables)
+
+
+def control(config: CompressConfig, kind: str, model: Model, layer: int, labels, seed: int):
+    """A control at the widths of a merge with `labels`: 'random' (a random partition
+    with the same cluster sizes) or 'prune_l1' (keep the largest-L1 filters)."""
+    g = model.graph()
+    if kind == "random":
+        plan = merge_lib.plan_merge(g, layer, controls.random_labels(labels, seed), config.bn_rule)
+    else:
+        path = resolve_layer(layer, g.conv_order)
+        keep = controls.l1_keep(g, model.variables, path, int(np.max(labels)) + 1)
+        plan = merge_lib.plan_prune(g, layer, keep)
+    return apply_plan(model, plan)
 
 
 def filter_responses(
@@ -213,19 +261,9 @@ def filter_responses(
     return np.moveaxis(np.asarray(out), -1, 0)
 
 
-def cluster_filters(
-    config: CompressConfig, layer: int, distances: np.ndarray
-) -> cluster.Clustering:
-    """A target count uses --cluster; without one, the study's rule: DBSCAN, eps_std."""
-    target = config.num_clusters.of(layer)
-    if target is not None:
-        return cluster.cluster(distances, config.cluster, num_clusters=target)
-    return cluster.cluster(distances, "dbscan", eps_std=config.eps_std)
-
-
-def reestimate_bn(config: CompressConfig, model: Model, workdir: str) -> Model:
-    """BatchNorm re-estimated on gray training images by `config.bn`, with the same
-    budget for every row (`workdir` holds BN training checkpoints; a rerun reuses them)."""
+def reestimate_bn(config: CompressConfig, model: Model, workdir: str, seed: int) -> Model:
+    """BatchNorm re-estimated on gray training images by `config.bn`, the same budget
+    for every row (`workdir` holds BN training checkpoints; a rerun reuses them)."""
     variables = batchnorm.reestimate(
         config.bn,
         model.config,
@@ -233,35 +271,44 @@ def reestimate_bn(config: CompressConfig, model: Model, workdir: str) -> Model:
         dataset=config.dataset,
         view="gray",
         workdir=workdir,
-        seed=config.seed,
+        seed=seed,
         epochs=config.bn_epochs,
         data_dir=config.data_dir,
     )
     return dataclasses.replace(model, variables=jax.device_get(variables))
 
 
-def evaluate(
-    name: str,
-    key: str,
-    view: str,
-    model: Model,
-    split: data.Split,
-    *,
-    clusters: Mapping[int, int] | None = None,
-    bn: str = "-",
-    baseline: bool = False,
-) -> Row:
-    """The report row of `model` on `split` seen as `view`."""
-    result = evaluation.evaluate(model.config, model.variables, split, view)
-    return Row(
-        name=name,
-        key=key,
-        image_type=view,
-        accuracy=result["accuracy"],
-        params=count_params(model.variables),
-        flops=model.graph().flops()["total"],
-        clusters=dict(clusters or {}),
-        bn=bn,
-        correct=result["correct"],
-        baseline=baseline,
+def finetune(config: CompressConfig, model: Model, color: Model, workdir: str, seed: int) -> Model:
+    """All weights trained `config.finetune_epochs` epochs on gray images, by distilling
+    the color model ('kd') or on the labels ('ce'); the same for every row."""
+    train_config = train_lib.TrainConfig(
+        model=model.config.name,
+        dataset=config.dataset,
+        view="gray",
+        epochs=config.finetune_epochs,
+        learning_rate=config.finetune_lr,
+        momentum=0.9,
+        distill=config.finetune,
+        seed=seed,
+        data_dir=config.data_dir,
     )
+    teacher = (color.config, color.variables) if config.finetune == "kd" else None
+    _, variables, _ = train_lib.train_and_evaluate(
+        train_config, workdir, init=(model.config, dict(model.variables)), teacher=teacher
+    )
+    return dataclasses.replace(model, variables=variables)
+
+
+def evaluate(model: Model, view: str, splits: Splits) -> Evaluation:
+    """Per-image correctness of `model` on the validation and held-out images."""
+
+    def correct(split):
+        return evaluation.evaluate(model.config, model.variables, split, view)["correct"]
+
+    held_out = correct(splits.held_out) if splits.held_out is not None else None
+    return Evaluation(correct(splits.validation), held_out)
+
+
+def size(model: Model) -> dict[str, int]:
+    """{'params', 'flops'} of the model (FLOPs of one image)."""
+    return {"params": count_params(model.variables), "flops": model.graph().flops()["total"]}

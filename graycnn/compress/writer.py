@@ -8,7 +8,8 @@ from typing import Any
 
 from graycnn import checkpoint, io
 from graycnn.compress import report
-from graycnn.compress.stages import LayerResult, Model, Row, Splits
+from graycnn.compress.stages import LayerResult, Model, Splits
+from graycnn.compress.table import RowSpec
 from graycnn.figures import clusters as cluster_figures
 from graycnn.figures import receptive_fields as rf_figures
 from graycnn.figures import report as report_figures
@@ -47,11 +48,12 @@ class Writer:
             os.path.join(self.figures, f"fields_gray_layer{layer}.png"),
             title=f"layer {layer} ({path}) of the gray model",
         )
-        rf_figures.plot_color_and_gray(
-            result.color_fields,
-            os.path.join(self.figures, f"fields_color_layer{layer}.png"),
-            title=f"layer {layer} ({path}) of the color model",
-        )
+        if result.color_fields is not None:
+            rf_figures.plot_color_and_gray(
+                result.color_fields,
+                os.path.join(self.figures, f"fields_color_layer{layer}.png"),
+                title=f"layer {layer} ({path}) of the color model",
+            )
         labels = result.clustering.labels
         cluster_figures.plot_distance_matrix(
             result.distances,
@@ -75,29 +77,22 @@ class Writer:
             },
         )
 
-    def model(self, row: Row, model: Model) -> str:
-        """Saves the row's model under models/ (once per key: the two color rows share
-        one) and returns its path relative to the workdir."""
-        directory = self.path("models", row.key)
+    def model(self, model_dir: str, seed_index: int, spec: RowSpec, model: Model) -> str:
+        """Saves a row's model under models/ (once per directory: the two color rows
+        share one; seeds after the first get `.seed<k>`) and returns its path relative
+        to the workdir."""
+        name = model_dir if seed_index == 0 else f"{model_dir}.seed{seed_index}"
+        directory = self.path("models", name)
         if not os.path.exists(directory):
             checkpoint.save_model(
-                directory, model.config, model.variables, row=row.name, view=row.image_type
+                directory, model.config, model.variables, row=spec.name, view=spec.image_type
             )
         return os.path.relpath(directory, self.workdir)
 
-    def finish(
-        self, rows: Sequence[Row], checkpoints: Sequence[str], config: dict[str, Any]
-    ) -> dict[str, Any]:
+    def finish(self, rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
         """Writes report.json, report.md and the accuracy figure; returns the report."""
-        result = {
-            "rows": [
-                r.to_json() | {"checkpoint": c} for r, c in zip(rows, checkpoints, strict=True)
-            ],
-            "config": config | {"workdir": self.workdir},
-        }
+        result = {"rows": list(rows), "config": config | {"workdir": self.workdir}}
         io.write_json(self.path("report.json"), result)
         io.write_text(self.path("report.md"), report.format_report(result))
-        report_figures.plot_accuracy_vs_params(
-            result["rows"], os.path.join(self.figures, "accuracy_vs_params.png")
-        )
+        report_figures.plot_pareto(result["rows"], os.path.join(self.figures, "pareto.png"))
         return result

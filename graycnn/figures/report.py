@@ -1,4 +1,4 @@
-"""Report figures: the data in color vs gray, accuracy vs parameters (compress), and
+"""Report figures: the data in color vs gray, accuracy vs size (compress), and
 validation accuracy per epoch (baselines)."""
 
 import os
@@ -35,25 +35,53 @@ def plot_color_vs_gray(images: np.ndarray, path: str | os.PathLike, columns: int
     return save_figure(fig, path)
 
 
-def plot_accuracy_vs_params(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:
-    """Accuracy (%) against parameters: numbered points, named in the legend."""
-    fig = Figure(figsize=(10, 4.8))
-    ax = fig.add_subplot()
-    for i, row in enumerate(rows, start=1):
-        x, y = row["params"], 100 * row["accuracy"]
-        marker = "s" if row["image_type"] == "color" else "o"
-        ax.scatter(x, y, marker=marker, s=40, label=f"{i}. {row['name']} ({y:.1f}%)")
-        ax.annotate(str(i), (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
-    baseline = next((r for r in rows if r.get("baseline")), None)
-    if baseline is not None:
-        ax.axhline(
-            100 * baseline["accuracy"], color="gray", ls="--", lw=0.8, label="gray + BN baseline"
-        )
-    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
-    ax.set_xlabel("parameters (BatchNorm statistics included)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:
+    """Accuracy (%) against parameters (left) and FLOPs (right), validation and, where
+    the rows have it, held-out accuracy (second row of panels): every row a point
+    (color rows squares, controls open markers), one line per budget through its
+    baseline and merged rows, in order of size."""
+    held = any("eval" in r for r in rows)
+    fig = Figure(figsize=(12, 4.6 * (2 if held else 1)))
+    axes = fig.subplots(2 if held else 1, 2, squeeze=False)
+    markers = {None: "o", "random": "x", "prune_l1": "^"}
+    for line, (split, title) in enumerate(
+        [("validation", "validation"), ("eval", "held out")][: 2 if held else 1]
+    ):
+        for col, (size, label) in enumerate((("params", "parameters"), ("flops", "FLOPs"))):
+            ax = axes[line, col]
+            for i, r in enumerate(rows, start=1):
+                acc = r if split == "validation" else r.get("eval", {})
+                if "accuracy" not in acc:
+                    continue
+                marker = "s" if r["image_type"] == "color" else markers[r.get("control")]
+                ax.scatter(
+                    r[size],
+                    100 * acc["accuracy"],
+                    marker=marker,
+                    s=36,
+                    label=f"{i}. {r['name']}" if (line, col) == (0, 0) else None,
+                )
+                ax.annotate(str(i), (r[size], 100 * acc["accuracy"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")  # fmt: skip
+            for budget in sorted({r.get("budget") for r in rows if r.get("budget")}):
+                chain = sorted(
+                    (r for r in rows if r.get("budget") == budget and not r.get("control")),
+                    key=lambda r: r[size],
+                )
+                points = [
+                    (r[size], 100 * (r if split == "validation" else r["eval"])["accuracy"])
+                    for r in chain
+                    if split == "validation" or "eval" in r
+                ]
+                if points:
+                    ax.plot(*zip(*points, strict=True), lw=1, alpha=0.7, label=(
+                        f"budget: {budget}" if (line, col) == (0, 0) else None))  # fmt: skip
+            ax.set_xlabel(label + (" (BatchNorm statistics included)" if size == "params" else
+                                   " (one image)"))  # fmt: skip
+            ax.set_ylabel(f"{title} accuracy (%)")
+            ax.grid(alpha=0.3)
+    fig.legend(loc="center left", bbox_to_anchor=(0.76, 0.5), fontsize=7, frameon=False)
+    fig.subplots_adjust(right=0.74, wspace=0.25, hspace=0.3)
     return save_figure(fig, path)
 
 
