@@ -3,11 +3,12 @@
     python -m experiments.compress --layers=1,2
 
 Defaults: the shipped pretrained densenet_tiny (color) and the embedded cifar10_sample;
-about 1 minute on a 2-core CPU with a warm compilation cache (docs/results.md has the
-expected report). Writes to --workdir: report.md, report.json, figures/,
-clusters_layer*.json, and one checkpoint per report row under models/ (each loads with
-`python -m experiments.evaluate --checkpoint=DIR --view=gray`). The full-size study on a
-GPU (a color densenet_seed trained with experiments.train):
+about 1-2 minutes on a 2-core CPU, longer while other jobs share the cores
+(docs/results.md has the measured times and the expected report). Writes to --workdir:
+report.md, report.json, figures/, clusters_layer*.json, and one checkpoint per report row
+under models/ (each loads with `python -m experiments.evaluate --checkpoint=DIR
+--view=gray`). The full-size study on a GPU (a color densenet_seed trained with
+experiments.train):
 
     python -m experiments.compress --checkpoint=runs/seed_color --dataset=cifar10 \
         --layers=1,2 --workdir=runs/seed_compress

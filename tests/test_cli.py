@@ -84,7 +84,7 @@ def test_corrupt_checkpoint_is_a_clear_error(trained, tmp_path):
         f.write_bytes(b"garbage")
     result = _run("experiments.evaluate", f"--checkpoint={copy}")
     assert result.returncode == 2
-    # Orbax's own restore threads may add a stray traceback line (BUILD_NOTES.md,
+    # Orbax's own restore threads may add a stray traceback line (BUILD_NOTES.md, orbax
     # pitfalls); our message is one line.
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "is corrupt or incomplete" in errors[0]

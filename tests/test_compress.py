@@ -181,7 +181,7 @@ def test_shipped_pretrained_model_loads_and_is_trained():
     model_config, variables, _ = checkpoint.load_model(str(path))
     assert (model_config.name, model_config.in_channels) == ("densenet_tiny", 3)
     val = data.load_dataset("cifar10_sample", "validation")
-    # 40 epochs on the 4,085 sample images (BUILD_NOTES.md); chance is 10%.
+    # 40 epochs on the 4,085 sample images (docs/results.md); chance is 10%.
     assert evaluation.evaluate(model_config, variables, val, "color")["accuracy"] > 0.6
 
 
