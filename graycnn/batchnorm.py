@@ -11,8 +11,9 @@ update as usual), one epoch of SGD with lr 0.01 and momentum 0.7.
 """
 
 import dataclasses
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -44,24 +45,14 @@ def recalibrate(
         augment: Use the training augmentation, whose statistics (zero-padded crops) the
             network was trained with.
     """
-    model = build_model(model_config)
     batch_sharding, replicated = parallel.mesh_shardings()
     params = jax.device_put(variables["params"], replicated)
     zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
     ones = jax.tree.map(jnp.ones_like, variables["batch_stats"])
+    step = _stats_step(build_model(model_config), view, augment)
 
-    @jax.jit
     def updated_stats(batch_stats, images, rng):
-        x = data.apply_view(images, view)
-        if augment:
-            x = data.augment(rng, x)
-        _, state = model.apply(
-            {"params": params, "batch_stats": batch_stats},
-            x,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        return state["batch_stats"]
+        return step(params, batch_stats, images, rng)
 
     batches = data.iterate_batches(split, batch_size, seed=seed, drop_remainder=True)
     total, count, momentum = None, 0, None
@@ -81,6 +72,25 @@ def recalibrate(
         raise ValueError(f"recalibration needs at least one batch of {batch_size} images")
     stats = jax.tree.map(lambda t: np.asarray(t / count), total)
     return {**variables, "batch_stats": stats}
+
+
+@functools.lru_cache(maxsize=32)
+def _stats_step(model: Any, view: str, augment: bool) -> Callable:
+    """Jitted (params, batch_stats, images, rng) -> the running statistics after one
+    train-mode pass. Cached per architecture, with the weights as arguments: a closure
+    over them would bake them into the program as constants and compile it anew for
+    every model (each merge, control and seed)."""
+
+    def step(params, batch_stats, images, rng):
+        x = data.apply_view(images, view)
+        if augment:
+            x = data.augment(rng, x)
+        _, state = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
+        return state["batch_stats"]
+
+    return jax.jit(step)
 
 
 def reestimate(

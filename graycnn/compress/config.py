@@ -121,6 +121,11 @@ class CompressConfig:
         return self.metric.of(layer, "mse" if layer == 1 else "imed")
 
     @property
+    def target(self) -> bool:
+        """Whether a budget search picks the layers (--target_flops/--target_params)."""
+        return bool(self.target_flops or self.target_params)
+
+    @property
     def budgets(self) -> tuple[str, ...]:
         """The recovery budgets every model gets: BN re-estimation, and fine-tuning."""
         return ("bn", "finetune") if self.finetune_epochs > 0 else ("bn",)
@@ -165,7 +170,7 @@ def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) ->
             abstract trace): checks layer ranges and cluster counts before any work.
     """
     config_lib.check(config)
-    if not config.layers and not _target(config):
+    if not config.layers and not config.target:
         raise ValueError("--layers is empty: name at least one conv layer to merge")
     if len(set(config.layers)) != len(config.layers):
         raise ValueError(f"--layers lists a layer twice: {list(config.layers)}")
@@ -185,7 +190,7 @@ def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) ->
     }
     defaults = {f.name: f.default for f in dataclasses.fields(CompressConfig)}
     for flag, value in per_layer.items():
-        given = value != defaults[flag[2:]] and not _target(config)
+        given = value != defaults[flag[2:]] and not config.target
         for layer in value.layer_numbers():
             if given and layer not in config.layers:
                 raise ValueError(
@@ -205,7 +210,3 @@ def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) ->
                 f"--num_clusters: layer {layer} has {widths[layer]} filters, so its "
                 f"cluster count must be 1..{widths[layer] - 1}, got {count}"
             )
-
-
-def _target(config: CompressConfig) -> bool:
-    return bool(config.target_flops or config.target_params)

@@ -13,7 +13,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from graycnn import config as config_lib
-from graycnn.compress import stages
+from graycnn.compress import budget, stages
 from graycnn.compress.config import CONTROLS, CompressConfig, validate, with_preset
 from graycnn.compress.table import RowSpec, Table, color_specs, recovered_spec
 from graycnn.compress.writer import Writer
@@ -34,7 +34,8 @@ def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) ->
     color = stages.color_model(config, out.path("color_model"))
     splits = stages.load_splits(config)
     gray = stages.fold_to_gray(config, color, splits.train)
-    steps = stages.plan_steps(config, gray, splits)
+    plan = budget.search(config, gray, color, splits.train) if config.target else None
+    steps = stages.plan_steps(config, gray, plan.steps if plan else None)
     out.data_figure(splits)
     run = _Run(config, color, splits, out)
     for spec, model in zip(color_specs(config), (color, color, gray), strict=True):
@@ -59,7 +60,7 @@ def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) ->
             run.add(recovered_spec(config, clusters, None, None), chains[None], i)
             for c, model in chains.items():
                 run.recover(model, clusters, c, i)
-    return out.finish(run.table.rows(), _settings(config, color, steps))
+    return out.finish(run.table.rows(), _settings(config, color, steps, plan))
 
 
 class _Run:
@@ -91,8 +92,9 @@ class _Run:
             self.add(spec, model, seed_index)
 
 
-def _settings(config, color, steps) -> dict[str, Any]:
+def _settings(config, color, steps, plan) -> dict[str, Any]:
     return config_lib.to_json(config) | {
         "color_checkpoint": color.source,
-        "plan": [{"layer": layer, "clusters": count} for layer, count in steps],
+        "steps": [{"layer": layer, "clusters": count} for layer, count in steps],
+        "budget_search": plan.to_json() if plan else None,
     }

@@ -1,0 +1,206 @@
+"""Compression to a target size: which layers to merge, and to how many clusters.
+
+1. Sensitivity: every conv the tracer can merge is merged alone to a few fractions of
+   its width (with the run's own comparison, clustering and merge), its BatchNorm
+   recalibrated, and the accuracy lost measured on a *selection split carved from the
+   training data*. The validation and held-out splits are never read.
+2. Allocation: greedy on the cost of each step, accuracy lost per FLOP (or parameter)
+   saved, from no merge towards smaller widths, until the planned model (its exact
+   widths, counted on the channel graph) meets the target. Drops are taken as additive
+   across layers; sizes are not assumed additive but counted.
+
+The plan is [(layer, clusters)] in forward order, with the measurements behind it.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from graycnn import batchnorm, cluster, data, distance, evaluation, graph, merge
+from graycnn import receptive_field as rf
+from graycnn.compress import stages
+from graycnn.compress.config import ACTIVATION, CompressConfig
+from graycnn.models import build_model, count_params
+
+FRACTIONS = (0.75, 0.5, 0.25)
+SELECTION_PER_CLASS = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """Merging `layer` alone to `clusters`: its accuracy lost on the selection split
+    (points) and the model's size then."""
+
+    layer: int
+    clusters: int
+    drop: float
+    params: int
+    flops: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The chosen merges and what they reach.
+
+    Attributes:
+        steps: [(layer, clusters)] in forward order.
+        target: ('flops' or 'params', fraction of the color model's).
+        achieved: The planned model's size as a fraction of the color model's.
+        options: Every measured option (the sensitivity table).
+        selection_accuracy: The unmerged gray model's accuracy on the selection split.
+    """
+
+    steps: list[tuple[int, int]]
+    target: tuple[str, float]
+    achieved: dict[str, float]
+    options: list[Option]
+    selection_accuracy: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "steps": [{"layer": layer, "clusters": k} for layer, k in self.steps],
+            "target": {self.target[0]: self.target[1]},
+            "achieved": self.achieved,
+            "selection_accuracy": self.selection_accuracy,
+            "options": [dataclasses.asdict(o) for o in self.options],
+        }
+
+
+def selection_split(train: data.Split, per_class: int = SELECTION_PER_CLASS) -> data.Split:
+    """The last `per_class` training images of each class: the budget search's data."""
+    keep = np.zeros(len(train), bool)
+    for c in range(train.num_classes):
+        keep[np.flatnonzero(train.labels == c)[-per_class:]] = True
+    return data.Split(train.images[keep], train.labels[keep], train.num_classes)
+
+
+def search(
+    config: CompressConfig, gray: stages.Model, color: stages.Model, train: data.Split
+) -> Plan:
+    """Picks layers and cluster counts to reach config.target_flops / target_params.
+
+    Args:
+        gray: The gray model; color: the color model, for the size fractions.
+        train: The training split; the selection split is carved from it. Nothing else
+            is read: the search cannot see the validation or held-out data.
+    """
+    kind, target = ("flops", config.target_flops) if config.target_flops else (
+        "params", config.target_params)  # fmt: skip
+    selection = selection_split(train)
+    g = gray.graph()
+    base_accuracy = _accuracy(gray.config, gray.variables, train, selection, config.seed)
+    color_size = _size(color.config, color.variables)
+    options = []
+    candidates = [
+        (i, p) for i, p in enumerate(g.conv_order, start=1)
+        if p in g.widths and g.widths[p] > 2 and _mergeable(g, p)
+    ]  # fmt: skip
+    for layer, path in tqdm(candidates, desc="budget: sensitivity", leave=False):
+        distances = _distances(config, gray, layer, path, train)
+        for k in sorted({max(1, round(g.widths[path] * f)) for f in FRACTIONS}, reverse=True):
+            labels = _cluster(config, distances, k)
+            merged = stages.apply_plan(gray, merge.plan_merge(g, layer, labels, config.bn_rule))
+            acc = _accuracy(merged.config, merged.variables, train, selection, config.seed)
+            size = _size(merged.config, merged.variables)
+            options.append(Option(layer, k, 100 * (base_accuracy - acc), **size))
+    steps = _allocate(gray, options, kind, target * color_size[kind])
+    achieved = _size_of_plan(gray, steps)
+    return Plan(
+        sorted(steps.items()),
+        (kind, target),
+        {k: v / color_size[k] for k, v in achieved.items()},
+        options,
+        base_accuracy,
+    )
+
+
+def _allocate(gray, options: list[Option], kind: str, budget: float) -> dict[int, int]:
+    """Greedy: cheapest accuracy per unit of size saved, until the plan fits `budget`."""
+    full = _size(gray.config, gray.variables)[kind]
+    by_layer: dict[int, list[Option]] = {}
+    for o in options:
+        by_layer.setdefault(o.layer, []).append(o)
+    for layer in by_layer:
+        by_layer[layer].sort(key=lambda o: -o.clusters)  # widest first
+    chosen: dict[int, Option] = {}
+    while _size_of_plan(gray, {k: o.clusters for k, o in chosen.items()})[kind] > budget:
+        best, best_cost = None, np.inf
+        for layer, opts in by_layer.items():
+            current = chosen.get(layer)
+            drop0 = current.drop if current else 0.0
+            saved0 = full - getattr(current, kind) if current else 0.0
+            for o in opts:
+                if current is not None and o.clusters >= current.clusters:
+                    continue
+                saved = (full - getattr(o, kind)) - saved0
+                if saved <= 0:
+                    continue
+                cost = max(o.drop - drop0, 0.0) / saved
+                if cost < best_cost:
+                    best, best_cost = o, cost
+        if best is None:
+            raise ValueError(
+                f"--target_{kind}: cannot reach {budget:,.0f} {kind} by merging the "
+                "mergeable layers to 1/4 of their widths; ask for a larger fraction"
+            )
+        chosen[best.layer] = best
+    return {layer: o.clusters for layer, o in chosen.items()}
+
+
+def _size_of_plan(gray, steps: dict[int, int]) -> dict[str, int]:
+    """The exact size of `gray` with each planned layer at its cluster count: counted on
+    abstract shapes, nothing merged."""
+    g = gray.graph()
+    widths = dict(gray.config.widths)
+    for layer, k in steps.items():
+        widths |= dict.fromkeys(g.group(g.conv_order[layer - 1]), k)  # a residual group too
+    config = gray.config.replace(widths=widths)
+    model = build_model(config)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros(config.input_shape))
+    return _size(config, shapes)
+
+
+def _size(model_config, variables) -> dict[str, int]:
+    g = graph.trace(build_model(model_config), variables, model_config.input_shape)
+    return {"params": count_params(variables), "flops": g.flops()["total"]}
+
+
+def _mergeable(g: graph.ChannelGraph, path: str) -> bool:
+    try:
+        g.check_mergeable(path)
+    except ValueError:
+        return False
+    return g.group(path)[0] == path  # a residual group is a candidate once, by its first conv
+
+
+def _distances(config, gray, layer: int, path: str, train: data.Split) -> np.ndarray:
+    objective = config.objective_of(layer)
+    if objective == ACTIVATION:
+        compared = stages.filter_responses(
+            build_model(gray.config), gray.variables, path, train, config.seed
+        )
+    else:
+        compared = rf.gradient_ascent(
+            build_model(gray.config), gray.variables, layer, objective=objective,
+            steps=config.steps, seed=config.seed, input_shape=gray.config.input_shape[1:],
+        ).fields[..., 0]  # fmt: skip
+    return np.asarray(distance.pairwise(compared, config.metric_of(layer)))
+
+
+def _cluster(config, distances: np.ndarray, k: int) -> np.ndarray:
+    method = config.cluster
+    try:
+        return cluster.cluster(distances, method, num_clusters=k).labels
+    except ValueError:  # DBSCAN cannot reach every count (ties): complete linkage can.
+        return cluster.cluster(distances, "complete", num_clusters=k).labels
+
+
+def _accuracy(model_config, variables, train, selection, seed: int) -> float:
+    """Selection accuracy after a short BN recalibration on training images."""
+    variables = batchnorm.recalibrate(
+        model_config, variables, train, "gray", num_batches=8, batch_size=64, seed=seed
+    )
+    return evaluation.evaluate(model_config, variables, selection, "gray")["accuracy"]
