@@ -61,6 +61,9 @@ _INTERCEPTORS: contextvars.ContextVar[tuple[Callable, ...]] = contextvars.Contex
 _PATHS: contextvars.ContextVar[dict[int, tuple[str, ...]] | None] = contextvars.ContextVar(
     "graycnn_nnx_paths", default=None
 )
+_CALLER: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "graycnn_nnx_caller", default=()
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +320,16 @@ def _tapped(cls: type) -> type:
         context = CallContext(self, "__call__", path)
         for interceptor in reversed(_INTERCEPTORS.get()):
             call = functools.partial(_intercepted, interceptor, call, context)
-        return call(*args, **kwargs)
+        # Name the module's ops in the jaxpr as linen does (the tracer's error messages
+        # name the module): the path relative to the enclosing call.
+        outer = _CALLER.get()
+        name = "/".join(path[len(outer) :] if path[: len(outer)] == outer else path)
+        token = _CALLER.set(path)
+        try:
+            with jax.named_scope(name) if name else contextlib.nullcontext():
+                return call(*args, **kwargs)
+        finally:
+            _CALLER.reset(token)
 
     namespace = {
         "__call__": __call__,

@@ -238,8 +238,10 @@ def _trace(model: nn.Module, signature: tuple, input_shape: tuple[int, ...]) -> 
     kwargs = call_kwargs(model)
     batchnorms: dict[str, float] = {}
     convs: list[str] = []
+    modules: dict[str, str] = {}
 
     def record(next_fun, args, kw, context):
+        modules.setdefault(module_path(context), type(context.module).__name__)
         if isinstance(context.module, BATCHNORMS):
             batchnorms[module_path(context)] = float(context.module.epsilon)
         if isinstance(context.module, CONVS) and context.method_name == "__call__":
@@ -259,7 +261,7 @@ def _trace(model: nn.Module, signature: tuple, input_shape: tuple[int, ...]) -> 
         for p, s in zip(paths, leaves, strict=True)
     ]
     inputs.append(Value(tuple(input_shape), data=True))
-    rec = Recorder()
+    rec = Recorder(modules)
     for out in rules.interpret(closed, inputs, rec):
         rec.taint([out], "its channels are part of the model's output")
     return ChannelGraph(
