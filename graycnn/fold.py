@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from graycnn import graph
+from graycnn import graph, nnx_adapter
 from graycnn.tree import flatten, unflatten
 
 METHODS = ("sum", "mean", "luma", "fit")
@@ -87,14 +87,18 @@ def fold_to_gray(
     """Returns new variables whose first conv reads one gray channel instead of RGB.
 
     Args:
-        model: A color model (its first conv's kernel has 3 input channels).
-        variables: Its tree; not modified.
+        model: A color model (its first conv's kernel has 3 input channels), linen or
+            NNX.
+        variables: Its tree; not modified. For an nnx.Module, an nnx.State or None
+            (the module's own state).
         method: 'sum', 'mean', 'luma' or 'fit' (see the module docstring).
         fit: (a, b) from `fit_gray_coefficients`; required by method 'fit'.
         input_shape: (N, H, W, 3) of the color images.
 
     Returns:
-        The folded tree, for the same module fed (N, H, W, 1) gray images.
+        The folded tree, for the same module fed (N, H, W, 1) gray images. For an
+        nnx.Module: a new nnx.State if one was given, else a new nnx.Module whose first
+        conv has in_features=1 (the given module is not modified).
 
     Raises:
         ValueError: unknown method, no `fit` for 'fit', a first conv that does not read
@@ -106,6 +110,7 @@ def fold_to_gray(
     input_shape = tuple(input_shape)
     if len(input_shape) != 4 or input_shape[-1] != 3:
         raise ValueError(f"input_shape must be (N, H, W, 3) color images, got {input_shape}")
+    model, variables, back = nnx_adapter.adapt(model, variables)
     g = graph.trace(model, variables, input_shape)
     model = g.model
     path = g.conv_order[0]
@@ -136,7 +141,7 @@ def fold_to_gray(
         delta = np.tensordot(kernel, const, axes=([op.in_axis], [0]))
         delta = delta.sum(axis=tuple(range(delta.ndim - 1)))  # over the spatial taps
         _absorb_constant(g, new, path, delta)
-    return unflatten(new)
+    return back(unflatten(new))
 
 
 def input_transform(
@@ -148,6 +153,7 @@ def input_transform(
     sees the same value (a per-channel normalization cannot be folded into one gray
     channel by `fit`).
     """
+    model, variables, _ = nnx_adapter.adapt(model, variables)
 
     class _Captured(Exception):
         pass
@@ -155,7 +161,7 @@ def input_transform(
     seen: dict[str, np.ndarray] = {}
 
     def capture(next_fun, args, kwargs, context):
-        if "/".join(context.module.path) == path and context.method_name == "__call__":
+        if nnx_adapter.module_path(context) == path and context.method_name == "__call__":
             seen["x"] = np.asarray(args[0], np.float64)
             raise _Captured
         return next_fun(*args, **kwargs)
@@ -164,7 +170,7 @@ def input_transform(
     for pixel in (0.0, 255.0):
         image = jnp.full((1, *input_shape[1:]), pixel, jnp.float32)
         try:
-            with nn.intercept_methods(capture):
+            with nnx_adapter.intercept_methods(capture):
                 model.apply(variables, image, **graph.call_kwargs(model))
         except _Captured:
             pass

@@ -4,7 +4,9 @@ Layer 1 of the DenseNet is the stem, layer 2 the first dense layer's conv, layer
 first conv of block 2. A layer is addressed by that number or by its module path, the
 path of its kernel without the `params/` prefix and `/kernel` suffix (e.g.
 `block1/layer1/conv`). The order is read by intercepting every `nn.Conv` call during an
-abstract trace, so it works for any Flax model, not only the project's.
+abstract trace, so it works for any Flax model, not only the project's. For an
+`nnx.Module` the path is the attribute path of each `nnx.Conv` (`blocks/0/conv`), and
+the order is that of their `__call__`s (see `graycnn.nnx_adapter`).
 """
 
 from collections.abc import Callable, Sequence
@@ -13,6 +15,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from graycnn import nnx_adapter
 
 LayerRef = int | str
 
@@ -21,19 +26,21 @@ def conv_layers(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
     """Returns the module paths of every nn.Conv in the order the forward pass calls them.
 
     Args:
-        model: A Flax module whose `__call__(x)` takes images.
+        model: A Flax module whose `__call__(x)` takes images: linen, or NNX (its
+            nnx.Convs, in eval mode).
         input_shape: (N, H, W, C) of a dummy input; only shapes are traced.
     """
+    model = nnx_adapter.adapt_model(model)
     paths: list[str] = []
 
     def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
-            path = "/".join(context.module.path)
+        if isinstance(context.module, nnx_adapter.CONVS) and context.method_name == "__call__":
+            path = nnx_adapter.module_path(context)
             if path not in paths:
                 paths.append(path)
         return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(record):
+    with nnx_adapter.intercept_methods(record):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(input_shape, jnp.float32))
     return paths
 
@@ -73,8 +80,10 @@ def layer_output_fn(model: nn.Module, path: str) -> Callable[[Any, jax.Array], j
     """Returns f(variables, images) -> the conv's output (N, H', W', F), inference mode.
 
     Under jit, XLA drops everything after the captured conv, so the rest of the network
-    costs nothing.
+    costs nothing. For an nnx.Module, `variables` is an nnx.State (or linen-style).
     """
+    if isinstance(model, nnx_adapter.NNXModel | nnx.Module):
+        return nnx_adapter.layer_output_fn(nnx_adapter.adapt_model(model), path)
 
     def output(variables: Any, images: jax.Array) -> jax.Array:
         _, state = model.apply(

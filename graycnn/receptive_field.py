@@ -35,6 +35,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from graycnn import nnx_adapter
 from graycnn.layers import LayerRef, conv_layers, layer_output_fn, resolve_layer
 from graycnn.tree import tree_get
 
@@ -114,7 +115,8 @@ def gradient_ascent(
     filter's image does not depend on the chunking or the number of devices.
 
     Args:
-        model: The Flax model; `variables` its {'params', 'batch_stats'}.
+        model: The Flax model, linen or NNX; `variables` its {'params', 'batch_stats'},
+            or for an nnx.Module an nnx.State or None (its own state).
         layer: A 1-based conv layer number or a conv path (see graycnn.layers).
         objective: 'mean' (the study's), 'center' or 'kernel' (first layer only).
         steps, step_size: The ascent (the study: 100 steps of 0.5).
@@ -145,6 +147,7 @@ def gradient_ascent(
             than the first.
     """
     _check_options(objective, steps, step_size, jitter, blur_sigma, loop)
+    model, variables, _ = nnx_adapter.adapt(model, variables)
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (H, W, C), got {tuple(input_shape)}")
     h, w, c = (int(s) for s in input_shape)
@@ -337,10 +340,10 @@ def _bytes_per_image(model: nn.Module, path: str, shape: tuple[int, ...]) -> int
         out = next_fun(*args, **kwargs)
         if not done[0] and context.method_name == "__call__":
             elements[0] += sum(x.size for x in jax.tree.leaves(out))
-            done[0] = "/".join(context.module.path) == path
+            done[0] = nnx_adapter.module_path(context) == path
         return out
 
-    with nn.intercept_methods(record):
+    with nnx_adapter.intercept_methods(record):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32))
     return max(1, 4 * 4 * elements[0])
 

@@ -3,7 +3,8 @@
 Traced once per architecture from the model's jaxpr (`trace`), it is what the fold, the
 merge, the FLOP count and BN-only training read about a model's structure. See
 `graycnn.graph.trace` for what is followed and `graycnn.graph.rebuild` for running a
-tree whose convs were narrowed.
+tree whose convs were narrowed. Every function here takes a linen module with its
+variables, or an nnx.Module with an nnx.State or None (see `graycnn.nnx_adapter`).
 
 Example:
     >>> g = trace(model, variables, (1, 32, 32, 3))

@@ -10,6 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from graycnn import nnx_adapter
 from graycnn.graph.trace import dtype_of, shape_of, trace
 
 
@@ -19,9 +20,10 @@ def count_flops(
     """FLOPs of one image's forward pass, per layer and in total.
 
     Args:
-        model: The architecture; conv widths are read off the tree, so the original
-            module counts a merged tree.
-        variables_or_shapes: The tree, as arrays or jax.ShapeDtypeStruct leaves.
+        model: The architecture, linen or NNX; conv widths are read off the tree, so the
+            original module counts a merged tree.
+        variables_or_shapes: The tree, as arrays or jax.ShapeDtypeStruct leaves; for an
+            nnx.Module, an nnx.State or None (its own state).
         input_shape: (N, H, W, C) of the images; N is ignored (one image is counted).
 
     Returns:
@@ -31,6 +33,7 @@ def count_flops(
         >>> count_flops(model, variables, (1, 32, 32, 3))["per_layer"]["stem"]
         1990656
     """
+    model, variables_or_shapes, _ = nnx_adapter.adapt(model, variables_or_shapes)
     shapes = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(shape_of(x), dtype_of(x)), dict(variables_or_shapes)
     )

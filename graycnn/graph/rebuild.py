@@ -8,6 +8,10 @@ longer matches it. Two ways back:
   `ModelConfig(..., widths=...)`, so a checkpoint of the merged model rebuilds itself.
 * Any other Flax module is wrapped in `Rebuilt`, which runs the module unchanged except
   that each `nn.Conv` named in its table gets that many `features`.
+* An nnx.Module holds its arrays: `rebuild` returns a new nnx.Module holding the tree,
+  its convs', dense layers' and BatchNorms' `in_features`, `out_features` and
+  `num_features` read off the arrays (`nnx_adapter.to_module`); the user's module is
+  not modified. Inside the library an `NNXModel` gets the conv widths for its `init`.
 
 How `Rebuilt` works, and its limits: the wrapper shares its scope with the wrapped
 module (`nn.share_scope`), so variable paths are unchanged, and runs it under
@@ -29,7 +33,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+from flax import nnx
 
+from graycnn import nnx_adapter
 from graycnn.layers import conv_layers
 from graycnn.tree import tree_get
 
@@ -76,7 +82,8 @@ def widths_of(
 
     Args:
         model: The architecture (merged or not: only conv paths are read from it).
-        variables: {'params': ..., ...}; arrays or jax.ShapeDtypeStruct.
+        variables: {'params': ..., ...}; arrays or jax.ShapeDtypeStruct; for an
+            nnx.Module, an nnx.State or None (its own state).
         input_shape: (N, H, W, C) of the images the tree expects.
 
     Returns:
@@ -85,6 +92,7 @@ def widths_of(
     Raises:
         ValueError: a conv of the model has no kernel in the tree (naming the path).
     """
+    model, variables, _ = nnx_adapter.adapt(model, variables)
     widths = {}
     for path in conv_layers(unwrap(model), input_shape):
         try:
@@ -102,13 +110,26 @@ def rebuild(
 
     Args:
         model: The original (or an earlier rebuilt) module.
-        variables: A (merged) tree.
+        variables: A (merged) tree; for an nnx.Module an nnx.State or None.
         input_shape: (N, H, W, C) of the images the tree expects.
 
     Returns:
         `model.clone(widths=...)` for modules with a `widths` attribute (the project's
-        models), else a `Rebuilt` wrapper.
+        models), a `Rebuilt` wrapper for other linen modules, and for an nnx.Module a
+        new nnx.Module holding the tree (checked against the model first).
+
+    Raises:
+        ValueError: for an nnx.Module, a tree that does not fit it (naming the path).
     """
+    if isinstance(model, nnx.Module):
+        from graycnn.graph.trace import check_variables  # trace imports this module
+
+        adapted, tree, _ = nnx_adapter.adapt(model, variables)
+        check_variables(rebuild(adapted, tree, input_shape), tree, input_shape)
+        return nnx_adapter.to_module(model, tree)
+    if isinstance(model, nnx_adapter.NNXModel):
+        widths = widths_of(model, variables, input_shape)
+        return dataclasses.replace(model, features=tuple(sorted(widths.items())))
     base = unwrap(model)
     widths = tuple(widths_of(base, variables, input_shape).items())
     if "widths" in {f.name for f in dataclasses.fields(base)}:

@@ -43,8 +43,14 @@ from graycnn.graph.values import (
 )
 
 
-def interpret(closed: jcore.ClosedJaxpr, inputs: Sequence[Value], rec: Recorder) -> list[Value]:
-    """Runs the abstract interpretation over `closed`; returns the output Values."""
+def interpret(
+    closed: jcore.ClosedJaxpr, inputs: Sequence[Value], rec: Recorder, scope: tuple[str, ...] = ()
+) -> list[Value]:
+    """Runs the abstract interpretation over `closed`; returns the output Values.
+
+    `scope` is the name stack of the op whose body `closed` is (sub-jaxprs name their
+    ops relative to it).
+    """
     jaxpr = closed.jaxpr
     env: dict[jcore.Var, Value] = {}
     for var in jaxpr.constvars:
@@ -57,12 +63,15 @@ def interpret(closed: jcore.ClosedJaxpr, inputs: Sequence[Value], rec: Recorder)
             return Value(tuple(np.shape(var.val)))
         return env[var]
 
+    outer = rec.where
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
+        rec.where = scope + tuple(n for n in str(eqn.source_info.name_stack).split("/") if n)
         outs = _apply(eqn, ins, rec)
         for var, value in zip(eqn.outvars, outs, strict=True):
             if not isinstance(var, jcore.DropVar):
                 env[var] = value
+    rec.where = outer
     return [read(v) for v in jaxpr.outvars]
 
 
@@ -71,7 +80,7 @@ def _apply(eqn, ins: list[Value], rec: Recorder) -> list[Value]:
     shapes = [tuple(v.aval.shape) if hasattr(v.aval, "shape") else () for v in eqn.outvars]
     sub = _sub_jaxpr(eqn)
     if sub is not None:
-        return interpret(sub, ins, rec)
+        return interpret(sub, ins, rec, rec.where)
     rule = _RULES.get(name)
     if rule is None and name.startswith("reduce_window"):
         rule = reduce_window

@@ -33,9 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from graycnn import nnx_adapter
 from graycnn.graph import rules
 from graycnn.graph.rebuild import rebuild, unwrap
 from graycnn.graph.values import FirstOp, LayerOp, Recorder, Use, Value, module_of
+from graycnn.nnx_adapter import BATCHNORMS, CONVS, NNXModel, module_path
 from graycnn.tree import flatten, unflatten
 
 
@@ -49,13 +51,14 @@ class ChannelGraph:
         uses: Every leaf axis indexed by traced channels.
         first_ops: The first non-layout op reading each conv's raw output.
         problems: conv path -> why its channels cannot be merged.
-        batchnorms: nn.BatchNorm module path -> epsilon.
+        batchnorms: nn.BatchNorm (or nnx.BatchNorm) module path -> epsilon.
         layers: conv/dense path -> LayerOp (kernel leaf, axes, FLOPs for one image).
         roots: conv path -> representative of its residual group.
-        model: The module that runs the traced tree (rebuilt with its conv widths).
+        model: The module that runs the traced tree (rebuilt with its conv widths); for
+            an nnx.Module, the `nnx_adapter.NNXModel` that runs it.
         input_shape: (1, H, W, C) of the traced images.
-        conv_order: Every nn.Conv's path in the order the forward pass calls it: the
-            layer numbers 1..N (see graycnn.layers).
+        conv_order: Every nn.Conv's (or nnx.Conv's) path in the order the forward pass
+            calls it: the layer numbers 1..N (see graycnn.layers).
         leaf_shapes: Every variable leaf ('params/...') -> its shape.
     """
 
@@ -130,6 +133,8 @@ class ChannelGraph:
 
 def call_kwargs(model: nn.Module) -> dict[str, Any]:
     """{'train': False} if the module's __call__ takes `train`, else {}."""
+    if isinstance(model, NNXModel):
+        return {}  # NNXModel.apply runs in eval mode, with train=False where taken.
     try:
         params = inspect.signature(type(unwrap(model)).__call__).parameters
     except (TypeError, ValueError):
@@ -143,8 +148,10 @@ def check_variables(
     """Raises ValueError, naming the path, unless `variables` fit `model` exactly.
 
     Checks that every leaf is finite (leaves given as shapes are not), and that the tree
-    has exactly the paths and shapes `model.init` makes for `input_shape`.
+    has exactly the paths and shapes `model.init` makes for `input_shape`. An nnx.Module
+    takes an nnx.State or None (its own state).
     """
+    model, variables, _ = nnx_adapter.adapt(model, variables)
     check_finite(variables)
     _check_shapes(model, variables, tuple(input_shape))
 
@@ -194,15 +201,18 @@ def trace(
     """Traces where every conv's output channels go; cached per architecture.
 
     Args:
-        model: A Flax module taking images (N, H, W, C); called with train=False if its
-            __call__ takes `train`. Conv widths are read off `variables`, so the original
-            module works for a merged tree.
-        variables: Arrays or jax.ShapeDtypeStruct leaves.
+        model: A Flax module taking images (N, H, W, C), linen or NNX; called with
+            train=False if its __call__ takes `train` (an nnx.Module also in eval mode).
+            Conv widths are read off `variables`, so the original module works for a
+            merged tree.
+        variables: Arrays or jax.ShapeDtypeStruct leaves; for an nnx.Module an
+            nnx.State or None (its own state).
         input_shape: (N, H, W, C) of the images; N is ignored (one image is traced).
 
     Raises:
         ValueError: the tree does not fit the model, or holds NaN, naming the path.
     """
+    model, variables, _ = nnx_adapter.adapt(model, variables)
     if len(input_shape) != 4:
         raise ValueError(f"input_shape must be (N, H, W, C), got {tuple(input_shape)}")
     check_finite(variables)
@@ -228,12 +238,14 @@ def _trace(model: nn.Module, signature: tuple, input_shape: tuple[int, ...]) -> 
     kwargs = call_kwargs(model)
     batchnorms: dict[str, float] = {}
     convs: list[str] = []
+    modules: dict[str, str] = {}
 
     def record(next_fun, args, kw, context):
-        if isinstance(context.module, nn.BatchNorm):
-            batchnorms["/".join(context.module.path)] = float(context.module.epsilon)
-        if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
-            path = "/".join(context.module.path)
+        modules.setdefault(module_path(context), type(context.module).__name__)
+        if isinstance(context.module, BATCHNORMS):
+            batchnorms[module_path(context)] = float(context.module.epsilon)
+        if isinstance(context.module, CONVS) and context.method_name == "__call__":
+            path = module_path(context)
             if path not in convs:
                 convs.append(path)
         return next_fun(*args, **kw)
@@ -242,14 +254,14 @@ def _trace(model: nn.Module, signature: tuple, input_shape: tuple[int, ...]) -> 
         return model.apply(unflatten(dict(zip(paths, leaves, strict=True))), x, **kwargs)
 
     leaves = [flat[p] for p in paths]
-    with nn.intercept_methods(record):
+    with nnx_adapter.intercept_methods(record):
         closed = jax.make_jaxpr(apply)(leaves, jax.ShapeDtypeStruct(input_shape, jnp.float32))
     inputs = [
         Value(s.shape, leaves={p: tuple(range(len(s.shape)))}, exact=True)
         for p, s in zip(paths, leaves, strict=True)
     ]
     inputs.append(Value(tuple(input_shape), data=True))
-    rec = Recorder()
+    rec = Recorder(modules)
     for out in rules.interpret(closed, inputs, rec):
         rec.taint([out], "its channels are part of the model's output")
     return ChannelGraph(

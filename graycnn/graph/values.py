@@ -120,9 +120,16 @@ class LayerOp:
 
 
 class Recorder:
-    """Collects what the interpretation finds; a union-find ties residual groups."""
+    """Collects what the interpretation finds; a union-find ties residual groups.
 
-    def __init__(self):
+    `modules` (module path -> class name) and `where` (the name stack of the op being
+    interpreted) let every problem name the module whose op it is, e.g. "(in GroupNorm
+    'gn')": linen names its modules on the stack, `graycnn.nnx_adapter` NNX ones.
+    """
+
+    def __init__(self, modules: Mapping[str, str] | None = None):
+        self.modules = dict(modules or {})
+        self.where: tuple[str, ...] = ()
         self.sources: dict[str, int] = {}
         self.uses: list[Use] = []
         self.problems: dict[str, list[str]] = {}
@@ -137,6 +144,13 @@ class Recorder:
         return source
 
     def problem(self, sources: Sequence[str | None], reason: str) -> None:
+        # The longest tail of the name stack that is a module path: linen stacks start
+        # with the root's class name (and 'Rebuilt/module' for a wrapped module).
+        for i in range(len(self.where)):
+            module = "/".join(self.where[i:])
+            if module in self.modules:
+                reason = f"{reason} (in {self.modules[module]} {module!r})"
+                break
         for s in sources:
             if s is not None and reason not in self.problems.setdefault(s, []):
                 self.problems[s].append(reason)

@@ -38,8 +38,9 @@ from typing import Any
 
 import flax.linen as nn
 import numpy as np
+from flax import nnx
 
-from graycnn import graph
+from graycnn import graph, nnx_adapter
 from graycnn.graph import ChannelGraph, Segment, like_leaf, module_of
 from graycnn.layers import LayerRef, resolve_layer
 from graycnn.tree import flatten, unflatten
@@ -225,7 +226,10 @@ class MergePlan:
         return "\n".join(lines)
 
     def apply(self, variables: Mapping[str, Any]) -> dict[str, Any]:
-        """Returns the merged tree; `variables` is not modified."""
+        """Returns the merged tree (a new nnx.State for an nnx.State); `variables` is not
+        modified."""
+        if isinstance(variables, nnx.State):
+            return nnx_adapter.to_state(self.apply(nnx_adapter.to_variables(variables)), variables)
         flat = flatten(variables)
         new = dict(flat)
         members = set(self.group)
@@ -340,25 +344,30 @@ def merge_layer(
     """Returns new variables with the filters of conv `layer` merged per cluster.
 
     Args:
-        model: The architecture; conv widths are read off `variables`, so the original
-            module works for an already merged tree.
-        variables: {'params', 'batch_stats', ...}; not modified.
-        layer: 1-based conv number (forward order) or conv path.
+        model: The architecture, linen or NNX; conv widths are read off `variables`, so
+            the original module works for an already merged tree.
+        variables: {'params', 'batch_stats', ...}; not modified. For an nnx.Module, an
+            nnx.State or None (the module's own state).
+        layer: 1-based conv number (forward order) or conv path (for NNX the attribute
+            path, e.g. 'blocks/0/conv').
         labels: (F,) ints 0..K-1, every cluster used, for the conv's F filters.
         input_shape: (N, H, W, C) of the images the tree expects.
         bn_rule: 'moments' (default), 'mean' (the study) or 'affine'; see
             `merge_batchnorm`.
 
     Returns:
-        The merged tree; run it with `graph.rebuild(model, merged, input_shape)`.
+        The merged tree; run it with `graph.rebuild(model, merged, input_shape)`. For an
+        nnx.Module: a new nnx.State if one was given, else a new nnx.Module with the
+        narrower convs, ready to run (the given module is not modified).
 
     Raises:
         ValueError: naming the path: unknown layer, bad labels, a conv whose channels no
             layer reads (the classifier) or that are read by an op that cannot be
             followed, NaN weights, a tree that does not match the model.
     """
+    model, variables, back = nnx_adapter.adapt(model, variables)
     g = graph.trace(model, variables, input_shape)
-    return plan_merge(g, layer, labels, bn_rule).apply(variables)
+    return back(plan_merge(g, layer, labels, bn_rule).apply(variables))
 
 
 def merge_layers(
@@ -369,12 +378,14 @@ def merge_layers(
     input_shape: Sequence[int],
     bn_rule: str = "moments",
 ) -> dict[str, Any]:
-    """Merges several layers in turn ({layer: labels}); layer numbers do not shift."""
+    """Merges several layers in turn ({layer: labels}); layer numbers do not shift.
+    Arguments and result as for `merge_layer`."""
+    model, variables, back = nnx_adapter.adapt(model, variables)
     for layer, layer_labels in labels.items():
         variables = merge_layer(
             model, variables, layer, layer_labels, input_shape=input_shape, bn_rule=bn_rule
         )
-    return variables
+    return back(variables)
 
 
 Reducer = Callable[[dict[str, np.ndarray], np.ndarray], dict[str, np.ndarray]]
