@@ -5,8 +5,10 @@ import hashlib
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -197,3 +199,40 @@ def test_filter_responses_are_the_conv_outputs_per_filter(sample_npz):
     idx = np.random.default_rng(0).permutation(len(split))[:7]
     direct = layer_output_fn(model, "stem")(variables, data.apply_view(split.images[idx], "gray"))
     np.testing.assert_allclose(responses, np.moveaxis(np.asarray(direct), -1, 0), atol=1e-5)
+
+
+def test_killed_run_resumes_to_the_same_report(runs, config, tmp_path):
+    """A compress killed mid-run, rerun with the same flags into the same workdir,
+    finishes with the report an uninterrupted run writes; other flags are refused."""
+    _, first, _ = runs
+    workdir = tmp_path / "w"
+    flags = [
+        sys.executable, "-m", "experiments.compress", f"--checkpoint={config.checkpoint}",
+        f"--dataset={config.dataset}", f"--eval_dataset={config.eval_dataset}",
+        "--layers=1,2", "--steps=3", "--num_clusters=1:5,2:3", "--bn=recalibrate",
+        f"--workdir={workdir}",
+    ]  # fmt: skip
+    proc = subprocess.Popen(flags, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    try:
+        for _ in range(1200):  # until the first merged row's checkpoint is on disk
+            if (workdir / "models" / "merged_1").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.25)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert not (workdir / "report.json").exists()
+    result = subprocess.run(flags, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = json.loads((workdir / "report.json").read_text())
+    keep = ("key", "accuracy", "params", "flops", "clusters", "delta", "ci95")
+    strip = lambda rows: [{k: r.get(k) for k in keep} for r in rows]  # noqa: E731
+    assert strip(resumed["rows"]) == strip(first["rows"])
+    other = subprocess.run([*flags, "--bn=none"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert other.returncode == 2
+    assert "holds a compress run with other settings (bn: 'recalibrate' there, 'none' now)" in (
+        other.stderr
+    )

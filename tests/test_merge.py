@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from test_merge_helpers import any_model, images, logits, project_model, tie_clusters
 
-from graycnn import fold, graph, merge
+from graycnn import controls, fold, graph, merge
 from graycnn.models import ModelConfig, build_model, count_params, init_variables
-from graycnn.tree import flatten
+from graycnn.tree import flatten, unflatten
 
 ATOL = 1e-4
 # (model, layer): layer 1 everywhere; a dense layer read through concatenations
@@ -176,3 +176,49 @@ def test_bad_input_names_the_path():
     wrong["params"]["block1"]["layer2"]["conv"]["kernel"] = np.zeros((3, 3, 5, 4), np.float32)
     with pytest.raises(ValueError, match=r"block1/layer2/conv/kernel is \(3, 3, 5, 4\)"):
         merge.merge_layer(model, wrong, 1, np.arange(8), input_shape=shape)
+
+
+@pytest.mark.parametrize(
+    "name, layer", [("densenet_test", 1), ("vgg", 2), ("resnet_test", 1), ("residual", "res2")]
+)
+def test_pruning_filters_nobody_reads_keeps_logits(name, layer):
+    """Pruning drops the filters and their consumer slices: when every consumer's slice
+    of the dropped filters is zero, the network computes the same logits."""
+    model, variables, shape = any_model(name)
+    g = graph.trace(model, variables, shape)
+    path = layer if isinstance(layer, str) else g.convs[layer - 1]
+    width = g.widths[path]
+    keep = np.arange(0, width, 2)  # drop every other filter
+    flat = {p: np.array(v) for p, v in flatten(variables).items()}
+    members = set(g.group(path))
+    for use in g.uses_of(path):
+        if use.kind != "contract":
+            continue
+        leaf, pos = np.moveaxis(flat[use.leaf], use.axis, 0), 0
+        for seg in use.segments:
+            if seg.source in members:
+                dropped = np.setdiff1d(np.arange(width), keep)
+                leaf[pos + dropped] = 0.0
+            pos += seg.length
+    silenced = jax.tree.map(np.asarray, unflatten(flat))
+    x = images(shape)
+    plan = merge.plan_prune(g, layer, keep)
+    assert plan.prune and plan.num_clusters == len(keep) and "(keep)" in plan.describe()
+    pruned = plan.apply(silenced)
+    after = logits(graph.rebuild(model, pruned, shape), pruned, x)
+    np.testing.assert_allclose(after, logits(model, silenced, x), atol=ATOL, rtol=0)
+    kernel = flatten(pruned)[f"params/{path}/kernel"]
+    np.testing.assert_array_equal(kernel, flatten(silenced)[f"params/{path}/kernel"][..., keep])
+
+
+def test_l1_keep_is_the_largest_kernel_norms():
+    model, variables, shape = any_model("densenet_test")
+    g = graph.trace(model, variables, shape)
+    kernel = np.asarray(flatten(variables)["params/stem/kernel"])  # (3, 3, 3, F)
+    norms = np.abs(kernel).sum(axis=(0, 1, 2))
+    keep = controls.l1_keep(g, variables, "stem", 3)
+    np.testing.assert_array_equal(keep, np.sort(np.argsort(norms)[::-1][:3]))
+    with pytest.raises(ValueError, match="cannot keep 0 of the 8 filters"):
+        controls.l1_keep(g, variables, "stem", 0)
+    with pytest.raises(ValueError, match="distinct filter indices"):
+        merge.plan_prune(g, 1, [0, 0])

@@ -30,8 +30,8 @@ def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) ->
     """
     config = with_preset(config, given)
     validate(config)
-    out = Writer(workdir)
-    color = stages.color_model(config, out.path("color_model"))
+    out = Writer(workdir, config_lib.to_json(config))
+    color = stages.color_model(config, out.path("color_model"), "model" in given)
     splits = stages.load_splits(config)
     gray = stages.fold_to_gray(config, color, splits.train)
     plan = budget.search(config, gray, color, splits.train) if config.target else None

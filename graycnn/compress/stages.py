@@ -117,9 +117,13 @@ def load_splits(config: CompressConfig) -> Splits:
     return Splits(train, validation, held_out, name)
 
 
-def color_model(config: CompressConfig, train_workdir: str) -> Model:
+def color_model(config: CompressConfig, train_workdir: str, model_given: bool = False) -> Model:
     """The color model to compress: the checkpoint, the shipped pretrained model, or one
-    trained in `train_workdir` (a rerun resumes it)."""
+    trained in `train_workdir` (a rerun resumes it).
+
+    Args:
+        model_given: --model was set explicitly: with --checkpoint, they must agree.
+    """
     if config.checkpoint is not None:
         path = config.checkpoint
     elif config.model in PRETRAINED and config.dataset == "cifar10_sample":
@@ -135,6 +139,11 @@ def color_model(config: CompressConfig, train_workdir: str) -> Model:
         model_config, variables, _ = train_lib.train_and_evaluate(train_config, train_workdir)
         return Model(model_config, variables, train_workdir)
     model_config, variables, _ = checkpoint.load_model(path)
+    if model_given and config.checkpoint is not None and model_config.name != config.model:
+        raise ValueError(
+            f"--model={config.model} disagrees with --checkpoint={path}, which holds a "
+            f"{model_config.name}: drop --model, or pass its checkpoint"
+        )
     if model_config.in_channels != 3:
         raise ValueError(f"{path}: the model to compress must take color (3-channel) input")
     return Model(model_config, variables, path)

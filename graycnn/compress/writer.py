@@ -1,9 +1,16 @@
-"""Everything compress writes: figures, clusters_layer*.json, one checkpoint per report
-row, report.json and report.md. Every file is written atomically; the input checkpoint
-is only read."""
+"""Everything compress writes: run.json (the settings), figures, clusters_layer*.json,
+one checkpoint per report row, report.json and report.md. Every file is written
+atomically; the input checkpoint is only read.
 
+A run is resumable: its settings are written first, and a rerun of the same settings
+into the same workdir finds every finished checkpoint (rows, BN training, fine-tuning)
+and recomputes only the rest, with the same seeds, so it ends with the report an
+uninterrupted run writes. Different settings are refused.
+"""
+
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from graycnn import checkpoint, io
@@ -18,17 +25,45 @@ from graycnn.figures import report as report_figures
 class Writer:
     """The files of one compress run under `workdir`.
 
+    Args:
+        settings: The run's settings (JSON); a workdir holding a run with other
+            settings is refused, one with the same settings is resumed.
+
     Raises:
-        FileExistsError: `workdir` already holds a compress run.
+        FileExistsError: `workdir` is a file, or holds a run of other settings.
+        ValueError: `workdir` cannot be written.
     """
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, settings: Mapping[str, Any]):
         self.workdir = os.path.abspath(workdir)
-        if os.path.exists(os.path.join(self.workdir, "models")):
+        self.figures = os.path.join(self.workdir, "figures")
+        if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+            raise FileExistsError(f"--workdir {self.workdir} is a file, not a directory")
+        run = self.path("run.json")
+        settings = json.loads(json.dumps(dict(settings)))  # as it reads back
+        if os.path.exists(run):
+            with open(run) as f:
+                before = json.load(f)
+            changed = sorted(k for k in before.keys() | settings.keys()
+                             if before.get(k) != settings.get(k))  # fmt: skip
+            if changed:
+                raise FileExistsError(
+                    f"{self.workdir} holds a compress run with other settings ("
+                    + ", ".join(
+                        f"{k}: {before.get(k)!r} there, {settings.get(k)!r} now"
+                        for k in changed[:4]
+                    )  # fmt: skip
+                    + "); pass a new --workdir, or delete it"
+                )
+        elif os.path.exists(self.path("models")):
             raise FileExistsError(
                 f"{self.workdir} already holds a compress run; pass a new --workdir or delete it"
             )
-        self.figures = os.path.join(self.workdir, "figures")
+        else:
+            try:
+                io.write_json(run, settings)
+            except OSError as e:
+                raise ValueError(f"--workdir {self.workdir} is not writable: {e}") from None
 
     def path(self, *parts: str) -> str:
         """A path inside the workdir (for stages that keep their own state, e.g. BN
