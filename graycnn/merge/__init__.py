@@ -11,12 +11,11 @@ Example:
     >>> logits = runnable.apply(merged, images)
 """
 
+from graycnn.merge.bn_rules import BN_RULES, merge_batchnorm
 from graycnn.merge.merge import (
-    BN_RULES,
     MergePlan,
     PlanStep,
     check_labels,
-    merge_batchnorm,
     merge_layer,
     merge_layers,
     plan_merge,

@@ -1,0 +1,66 @@
+"""Compression to a target: the plan meets it, and never reads the validation split."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from graycnn import data, train
+from graycnn.compress import CompressConfig, budget, stages
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory, sample_npz):
+    workdir = str(tmp_path_factory.mktemp("color"))
+    dataset = f"npz:{sample_npz}"
+    model_config, variables, _ = train.train_and_evaluate(
+        train.TrainConfig(model="densenet_test", dataset=dataset, epochs=1), workdir
+    )
+    config = CompressConfig(
+        checkpoint=workdir,
+        dataset=dataset,
+        target_flops=0.7,
+        objective="activation",
+        metric="correlation",
+        cluster="complete",
+    )
+    color = stages.Model(model_config, variables, workdir)
+    return config, color
+
+
+def _plan(config, color):
+    train_split = data.load_dataset(config.dataset, "train")
+    gray = stages.fold_to_gray(config, color, train_split)
+    return budget.search(config, gray, color, train_split)
+
+
+def test_plan_meets_the_target_from_training_data_only(setting, tmp_path):
+    config, color = setting
+    plan = _plan(config, color)
+    assert plan.steps and plan.achieved["flops"] <= 0.7
+    assert [layer for layer, _ in plan.steps] == sorted(layer for layer, _ in plan.steps)
+    # Poison the validation images (the last 20% of each class) with noise: the same plan.
+    split = data.load_dataset(config.dataset, "all")
+    images = split.images.copy()
+    for c in range(10):
+        idx = np.flatnonzero(split.labels == c)
+        held = idx[-round(len(idx) * 0.2) :]
+        images[held] = np.random.default_rng(c).integers(0, 256, images[held].shape, np.uint8)
+    poisoned = tmp_path / "poisoned.npz"
+    np.savez(poisoned, images=images, labels=split.labels)
+    assert data.load_dataset(f"npz:{poisoned}", "validation").images.tolist() != (
+        data.load_dataset(config.dataset, "validation").images.tolist()
+    )
+    again = _plan(_with(config, dataset=f"npz:{poisoned}"), color)
+    assert again.steps == plan.steps
+    assert [o.drop for o in again.options] == [o.drop for o in plan.options]
+
+
+def test_an_unreachable_target_is_a_clear_error(setting):
+    config, color = setting
+    with pytest.raises(ValueError, match="--target_flops: cannot reach"):
+        _plan(_with(config, target_flops=0.01), color)
+
+
+def _with(config, **changes):
+    return dataclasses.replace(config, **changes)
