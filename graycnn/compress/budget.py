@@ -147,6 +147,35 @@ def _allocate(gray, options: list[Option], kind: str, budget: float) -> dict[int
                 "mergeable layers to 1/4 of their widths; ask for a larger fraction"
             )
         chosen[best.layer] = best
+    return _relax(gray, by_layer, chosen, kind, budget)
+
+
+def _relax(gray, by_layer, chosen: dict, kind: str, budget: float) -> dict[int, int]:
+    """Greedy steps are coarse and can overshoot the target: widen the costliest
+    choices again (or drop them) while the plan still fits."""
+    improved = True
+    while improved:
+        improved = False
+        for layer in sorted(chosen, key=lambda k: -chosen[k].drop):
+            current = chosen[layer]
+            wider = [o for o in by_layer[layer] if o.clusters > current.clusters]
+            for o in [None, *wider]:  # dropping the merge first, then the widest option
+                trial = {k: v.clusters for k, v in chosen.items() if k != layer}
+                if o is None and current.drop <= 0:
+                    continue  # a merge that costs nothing stays
+                if o is not None:
+                    if o.drop >= current.drop:
+                        continue
+                    trial[layer] = o.clusters
+                if _size_of_plan(gray, trial)[kind] <= budget:
+                    if o is None:
+                        del chosen[layer]
+                    else:
+                        chosen[layer] = o
+                    improved = True
+                    break
+            if improved:
+                break
     return {layer: o.clusters for layer, o in chosen.items()}
 
 
