@@ -107,3 +107,43 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     bad["params"]["stem"]["kernel"] = np.full_like(bad["params"]["stem"]["kernel"], np.nan)
     with pytest.raises(ValueError, match=r"'params'\]\['stem'\]\['kernel'\] holds NaN"):
         checkpoint.save_model(str(tmp_path / "nan"), model_config, bad)
+
+
+def test_distillation_loss_is_the_hinton_formula():
+    """One step's loss with a teacher: w T^2 KL(softmax(t/T) || softmax(s/T)) + (1 - w)
+    CE(s, labels), the student's logits s in train mode, computed here by hand."""
+    import jax.numpy as jnp
+    import optax
+
+    from graycnn.models import build_model
+
+    config = ModelConfig("densenet_test", in_channels=1)
+    model, variables = build_model(config), init_variables(config, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 32, 32, 3), np.uint8)
+    labels = np.array([0, 3, 5, 9], np.int32)
+    teacher_logits = rng.normal(size=(4, 10)).astype(np.float32) * 3
+    temperature, weight = 3.0, 0.7
+    tx = optax.sgd(0.0)
+    step = train.make_train_step(model, tx, "gray", False, lambda v, x: v, temperature, weight)
+    state = train.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+    )
+    s, _ = model.apply(variables, data.apply_view(images, "gray"), train=True,
+                       mutable=["batch_stats"])  # fmt: skip
+    # The step donates its state, so the reference is computed first.
+    _, metrics = step(state, images, labels, jax.random.key(1), jnp.asarray(teacher_logits))
+    s = np.asarray(s, np.float64)
+
+    def log_softmax(z):
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    p = np.exp(log_softmax(teacher_logits / temperature))
+    kl = (p * (np.log(p) - log_softmax(s / temperature))).sum(axis=1).mean()
+    ce = -log_softmax(s)[np.arange(4), labels].mean()
+    expected = weight * temperature**2 * kl + (1 - weight) * ce
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-4)
