@@ -257,11 +257,10 @@ def fail(message: str, status: int = 2) -> NoReturn:
         while True:
             time.sleep(60)
     sys.unraisablehook = lambda _: None
-    if jax.process_count() > 1:
-        message = f"process {jax.process_index()} of {jax.process_count()}: {message}"
+    where = f"process {jax.process_index()} of {jax.process_count()}: " if _watch else ""
     sys.stdout.flush()
     # tqdm.write clears any progress bar first, so the message starts its own line.
-    tqdm.write(f"error: {message}", file=sys.stderr)
+    tqdm.write(f"error: {where}{message}", file=sys.stderr)
     sys.stderr.flush()
     if _watch is not None:
         _watch.post_failure(message)
