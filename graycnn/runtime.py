@@ -59,6 +59,11 @@ class DistributedConfig:
     process_id: int | None = config.setting(
         None, "This process's index, 0 to num_processes - 1 (default $JAX_PROCESS_ID)."
     )
+    join_timeout: int = config.setting(
+        300,
+        "Multi-host: seconds to wait for every process to join the run (then JAX aborts "
+        "the process with its own message).",
+    )
     peer_timeout: int = config.setting(
         30,
         "Multi-host: seconds a process may go silent before process 0 stops the run with an "
@@ -118,11 +123,13 @@ def initialize(options: DistributedConfig) -> None:
                     raise ValueError(f"${variable} must be an integer, got {value!r}") from None
         if value is not None:
             kwargs[name] = value
-    if options.peer_timeout < 1:
-        raise ValueError(f"--peer_timeout must be >= 1 s, got {options.peer_timeout}")
+    for name in ("join_timeout", "peer_timeout"):
+        if getattr(options, name) < 1:
+            raise ValueError(f"--{name} must be >= 1 s, got {getattr(options, name)}")
     try:
         jax.distributed.initialize(
             **kwargs,
+            initialization_timeout=options.join_timeout,
             # JAX's own failure detection aborts the process with a C++ stack trace;
             # ours (`_PeerWatch`) must come first, so JAX's is twice as patient.
             heartbeat_timeout_seconds=2 * options.peer_timeout,
