@@ -76,8 +76,8 @@ class DistributedConfig:
 
 
 def define_distributed_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-    """Defines --distributed, --coordinator_address, --num_processes, --process_id and
-    --peer_timeout; `setup()` then reads them."""
+    """Defines --distributed, --coordinator_address, --num_processes, --process_id,
+    --join_timeout and --peer_timeout; `setup()` then reads them."""
     config.define_flags(DistributedConfig, flag_values=flag_values)
 
 
@@ -184,6 +184,7 @@ class _PeerWatch:
         self.timeout = timeout
         self.me, self.count = jax.process_index(), jax.process_count()
         self.stopped = threading.Event()
+        self.others_alive = True
         self.thread = threading.Thread(target=self._loop, name="graycnn-peers", daemon=True)
         self.thread.start()
         atexit.register(self.finish)  # runs before JAX's own shutdown (atexit is LIFO)
@@ -202,7 +203,7 @@ class _PeerWatch:
     def post_failure(self, message: str) -> None:
         """From process 0: tells the others why the run stops, and gives them time to read
         it before the coordinator (this process) goes."""
-        if self.me != 0:
+        if self.me != 0 or not self.others_alive:
             return
         try:
             self.client.key_value_set(self.FAILED, message, allow_overwrite=True)
@@ -225,6 +226,7 @@ class _PeerWatch:
                         if j not in seen or seen[j][0] != beat:
                             seen[j] = (beat, now)
                         elif now - seen[j][1] > self.timeout:
+                            self.others_alive = self.count > 2  # else nobody to tell
                             fail(
                                 f"process {j} sent no sign of life for {self.timeout} s "
                                 "(it died or hangs); stopping the run",
@@ -253,7 +255,9 @@ _failing = threading.Lock()
 
 
 def fail(message: str, status: int = 2) -> NoReturn:
-    """Leaves the process at once with one line `error: <message>` on stderr.
+    """Leaves the process at once with one line `error: <message>` on stderr (in a
+    multi-host run `error: process I of N: <message>`, and process 0 first posts the
+    message for the others, see `_PeerWatch`).
 
     Skips interpreter shutdown: in a multi-host run, JAX's shutdown would wait for the
     other processes, and after a failed orbax restore its background threads report
@@ -287,23 +291,17 @@ def run(main: Callable[[list[str]], None]) -> None:
         logging.set_verbosity(logging.WARNING)  # JAX logs its TPU probe at INFO.
         try:
             main(argv)
-        except _INPUT_ERRORS as e:
+        except BaseException as e:
             if _watch is not None and _is_collective_failure(e):
                 fail(
                     "a collective with the other processes failed, most likely because "
                     f"one of them died: {_first_line(e)}",
                     status=1,
                 )
-            fail(str(e))
-        except BaseException as e:
-            if _watch is None:
+            if isinstance(e, _INPUT_ERRORS):
+                fail(str(e))
+            if _watch is None or (isinstance(e, SystemExit) and not e.code):
                 raise
-            if _is_collective_failure(e):
-                fail(
-                    "a collective with the other processes failed, most likely because "
-                    f"one of them died: {_first_line(e)}",
-                    status=1,
-                )
             traceback.print_exc()
             fail(f"{type(e).__name__}: {_first_line(e)}", status=1)
         if _watch is not None:
