@@ -21,6 +21,7 @@ config.define_flags(
     train.TrainConfig, only=baselines.TRAIN_FLAGS, defaults=baselines.TRAIN_DEFAULTS
 )
 flags.DEFINE_string("workdir", "runs/baselines", "Output directory.")
+runtime.define_distributed_flags()
 FLAGS = flags.FLAGS
 
 

@@ -23,6 +23,7 @@ from graycnn import compress, config, runtime
 
 config.define_flags(compress.CompressConfig)
 flags.DEFINE_string("workdir", "runs/compress", "Output directory (must not hold a run).")
+runtime.define_distributed_flags()
 FLAGS = flags.FLAGS
 
 

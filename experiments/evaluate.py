@@ -30,6 +30,7 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_integer("batch_size", 500, "Evaluation batch size.")
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+runtime.define_distributed_flags()
 FLAGS = flags.FLAGS
 
 

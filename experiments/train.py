@@ -21,13 +21,13 @@ from graycnn import config, runtime, train
 
 config.define_flags(train.TrainConfig)
 flags.DEFINE_string("workdir", None, "Checkpoints and metrics.jsonl.", required=True)
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+runtime.define_distributed_flags()
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-    runtime.setup(distributed=FLAGS.distributed)
+    runtime.setup()
     _, _, history = train.train_and_evaluate(config.from_flags(train.TrainConfig), FLAGS.workdir)
     print(json.dumps(history[-1] if history else {"note": "already trained"}))
 

@@ -44,6 +44,7 @@ _BLUR = flags.DEFINE_float("blur_sigma", 0.0, "Regularizer: Gaussian blur after 
 _TV = flags.DEFINE_float("tv_weight", 0.0, "Regularizer: total-variation weight.")
 _CHUNK = flags.DEFINE_integer("chunk_size", None, "Filters per compiled batch (default auto).")
 _LOOP = flags.DEFINE_enum("loop", "auto", list(receptive_field.LOOPS), "Step loop.")
+runtime.define_distributed_flags()
 
 
 def main(argv):
