@@ -170,7 +170,8 @@ def compensate(
         model: The architecture (original or merged: widths are read off each tree).
         original_variables: The unmerged tree; not modified.
         merged_variables: The merged tree; not modified.
-        consumers: Module paths of the flax nn.Conv / nn.Dense layers to refit.
+        consumers: Module paths of the flax nn.Conv / nn.Dense layers to refit (none:
+            only the BatchNorm statistics are re-estimated).
         images: (N, H, W, C) what the model takes (e.g. `data.apply_view(x, "gray")`),
             a few hundred training images without augmentation.
         input_shape: (1, H, W, C) of the model's input.
@@ -227,7 +228,7 @@ def compensate(
                 f"merged: it needs a target map of shape {want}, got {got}"
             )
     if batch_size is None:
-        per_image = max(bytes_per_image(info_m[c], *shapes_m[c]) for c in consumers)
+        per_image = max((bytes_per_image(info_m[c], *shapes_m[c]) for c in consumers), default=1)
         batch_size = max(1, min(len(images), memory_budget // per_image))
     passes = Passes(original, merged, original_variables, batch_size)
     flat = {p: np.array(v) for p, v in flatten(merged_variables).items()}
