@@ -40,9 +40,15 @@ compensated layers, which reproduce the outputs their statistics describe.
 
 Memory: images go through in batches (`batch_size`, or as many as `memory_budget`
 bytes of patches allow); P^T P and P^T R are summed per batch in float32 under jit and
-across batches in float64 on the host, where the system is solved. Errors after the
-fit come from a forward pass of the compensated model, not from the normal equations,
-so an inaccurate Gram would show there.
+across batches in float64 on the host, where the system is solved. The report gives
+each system's condition number; on densenet_tiny's widest stem consumer (D = 504,
+condition 5e4) the float32 sums give a dW within 1e-4 (relative) of float64 sums.
+Errors after the fit come from a forward pass of the compensated model, not from the
+normal equations, so an inaccurate Gram would show there.
+
+Not refit: a merged conv that does not read the merged channels (a residual group's
+conv2) keeps its averaged filters; a member that also reads them (a 1x1 conv added to
+its own input) is a consumer, fit to its original outputs averaged per cluster.
 
 Example:
     >>> plan = merge.plan_merge(graph.trace(model, gray, shape), 1, labels)
@@ -227,9 +233,9 @@ def compensate(
                 f"consumer {c!r} has {want[1]} outputs in the original model and {want[0]} "
                 f"merged: it needs a target map of shape {want}, got {got}"
             )
+    per_image = {c: bytes_per_image(info_m[c], *shapes_m[c]) for c in consumers}
     if batch_size is None:
-        per_image = max((bytes_per_image(info_m[c], *shapes_m[c]) for c in consumers), default=1)
-        batch_size = max(1, min(len(images), memory_budget // per_image))
+        batch_size = max(1, min(len(images), memory_budget // max(per_image.values(), default=1)))
     passes = Passes(original, merged, original_variables, batch_size)
     flat = {p: np.array(v) for p, v in flatten(merged_variables).items()}
     fits = {}
@@ -239,17 +245,18 @@ def compensate(
             _reestimate(passes, flat, sites[path], info_m[path], images, bn)
         elif path in consumers:
             fits[path] = _refit(passes, flat, path, info_m[path], targets.get(path), images, ridge)
-    report = []
+    report = [{"consumer": p, "images": len(images), **fit.summary} for p, fit in fits.items()]
+    # One pass measures every consumer, so its batches hold every consumer's patches.
+    largest, total = max(per_image.values(), default=1), max(sum(per_image.values()), 1)
+    together = max(1, batch_size * largest // total)
     passes.use(unflatten(flat))
-    for path, fit in fits.items():
-        entry = {"consumer": path, "images": len(images), **fit.summary}
-        sets = {"error": images} | ({} if holdout is None else {"holdout": holdout})
-        for name, x in sets.items():
-            before, after = passes.errors(path, fit, x)
-            entry |= {f"{name}_before": before, f"{name}_after": after}
-        if holdout is not None:
-            entry["holdout_images"] = len(holdout)
-        report.append(entry)
+    sets = {"error": images} | ({} if holdout is None else {"holdout": holdout})
+    for name, x in sets.items():
+        errors = passes.errors(fits, x, together) if fits else {}
+        for entry in report:
+            entry[f"{name}_before"], entry[f"{name}_after"] = errors[entry["consumer"]]
+            if name == "holdout":
+                entry["holdout_images"] = len(x)
     return unflatten(flat), report
 
 
@@ -259,7 +266,7 @@ def _refit(passes, flat, path, spec, target, images, ridge) -> Fit:
     kernel = np.asarray(flat[kernel_leaf], np.float64)
     bias = np.asarray(flat[bias_leaf], np.float64) if spec.use_bias else np.zeros(kernel.shape[-1])
     fit = Fit(spec, kernel_matrix(kernel), bias, np.zeros_like(bias), target)
-    stats = passes.accumulate(passes.consumer_fn(path, fit, gram=True), images, *fit.args())
+    stats = passes.accumulate(passes.gram_fn(path, fit), images, *fit.args())
     delta, lam = ridge_solve(stats["gram"], stats["cross"], ridge)
     eig = np.linalg.eigvalsh(stats["gram"])
     d = fit.kernel.shape[0]

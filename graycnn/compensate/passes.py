@@ -59,65 +59,61 @@ class Passes:
         self.variables = jax.device_put(dict(variables))
         return self
 
-    def accumulate(self, fn: Callable, images: np.ndarray, *args: Any) -> Any:
+    def accumulate(
+        self, fn: Callable, images: np.ndarray, *args: Any, batch_size: int | None = None
+    ) -> Any:
         """Sums fn(original vars, current vars, batch, mask, *args) over batches of
-        `batch_size` images (the last one padded with masked zero images)."""
+        `batch_size` (default the run's) images, the last one padded with masked zeros."""
+        size = batch_size or self.batch_size
         total = None
-        for start in range(0, len(images), self.batch_size):
-            chunk = np.asarray(images[start : start + self.batch_size], np.float32)
-            mask = (np.arange(self.batch_size) < len(chunk)).astype(np.float32)
-            pad = np.zeros((self.batch_size - len(chunk), *chunk.shape[1:]), np.float32)
-            batch = np.concatenate([chunk, pad])
-            out = fn(self.original_variables, self.variables, batch, mask, *args)
+        for start in range(0, len(images), size):
+            chunk = np.asarray(images[start : start + size], np.float32)
+            mask = (np.arange(size) < len(chunk)).astype(np.float32)
+            batch = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]))])
+            out = fn(self.original_variables, self.variables, batch.astype(np.float32), mask, *args)
             out = jax.tree.map(lambda a: np.asarray(a, np.float64), out)
             total = out if total is None else jax.tree.map(np.add, total, out)
         return total
 
-    def errors(self, path: str, fit: Fit, images: np.ndarray) -> tuple[float, float]:
-        """(before, after): sum (out - y)^2 / sum (y - mean y)^2 of consumer `path` on
-        `images`, its output `out` from its merged kernel or from the current tree."""
-        s = self.accumulate(self.consumer_fn(path, fit, gram=False), images, *fit.args())
-        spread = float(np.sum(s["sumsq"] - s["sum"] ** 2 / s["rows"]))
-        return float(s["before"]) / spread, float(s["after"]) / spread
+    def gram_fn(self, path: str, fit: Fit) -> Callable:
+        """Sums of a consumer's target y, of its residual y - P W_merged - b_merged, P^T P
+        and P^T residual (P with a ones column for a bias)."""
+        key = ("gram", path)
+        if key not in self._cache:
+            tap_o, tap_m = tap(self.original, [path]), tap(self.merged, [path])
 
-    def consumer_fn(self, path: str, fit: Fit, gram: bool) -> Callable:
-        """Sums of a consumer's target y, of its residual y - P W_merged - b_merged, and
-        with `gram` P^T P and P^T residual (a ones column for the bias), else of the
-        squared error of its output in the current tree."""
-        key = ("gram" if gram else "errors", path)
-        if key in self._cache:
-            return self._cache[key]
-        tap_o, tap_m = tap(self.original, [path]), tap(self.merged, [path])
-        target = None if fit.target is None else np.asarray(fit.target.T, np.float32)
+            def run(orig_vars, cur_vars, images, mask, kernel, bias, shift):
+                y = tap_o(orig_vars, images)[path][2]
+                _, x, _ = tap_m(cur_vars, images)[path]
+                return _sums(fit, y, x, None, mask, kernel, bias, shift)
 
-        def run(orig_vars, cur_vars, images, mask, kernel, bias, shift):
-            y = tap_o(orig_vars, images)[path][2]
-            _, x, out = tap_m(cur_vars, images)[path]
-            y = y.reshape(-1, y.shape[-1]).astype(jnp.float32)
-            if target is not None:
-                y = jnp.matmul(y, target, precision=HIGHEST)
-            p = patches(x.astype(jnp.float32), fit.spec)
-            rows = jnp.repeat(mask, p.shape[0] // mask.shape[0])[:, None]
-            residual = (y - jnp.matmul(p, kernel, precision=HIGHEST) - bias) * rows
-            stats = {
-                "rows": jnp.sum(rows),
-                "sum": jnp.sum((y - shift) * rows, axis=0),
-                "sumsq": jnp.sum((y - shift) ** 2 * rows, axis=0),
-                "before": jnp.sum(residual**2),
-            }
-            if gram:
-                if fit.spec.use_bias:
-                    p = jnp.concatenate([p, jnp.ones_like(p[:, :1])], axis=1)
-                p = p * rows
-                stats["gram"] = jnp.matmul(p.T, p, precision=HIGHEST)
-                stats["cross"] = jnp.matmul(p.T, residual, precision=HIGHEST)
-            else:
-                out = out.reshape(-1, out.shape[-1]).astype(jnp.float32)
-                stats["after"] = jnp.sum((out - y) ** 2 * rows)
-            return stats
-
-        self._cache[key] = jax.jit(run)
+            self._cache[key] = jax.jit(run)
         return self._cache[key]
+
+    def errors(
+        self, fits: Mapping[str, Fit], images: np.ndarray, batch_size: int
+    ) -> dict[str, tuple[float, float]]:
+        """{path: (before, after)}: sum (out - y)^2 / sum (y - mean y)^2 of each consumer
+        on `images`, `out` from its merged kernel or from the current tree; one pass."""
+        key = ("errors", ",".join(fits))
+        if key not in self._cache:
+            tap_o, tap_m = tap(self.original, list(fits)), tap(self.merged, list(fits))
+
+            def run(orig_vars, cur_vars, images, mask, args):
+                ys, xs = tap_o(orig_vars, images), tap_m(cur_vars, images)
+                return {
+                    p: _sums(fit, ys[p][2], xs[p][1], xs[p][2], mask, *args[p])
+                    for p, fit in fits.items()
+                }
+
+            self._cache[key] = jax.jit(run)
+        args = {p: fit.args() for p, fit in fits.items()}
+        sums = self.accumulate(self._cache[key], images, args, batch_size=batch_size)
+        out = {}
+        for path, s in sums.items():
+            spread = float(np.sum(s["sumsq"] - s["sum"] ** 2 / s["rows"]))
+            out[path] = (float(s["before"]) / spread, float(s["after"]) / spread)
+        return out
 
     def batchnorm_fn(self, path: str) -> Callable:
         """Sums of a BatchNorm's input x - shift and its squares, per channel, in the
@@ -143,6 +139,31 @@ class Passes:
 
         self._cache[key] = jax.jit(run)
         return self._cache[key]
+
+
+def _sums(fit: Fit, y, x, out, mask, kernel, bias, shift) -> dict[str, jax.Array]:
+    """A consumer's sums on one batch: with its current output `out`, the squared error
+    of out and of the merged kernel's; without, the Gram and cross products of the fit."""
+    y = y.reshape(-1, y.shape[-1]).astype(jnp.float32)
+    if fit.target is not None:
+        y = jnp.matmul(y, jnp.asarray(fit.target.T, jnp.float32), precision=HIGHEST)
+    p = patches(x.astype(jnp.float32), fit.spec)
+    rows = jnp.repeat(mask, p.shape[0] // mask.shape[0])[:, None]
+    residual = (y - jnp.matmul(p, kernel, precision=HIGHEST) - bias) * rows
+    sums = {
+        "rows": jnp.sum(rows),
+        "sum": jnp.sum((y - shift) * rows, axis=0),
+        "sumsq": jnp.sum((y - shift) ** 2 * rows, axis=0),
+        "before": jnp.sum(residual**2),
+    }
+    if out is not None:
+        out = out.reshape(-1, out.shape[-1]).astype(jnp.float32)
+        return sums | {"after": jnp.sum((out - y) ** 2 * rows)}
+    if fit.spec.use_bias:
+        p = jnp.concatenate([p, jnp.ones_like(p[:, :1])], axis=1)
+    p = p * rows
+    gram = jnp.matmul(p.T, p, precision=HIGHEST)
+    return sums | {"gram": gram, "cross": jnp.matmul(p.T, residual, precision=HIGHEST)}
 
 
 def mean_var(sums: Mapping[str, np.ndarray], shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
