@@ -197,8 +197,10 @@ def compensate(
         'condition' (of P^T P + lam I), 'error_before', 'error_after'} and, with
         `holdout`, 'holdout_images', 'holdout_before', 'holdout_after'. An error is
         sum (out - y)^2 / sum (y - mean(y))^2 over rows and output channels (1 - R^2;
-        means per channel), out the consumer's output with its merged (before) or
-        refit (after) kernel on the images' inputs in the compensated model.
+        means per channel; nan for a constant y), out the consumer's output with its
+        merged (before) or refit (after) kernel, on the inputs the compensated model
+        gives it: 'before' already profits from the BatchNorms and the consumers
+        upstream.
 
     Raises:
         ValueError: unknown `bn`, negative ridge, images of the wrong shape, a consumer

@@ -112,7 +112,10 @@ class Passes:
         out = {}
         for path, s in sums.items():
             spread = float(np.sum(s["sumsq"] - s["sum"] ** 2 / s["rows"]))
-            out[path] = (float(s["before"]) / spread, float(s["after"]) / spread)
+            if spread <= 0:  # a constant output: no variance to explain
+                out[path] = (float("nan"), float("nan"))
+            else:
+                out[path] = (float(s["before"]) / spread, float(s["after"]) / spread)
         return out
 
     def batchnorm_fn(self, path: str) -> Callable:
