@@ -1,0 +1,251 @@
+"""Jitted passes over images that capture layers' inputs and outputs (internal).
+
+A module's input and output are captured with `nn.intercept_methods` while the whole
+model runs; under jit, XLA drops everything after the last captured module, so a pass
+costs the forward pass up to that module. Each pass runs the original model and the
+current (merged, partly compensated) tree on the same batch and returns sums: per batch
+in float32 on the device, across batches in float64 on the host (`Passes.accumulate`).
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from graycnn import graph
+from graycnn.compensate.layer import HIGHEST, LayerSpec, layer_spec, patches
+
+
+@dataclasses.dataclass
+class Fit:
+    """A consumer being refit.
+
+    Attributes:
+        spec: Its LayerSpec.
+        kernel: (D, O) its merged kernel matrix; `bias` (O,) its merged bias (zeros if
+            none): the 'before' of the errors.
+        shift: (O,) subtracted from its outputs before they are summed and squared, so
+            the spread sum (y - mean)^2 does not cancel in float32.
+        target: (K, F) map of the original outputs to the merged ones, or None.
+        summary: What the report says of the fit.
+    """
+
+    spec: LayerSpec
+    kernel: np.ndarray
+    bias: np.ndarray
+    shift: np.ndarray
+    target: np.ndarray | None
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def args(self) -> tuple[np.ndarray, ...]:
+        return tuple(np.asarray(a, np.float32) for a in (self.kernel, self.bias, self.shift))
+
+
+class Passes:
+    """The passes of one compensation: the original model and variables are fixed, the
+    current tree is set with `use`; jitted passes are cached per (kind, path)."""
+
+    def __init__(self, original, merged, original_variables, batch_size: int):
+        self.original, self.merged, self.batch_size = original, merged, batch_size
+        self.original_variables = jax.device_put(dict(original_variables))
+        self.variables = None
+        self._cache: dict[tuple[str, str], Callable] = {}
+
+    def use(self, variables: Mapping[str, Any]) -> "Passes":
+        self.variables = jax.device_put(dict(variables))
+        return self
+
+    def accumulate(
+        self, fn: Callable, images: np.ndarray, *args: Any, batch_size: int | None = None
+    ) -> Any:
+        """Sums fn(original vars, current vars, batch, mask, *args) over batches of
+        `batch_size` (default the run's) images, the last one padded with masked zeros."""
+        size = batch_size or self.batch_size
+        total = None
+        for start in range(0, len(images), size):
+            chunk = np.asarray(images[start : start + size], np.float32)
+            mask = (np.arange(size) < len(chunk)).astype(np.float32)
+            batch = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]))])
+            out = fn(self.original_variables, self.variables, batch.astype(np.float32), mask, *args)
+            out = jax.tree.map(lambda a: np.asarray(a, np.float64), out)
+            total = out if total is None else jax.tree.map(np.add, total, out)
+        return total
+
+    def gram_fn(self, path: str, fit: Fit) -> Callable:
+        """Sums of a consumer's target y, of its residual y - P W_merged - b_merged, P^T P
+        and P^T residual (P with a ones column for a bias)."""
+        key = ("gram", path)
+        if key not in self._cache:
+            tap_o, tap_m = tap(self.original, [path]), tap(self.merged, [path])
+
+            def run(orig_vars, cur_vars, images, mask, kernel, bias, shift):
+                y = tap_o(orig_vars, images)[path][2]
+                _, x, _ = tap_m(cur_vars, images)[path]
+                return _sums(fit, y, x, None, mask, kernel, bias, shift)
+
+            self._cache[key] = jax.jit(run)
+        return self._cache[key]
+
+    def errors(
+        self, fits: Mapping[str, Fit], images: np.ndarray, batch_size: int
+    ) -> dict[str, tuple[float, float]]:
+        """{path: (before, after)}: sum (out - y)^2 / sum (y - mean y)^2 of each consumer
+        on `images`, `out` from its merged kernel or from the current tree; one pass."""
+        key = ("errors", ",".join(fits))
+        if key not in self._cache:
+            tap_o, tap_m = tap(self.original, list(fits)), tap(self.merged, list(fits))
+
+            def run(orig_vars, cur_vars, images, mask, args):
+                ys, xs = tap_o(orig_vars, images), tap_m(cur_vars, images)
+                return {
+                    p: _sums(fit, ys[p][2], xs[p][1], xs[p][2], mask, *args[p])
+                    for p, fit in fits.items()
+                }
+
+            self._cache[key] = jax.jit(run)
+        args = {p: fit.args() for p, fit in fits.items()}
+        sums = self.accumulate(self._cache[key], images, args, batch_size=batch_size)
+        out = {}
+        for path, s in sums.items():
+            spread = float(np.sum(s["sumsq"] - s["sum"] ** 2 / s["rows"]))
+            if spread <= 0:  # a constant output: no variance to explain
+                out[path] = (float("nan"), float("nan"))
+            else:
+                out[path] = (float(s["before"]) / spread, float(s["after"]) / spread)
+        return out
+
+    def batchnorm_fn(self, path: str) -> Callable:
+        """Sums of a BatchNorm's input x - shift and its squares, per channel, in the
+        original model and in the current tree."""
+        key = ("batchnorm", path)
+        if key in self._cache:
+            return self._cache[key]
+        tap_o, tap_m = tap(self.original, [path]), tap(self.merged, [path])
+
+        def moments(x, mask, shift):
+            x = x.reshape(-1, x.shape[-1]).astype(jnp.float32) - shift
+            rows = jnp.repeat(mask, x.shape[0] // mask.shape[0])[:, None]
+            return {
+                "rows": jnp.sum(rows),
+                "sum": jnp.sum(x * rows, 0),
+                "sumsq": jnp.sum(x**2 * rows, 0),
+            }
+
+        def run(orig_vars, cur_vars, images, mask, shift_o, shift_m):
+            x_o = tap_o(orig_vars, images)[path][1]
+            x_m = tap_m(cur_vars, images)[path][1]
+            return moments(x_o, mask, shift_o), moments(x_m, mask, shift_m)
+
+        self._cache[key] = jax.jit(run)
+        return self._cache[key]
+
+
+def _sums(fit: Fit, y, x, out, mask, kernel, bias, shift) -> dict[str, jax.Array]:
+    """A consumer's sums on one batch: with its current output `out`, the squared error
+    of out and of the merged kernel's; without, the Gram and cross products of the fit."""
+    y = y.reshape(-1, y.shape[-1]).astype(jnp.float32)
+    if fit.target is not None:
+        y = jnp.matmul(y, jnp.asarray(fit.target.T, jnp.float32), precision=HIGHEST)
+    p = patches(x.astype(jnp.float32), fit.spec)
+    rows = jnp.repeat(mask, p.shape[0] // mask.shape[0])[:, None]
+    residual = (y - jnp.matmul(p, kernel, precision=HIGHEST) - bias) * rows
+    sums = {
+        "rows": jnp.sum(rows),
+        "sum": jnp.sum((y - shift) * rows, axis=0),
+        "sumsq": jnp.sum((y - shift) ** 2 * rows, axis=0),
+        "before": jnp.sum(residual**2),
+    }
+    if out is not None:
+        out = out.reshape(-1, out.shape[-1]).astype(jnp.float32)
+        return sums | {"after": jnp.sum((out - y) ** 2 * rows)}
+    if fit.spec.use_bias:
+        p = jnp.concatenate([p, jnp.ones_like(p[:, :1])], axis=1)
+    p = p * rows
+    gram = jnp.matmul(p.T, p, precision=HIGHEST)
+    return sums | {"gram": gram, "cross": jnp.matmul(p.T, residual, precision=HIGHEST)}
+
+
+def mean_var(sums: Mapping[str, np.ndarray], shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and (biased) variance from `batchnorm_fn`'s sums of x - shift."""
+    centered = sums["sum"] / sums["rows"]
+    return shift + centered, np.maximum(sums["sumsq"] / sums["rows"] - centered**2, 0.0)
+
+
+def tap(model: nn.Module, paths: Sequence[str]) -> Callable:
+    """f(variables, images) -> {path: (module, input, output)}, in call order, of the
+    modules at `paths` (inference mode).
+
+    Raises:
+        ValueError: a module is not called, or called more than once (shared weights).
+    """
+    kwargs, wanted = graph.call_kwargs(model), set(paths)
+
+    def run(variables, images):
+        found = {}
+
+        def record(next_fun, args, kw, context):
+            out = next_fun(*args, **kw)
+            path = "/".join(context.module.path)
+            if context.method_name == "__call__" and path in wanted:
+                if path in found:
+                    raise ValueError(f"module {path!r} is called more than once per forward pass")
+                found[path] = (context.module, args[0] if args else next(iter(kw.values())), out)
+            return out
+
+        with nn.intercept_methods(record):
+            model.apply(variables, images, **kwargs)
+        missing = sorted(wanted - set(found))
+        if missing:
+            raise ValueError(f"modules {missing} are not called by the model's forward pass")
+        return found
+
+    return run
+
+
+def probe(model, variables, input_shape, paths) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Shapes only: ({path: LayerSpec, or a BatchNorm's epsilon}, {path: (input, output)
+    ShapeDtypeStructs}), both in the order the forward pass calls the modules.
+
+    Raises:
+        ValueError: naming the module: not called, called twice, not a flax nn.Conv,
+            nn.Dense or nn.BatchNorm over the last axis.
+    """
+    info = {}
+    capture = tap(model, paths)
+
+    def run(variables, images):
+        found = capture(variables, images)
+        for path, (module, x, _) in found.items():
+            info[path] = (
+                _batchnorm_epsilon(module, x)
+                if isinstance(module, nn.BatchNorm)
+                else layer_spec(module)
+            )
+        return {path: (x, out) for path, (_, x, out) in found.items()}
+
+    shapes = jax.eval_shape(run, variables, jax.ShapeDtypeStruct(input_shape, jnp.float32))
+    order = list(info)  # eval_shape returns dicts with sorted keys; `info` kept the calls'
+    return {p: info[p] for p in order}, {p: shapes[p] for p in order}
+
+
+def bytes_per_image(spec: LayerSpec, inputs: Any, outputs: Any) -> int:
+    """float32 bytes one image takes in a consumer's pass: its patches (twice: masked),
+    target, residual and output rows, and its input and output in both models."""
+    rows = int(np.prod(outputs.shape[:-1])) // outputs.shape[0]
+    if spec.kind == "dense":
+        features = int(np.prod(inputs.shape[1:])) // rows
+    else:
+        features = inputs.shape[-1] * int(np.prod(spec.window))
+    activations = (int(np.prod(inputs.shape)) + int(np.prod(outputs.shape))) // inputs.shape[0]
+    return 4 * (rows * (2 * (features + 1) + 4 * outputs.shape[-1]) + 4 * activations)
+
+
+def _batchnorm_epsilon(module: nn.BatchNorm, x: Any) -> float:
+    axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
+    if axis not in ((-1,), (x.ndim - 1,)):
+        raise ValueError(f"BatchNorm {'/'.join(module.path)!r} must normalize the last axis")
+    return float(module.epsilon)
