@@ -53,10 +53,10 @@ def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) ->
                 out.layer(result)
             clusters[layer] = result.clustering.num_clusters
             for c, before in chains.items():
-                labels = result.clustering.labels
-                merged = result.merged if c is None else stages.control(
-                    config, c, before, layer, labels, seed)  # fmt: skip
-                chains[c] = stages.compensate(config, before, merged, layer, splits.train)
+                plan = result.plan if c is None else stages.control_plan(
+                    config, c, before, layer, result.clustering.labels, seed)  # fmt: skip
+                chains[c], errors = stages.compensate(config, before, plan, splits.train, seed)
+                out.compensation(layer, c, seed, errors)
             run.add(recovered_spec(config, clusters, None, None), chains[None], i)
             for c, model in chains.items():
                 run.recover(model, clusters, c, i)

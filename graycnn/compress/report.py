@@ -43,6 +43,20 @@ def format_report(report: Mapping[str, Any]) -> str:
             "|---|---|---|---|---|",
         ]
         lines += [f"| {r['name']} | {_acc(r['eval'])} | {_delta(r['eval'])} |" for r in held]
+    if report.get("compensation"):
+        lines += [
+            "",
+            "## Compensation: each consumer's reconstruction error (1 - R^2 of its outputs "
+            "against the unmerged model's, on the fit images)",
+            "",
+            "| layer merged | chain | seed | consumer | before | after |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['layer']} | {c['chain']} | {c['seed']} | {c['consumer']} | "
+            f"{c['error_before']:.4f} | {c['error_after']:.4f} |"
+            for c in report["compensation"]
+        ]
     lines += ["", "## Verdicts", ""] + _verdicts(rows, color)
     lines += [
         "",

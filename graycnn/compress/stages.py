@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from graycnn import batchnorm, checkpoint, cluster, controls, data, distance, evaluation, fold
+from graycnn import compensate as compensation
 from graycnn import graph as graph_lib
 from graycnn import merge as merge_lib
 from graycnn import receptive_field as rf
@@ -74,8 +75,7 @@ class LayerResult:
         color_fields: The color model's fields of the same layer (F, H, W, 3).
         distances: (F, F) between the filters.
         clustering: The clusters.
-        plan: The merge as applied.
-        merged: The merged model.
+        plan: The merge to apply (`compensate` applies it).
     """
 
     layer: int
@@ -87,7 +87,6 @@ class LayerResult:
     distances: np.ndarray
     clustering: cluster.Clustering
     plan: merge_lib.MergePlan
-    merged: Model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +210,7 @@ def merge_layer(
     plan = merge_lib.plan_merge(model.graph(), layer, clustering.labels, config.bn_rule)
     return LayerResult(
         layer, path, objective, config.metric_of(layer), fields, color_fields, distances,
-        clustering, plan, apply_plan(model, plan),
+        clustering, plan,
     )  # fmt: skip
 
 
@@ -227,13 +226,31 @@ def plan_steps(config: CompressConfig, gray: Model, splits: Splits) -> list[tupl
 
 
 def compensate(
-    config: CompressConfig, before: Model, merged: Model, layer: int, train: data.Split
-) -> Model:
-    """`merged` with the consumers of `layer` refit to `before`'s outputs ('lstsq'), or
-    as is ('none')."""
+    config: CompressConfig,
+    before: Model,
+    plan: merge_lib.MergePlan,
+    train: data.Split,
+    seed: int,
+    images: int = 512,
+) -> tuple[Model, list[dict[str, Any]]]:
+    """`plan` applied to `before`, then ('lstsq') every consumer of the merged channels
+    refit to its output in `before` on `images` seeded gray training images.
+
+    Returns:
+        (the merged model, one reconstruction-error entry per consumer; [] for 'none').
+    """
     if config.compensate == "none":
-        return merged
-    raise NotImplementedError("lstsq compensation lands with graycnn.compensate")
+        return apply_plan(before, plan), []
+    idx = np.random.default_rng(seed).permutation(len(train))[:images]
+    variables, report = compensation.compensate_merge(
+        build_model(before.config),
+        before.variables,
+        plan,
+        np.asarray(data.apply_view(train.images[idx], "gray")),
+        input_shape=before.config.input_shape,
+    )
+    widths = graph_lib.widths_of(build_model(before.config), variables, before.config.input_shape)
+    return Model(before.config.replace(widths=widths), variables), report
 
 
 def apply_plan(model: Model, plan: merge_lib.MergePlan) -> Model:
@@ -243,17 +260,17 @@ def apply_plan(model: Model, plan: merge_lib.MergePlan) -> Model:
     return Model(model.config.replace(widths=widths), variables)
 
 
-def control(config: CompressConfig, kind: str, model: Model, layer: int, labels, seed: int):
+def control_plan(
+    config: CompressConfig, kind: str, model: Model, layer: int, labels, seed: int
+) -> merge_lib.MergePlan:
     """A control at the widths of a merge with `labels`: 'random' (a random partition
     with the same cluster sizes) or 'prune_l1' (keep the largest-L1 filters)."""
     g = model.graph()
     if kind == "random":
-        plan = merge_lib.plan_merge(g, layer, controls.random_labels(labels, seed), config.bn_rule)
-    else:
-        path = resolve_layer(layer, g.conv_order)
-        keep = controls.l1_keep(g, model.variables, path, int(np.max(labels)) + 1)
-        plan = merge_lib.plan_prune(g, layer, keep)
-    return apply_plan(model, plan)
+        return merge_lib.plan_merge(g, layer, controls.random_labels(labels, seed), config.bn_rule)
+    path = resolve_layer(layer, g.conv_order)
+    keep = controls.l1_keep(g, model.variables, path, int(np.max(labels)) + 1)
+    return merge_lib.plan_prune(g, layer, keep)
 
 
 def filter_responses(

@@ -37,6 +37,7 @@ class Writer:
     def __init__(self, workdir: str, settings: Mapping[str, Any]):
         self.workdir = os.path.abspath(workdir)
         self.figures = os.path.join(self.workdir, "figures")
+        self.compensations: list[dict[str, Any]] = []
         if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
             raise FileExistsError(f"--workdir {self.workdir} is a file, not a directory")
         run = self.path("run.json")
@@ -112,6 +113,17 @@ class Writer:
             },
         )
 
+    def compensation(
+        self, layer: int, control: str | None, seed: int, errors: Sequence[dict[str, Any]]
+    ) -> None:
+        """Keeps each consumer's reconstruction error before and after compensation, for
+        report.json and report.md."""
+        for e in errors:
+            self.compensations.append(
+                {"layer": layer, "chain": control or "merged", "seed": seed}
+                | {k: e[k] for k in ("consumer", "images", "error_before", "error_after")}
+            )
+
     def model(self, model_dir: str, seed_index: int, spec: RowSpec, model: Model) -> str:
         """Saves a row's model under models/ (once per directory: the two color rows
         share one; seeds after the first get `.seed<k>`) and returns its path relative
@@ -126,7 +138,11 @@ class Writer:
 
     def finish(self, rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
         """Writes report.json, report.md and the accuracy figure; returns the report."""
-        result = {"rows": list(rows), "config": config | {"workdir": self.workdir}}
+        result = {
+            "rows": list(rows),
+            "compensation": self.compensations,
+            "config": config | {"workdir": self.workdir},
+        }
         io.write_json(self.path("report.json"), result)
         io.write_text(self.path("report.md"), report.format_report(result))
         report_figures.plot_pareto(result["rows"], os.path.join(self.figures, "pareto.png"))
