@@ -3,6 +3,7 @@ DenseNet in Keras (tests/keras_study.py, random weights and BN statistics), save
 Keras saves it, imports the file, and compares graycnn's softmax with Keras's on real
 CIFAR-10 images of the embedded sample (atol 1e-5, float32)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from keras_study import build_densenet, randomize
 
 from graycnn import checkpoint, data
 from graycnn.importers.keras import import_keras
-from graycnn.models import build_model, count_params
+from graycnn.models import ModelConfig, build_model, count_params
 
 keras = pytest.importorskip("keras")
 # Keras 3.15 on numpy 2 warns on every predict; not ours to fix.
@@ -201,3 +202,15 @@ def test_cli_prints_one_error_line_and_exits_2(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot map Keras layer 'not_densenet'")
+
+
+def test_model_config_layers_per_block():
+    """The new ModelConfig field round-trips through JSON and stays out of the JSON of
+    every other config, so existing checkpoints read and write as before."""
+    config = ModelConfig("densenet_seed", layers_per_block=[2, 2, 2, 2])
+    assert config.layers_per_block == (2, 2, 2, 2)
+    assert ModelConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    assert "layers_per_block" not in ModelConfig("densenet_seed").to_json()
+    assert build_model(config).layers_per_block == (2, 2, 2, 2)
+    with pytest.raises(ValueError, match="DenseNet"):
+        ModelConfig("resnet20", layers_per_block=(1, 1, 1))
