@@ -5,7 +5,7 @@ and Keras 2's own softmax on the first 64 validation images of cifar10_sample.
 Keras 2 is not a dependency of graycnn; to regenerate (from the repository root):
 
     pip install --target /tmp/tf_keras --no-deps "tf_keras==2.21.0"
-    PYTHONPATH=/tmp/tf_keras:tests python tests/data/make_keras2_densenet.py
+    PYTHONPATH=/tmp/tf_keras:tests:. python tests/data/make_keras2_densenet.py
 """
 
 import os
