@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import h5py
 import jax
 import numpy as np
 import pytest
@@ -184,6 +185,29 @@ def test_refuses_other_bn_epsilon_and_swapped_concat(tmp_path):
     x = keras.layers.Conv2D(18, 3, padding="same", use_bias=False)(x)
     x = keras.layers.Concatenate(name="swapped")([x, stem])  # Channels [new, old].
     assert "'swapped'" in refused(keras.Model(inputs, x), tmp_path / "2")
+
+
+@pytest.mark.parametrize("damage", ["kernel shape", "missing variance"])
+def test_refuses_a_damaged_array_naming_the_layer(small_model, tmp_path, damage):
+    """A file whose arrays were edited after Keras saved it."""
+    path = str(tmp_path / "damaged.h5")
+    small_model.save(path)
+    convs = [x.name for x in small_model.layers if isinstance(x, keras.layers.Conv2D)]
+    bns = [x.name for x in small_model.layers if isinstance(x, keras.layers.BatchNormalization)]
+    layer = convs[2] if damage == "kernel shape" else bns[1]
+    with h5py.File(path, "r+") as f:
+        group = f["model_weights"][layer]
+        names = [n.decode() if isinstance(n, bytes) else n for n in group.attrs["weight_names"]]
+        name = names[0] if damage == "kernel shape" else names[3]
+        array = group[name][()]
+        del group[name]
+        if damage == "kernel shape":
+            group[name] = array[..., :17]  # The config still says 18 filters.
+    with pytest.raises(ValueError, match=f"Keras layer '{layer}'") as info:
+        import_keras(path, str(tmp_path / "ckpt"))
+    assert ("has shape (3, 3, 54, 17)" if damage == "kernel shape" else "moving_variance") in str(
+        info.value
+    )
 
 
 def test_cli_prints_one_error_line_and_exits_2(tmp_path):

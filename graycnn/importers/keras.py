@@ -152,19 +152,37 @@ class _Cursor:
         return check(layer.config, **expect)
 
 
-def _weight(layer: KerasLayer, role: str, default: float | None = None) -> np.ndarray:
-    if role in layer.weights:
-        # float32 throughout: the study trained in float32 (mixed-precision files cast up).
-        return np.asarray(layer.weights[role], np.float32)
-    if default is None:
+def _weight(layer: KerasLayer, role: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The layer's `role` array as float32, which must have `shape` (the channels the
+    DenseNet feeds it): a file whose arrays disagree with its config is refused here."""
+    if role not in layer.weights:
+        flag = {"gamma": "scale", "beta": "center"}.get(role)
+        if flag and not layer.config.get(flag, True):
+            # BN with scale=False / center=False: gamma 1 / beta 0 is the same function.
+            return np.full(shape, 1.0 if role == "gamma" else 0.0, np.float32)
         raise ValueError(f"Keras layer {layer.name!r} has no {role!r} array in the file")
-    size = int(np.asarray(layer.weights["moving_mean"]).shape[0])
-    return np.full((size,), default, np.float32)  # center/scale=False: beta 0, gamma 1.
+    array = np.asarray(layer.weights[role])
+    if array.shape != shape:
+        raise ValueError(
+            f"Keras layer {layer.name!r}: {role} has shape {array.shape}, the DenseNet "
+            f"feeds it {shape}"
+        )
+    # float32 throughout: the study trained in float32 (float16 files are cast up).
+    return array.astype(np.float32)
 
 
-def _bn_variables(bn: KerasLayer) -> tuple[dict, dict]:
-    params = {"scale": _weight(bn, "gamma", 1.0), "bias": _weight(bn, "beta", 0.0)}
-    return params, {"mean": _weight(bn, "moving_mean"), "var": _weight(bn, "moving_variance")}
+def _bn_variables(bn: KerasLayer, channels: int) -> tuple[dict, dict]:
+    params = {"scale": _weight(bn, "gamma", (channels,)), "bias": _weight(bn, "beta", (channels,))}
+    stats = {
+        "mean": _weight(bn, "moving_mean", (channels,)),
+        "var": _weight(bn, "moving_variance", (channels,)),
+    }
+    return params, stats
+
+
+def _kernel(conv: KerasLayer, channels: int) -> np.ndarray:
+    size = _pair(conv.config["kernel_size"])
+    return _weight(conv, "kernel", (*size, channels, int(conv.config["filters"])))
 
 
 def map_densenet(
@@ -196,14 +214,17 @@ def map_densenet(
         s, o = float(c.config.get("scale", 1.0)), float(c.config.get("offset", 0.0))
         input_offset, input_scale, x = input_offset - o / (input_scale * s), input_scale * s, c.name
     stem = cur.take("conv", reads=(x,), kernel=(3, 3), padding="same", bias=False)
-    params: dict[str, Any] = {"stem": {"kernel": _weight(stem, "kernel")}}
+    shape = layers[0].config.get("batch_shape") or layers[0].config.get("batch_input_shape")
+    in_channels = int(shape[-1]) if shape and shape[-1] else 3
+    params: dict[str, Any] = {"stem": {"kernel": _kernel(stem, in_channels)}}
     stats: dict[str, Any] = {}
-    x, block, blocks = stem.name, 1, [0]
+    # `channels`: what the next layer reads, e.g. 36 + 18 n inside the study's block 1.
+    x, block, blocks, channels = stem.name, 1, [0], int(stem.config["filters"])
     while True:
         # Dense layer, transition and head all start BN -> ReLU; the layer after decides.
         bn = cur.take("bn", reads=(x,))
         relu = cur.take("relu", reads=(bn.name,))
-        bn_params, bn_stats = _bn_variables(bn)
+        bn_params, bn_stats = _bn_variables(bn, channels)
         role = _role_of(cur.peek()) if blocks[-1] else "dense layer"
         if role == "dense layer":
             blocks[-1] += 1
@@ -211,20 +232,23 @@ def map_densenet(
             conv = cur.take("conv", reads=(relu.name,), kernel=(3, 3), padding="same", bias=False)
             y = cur.take("dropout", reads=(conv.name,)).name if cur.fits("dropout") else conv.name
             x = cur.take("concat", reads=(x, y)).name  # Order matters: channels [x, y].
-            conv_params: dict[str, Any] = {"kernel": _weight(conv, "kernel")}
+            conv_params: dict[str, Any] = {"kernel": _kernel(conv, channels)}
+            channels += int(conv.config["filters"])
         elif role == "transition":
             path = (f"transition{block}",)
             conv = cur.take("conv", reads=(relu.name,), kernel=(1, 1), padding="same", bias=False)
             y = cur.take("dropout", reads=(conv.name,)).name if cur.fits("dropout") else conv.name
             x = cur.take("avgpool", reads=(y,)).name
-            conv_params = {"kernel": _weight(conv, "kernel")}
+            conv_params = {"kernel": _kernel(conv, channels)}
+            channels = int(conv.config["filters"])
             block, blocks = block + 1, [*blocks, 0]
         elif role == "head":
             path = ("head",)
             pool = cur.take("avgpool", reads=(relu.name,))
             conv = cur.take("conv", reads=(pool.name,), kernel=(2, 2), padding="valid", bias=True)
             x = cur.take("flatten", reads=(conv.name,)).name
-            conv_params = {"kernel": _weight(conv, "kernel"), "bias": _weight(conv, "bias")}
+            bias = _weight(conv, "bias", (int(conv.config["filters"]),))
+            conv_params = {"kernel": _kernel(conv, channels), "bias": bias}
         else:
             cur.fail(
                 "after BatchNormalization -> ReLU the DenseNet has a Conv2D 3x3 (dense layer), "
@@ -241,10 +265,9 @@ def map_densenet(
         cur.fail("the DenseNet ends with its head (Flatten, then an optional softmax)")
     if outputs != [x]:
         raise ValueError(f"the Keras model outputs {outputs}, not its last layer {x!r}")
-    shape = layers[0].config.get("batch_shape") or layers[0].config.get("batch_input_shape")
     config = ModelConfig(
         _registry_name(tuple(blocks)),
-        in_channels=int(params["stem"]["kernel"].shape[2]),
+        in_channels=in_channels,
         num_classes=int(params["head"]["conv"]["kernel"].shape[3]),
         image_size=int(shape[1]) if shape and shape[1] else 32,
         input_scale=input_scale,

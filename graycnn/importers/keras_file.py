@@ -141,6 +141,8 @@ def _legacy_weights(root: Any, layers: list[KerasLayer]) -> dict[str, dict[str, 
         group = root[layer.name]
         roles = {}
         for weight_name in map(_text, group.attrs.get("weight_names", [])):
+            if weight_name not in group:
+                continue  # Reported as missing, with the layer's name, when it is needed.
             role = weight_name.rsplit("/", 1)[-1].split(":")[0]  # conv2d_3/kernel:0 -> kernel
             roles[role] = np.asarray(group[weight_name][()])
         out[layer.name] = roles
