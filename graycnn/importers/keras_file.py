@@ -150,6 +150,7 @@ def _legacy_weights(root: Any, layers: list[KerasLayer]) -> dict[str, dict[str, 
 
 
 # A .keras file stores a layer's arrays by position; these are Keras 3's creation orders.
+# Other layers' arrays are kept as var0, var1...: the DenseNet has no use for them.
 def _keras3_roles(layer: KerasLayer) -> list[str]:
     if layer.kind == "BatchNormalization":
         return (
@@ -157,7 +158,7 @@ def _keras3_roles(layer: KerasLayer) -> list[str]:
             + ["beta"] * bool(layer.config.get("center", True))
             + ["moving_mean", "moving_variance"]
         )
-    return ["kernel", "bias"]
+    return ["kernel", "bias"] if layer.kind in ("Conv2D", "Convolution2D") else []
 
 
 def _snake_case(name: str) -> str:
@@ -183,5 +184,8 @@ def _keras3_weights(f: Any, layers: list[KerasLayer]) -> dict[str, dict[str, np.
             continue
         arrays = groups[key]["vars"]
         roles = _keras3_roles(layer)
-        out[layer.name] = {roles[int(i)]: np.asarray(arrays[i][()]) for i in arrays}
+        out[layer.name] = {
+            roles[int(i)] if int(i) < len(roles) else f"var{i}": np.asarray(arrays[i][()])
+            for i in arrays
+        }
     return out
