@@ -58,6 +58,10 @@ class ModelConfig:
         widths: Conv path -> output width, for merged (narrower) models.
         image_size: Height and width of the input.
         input_scale, input_offset: Override the model's pixel scaling; None keeps it.
+        layers_per_block: DenseNet models only: override the dense layers in each block,
+            e.g. (2, 2, 2, 2) for a model imported from Keras at a depth no registry entry
+            has; None keeps the registry's (and is left out of the JSON, so checkpoints
+            without it read and write as before).
     """
 
     name: str
@@ -67,6 +71,7 @@ class ModelConfig:
     image_size: int = 32
     input_scale: float | None = None
     input_offset: float | None = None
+    layers_per_block: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.name not in _ALL:
@@ -74,6 +79,13 @@ class ModelConfig:
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         object.__setattr__(self, "widths", {str(k): int(v) for k, v in self.widths.items()})
+        if self.layers_per_block is not None:
+            if getattr(_ALL[self.name], "func", None) is not DenseNet:
+                raise ValueError(f"layers_per_block applies to DenseNet models, not {self.name!r}")
+            blocks = tuple(int(n) for n in self.layers_per_block)  # JSON gives a list.
+            if not blocks or min(blocks) < 1:
+                raise ValueError(f"layers_per_block must be positive counts, got {blocks}")
+            object.__setattr__(self, "layers_per_block", blocks)
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -84,7 +96,10 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"widths": dict(self.widths)}
+        data = dataclasses.asdict(self) | {"widths": dict(self.widths)}
+        if self.layers_per_block is None:
+            del data["layers_per_block"]
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "ModelConfig":
@@ -105,6 +120,8 @@ def build_model(config: ModelConfig) -> nn.Module:
         kwargs["input_scale"] = config.input_scale
     if config.input_offset is not None:
         kwargs["input_offset"] = config.input_offset
+    if config.layers_per_block is not None:
+        kwargs["layers_per_block"] = config.layers_per_block
     return _ALL[config.name](**kwargs)
 
 

@@ -1,0 +1,368 @@
+"""Import a Keras model of the study's DenseNet family as a graycnn checkpoint.
+
+The study trained its DenseNet in Keras (its NOTES.md: raw 0-255 pixels, a 3x3 stem,
+dense layers BN-ReLU-Conv3x3 concatenated to their input, transitions
+BN-ReLU-Conv1x1-AvgPool2, a head BN-ReLU-AvgPool2-Conv2x2(bias)-Flatten-softmax). This
+module matches the layers of a saved model (`graycnn.importers.keras_file`, no Keras
+needed) one by one, in the model's own order, against that grammar, and moves the
+weights onto `graycnn.models.DenseNet`: the same arrays, so the same function. The
+first layer that does not fit stops the import with a ValueError naming it.
+
+Example:
+    >>> summary = import_keras("densenet.h5", "/tmp/imported")
+    >>> summary["model"], summary["layers_per_block"], summary["params"]
+    ('densenet_seed', (12, 12, 12, 12), 995230)
+"""
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from graycnn import checkpoint
+from graycnn.importers.keras_file import KerasLayer, read_keras_file
+from graycnn.models import MODELS, ModelConfig, build_model, count_params
+from graycnn.models.common import BN_EPSILON
+from graycnn.models.densenet import DenseNet
+
+# Each rule: the Keras classes it accepts and a check of the config that says what is
+# wrong, or None. Dropout is accepted as the identity it is at inference.
+
+
+def _pair(v: Any) -> tuple:
+    return tuple(v) if isinstance(v, list | tuple) else (v, v)
+
+
+def _conv_problem(c: Mapping, kernel: tuple[int, int], padding: str, bias: bool) -> str | None:
+    same_1x1 = kernel == (1, 1)  # A 1x1 conv is the same under either padding.
+    checks = {
+        f"kernel {kernel}": _pair(c["kernel_size"]) == kernel,
+        "strides 1": _pair(c.get("strides", 1)) == (1, 1),
+        "dilation 1": _pair(c.get("dilation_rate", 1)) == (1, 1),
+        "groups 1": c.get("groups", 1) == 1,
+        f"padding {padding!r}": same_1x1 or c.get("padding") == padding,
+        "no activation": c.get("activation", "linear") in ("linear", None),
+        "use_bias" if bias else "no bias": bool(c.get("use_bias", True)) == bias,
+        "channels_last": c.get("data_format") in (None, "channels_last"),
+    }
+    bad = [want for want, ok in checks.items() if not ok]
+    return f"needs {', '.join(bad)}" if bad else None
+
+
+def _bn_problem(c: Mapping, **_) -> str | None:
+    if c.get("axis", -1) not in (-1, 3, [-1], [3]):
+        return f"normalizes axis {c.get('axis')}, not the channels (last axis)"
+    if abs(float(c.get("epsilon", 1e-3)) - BN_EPSILON) > 1e-12:
+        # graycnn's BatchNorm epsilon is fixed at Keras's default; another one would
+        # change every output a little, so refuse rather than import approximately.
+        return f"epsilon {c['epsilon']} differs from graycnn's {BN_EPSILON}"
+    return None
+
+
+def _activation_problem(want: str) -> Callable[..., str | None]:
+    def check(c: Mapping, **_) -> str | None:
+        got = c.get("activation", want)  # ReLU and Softmax layers have no such key.
+        if got != want or c.get("max_value") or c.get("negative_slope") or c.get("threshold"):
+            return f"is not a plain {want}"
+        if c.get("axis", -1) not in (-1, 1, [-1], [1]):
+            return f"softmax over axis {c['axis']}"
+        return None
+
+    return check
+
+
+def _pool_problem(c: Mapping, **_) -> str | None:
+    strides = c.get("strides") or c.get("pool_size")
+    if (_pair(c.get("pool_size")), _pair(strides), c.get("padding", "valid")) != (
+        (2, 2),
+        (2, 2),
+        "valid",
+    ):
+        return "needs pool 2x2, strides 2, padding 'valid'"
+    return None
+
+
+def _concat_problem(c: Mapping, **_) -> str | None:
+    return None if c.get("axis", -1) in (-1, 3) else f"joins axis {c['axis']}, not the channels"
+
+
+def _rescaling_problem(c: Mapping, **_) -> str | None:
+    if not all(isinstance(c.get(k, 0.0), int | float) for k in ("scale", "offset")):
+        return "needs a scalar scale and offset"
+    return None if c.get("scale") else "scale 0"
+
+
+_RULES: dict[str, tuple[tuple[str, ...], Callable[..., str | None]]] = {
+    "input": (("InputLayer",), lambda c, **_: None),
+    "rescaling": (("Rescaling",), _rescaling_problem),
+    "conv": (("Conv2D", "Convolution2D"), _conv_problem),
+    "bn": (("BatchNormalization",), _bn_problem),
+    "relu": (("Activation", "ReLU"), _activation_problem("relu")),
+    "dropout": (("Dropout",), lambda c, **_: None),
+    "concat": (("Concatenate",), _concat_problem),
+    "avgpool": (("AveragePooling2D", "AvgPool2D"), _pool_problem),
+    "flatten": (("Flatten",), lambda c, **_: None),
+    "softmax": (("Activation", "Softmax"), _activation_problem("softmax")),
+}
+
+
+class _Cursor:
+    """Walks the layers in order; `take` consumes one that must fit a rule and read the
+    given tensors, else raises the import's one error, naming that layer."""
+
+    def __init__(self, layers: list[KerasLayer]):
+        self.layers, self.i = layers, 0
+
+    def peek(self) -> KerasLayer | None:
+        return self.layers[self.i] if self.i < len(self.layers) else None
+
+    def fits(self, rule: str, **expect: Any) -> bool:
+        layer = self.peek()
+        return layer is not None and self._problem(layer, rule, expect) is None
+
+    def take(self, rule: str, reads: tuple[str, ...] = (), **expect: Any) -> KerasLayer:
+        if self.i == len(self.layers):
+            raise ValueError(f"the Keras model ends where the DenseNet needs a {rule} layer")
+        layer = self.layers[self.i]
+        problem = self._problem(layer, rule, expect)
+        if problem is None and layer.inputs != reads:
+            problem = f"reads {list(layer.inputs)}, the DenseNet here reads {list(reads)}"
+        if problem is not None:
+            self.fail(f"expected {rule}: {problem}")
+        self.i += 1
+        return layer
+
+    def fail(self, why: str) -> None:
+        layer = self.layers[self.i]
+        raise ValueError(
+            f"cannot map Keras layer {layer.name!r} ({layer.kind}, layer {self.i} of "
+            f"{len(self.layers)}) onto the study's DenseNet: {why}"
+        )
+
+    @staticmethod
+    def _problem(layer: KerasLayer, rule: str, expect: Mapping[str, Any]) -> str | None:
+        kinds, check = _RULES[rule]
+        if layer.kind not in kinds:
+            return f"a {' or '.join(kinds)}, got {layer.kind}"
+        if layer.calls > 1:
+            return f"a layer called once, this one is shared ({layer.calls} calls)"
+        return check(layer.config, **expect)
+
+
+def _weight(layer: KerasLayer, role: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The layer's `role` array as float32, which must have `shape` (the channels the
+    DenseNet feeds it): a file whose arrays disagree with its config is refused here."""
+    if role not in layer.weights:
+        flag = {"gamma": "scale", "beta": "center"}.get(role)
+        if flag and not layer.config.get(flag, True):
+            # BN with scale=False / center=False: gamma 1 / beta 0 is the same function.
+            return np.full(shape, 1.0 if role == "gamma" else 0.0, np.float32)
+        raise ValueError(f"Keras layer {layer.name!r} has no {role!r} array in the file")
+    array = np.asarray(layer.weights[role])
+    if array.shape != shape:
+        raise ValueError(
+            f"Keras layer {layer.name!r}: {role} has shape {array.shape}, the DenseNet "
+            f"feeds it {shape}"
+        )
+    # float32 throughout: the study trained in float32 (float16 files are cast up).
+    return array.astype(np.float32)
+
+
+def _bn_variables(bn: KerasLayer, channels: int) -> tuple[dict, dict]:
+    params = {"scale": _weight(bn, "gamma", (channels,)), "bias": _weight(bn, "beta", (channels,))}
+    stats = {
+        "mean": _weight(bn, "moving_mean", (channels,)),
+        "var": _weight(bn, "moving_variance", (channels,)),
+    }
+    return params, stats
+
+
+def _kernel(conv: KerasLayer, channels: int) -> np.ndarray:
+    size = _pair(conv.config["kernel_size"])
+    return _weight(conv, "kernel", (*size, channels, int(conv.config["filters"])))
+
+
+def map_densenet(
+    layers: list[KerasLayer],
+    outputs: list[str],
+    input_scale: float = 1.0,
+    input_offset: float = 0.0,
+) -> tuple[ModelConfig, dict[str, Any]]:
+    """Matches the Keras layers to graycnn's DenseNet and moves their weights over.
+
+    Args:
+        layers: From `read_keras_file`, in the model's order.
+        outputs: The model's output layer names.
+        input_scale, input_offset: What the Keras model was fed, as (pixels - offset) *
+            scale; the study fed raw 0-255 pixels (1, 0). A `Rescaling` layer after the
+            input is composed with it.
+
+    Returns:
+        (model config, {'params', 'batch_stats'} as float32 numpy arrays).
+
+    Raises:
+        ValueError: naming the first layer that does not fit the DenseNet.
+    """
+    cur = _Cursor(layers)
+    x = cur.take("input").name
+    if cur.fits("rescaling"):
+        # Keras computes y * s + o on y = (p - offset) * scale, i.e. (p - offset') * scale'.
+        c = cur.take("rescaling", reads=(x,))
+        s, o = float(c.config.get("scale", 1.0)), float(c.config.get("offset", 0.0))
+        input_offset, input_scale, x = input_offset - o / (input_scale * s), input_scale * s, c.name
+    stem = cur.take("conv", reads=(x,), kernel=(3, 3), padding="same", bias=False)
+    shape = layers[0].config.get("batch_shape") or layers[0].config.get("batch_input_shape")
+    in_channels = int(shape[-1]) if shape and shape[-1] else 3
+    params: dict[str, Any] = {"stem": {"kernel": _kernel(stem, in_channels)}}
+    stats: dict[str, Any] = {}
+    # `channels`: what the next layer reads, e.g. 36 + 18 n inside the study's block 1.
+    x, block, blocks, channels = stem.name, 1, [0], int(stem.config["filters"])
+    while True:
+        # Dense layer, transition and head all start BN -> ReLU; the layer after decides.
+        bn = cur.take("bn", reads=(x,))
+        relu = cur.take("relu", reads=(bn.name,))
+        bn_params, bn_stats = _bn_variables(bn, channels)
+        role = _role_of(cur.peek()) if blocks[-1] else "dense layer"
+        if role == "dense layer":
+            blocks[-1] += 1
+            path = (f"block{block}", f"layer{blocks[-1]}")
+            conv = cur.take("conv", reads=(relu.name,), kernel=(3, 3), padding="same", bias=False)
+            y = cur.take("dropout", reads=(conv.name,)).name if cur.fits("dropout") else conv.name
+            x = cur.take("concat", reads=(x, y)).name  # Order matters: channels [x, y].
+            conv_params: dict[str, Any] = {"kernel": _kernel(conv, channels)}
+            channels += int(conv.config["filters"])
+        elif role == "transition":
+            path = (f"transition{block}",)
+            conv = cur.take("conv", reads=(relu.name,), kernel=(1, 1), padding="same", bias=False)
+            y = cur.take("dropout", reads=(conv.name,)).name if cur.fits("dropout") else conv.name
+            x = cur.take("avgpool", reads=(y,)).name
+            conv_params = {"kernel": _kernel(conv, channels)}
+            channels = int(conv.config["filters"])
+            block, blocks = block + 1, [*blocks, 0]
+        elif role == "head":
+            path = ("head",)
+            pool = cur.take("avgpool", reads=(relu.name,))
+            conv = cur.take("conv", reads=(pool.name,), kernel=(2, 2), padding="valid", bias=True)
+            x = cur.take("flatten", reads=(conv.name,)).name
+            bias = _weight(conv, "bias", (int(conv.config["filters"]),))
+            conv_params = {"kernel": _kernel(conv, channels), "bias": bias}
+        else:
+            cur.fail(
+                "after BatchNormalization -> ReLU the DenseNet has a Conv2D 3x3 (dense layer), "
+                "a Conv2D 1x1 (transition) or an AveragePooling2D (head)"
+            )
+        _put(params, (*path, "bn"), bn_params)
+        _put(params, (*path, "conv"), conv_params)
+        _put(stats, (*path, "bn"), bn_stats)
+        if path == ("head",):
+            break
+    if cur.fits("softmax"):  # graycnn models return logits; softmax keeps the argmax.
+        x = cur.take("softmax", reads=(x,)).name
+    if cur.i < len(layers):
+        cur.fail("the DenseNet ends with its head (Flatten, then an optional softmax)")
+    if outputs != [x]:
+        raise ValueError(f"the Keras model outputs {outputs}, not its last layer {x!r}")
+    config = ModelConfig(
+        _registry_name(tuple(blocks)),
+        in_channels=in_channels,
+        num_classes=int(params["head"]["conv"]["kernel"].shape[3]),
+        image_size=int(shape[1]) if shape and shape[1] else 32,
+        input_scale=input_scale,
+        input_offset=input_offset,
+        layers_per_block=tuple(blocks),
+    )
+    if config.layers_per_block == _registry_blocks(config.name):
+        config = config.replace(layers_per_block=None)  # The registry entry says it.
+    variables = {"params": params, "batch_stats": stats}
+    return _fit_widths(config, variables), variables
+
+
+def _role_of(layer: KerasLayer | None) -> str | None:
+    """What a layer after BN -> ReLU begins, by its class and kernel alone, so that the
+    rule's `take` then reports any other mismatch (bias, padding...) in its own words."""
+    if layer is None:
+        return None
+    if layer.kind in _RULES["conv"][0]:
+        return {(3, 3): "dense layer", (1, 1): "transition"}.get(
+            _pair(layer.config.get("kernel_size"))
+        )
+    return "head" if layer.kind in _RULES["avgpool"][0] else None
+
+
+def _put(tree: dict, path: tuple[str, ...], value: dict) -> None:
+    for key in path:
+        tree = tree.setdefault(key, {})
+    tree.update(value)
+
+
+def _registry_blocks(name: str) -> tuple[int, ...] | None:
+    factory = MODELS[name]
+    return tuple(factory.keywords["layers_per_block"]) if factory.func is DenseNet else None
+
+
+def _registry_name(blocks: tuple[int, ...]) -> str:
+    """The public DenseNet entry of this depth (densenet_seed for 12 per block), else
+    densenet_seed with `layers_per_block` set in the config."""
+    matches = [n for n in MODELS if _registry_blocks(n) == blocks]
+    return matches[0] if matches else "densenet_seed"
+
+
+def _fit_widths(config: ModelConfig, variables: Mapping[str, Any]) -> ModelConfig:
+    """Sets `widths` for every conv whose filters differ from the registry's, then checks
+    that every imported array has exactly the shape the graycnn model expects."""
+    model = build_model(config)
+    expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(config.input_shape))
+    got = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree.leaves_with_path(variables)}
+    widths = {}
+    for p, leaf in jax.tree.leaves_with_path(expected["params"]):
+        keys = [k.key for k in p]
+        if keys[-1] == "kernel" and keys[:-1] != ["head", "conv"]:
+            imported = got.get(jax.tree_util.keystr((jax.tree_util.DictKey("params"), *p)))
+            if imported is not None and imported[-1] != leaf.shape[-1]:
+                widths["/".join(keys[:-1])] = int(imported[-1])
+    config = config.replace(widths=widths)
+    model = build_model(config)
+    expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(config.input_shape))
+    want = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree.leaves_with_path(expected)}
+    if want != got:
+        diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+        raise ValueError(
+            f"imported arrays do not fit {config.name}: {diff[0]} is {got.get(diff[0])}, "
+            f"the model needs {want.get(diff[0])}"
+        )
+    return config
+
+
+def import_keras(
+    model_file: str, workdir: str, input_scale: float = 1.0, input_offset: float = 0.0
+) -> dict[str, Any]:
+    """Converts a saved Keras DenseNet into a graycnn checkpoint at `workdir`.
+
+    Args:
+        model_file: A `.h5` (Keras 2 or 3) or `.keras` file written by `model.save`.
+        workdir: The new checkpoint directory; must not exist.
+        input_scale, input_offset: What the Keras model was fed as (pixels - offset) *
+            scale, for pixels 0-255 (the study: raw pixels, 1 and 0).
+
+    Returns:
+        {"checkpoint", "model", "layers_per_block", "params", "in_channels",
+        "num_classes", "widths", "format", "keras_version", "keras_layers"}.
+    """
+    layers, outputs, meta = read_keras_file(model_file)
+    config, variables = map_densenet(layers, outputs, input_scale, input_offset)
+    source = {"file": os.path.abspath(model_file), **meta}
+    directory = checkpoint.save_model(workdir, config, variables, imported_from=source)
+    return {
+        "checkpoint": directory,
+        "model": config.name,
+        "layers_per_block": config.layers_per_block or _registry_blocks(config.name),
+        "params": count_params(variables),
+        "in_channels": config.in_channels,
+        "num_classes": config.num_classes,
+        "widths": dict(config.widths),
+        "keras_layers": len(layers),
+        **meta,
+    }
