@@ -32,19 +32,24 @@ def setup(distributed: bool = False) -> None:
 
 def run(main: Callable[[list[str]], None]) -> None:
     """`absl.app.run(main)`, with the input errors graycnn raises shown as one line
-    `error: ...` and exit status 2, instead of a traceback."""
+    `error: ...` and exit status 2, instead of a traceback.
+
+    OSError (a full disk, a permission denied mid-run) is shown the same way: it names
+    the path, and a traceback would add nothing for the user.
+    """
 
     def wrapped(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # JAX logs its TPU probe at INFO.
         try:
             main(argv)
-        except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+        except (ValueError, KeyError, OSError) as e:
             # After a failed orbax restore its background threads still report into a
             # closed event loop ("Event loop is closed" tracebacks); mute them and exit
             # at once, so the one line that matters stands alone. Every file we write
             # is complete or absent (atomic writes), so skipping shutdown loses nothing.
             sys.unraisablehook = lambda _: None
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            # One line: a multi-line message (a wrapped library error) would read as two.
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(2)
 

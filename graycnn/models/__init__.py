@@ -8,6 +8,7 @@ Example:
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -58,6 +59,8 @@ class ModelConfig:
         widths: Conv path -> output width, for merged (narrower) models.
         image_size: Height and width of the input.
         input_scale, input_offset: Override the model's pixel scaling; None keeps it.
+        class_names: The name of each output class, () if only indexed. A dataset that
+            names its classes is matched to them by name (`graycnn.data.match_classes`).
     """
 
     name: str
@@ -67,13 +70,26 @@ class ModelConfig:
     image_size: int = 32
     input_scale: float | None = None
     input_offset: float | None = None
+    class_names: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.name not in _ALL:
             raise ValueError(f"unknown model {self.name!r}; known models: {sorted(MODELS)}")
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        for field in ("num_classes", "image_size"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
+            object.__setattr__(self, field, int(value))
         object.__setattr__(self, "widths", {str(k): int(v) for k, v in self.widths.items()})
+        names = tuple(str(n) for n in self.class_names)
+        if names and (len(names) != self.num_classes or len(set(names)) != len(names)):
+            raise ValueError(
+                f"class_names must be {self.num_classes} distinct names, one per class; "
+                f"got {list(names)}"
+            )
+        object.__setattr__(self, "class_names", names)
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -84,7 +100,10 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"widths": dict(self.widths)}
+        return dataclasses.asdict(self) | {
+            "widths": dict(self.widths),
+            "class_names": list(self.class_names),
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "ModelConfig":
