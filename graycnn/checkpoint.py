@@ -28,18 +28,16 @@ def manager(
     """A CheckpointManager at `directory` (made absolute, as orbax requires).
 
     Args:
-        read_only: Only read: nothing is created or written (a user's checkpoint is
-            input, never modified).
+        read_only: For reading a user's checkpoint: the directory is not created. (Not
+            orbax's `read_only`, which logs a warning on every load; a manager that only
+            restores writes nothing, tests/test_hostile.py checks it.)
     """
     return ocp.CheckpointManager(
         os.path.abspath(directory),
         # Saves are waited for anyway; synchronous saves leave no background event loop
         # to be torn down at exit.
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            create=not read_only,
-            read_only=read_only,
-            enable_async_checkpointing=False,
+            max_to_keep=max_to_keep, create=not read_only, enable_async_checkpointing=False
         ),
         item_names=_ITEMS,
     )

@@ -24,6 +24,7 @@ import dataclasses
 import importlib.resources
 import os
 import re
+import socket
 import zipfile
 from collections.abc import Iterator, Sequence
 
@@ -53,6 +54,7 @@ CIFAR10_CLASSES = (
     "truck",
 )
 _NAMED = {"cifar10": CIFAR10_CLASSES, "cifar10_sample": CIFAR10_CLASSES}
+_CIFAR10_HOST = "www.cs.toronto.edu"  # Where TFDS downloads CIFAR-10 from.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,10 +386,25 @@ def _one_line(e: Exception, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _check_reachable(host: str, data_dir: str | None) -> None:
+    """Raises ValueError at once if `host` cannot be reached: offline, TFDS would retry
+    its download with backoff for about 3.5 minutes before failing."""
+    try:
+        socket.create_connection((host, 443), timeout=10).close()
+    except OSError as e:
+        raise ValueError(
+            f"cifar10 is not prepared in {data_dir or 'the TFDS data directory'} and its "
+            f"download host {host} cannot be reached ({e}); connect to the internet once, or "
+            "pass --data_dir=DIR holding a prepared copy"
+        ) from e
+
+
 def _load_tfds_cifar10(split: str, data_dir: str | None) -> Split:
     import tensorflow_datasets as tfds
 
     tfds_split = {"train": "train", "validation": "test", "all": "train+test"}[split]
+    if not tfds.builder("cifar10", data_dir=data_dir).is_prepared():
+        _check_reachable(_CIFAR10_HOST, data_dir)
     # Batches of 10,000 rather than batch_size=-1: the latter aborts the process under
     # tfds.testing.mock_data (std::length_error), which the tests use.
     ds = tfds.load(

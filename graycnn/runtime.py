@@ -5,7 +5,7 @@ import sys
 from collections.abc import Callable
 
 import jax
-from absl import app, logging
+from absl import app, flags, logging
 
 
 def enable_compilation_cache(directory: str | None = None) -> None:
@@ -30,9 +30,18 @@ def setup(distributed: bool = False) -> None:
     enable_compilation_cache()
 
 
+INPUT_ERRORS = (ValueError, KeyError, OSError)
+
+
+def error_line(e: BaseException) -> str:
+    """The one line a CLI prints for an input error (a multi-line message would read as
+    two errors)."""
+    return "error: " + " ".join(str(e).split())
+
+
 def run(main: Callable[[list[str]], None]) -> None:
-    """`absl.app.run(main)`, with the input errors graycnn raises shown as one line
-    `error: ...` and exit status 2, instead of a traceback.
+    """`absl.app.run(main)`, with the input errors graycnn raises, and bad flags, shown as
+    one line `error: ...` and exit status 2, instead of a traceback.
 
     OSError (a full disk, a permission denied mid-run) is shown the same way: it names
     the path, and a traceback would add nothing for the user.
@@ -42,15 +51,24 @@ def run(main: Callable[[list[str]], None]) -> None:
         logging.set_verbosity(logging.WARNING)  # JAX logs its TPU probe at INFO.
         try:
             main(argv)
-        except (ValueError, KeyError, OSError) as e:
+        except INPUT_ERRORS as e:
             # After a failed orbax restore its background threads still report into a
             # closed event loop ("Event loop is closed" tracebacks); mute them and exit
             # at once, so the one line that matters stands alone. Every file we write
             # is complete or absent (atomic writes), so skipping shutdown loses nothing.
             sys.unraisablehook = lambda _: None
-            # One line: a multi-line message (a wrapped library error) would read as two.
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+            print(error_line(e), file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(2)
 
-    app.run(wrapped)
+    app.run(wrapped, flags_parser=parse_flags)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad or missing flag as one `error: ...` line and exit
+    status 2 (absl's own is "FATAL Flags parsing error" plus a usage hint, exit 1)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(error_line(e), file=sys.stderr, flush=True)
+        sys.exit(2)
