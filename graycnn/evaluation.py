@@ -104,6 +104,11 @@ def check_input(model_config: ModelConfig, split: data.Split, view: str) -> data
             f"view {view!r} gives {data.view_channels(view)}-channel input but the model "
             f"takes {model_config.in_channels} channels"
         )
+    if view == "color" and split.images.shape[-1] != 3:
+        raise ValueError(
+            f"{split.source}: view 'color' needs 3-channel images, these have "
+            f"{split.images.shape[-1]}; gray images are views 'gray' and 'gray3'"
+        )
     if split.images.shape[1:3] != (model_config.image_size,) * 2:
         raise ValueError(
             f"{split.source}: images are {split.images.shape[1:3]} but the model takes "

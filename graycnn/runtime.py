@@ -65,10 +65,16 @@ def run(main: Callable[[list[str]], None]) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a bad or missing flag as one `error: ...` line and exit
-    status 2 (absl's own is "FATAL Flags parsing error" plus a usage hint, exit 1)."""
+    """absl's flag parsing, with a bad or missing flag, or any positional argument, as
+    one `error: ...` line and exit status 2 (absl's own is "FATAL Flags parsing error"
+    plus a usage hint, exit 1)."""
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+        if len(rest) > 1:
+            # No command takes positional arguments: a stray word, or `--augment false`
+            # (a bool flag takes no separate value), would otherwise be ignored.
+            raise flags.Error(f"unexpected arguments {rest[1:]}; flags are --name=value")
+        return rest
     except flags.Error as e:
         print(error_line(e), file=sys.stderr, flush=True)
         sys.exit(2)
