@@ -295,7 +295,7 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             is_npy = f.read(6) == b"\x93NUMPY"
-        what = "a single .npy array" if is_npy else "not an npz archive"
+        what = "a single .npy array" if is_npy else "not an npz archive (or a truncated one)"
         raise ValueError(
             f"{path}: {what}; write the dataset with np.savez(path, images=..., labels=...)"
         )
