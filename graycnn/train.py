@@ -277,7 +277,10 @@ def train_and_evaluate(
                 )
                 record.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
         finally:
-            # A finished epoch is saved even if its validation fails.
+            # A finished epoch is logged and saved even if its validation fails.
+            if jax.process_index() == 0:
+                with open(os.path.join(workdir, _METRICS), "a") as f:
+                    f.write(json.dumps(record) + "\n")
             checkpoint.save(
                 mngr,
                 int(state.step),
@@ -292,9 +295,6 @@ def train_and_evaluate(
             f"train acc {record['train_accuracy']:.3f} val acc {val_text} "
             f"({record['images_per_sec']:.0f} img/s)"
         )
-        if jax.process_index() == 0:
-            with open(os.path.join(workdir, _METRICS), "a") as f:
-                f.write(json.dumps(record) + "\n")
     mngr.close()
     return model_config, jax.device_get(state.variables), history
 

@@ -437,6 +437,18 @@ def test_empty_validation_split_trains_and_keeps_every_epoch(tmp_path, val_image
         )
 
 
+def test_an_epoch_whose_validation_fails_is_still_saved(tmp_path, sample_npz, monkeypatch):
+    def fail(*args, **kwargs):
+        raise ValueError("validation failed")
+
+    monkeypatch.setattr(evaluation, "evaluate", fail)
+    config = train.TrainConfig(model="densenet_test", dataset=f"npz:{sample_npz}", epochs=1)
+    with pytest.raises(ValueError, match="validation failed"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert os.listdir(tmp_path / "checkpoints") == ["2"]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["val_accuracy"] is None
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
