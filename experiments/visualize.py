@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from graycnn import checkpoint, io, receptive_field, runtime
 from graycnn.figures.receptive_fields import plot_color_and_gray, plot_receptive_fields
-from graycnn.layers import conv_layers, layer_number
+from graycnn.layers import conv_layers, layer_number, resolve_layer
 from graycnn.models import build_model
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint dir or training workdir.")
@@ -53,6 +53,16 @@ def main(argv):
     model_config, variables, _ = checkpoint.load_model(_CHECKPOINT.value)
     model = build_model(model_config)
     paths = conv_layers(model, model_config.input_shape)
+    # Every layer is checked before the first, minutes-long ascent starts.
+    if not _LAYERS.value:
+        raise ValueError(f"--layers: give at least one conv layer 1..{len(paths)}")
+    for layer in _LAYERS.value:
+        try:
+            resolve_layer(layer, paths)
+        except ValueError as e:
+            raise ValueError(f"--layers: {e}") from None
+    if os.path.exists(_OUTDIR.value) and not os.path.isdir(_OUTDIR.value):
+        raise ValueError(f"--outdir {_OUTDIR.value} is a file, not a directory")
     os.makedirs(_OUTDIR.value, exist_ok=True)
     for layer in tqdm(_LAYERS.value, desc="layers", position=0):
         start = time.perf_counter()

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from graycnn import data, parallel, train
+from graycnn import data, evaluation, parallel, train
 from graycnn.models import ModelConfig, build_model
 
 METHODS = ("recalibrate", "train", "none")
@@ -45,6 +45,7 @@ def recalibrate(
         augment: Use the training augmentation, whose statistics (zero-padded crops) the
             network was trained with.
     """
+    split = evaluation.check_input(model_config, split, view)
     batch_sharding, replicated = parallel.mesh_shardings()
     params = jax.device_put(variables["params"], replicated)
     zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])

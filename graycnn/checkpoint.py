@@ -8,6 +8,7 @@ directory and renames it when complete, so a killed run never leaves a half-writ
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,19 +16,28 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from graycnn.models import ModelConfig
+from graycnn import data, graph
+from graycnn.models import ModelConfig, build_model
 
 _ITEMS = ("variables", "config", "opt_state")
 
 
-def manager(directory: str, max_to_keep: int | None = 2) -> ocp.CheckpointManager:
-    """A CheckpointManager at `directory` (made absolute, as orbax requires)."""
+def manager(
+    directory: str, max_to_keep: int | None = 2, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """A CheckpointManager at `directory` (made absolute, as orbax requires).
+
+    Args:
+        read_only: For reading a user's checkpoint: the directory is not created. (Not
+            orbax's `read_only`, which logs a warning on every load; a manager that only
+            restores writes nothing, tests/test_hostile.py checks it.)
+    """
     return ocp.CheckpointManager(
         os.path.abspath(directory),
         # Saves are waited for anyway; synchronous saves leave no background event loop
         # to be torn down at exit.
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+            max_to_keep=max_to_keep, create=not read_only, enable_async_checkpointing=False
         ),
         item_names=_ITEMS,
     )
@@ -83,24 +93,53 @@ def restore_training(
 
     Returns:
         (step, variables, opt_state).
+
+    Raises:
+        ValueError: the step is corrupt or does not fit the targets (naming the directory).
     """
     step = mngr.latest_step()
     target = jax.device_get({"variables": variables, "opt_state": opt_state})
-    restored = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            variables=ocp.args.StandardRestore(target["variables"]),
-            opt_state=ocp.args.StandardRestore(target["opt_state"]),
-        ),
-    )
+    try:
+        restored = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                variables=ocp.args.StandardRestore(target["variables"]),
+                opt_state=ocp.args.StandardRestore(target["opt_state"]),
+            ),
+        )
+    except Exception as e:  # orbax raises many types for truncated or foreign files.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # See load_model.
+        raise ValueError(
+            f"checkpoint {mngr.directory} (step {step}) cannot be resumed: {_short(e)}"
+        ) from e
     return step, restored["variables"], restored["opt_state"]
+
+
+def read_config(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The config item of `step` (JSON), without reading any arrays.
+
+    Raises:
+        ValueError: it is missing or unreadable (naming the directory).
+    """
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        config = restored["config"]
+    except Exception as e:  # orbax raises many types for truncated or foreign files.
+        raise ValueError(
+            f"checkpoint {mngr.directory} (step {step}) has no readable config: {_short(e)}"
+        ) from e
+    if not isinstance(config, Mapping):
+        raise ValueError(f"checkpoint {mngr.directory} (step {step}): config is not an object")
+    return dict(config)
 
 
 def resolve(directory: str) -> str:
     """The CheckpointManager root for a checkpoint dir or a training workdir."""
     directory = os.path.abspath(directory)
-    if not os.path.isdir(directory):
+    if not os.path.exists(directory):
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    if not os.path.isdir(directory):
+        raise ValueError(f"checkpoint {directory} is a file, not a checkpoint directory")
     nested = os.path.join(directory, "checkpoints")
     return nested if os.path.isdir(nested) else directory
 
@@ -119,10 +158,11 @@ def load_model(
 
     Raises:
         FileNotFoundError: no such directory, or no complete step in it.
-        ValueError: the checkpoint is corrupt or not one of ours.
+        ValueError: the checkpoint is corrupt or not one of ours, or its variables do not
+            fit its config's model (naming the directory and the variable).
     """
     root = resolve(directory)
-    mngr = manager(root)
+    mngr = manager(root, read_only=True)
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{root} holds no complete checkpoint step")
@@ -134,7 +174,6 @@ def load_model(
             ),
         )
         config = dict(restored["config"])
-        model_config = ModelConfig.from_json(config["model"])
         variables = jax.tree.map(np.asarray, dict(restored["variables"]))
     except Exception as e:  # orbax raises many types for truncated or foreign files.
         # Orbax restores leaves in parallel asyncio tasks, and the others are still
@@ -142,10 +181,45 @@ def load_model(
         # under them ("Event loop is closed" tracebacks), and their own errors are
         # logged as "Task exception was never retrieved": both would bury this message.
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-        raise ValueError(f"checkpoint {root} (step {step}) is corrupt or incomplete: {e}") from e
+        raise ValueError(
+            f"checkpoint {root} (step {step}) is corrupt or incomplete: {_short(e)}"
+        ) from e
     mngr.close()
+    model_config = _model_config(config, f"checkpoint {root} (step {step})")
     _check_finite(variables, root)
+    try:
+        graph.check_variables(build_model(model_config), variables, model_config.input_shape)
+    except ValueError as e:
+        raise ValueError(
+            f"checkpoint {root} (step {step}): its variables do not fit its config's model "
+            f"{model_config.name!r}: {e}"
+        ) from e
     return model_config, variables, config
+
+
+def _model_config(config: Mapping[str, Any], where: str) -> ModelConfig:
+    """The ModelConfig of a checkpoint's config item.
+
+    Checkpoints trained on CIFAR-10 before class names were stored get its names from
+    their training dataset, so named datasets still map onto them by name.
+    """
+    try:
+        model_config = ModelConfig.from_json(config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where} has no valid model config: {_short(e)}") from e
+    train = config.get("train")
+    names = data.known_class_names(train.get("dataset", "")) if isinstance(train, dict) else None
+    if not model_config.class_names and names and len(names) == model_config.num_classes:
+        model_config = model_config.replace(class_names=names)
+    return model_config
+
+
+def _short(e: Exception, limit: int = 400) -> str:
+    """An exception as one readable line: tensorstore appends its whole JSON spec
+    ("[tensorstore_spec='{...}']", ~1.5 KB) to every error, which would bury the cause."""
+    text = re.sub(r"\s*\[tensorstore_spec='.*?'\]", "", str(e), flags=re.S)
+    text = " ".join(text.split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_finite(variables: Mapping[str, Any], where: str) -> None:

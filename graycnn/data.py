@@ -9,18 +9,30 @@ Names:
                      test (the 100 before the last 100) and 1,000 validation (the last
                      100), so everything runs offline.
     npz:PATH         arrays `images` (N, H, W, C) uint8 and `labels` (N,) int.
-    folder:PATH      one subfolder per class (sorted names) of image files.
+    folder:PATH      one subfolder per class of image files (hidden files are skipped).
 For npz and folder datasets, `validation` is the same kind of class-balanced split (20%
 of each class, the last images in order), there is no `test`, and `all` is everything.
 
 Splits have one purpose each: `train` fits weights, `validation` is where choices are
 made (levers, budgets, early looks), and `test` is reported and never chosen on.
+
+Classes. Labels are class indices 0..K-1 (K at most `MAX_CLASSES`). A dataset either
+names its classes (`Split.class_names`: CIFAR-10's ten names, a folder's sorted
+subfolder names) or only indexes them (an npz file; a folder whose subfolders are all
+numbers, "0", "1", ..., whose labels are those numbers). When a model meets a dataset
+(`match_classes`), a named dataset is mapped onto the model's classes by name, so a
+folder holding only `cat/` is scored as CIFAR-10 class 3 by a CIFAR-10 model; an indexed
+one must have labels below the model's class count. Anything else is an error naming the
+labels or names at fault.
 """
 
 import dataclasses
 import importlib.resources
 import os
-from collections.abc import Iterator
+import re
+import socket
+import zipfile
+from collections.abc import Iterator, Sequence
 
 import dm_pix
 import jax
@@ -33,6 +45,23 @@ SPLITS = ("train", "validation", "test", "all")
 # Per class, from the end of the file order: validation, then test before it.
 _SAMPLE_HELD_OUT_PER_CLASS = {"validation": 100, "test": 100}
 _VALIDATION_FRACTION = 0.2
+# Labels are class indices, and a model gets one output per class: a label beyond this is
+# a wrong file (an id, a hash), not a class, and would size a model head absurdly.
+MAX_CLASSES = 100_000
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+_NAMED = {"cifar10": CIFAR10_CLASSES, "cifar10_sample": CIFAR10_CLASSES}
+_CIFAR10_HOST = "www.cs.toronto.edu"  # Where TFDS downloads CIFAR-10 from.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +72,16 @@ class Split:
         images: (N, H, W, C) uint8, C in {1, 3}.
         labels: (N,) int32.
         num_classes: Number of classes of the dataset (not only of this split).
+        class_names: The name of each class 0..num_classes-1, or None for a dataset that
+            only indexes its classes (an npz file).
+        source: The dataset's name as the user gave it, for error messages.
     """
 
     images: np.ndarray
     labels: np.ndarray
     num_classes: int
+    class_names: tuple[str, ...] | None = None
+    source: str = "dataset"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -67,13 +101,81 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None) -
         path = importlib.resources.files("graycnn") / "assets" / "cifar10_sample.npz"
         with importlib.resources.as_file(path) as p:
             images, labels = _read_npz(str(p))
-        return _split(images, labels, split, per_class=_SAMPLE_HELD_OUT_PER_CLASS, source=name)
+        return _split(
+            images, labels, split, name, CIFAR10_CLASSES, per_class=_SAMPLE_HELD_OUT_PER_CLASS
+        )
     if name.startswith("npz:"):
-        return _split(*_read_npz(name[4:]), split, source=name)
+        return _split(*_read_npz(name[4:]), split, name)
     if name.startswith("folder:"):
-        return _split(*_read_folder(name[7:]), split, source=name)
+        images, labels, class_names = _read_folder(name[7:])
+        return _split(images, labels, split, name, class_names)
     raise ValueError(
         f"unknown dataset {name!r}; use cifar10, cifar10_sample, npz:PATH or folder:PATH"
+    )
+
+
+def known_class_names(name: str) -> tuple[str, ...] | None:
+    """The class names of a named dataset (cifar10, cifar10_sample), else None."""
+    return _NAMED.get(name)
+
+
+def match_classes(
+    split: Split, num_classes: int, class_names: Sequence[str] | None = None
+) -> Split:
+    """Returns `split` with its labels as indices of a model's classes.
+
+    A dataset that names its classes is mapped by name onto a model that names its
+    classes (a subset of them is fine); onto a model that does not, by position, and only
+    if both have the same number of classes. An indexed dataset keeps its labels, which
+    must be below `num_classes`.
+
+    Args:
+        split: The data.
+        num_classes: The model's number of outputs.
+        class_names: The model's class names (index i -> name), or None/() if unknown.
+
+    Returns:
+        `split` itself when nothing changes, else a copy with remapped labels and the
+        model's `num_classes`.
+
+    Raises:
+        ValueError: naming the dataset and the labels or class names the model lacks.
+    """
+    class_names = tuple(class_names or ())
+    labels = split.labels
+    if split.class_names is not None and split.class_names != class_names:
+        if class_names:
+            unknown = [n for n in split.class_names if n not in class_names]
+            if unknown:
+                raise ValueError(
+                    f"{split.source}: classes {_few(unknown)} are unknown to the model, whose "
+                    f"classes are {', '.join(class_names)}; name the class folders after "
+                    f"those, or by class index 0..{num_classes - 1}"
+                )
+            table = np.array([class_names.index(n) for n in split.class_names], np.int32)
+            labels = table[labels]
+        elif len(split.class_names) != num_classes:
+            raise ValueError(
+                f"{split.source}: {len(split.class_names)} classes "
+                f"({_few(split.class_names)}) but the model has {num_classes} unnamed classes; "
+                f"name the class folders by class index 0..{num_classes - 1}"
+            )
+    bad = np.unique(labels[labels >= num_classes])
+    if bad.size:
+        hint = (
+            " (1-based labels? the model's classes are numbered from 0)"
+            if labels.min() == 1 and labels.max() == num_classes
+            else ""
+        )
+        raise ValueError(
+            f"{split.source}: labels {_few(bad.tolist())} ({np.isin(labels, bad).sum()} "
+            f"examples) are not classes of the model, which has {num_classes} classes "
+            f"0..{num_classes - 1}{hint}"
+        )
+    if labels is split.labels and split.num_classes == num_classes:
+        return split
+    return dataclasses.replace(
+        split, labels=labels, num_classes=num_classes, class_names=class_names or None
     )
 
 
@@ -176,51 +278,94 @@ def _validate(images: np.ndarray, labels: np.ndarray, source: str) -> tuple[np.n
         raise ValueError(
             f"{source}: labels must be ({images.shape[0]},) to match images, got {labels.shape}"
         )
-    if not np.issubdtype(labels.dtype, np.integer) or (len(labels) and labels.min() < 0):
-        raise ValueError(f"{source}: labels must be non-negative integers")
+    if images.shape[0] == 0:
+        raise ValueError(f"{source}: holds no images (images has shape {images.shape})")
+    if min(images.shape[1:3]) < 1:
+        raise ValueError(f"{source}: images are empty, shape {images.shape}")
+    # bool is not an np.integer: True/False labels are refused here too.
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{source}: labels must be integer class indices, got {labels.dtype}")
+    if labels.min() < 0 or labels.max() >= MAX_CLASSES:
+        bad = labels[(labels < 0) | (labels >= MAX_CLASSES)]
+        raise ValueError(
+            f"{source}: labels must be class indices 0..K-1 with K <= {MAX_CLASSES:,}; "
+            f"got {_few(np.unique(bad).tolist())}"
+        )
     return images, labels.astype(np.int32)
 
 
 def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ValueError(f"npz dataset {path!r} does not exist")
-    with np.load(path) as f:
-        missing = {"images", "labels"} - set(f.files)
-        if missing:
-            raise ValueError(f"{path}: missing arrays {sorted(missing)}; found {f.files}")
-        return _validate(f["images"], f["labels"], path)
+    if os.path.isdir(path):
+        raise ValueError(f"npz dataset {path!r} is a directory (a folder dataset is folder:PATH)")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            is_npy = f.read(6) == b"\x93NUMPY"
+        what = "a single .npy array" if is_npy else "not an npz archive (or a truncated one)"
+        raise ValueError(
+            f"{path}: {what}; write the dataset with np.savez(path, images=..., labels=...)"
+        )
+    try:
+        # Pickles are refused: a dataset file must not run code.
+        with np.load(path, allow_pickle=False) as f:
+            missing = {"images", "labels"} - set(f.files)
+            if not missing:
+                images, labels = f["images"], f["labels"]
+            files = f.files
+    except Exception as e:  # numpy raises many types for damaged archives.
+        raise ValueError(f"{path}: cannot read the npz archive ({_one_line(e)})") from e
+    if missing:
+        raise ValueError(f"{path}: missing arrays {sorted(missing)}; found {files}")
+    return _validate(images, labels, path)
 
 
-def _read_folder(path: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_folder(path: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...] | None]:
+    """Returns (images, labels, class names or None when every subfolder is a number)."""
     from PIL import Image  # Pillow comes with matplotlib.
 
     if not os.path.isdir(path):
         raise ValueError(f"folder dataset {path!r} is not a directory")
-    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    classes = sorted(
+        d
+        for d in os.listdir(path)
+        if os.path.isdir(os.path.join(path, d)) and not d.startswith(".")
+    )
     if not classes:
         raise ValueError(f"folder dataset {path!r} has no class subfolders")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for file in sorted(os.listdir(os.path.join(path, name))):
+    numbered = all(re.fullmatch(r"[0-9]{1,9}", name) for name in classes)
+    images, labels, empty = [], [], []
+    for position, name in enumerate(classes):
+        # Subfolders named by numbers hold those class indices, not sorted positions
+        # ("10" sorts before "2").
+        label = int(name) if numbered else position
+        files = sorted(f for f in os.listdir(os.path.join(path, name)) if not f.startswith("."))
+        if not files:
+            empty.append(name)
+        for file in files:
             file_path = os.path.join(path, name, file)
             try:
                 with Image.open(file_path) as im:
                     images.append(np.asarray(im.convert("RGB")))
-            except OSError as e:
-                raise ValueError(f"{file_path}: not a readable image ({e})") from e
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise ValueError(f"{file_path}: not a readable image ({_one_line(e)})") from e
             labels.append(label)
+    if empty:
+        raise ValueError(f"folder dataset {path!r}: class folders {_few(empty)} hold no images")
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
         raise ValueError(f"{path}: images differ in shape {sorted(shapes)}; resize them first")
-    return _validate(np.stack(images), np.asarray(labels), path)
+    images, labels = _validate(np.stack(images), np.asarray(labels), path)
+    return images, labels, None if numbered else tuple(classes)
 
 
 def _split(
     images: np.ndarray,
     labels: np.ndarray,
     split: str,
+    source: str,
+    class_names: tuple[str, ...] | None = None,
     per_class: dict[str, int] | None = None,
-    source: str = "",
 ) -> Split:
     """Class-balanced held-out splits taken from the end of each class, in file order.
 
@@ -229,16 +374,17 @@ def _split(
             the k before them test. None: the last 20% of each class are validation and
             there is no test split.
     """
-    num_classes = int(labels.max()) + 1
+    num_classes = len(class_names) if class_names else int(labels.max()) + 1
     if split == "all":
-        return Split(images, labels, num_classes)
+        return Split(images, labels, num_classes, class_names, source)
     if split == "test" and not (per_class or {}).get("test"):
         raise ValueError(
             f"dataset {source!r} has no test split: pass held-out data as its own dataset "
             "(e.g. --eval_dataset=npz:PATH)"
         )
     part = np.full(len(labels), "train", dtype=object)
-    for c in range(num_classes):
+    # Only the classes present: linear in the number of images, whatever the labels.
+    for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         end = len(idx)
         for name in ("validation", "test"):
@@ -250,7 +396,32 @@ def _split(
             part[idx[end - k : end]] = name
             end -= k
     keep = part == split
-    return Split(images[keep], labels[keep], num_classes)
+    return Split(images[keep], labels[keep], num_classes, class_names, source)
+
+
+def _few(items: Sequence, limit: int = 10) -> str:
+    """Up to `limit` items for an error message, and how many more."""
+    items = list(items)
+    shown = ", ".join(repr(x) if isinstance(x, str) else str(x) for x in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _one_line(e: Exception, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_reachable(host: str, data_dir: str | None) -> None:
+    """Raises ValueError at once if `host` cannot be reached: offline, TFDS would retry
+    its download with backoff for about 3.5 minutes before failing."""
+    try:
+        socket.create_connection((host, 443), timeout=10).close()
+    except OSError as e:
+        raise ValueError(
+            f"cifar10 is not prepared in {data_dir or 'the TFDS data directory'} and its "
+            f"download host {host} cannot be reached ({e}); connect to the internet once, or "
+            "pass --data_dir=DIR holding a prepared copy"
+        ) from e
 
 
 def _load_tfds_cifar10(split: str, data_dir: str | None) -> Split:
@@ -262,6 +433,8 @@ def _load_tfds_cifar10(split: str, data_dir: str | None) -> Split:
         "test": "test",
         "all": "train+test",
     }[split]
+    if not tfds.builder("cifar10", data_dir=data_dir).is_prepared():
+        _check_reachable(_CIFAR10_HOST, data_dir)
     # Batches of 10,000 rather than batch_size=-1: the latter aborts the process under
     # tfds.testing.mock_data (std::length_error), which the tests use.
     ds = tfds.load(
@@ -271,4 +444,4 @@ def _load_tfds_cifar10(split: str, data_dir: str | None) -> Split:
     images = np.concatenate([b[0] for b in batches])
     labels = np.concatenate([b[1] for b in batches])
     images, labels = _validate(images, labels, "tfds:cifar10")
-    return Split(images, labels, 10)
+    return Split(images, labels, 10, CIFAR10_CLASSES, "cifar10")

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -77,6 +78,41 @@ def _as_image_stack(images: Any) -> np.ndarray:
     return array
 
 
+def _rescale(array: np.ndarray) -> tuple[np.ndarray, float]:
+    """(array / s, s) for a power of two s that brings the largest |value| near 1.
+
+    Every metric is homogeneous (mse scales by s^2, imed by s, correlation and ssim with
+    `data_range / s` not at all), and dividing by a power of two is exact, so the
+    distances of huge (>= 1e20: squares overflow float32) or tiny (squares underflow)
+    images are computed on values near 1 and scaled back. Values in a comfortable range
+    are left alone (s = 1).
+    """
+    peak = float(np.max(np.abs(array)))
+    if peak == 0.0 or 2.0**-16 <= peak <= 2.0**16:
+        return array, 1.0
+    scale = 2.0 ** math.floor(math.log2(peak))
+    return array / np.asarray(scale, array.dtype), scale
+
+
+def _scale_back(distances: jax.Array, factor: float, metric: str) -> jax.Array:
+    """`distances * factor`, refusing results the output dtype cannot hold."""
+    if factor == 1.0:
+        return distances
+    host = np.asarray(distances, np.float64) * factor
+    info = jnp.finfo(distances.dtype)
+    positive = host[host > 0]
+    if not np.all(np.isfinite(host)) or np.max(host) > float(info.max):
+        extreme = f"reach {np.max(host):.3g}"
+    elif positive.size and positive.min() < float(info.tiny):
+        extreme = f"go down to {positive.min():.3g}"  # They would flush to 0: all "equal".
+    else:
+        return jnp.asarray(host.astype(distances.dtype))
+    raise ValueError(
+        f"images: {metric} distances {extreme}, beyond the range of {distances.dtype}; "
+        "multiply or divide the images by a constant (distances scale with it)"
+    )
+
+
 def _to_device(array: np.ndarray) -> jax.Array:
     # Without a dtype argument jnp.asarray keeps float64 under x64 and quietly
     # gives float32 otherwise; asking for float64 explicitly would warn.
@@ -118,7 +154,8 @@ def pairwise_mse(images: Any) -> jax.Array:
     Returns:
       (N, N) float: d_ij = mean over H, W (and C) of (x_i - x_j)^2.
     """
-    return _mse_core(_to_device(_as_image_stack(images)))
+    stack, scale = _rescale(_as_image_stack(images))
+    return _scale_back(_mse_core(_to_device(stack)), scale * scale, "mse")
 
 
 @jax.jit
@@ -146,7 +183,8 @@ def pairwise_correlation(images: Any) -> jax.Array:
     Returns:
       (N, N) float in [0, 2]; a constant image has r = 0 with every other.
     """
-    return _correlation_core(_to_device(_as_image_stack(images)))
+    stack, _ = _rescale(_as_image_stack(images))  # Scale-invariant, but r^2 could overflow.
+    return _correlation_core(_to_device(stack))
 
 
 @functools.lru_cache(maxsize=32)
@@ -207,10 +245,10 @@ def pairwise_imed(images: Any, *, sigma: float = 1.0) -> jax.Array:
     """
     if not (np.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
-    stack = _as_image_stack(images)
+    stack, scale = _rescale(_as_image_stack(images))
     sqrt_y = gaussian_metric_sqrt(stack.shape[1], float(sigma))
     sqrt_x = gaussian_metric_sqrt(stack.shape[2], float(sigma))
-    return _imed_core(_to_device(stack), sqrt_y, sqrt_x)
+    return _scale_back(_imed_core(_to_device(stack), sqrt_y, sqrt_x), scale, "imed")
 
 
 @functools.partial(jax.jit, static_argnames=("filter_size", "filter_sigma", "k1", "k2"))
@@ -292,10 +330,12 @@ def pairwise_ssim(
     for name, value in (("filter_sigma", filter_sigma), ("k1", k1), ("k2", k2)):
         if not (np.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    # SSIM(x / s, y / s) with data_range / s is SSIM(x, y): its constants scale too.
+    stack, scale = _rescale(stack)
     device_images = _to_device(stack)
     return _ssim_core(
         device_images,
-        jnp.asarray(data_range, device_images.dtype),
+        jnp.asarray(data_range / scale, device_images.dtype),
         filter_size=int(filter_size),
         filter_sigma=float(filter_sigma),
         k1=float(k1),

@@ -1,6 +1,7 @@
 """Accuracy and loss of a model on a dataset split, data parallel, every example once."""
 
 import functools
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,8 +50,19 @@ def evaluate(
     Returns:
         {'accuracy': 0..1, 'loss': float, 'examples': int, 'correct': (N,) bool, in the
         split's order: what paired statistics compare}.
+
+    Raises:
+        ValueError: see `check_input`; an empty split; batch_size < 1.
     """
-    check_input(model_config, split, view)
+    split = check_input(model_config, split, view)
+    if len(split) == 0:
+        raise ValueError(f"{split.source}: nothing to evaluate, the split holds no examples")
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, numbers.Integral)
+        or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     batch_sharding, replicated = parallel.mesh_shardings()
     batch_size = parallel.round_to_devices(min(batch_size, len(split)))
     step = make_eval_step(build_model(model_config), view)
@@ -76,15 +88,30 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def check_input(model_config: ModelConfig, split: data.Split, view: str) -> None:
-    """Raises ValueError unless `view` of `split` is what the model takes."""
+def check_input(model_config: ModelConfig, split: data.Split, view: str) -> data.Split:
+    """Checks that `view` of `split` is what the model takes, and matches the split's
+    classes to the model's (`data.match_classes`).
+
+    Returns:
+        `split` with labels as the model's class indices: use it, not `split`.
+
+    Raises:
+        ValueError: wrong channels or image size, or labels or class names the model does
+            not have (naming them and the dataset).
+    """
     if model_config.in_channels != data.view_channels(view):
         raise ValueError(
             f"view {view!r} gives {data.view_channels(view)}-channel input but the model "
             f"takes {model_config.in_channels} channels"
         )
+    if view == "color" and split.images.shape[-1] != 3:
+        raise ValueError(
+            f"{split.source}: view 'color' needs 3-channel images, these have "
+            f"{split.images.shape[-1]}; gray images are views 'gray' and 'gray3'"
+        )
     if split.images.shape[1:3] != (model_config.image_size,) * 2:
         raise ValueError(
-            f"images are {split.images.shape[1:3]} but the model takes "
+            f"{split.source}: images are {split.images.shape[1:3]} but the model takes "
             f"{model_config.image_size}x{model_config.image_size}"
         )
+    return data.match_classes(split, model_config.num_classes, model_config.class_names)

@@ -9,12 +9,14 @@ abstract trace, so it works for any Flax model, not only the project's. For an
 the order is that of their `__call__`s (see `graycnn.nnx_adapter`).
 """
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from graycnn import nnx_adapter
@@ -49,16 +51,25 @@ def resolve_layer(layer: LayerRef, paths: Sequence[str]) -> str:
     """Returns the conv path for a layer number (1-based) or path.
 
     Args:
-        layer: 1..N, or a path; `params/` prefix and `/kernel` suffix are accepted.
+        layer: 1..N (a Python or NumPy integer, or a string of digits), or a path;
+            `params/` prefix and `/kernel` suffix are accepted. A bool or a float (even
+            1.0) is refused: a layer number that went through float arithmetic or a
+            truth value is a mistake in the caller, not a layer.
         paths: The output of `conv_layers`.
 
     Raises:
         ValueError: naming the layer and listing the layers that exist.
     """
     listing = ", ".join(f"{i}:{p}" for i, p in enumerate(paths, start=1))
+    if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (str, numbers.Integral)):
+        raise ValueError(
+            f"layer must be a conv number 1..{len(paths)} or a conv path, got {layer!r} "
+            f"({type(layer).__name__}); layers: {listing}"
+        )
     if isinstance(layer, str) and layer.strip().isdigit():
         layer = int(layer)
-    if isinstance(layer, int):
+    if isinstance(layer, numbers.Integral):
+        layer = int(layer)
         if not 1 <= layer <= len(paths):
             raise ValueError(
                 f"layer {layer} does not exist: the model has conv layers 1..{len(paths)} "

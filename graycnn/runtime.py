@@ -36,7 +36,7 @@ _ENV = {
     "process_id": "JAX_PROCESS_ID",
 }
 # Input errors: shown as one `error:` line, exit status 2.
-_INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError)
+INPUT_ERRORS = (ValueError, KeyError, OSError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,9 +278,22 @@ def fail(message: str, status: int = 2) -> NoReturn:
     os._exit(status)
 
 
+def error_line(e: BaseException) -> str:
+    """The one line a CLI prints for an input error (a multi-line message would read as
+    two errors)."""
+    return "error: " + _one_line(e)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
 def run(main: Callable[[list[str]], None]) -> None:
-    """`absl.app.run(main)`, with the input errors graycnn raises shown as one line
-    `error: ...` and exit status 2, instead of a traceback.
+    """`absl.app.run(main)`, with the input errors graycnn raises, and bad flags, shown as
+    one line `error: ...` and exit status 2, instead of a traceback.
+
+    OSError (a full disk, a permission denied mid-run) is shown the same way: it names
+    the path, and a traceback would add nothing for the user.
 
     In a multi-host run every failure leaves at once (exit status 1), so the other
     processes notice instead of waiting on this one: a failed collective (another
@@ -298,8 +311,8 @@ def run(main: Callable[[list[str]], None]) -> None:
                     f"one of them died: {_first_line(e)}",
                     status=1,
                 )
-            if isinstance(e, _INPUT_ERRORS):
-                fail(str(e))
+            if isinstance(e, INPUT_ERRORS):
+                fail(_one_line(e))
             if _watch is None or (isinstance(e, SystemExit) and not e.code):
                 raise
             traceback.print_exc()
@@ -307,7 +320,23 @@ def run(main: Callable[[list[str]], None]) -> None:
         if _watch is not None:
             _watch.finish()
 
-    app.run(wrapped)
+    app.run(wrapped, flags_parser=parse_flags)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad or missing flag, or any positional argument, as
+    one `error: ...` line and exit status 2 (absl's own is "FATAL Flags parsing error"
+    plus a usage hint, exit 1)."""
+    try:
+        rest = flags.FLAGS(argv)
+        if len(rest) > 1:
+            # No command takes positional arguments: a stray word, or `--augment false`
+            # (a bool flag takes no separate value), would otherwise be ignored.
+            raise flags.Error(f"unexpected arguments {rest[1:]}; flags are --name=value")
+        return rest
+    except flags.Error as e:
+        print(error_line(e), file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def _is_collective_failure(e: BaseException) -> bool:

@@ -6,7 +6,10 @@ are replicated, and XLA inserts the gradient and BatchNorm all-reduces.
 
 import dataclasses
 import json
+import math
+import numbers
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,11 +22,14 @@ from tqdm.auto import tqdm
 
 from graycnn import checkpoint, data, evaluation, graph, parallel
 from graycnn.config import setting
-from graycnn.models import ModelConfig, build_model, init_variables
+from graycnn.models import MODELS, TEST_MODELS, ModelConfig, build_model, init_variables
 
 Variables = dict[str, Any]
 TRAINABLE = ("all", "batchnorm")
 _METRICS = "metrics.jsonl"
+# Settings a resumed run may change: the others must match the run being resumed, or the
+# resumed run would silently be a different run (or fail to restore).
+_RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "data_dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +71,23 @@ class TrainConfig:
     seed: int = setting(0, "Seed of init, data order and augmentation.")
     eval_batch_size: int = setting(500, "Evaluation batch size.", flag=False)
     data_dir: str | None = setting(None, "TFDS data directory.")
+
+    def __post_init__(self):
+        """Raises ValueError naming the flag of the first invalid setting."""
+        if self.model not in {**MODELS, **TEST_MODELS}:
+            raise ValueError(f"--model: unknown model {self.model!r}; models: {sorted(MODELS)}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
+        for name in ("learning_rate", "momentum"):
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"--seed must be an integer, got {self.seed!r}")
+        if not 0 <= self.seed < 2**31:
+            raise ValueError(f"--seed must be in 0..{2**31 - 1}, got {self.seed}")
 
 
 @flax.struct.dataclass
@@ -183,6 +206,12 @@ def train_and_evaluate(
     Returns:
         (model config, final variables, one metrics dict per epoch of this process's run).
     """
+    _prepare_workdir(workdir)
+    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
+    resumed = None
+    if mngr.latest_step() is not None:
+        resumed = checkpoint.read_config(mngr, mngr.latest_step())
+        _check_resumable(config, resumed, workdir)
     train_split = data.load_dataset(config.dataset, "train", config.data_dir)
     val_split = data.load_dataset(config.dataset, "validation", config.data_dir)
     if init is not None:
@@ -193,10 +222,22 @@ def train_and_evaluate(
             in_channels=data.view_channels(config.view),
             num_classes=train_split.num_classes,
             image_size=train_split.images.shape[1],
+            class_names=train_split.class_names or (),
             **(model_overrides or {}),
         )
         variables = init_variables(model_config, jax.random.key(config.seed))
-    evaluation.check_input(model_config, train_split, config.view)
+    if resumed is not None:
+        _check_same_model(model_config, resumed, workdir)
+    # Labels become the model's class indices here, once, and mismatches stop the run
+    # before any training.
+    train_split = evaluation.check_input(model_config, train_split, config.view)
+    if len(val_split):
+        val_split = evaluation.check_input(model_config, val_split, config.view)
+    else:
+        tqdm.write(
+            f"note: the validation split of {config.dataset} is empty (under 3 images per "
+            "class); epochs are not validated"
+        )
     batch_size = parallel.round_to_devices(config.batch_size)
     steps_per_epoch = len(train_split) // batch_size
     if steps_per_epoch == 0:
@@ -213,9 +254,7 @@ def train_and_evaluate(
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(variables["params"]),
     )
-    os.makedirs(workdir, exist_ok=True)
-    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
-    if mngr.latest_step() is not None:
+    if resumed is not None:
         step, restored, opt_state = checkpoint.restore_training(
             mngr, state.variables, state.opt_state
         )
@@ -275,37 +314,97 @@ def train_and_evaluate(
             # Summing device scalars keeps the host from waiting on every step.
             sums = {k: sums[k] + metrics[k] for k in sums}
         seconds = time.perf_counter() - start
-        val = evaluation.evaluate(
-            model_config, state.variables, val_split, config.view, config.eval_batch_size
-        )
         record = {
             "epoch": epoch + 1,
             "step": int(state.step),
             "train_loss": float(sums["loss"]) / steps_per_epoch,
             "train_accuracy": float(sums["accuracy"]) / steps_per_epoch,
-            "val_accuracy": val["accuracy"],
-            "val_loss": val["loss"],
+            "val_accuracy": None,
+            "val_loss": None,
             "images_per_sec": steps_per_epoch * batch_size / seconds,
             "epoch_seconds": seconds,
         }
+        try:
+            if len(val_split):
+                val = evaluation.evaluate(
+                    model_config, state.variables, val_split, config.view, config.eval_batch_size
+                )
+                record.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
+        finally:
+            # A finished epoch is logged and saved even if its validation fails.
+            if jax.process_index() == 0:
+                with open(os.path.join(workdir, _METRICS), "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            checkpoint.save(
+                mngr,
+                int(state.step),
+                jax.device_get(state.variables),
+                {"model": model_config.to_json(), "train": dataclasses.asdict(config), **record},
+                opt_state=jax.device_get(state.opt_state),
+            )
         history.append(record)
+        val_text = "-" if record["val_accuracy"] is None else f"{record['val_accuracy']:.4f}"
         tqdm.write(
             f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.3f} "
-            f"train acc {record['train_accuracy']:.3f} val acc {val['accuracy']:.4f} "
+            f"train acc {record['train_accuracy']:.3f} val acc {val_text} "
             f"({record['images_per_sec']:.0f} img/s)"
-        )
-        if jax.process_index() == 0:
-            with open(os.path.join(workdir, _METRICS), "a") as f:
-                f.write(json.dumps(record) + "\n")
-        checkpoint.save(
-            mngr,
-            int(state.step),
-            jax.device_get(state.variables),
-            {"model": model_config.to_json(), "train": dataclasses.asdict(config), **record},
-            opt_state=jax.device_get(state.opt_state),
         )
     mngr.close()
     return model_config, jax.device_get(state.variables), history
+
+
+def _prepare_workdir(workdir: str) -> None:
+    """Makes `workdir` and proves it writable, so a bad one fails before any work.
+
+    Raises:
+        ValueError: naming the workdir: it is a file, or cannot be made or written.
+    """
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--workdir {path} is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"--workdir {path} is not writable ({e.strerror or e})") from e
+
+
+def _check_resumable(config: TrainConfig, stored: Mapping[str, Any], workdir: str) -> None:
+    """Raises ValueError, naming the flags, if `config` is not the run stored in `workdir`."""
+    before = stored.get("train")
+    if not isinstance(before, Mapping):
+        return
+    # Through JSON, as the stored config went: tuples become lists.
+    now = json.loads(json.dumps(dataclasses.asdict(config)))
+    flags = {f.name: f.metadata.get("flag", False) for f in dataclasses.fields(config)}
+    differ = [
+        f"{'--' if flags[name] else ''}{name}={value!r} (the run has {before[name]!r})"
+        for name, value in now.items()
+        if name not in _RESUMABLE_CHANGES and name in before and before[name] != value
+    ]
+    if differ:
+        raise ValueError(
+            f"{os.path.abspath(workdir)} holds a run with other settings: {'; '.join(differ)}. "
+            "Resume it with its settings, or use a new --workdir"
+        )
+
+
+def _check_same_model(model_config: ModelConfig, stored: Mapping[str, Any], workdir: str) -> None:
+    """Raises ValueError if the model to train is not the one checkpointed in `workdir`."""
+    try:
+        before = ModelConfig.from_json(stored["model"]).to_json()
+    except (KeyError, TypeError, ValueError):
+        return  # Not ours to compare: restoring it will name what is wrong.
+    now = model_config.to_json()
+    if not before["class_names"]:  # Written before class names were stored.
+        now["class_names"] = []
+    differ = [f"{k} {now[k]!r} (the run has {before[k]!r})" for k in now if now[k] != before[k]]
+    if differ:
+        raise ValueError(
+            f"{os.path.abspath(workdir)} holds a run of another model: {'; '.join(differ)}. "
+            "Resume it with its dataset and settings, or use a new --workdir"
+        )
 
 
 def read_history(workdir: str) -> list[dict[str, Any]]:

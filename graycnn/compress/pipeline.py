@@ -32,10 +32,10 @@ def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) ->
     validate(config)
     out = Writer(workdir, config_lib.to_json(config))
     color = stages.color_model(config, out.path("color_model"), "model" in given)
-    splits = stages.load_splits(config)
+    splits = stages.load_splits(config, color)
     gray = stages.fold_to_gray(config, color, splits.train)
-    plan = budget.search(config, gray, color, splits.train) if config.target else None
-    steps = stages.plan_steps(config, gray, plan.steps if plan else None)
+    search = budget.search(config, gray, color, splits.train) if config.target else None
+    steps = stages.plan_steps(config, gray, search.steps if search else None)
     out.data_figure(splits)
     run = _Run(config, color, splits, out)
     for spec, model in zip(color_specs(config), (color, color, gray), strict=True):
@@ -60,7 +60,7 @@ def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) ->
             run.add(recovered_spec(config, clusters, None, None), chains[None], i)
             for c, model in chains.items():
                 run.recover(model, clusters, c, i)
-    return out.finish(run.table.rows(), _settings(config, color, steps, plan))
+    return out.finish(run.table.rows(), _settings(config, color, steps, search))
 
 
 class _Run:
@@ -92,9 +92,9 @@ class _Run:
             self.add(spec, model, seed_index)
 
 
-def _settings(config, color, steps, plan) -> dict[str, Any]:
+def _settings(config, color, steps, search) -> dict[str, Any]:
     return config_lib.to_json(config) | {
         "color_checkpoint": color.source,
         "steps": [{"layer": layer, "clusters": count} for layer, count in steps],
-        "budget_search": plan.to_json() if plan else None,
+        "budget_search": search.to_json() if search else None,
     }

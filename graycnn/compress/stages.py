@@ -97,9 +97,10 @@ class Evaluation:
     held_out: np.ndarray | None
 
 
-def load_splits(config: CompressConfig) -> Splits:
-    """The run's data; the held-out set is all of --eval_dataset, or the dataset's own
-    test split for --eval_dataset=test (absent if it has none)."""
+def load_splits(config: CompressConfig, color: Model) -> Splits:
+    """The run's data, checked against the color model's input and classes before any
+    work; the held-out set is all of --eval_dataset, or the dataset's own test split for
+    --eval_dataset=test (absent if it has none)."""
     train = data.load_dataset(config.dataset, "train", config.data_dir)
     validation = data.load_dataset(config.dataset, "validation", config.data_dir)
     name, held_out = config.eval_dataset, None
@@ -113,7 +114,9 @@ def load_splits(config: CompressConfig) -> Splits:
         held_out = data.load_dataset(name, "all", config.data_dir)
     else:
         name = None
-    return Splits(train, validation, held_out, name)
+    check = lambda split: evaluation.check_input(color.config, split, "color")  # noqa: E731
+    held_out = None if held_out is None else check(held_out)
+    return Splits(check(train), check(validation), held_out, name)
 
 
 def color_model(config: CompressConfig, train_workdir: str, model_given: bool = False) -> Model:

@@ -52,8 +52,12 @@ _BN_ROLES = {"mean": "batch_stats", "var": "batch_stats", "scale": "params", "bi
 def check_labels(labels: Any, width: int, path: str) -> np.ndarray:
     """Returns labels as (width,) int64 after checking they are 0..K-1 with no gap.
 
+    Integers of any dtype are accepted, and floats whose values are whole numbers (what
+    some clustering libraries return); bools, strings and other objects are refused.
+
     Raises:
-        ValueError: naming `path`, for a wrong length, non-integers or missing labels.
+        ValueError: naming `labels` and `path`, for a wrong length or dtype, non-integers,
+            labels out of 0..width-1 or missing labels.
     """
     arr = np.asarray(labels)
     if arr.shape != (width,):
@@ -61,12 +65,23 @@ def check_labels(labels: Any, width: int, path: str) -> np.ndarray:
             f"labels for conv {path!r} must have shape ({width},), one per filter; "
             f"got shape {arr.shape}"
         )
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.equal(np.mod(arr, 1), 0)):
-            raise ValueError(f"labels for conv {path!r} must be integers, got {arr.dtype}")
+    # A bool array would pass as 2 clusters; strings and objects have no cluster order.
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(
+            f"labels for conv {path!r} must be integer cluster numbers, got dtype {arr.dtype}"
+        )
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.mod(arr, 1) == 0):
+        raise ValueError(f"labels for conv {path!r} must be integers, got {arr.dtype}")
+    if arr.size == 0:
+        raise ValueError(f"labels for conv {path!r}: the conv has no filters")
+    if arr.min() < 0 or arr.max() >= width:
+        # K clusters of `width` filters: every label is in 0..width-1 (and checking this
+        # first keeps the gap check below from looping up to a huge label).
+        raise ValueError(
+            f"labels for conv {path!r} must be 0..K-1 with K <= {width} filters, got "
+            f"values {arr.min()}..{arr.max()}"
+        )
     arr = arr.astype(np.int64)
-    if arr.size == 0 or arr.min() < 0:
-        raise ValueError(f"labels for conv {path!r} must be 0..K-1, got minimum {arr.min()}")
     missing = sorted(set(range(arr.max() + 1)) - set(arr.tolist()))
     if missing:
         raise ValueError(

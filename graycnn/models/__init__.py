@@ -8,6 +8,7 @@ Example:
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -62,6 +63,8 @@ class ModelConfig:
             e.g. (2, 2, 2, 2) for a model imported from Keras at a depth no registry entry
             has; None keeps the registry's (and is left out of the JSON, so checkpoints
             without it read and write as before).
+        class_names: The name of each output class, () if only indexed. A dataset that
+            names its classes is matched to them by name (`graycnn.data.match_classes`).
     """
 
     name: str
@@ -72,12 +75,18 @@ class ModelConfig:
     input_scale: float | None = None
     input_offset: float | None = None
     layers_per_block: tuple[int, ...] | None = None
+    class_names: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.name not in _ALL:
             raise ValueError(f"unknown model {self.name!r}; known models: {sorted(MODELS)}")
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        for field in ("num_classes", "image_size"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
+            object.__setattr__(self, field, int(value))
         object.__setattr__(self, "widths", {str(k): int(v) for k, v in self.widths.items()})
         if self.layers_per_block is not None:
             if getattr(_ALL[self.name], "func", None) is not DenseNet:
@@ -86,6 +95,13 @@ class ModelConfig:
             if not blocks or min(blocks) < 1:
                 raise ValueError(f"layers_per_block must be positive counts, got {blocks}")
             object.__setattr__(self, "layers_per_block", blocks)
+        names = tuple(str(n) for n in self.class_names)
+        if names and (len(names) != self.num_classes or len(set(names)) != len(names)):
+            raise ValueError(
+                f"class_names must be {self.num_classes} distinct names, one per class; "
+                f"got {list(names)}"
+            )
+        object.__setattr__(self, "class_names", names)
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -96,7 +112,10 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self) | {"widths": dict(self.widths)}
+        data = dataclasses.asdict(self) | {
+            "widths": dict(self.widths),
+            "class_names": list(self.class_names),
+        }
         if self.layers_per_block is None:
             del data["layers_per_block"]
         return data
