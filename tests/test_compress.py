@@ -160,7 +160,7 @@ def test_bad_config_is_a_clear_error_before_any_work(config, tmp_path):
         workdir = tmp_path / "x"
         with pytest.raises(ValueError, match=message):
             compress.compress(dataclasses.replace(config, **changes), str(workdir))
-        assert not (workdir / "models").exists() and not (workdir / "bn").exists()
+        assert not workdir.exists() or not os.listdir(workdir)
     os.makedirs(tmp_path / "done" / "models")
     with pytest.raises(FileExistsError, match="already holds a compress run"):
         compress.compress(config, str(tmp_path / "done"))
@@ -183,8 +183,8 @@ def test_shipped_pretrained_model_loads_and_is_trained():
     model_config, variables, _ = checkpoint.load_model(str(path))
     assert (model_config.name, model_config.in_channels) == ("densenet_tiny", 3)
     val = data.load_dataset("cifar10_sample", "validation")
-    # 40 epochs on the 4,085 sample images (docs/results.md); chance is 10%.
-    assert evaluation.evaluate(model_config, variables, val, "color")["accuracy"] > 0.6
+    # 40 epochs on the 3,085 train images of the sample (docs/results.md: 58.6%); chance 10%.
+    assert evaluation.evaluate(model_config, variables, val, "color")["accuracy"] > 0.55
 
 
 def test_filter_responses_are_the_conv_outputs_per_filter(sample_npz):

@@ -36,6 +36,7 @@ def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) ->
     gray = stages.fold_to_gray(config, color, splits.train)
     search = budget.search(config, gray, color, splits.train) if config.target else None
     steps = stages.plan_steps(config, gray, search.steps if search else None)
+    out.begin()
     out.data_figure(splits)
     run = _Run(config, color, splits, out)
     for spec, model in zip(color_specs(config), (color, color, gray), strict=True):

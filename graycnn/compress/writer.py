@@ -41,7 +41,8 @@ class Writer:
         if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
             raise FileExistsError(f"--workdir {self.workdir} is a file, not a directory")
         run = self.path("run.json")
-        settings = json.loads(json.dumps(dict(settings)))  # as it reads back
+        self.settings = json.loads(json.dumps(dict(settings)))  # as it reads back
+        settings = self.settings
         if os.path.exists(run):
             with open(run) as f:
                 before = json.load(f)
@@ -60,11 +61,14 @@ class Writer:
             raise FileExistsError(
                 f"{self.workdir} already holds a compress run; pass a new --workdir or delete it"
             )
-        else:
-            try:
-                io.write_json(run, settings)
-            except OSError as e:
-                raise ValueError(f"--workdir {self.workdir} is not writable: {e}") from None
+
+    def begin(self) -> None:
+        """Records the run's settings: call once every input is checked, before the long
+        work, so that a failed check leaves nothing behind and a rerun can resume."""
+        try:
+            io.write_json(self.path("run.json"), self.settings)
+        except OSError as e:
+            raise ValueError(f"--workdir {self.workdir} is not writable: {e}") from None
 
     def path(self, *parts: str) -> str:
         """A path inside the workdir (for stages that keep their own state, e.g. BN
