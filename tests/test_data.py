@@ -32,8 +32,9 @@ def test_views_reject_bad_input():
 def test_embedded_sample_split_is_balanced_disjoint_and_deterministic():
     train = data.load_dataset("cifar10_sample", "train")
     val = data.load_dataset("cifar10_sample", "validation")
-    assert (len(train), len(val)) == (4085, 1000)
-    assert np.bincount(val.labels).tolist() == [100] * 10
+    test = data.load_dataset("cifar10_sample", "test")
+    assert (len(train), len(val), len(test)) == (3085, 1000, 1000)
+    assert np.bincount(val.labels).tolist() == np.bincount(test.labels).tolist() == [100] * 10
     assert train.images.dtype == np.uint8 and train.images.shape[1:] == (32, 32, 3)
     # The first labels of data_batch_1 are 6 9 9 4 1 1 2 7 (shared/data/README.md).
     assert data.load_dataset("cifar10_sample", "all").labels[:8].tolist() == [
@@ -46,8 +47,16 @@ def test_embedded_sample_split_is_balanced_disjoint_and_deterministic():
         2,
         7,
     ]
-    train_keys = {im.tobytes() for im in train.images}
-    assert not any(im.tobytes() in train_keys for im in val.images)
+    keys = [{im.tobytes() for im in s.images} for s in (train, val, test)]
+    assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+    # Per class in file order: ... train | test (100) | validation (100).
+    everything = data.load_dataset("cifar10_sample", "all")
+    for c in range(10):
+        idx = np.flatnonzero(everything.labels == c)
+        np.testing.assert_array_equal(everything.images[idx[-100:]], val.images[val.labels == c])
+        np.testing.assert_array_equal(
+            everything.images[idx[-200:-100]], test.images[test.labels == c]
+        )
     again = data.load_dataset("cifar10_sample", "validation")
     np.testing.assert_array_equal(again.images, val.images)
 

@@ -495,7 +495,7 @@ def test_cli_huge_label_does_not_hang(tmp_path, val_images):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["experiments.evaluate", f"--checkpoint={CK}", "--split=test"], "flag --split=test"),
+        (["experiments.evaluate", f"--checkpoint={CK}", "--split=tests"], "flag --split=tests"),
         (
             ["experiments.visualize", f"--checkpoint={CK}", "--layers=1,0", "--outdir={out}"],
             "--layers: layer 0 does not exist: the model has conv layers 1..17",

@@ -130,7 +130,8 @@ def recovered_spec(
         noun = "layers" if len(clusters) > 1 else "layer"
         key, title = f"merged_{names}", f"merged {noun} {names}"
     else:
-        key, title = f"{control}_{names}", f"{control} control, layers {names}"
+        noun = "layers" if len(clusters) > 1 else "layer"
+        key, title = f"{control}_{names}", f"{control} control, {noun} {names}"
     if config.compensate != "none" and clusters:
         title += f" ({config.compensate})"
     if budget is None:
