@@ -28,7 +28,7 @@ import jax
 from absl import app, flags, logging
 from tqdm.auto import tqdm
 
-from graycnn import config
+from graycnn import checkpoint, config
 
 _ENV = {
     "coordinator_address": "JAX_COORDINATOR_ADDRESS",
@@ -143,19 +143,8 @@ def initialize(options: DistributedConfig) -> None:
         ) from None
     global _watch
     if jax.process_count() > 1 and _watch is None:
-        _use_coordination_barriers()
+        checkpoint.use_coordination_barriers()
         _watch = _PeerWatch(options.peer_timeout)
-
-
-def _use_coordination_barriers() -> None:
-    # Orbax's default barrier between processes is a jitted all-gather, compiled afresh
-    # for every barrier (~4 s each on a loaded 2-core CPU, five per CheckpointManager);
-    # its alternative waits at a barrier of JAX's coordination service: no compile, and
-    # a timeout.
-    import orbax.checkpoint  # noqa: F401 - defines the flag
-
-    flag = flags.FLAGS["experimental_orbax_use_distributed_barrier"]
-    flag.value = True
 
 
 class _PeerWatch:

@@ -9,7 +9,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,6 +20,7 @@ import optax
 from tqdm.auto import tqdm
 
 from graycnn import checkpoint, data, evaluation, graph, parallel
+from graycnn import workdir as workdir_lib
 from graycnn.config import setting
 from graycnn.models import MODELS, TEST_MODELS, ModelConfig, build_model, init_variables
 
@@ -206,12 +206,72 @@ def train_and_evaluate(
     Returns:
         (model config, final variables, one metrics dict per epoch of this process's run).
     """
-    _prepare_workdir(workdir)
+    workdir_lib.prepare(workdir)
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
     resumed = None
     if mngr.latest_step() is not None:
         resumed = checkpoint.read_config(mngr, mngr.latest_step())
-        _check_resumable(config, resumed, workdir)
+        workdir_lib.check_resumable(config, resumed, workdir, _RESUMABLE_CHANGES)
+    model_config, variables, train_split, val_split = _model_and_data(config, init, model_overrides)
+    if resumed is not None:
+        workdir_lib.check_same_model(model_config, resumed, workdir)
+    batch_size = parallel.round_to_devices(config.batch_size)
+    steps_per_epoch = len(train_split) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch_size={batch_size} exceeds the {len(train_split)} train images")
+    model = build_model(model_config)
+    state, tx = _initial_state(config, model, model_config, variables, steps_per_epoch)
+    if resumed is not None:
+        state = _restore(mngr, state)
+    batch_sharding, replicated = parallel.mesh_shardings()
+    state = jax.device_put(state, replicated)
+    teacher_fn, teacher_vars = _teacher(config, teacher, replicated)
+    train_step = make_train_step(
+        model, tx, config.view, config.augment, teacher_fn, config.temperature,
+        config.distill_weight,
+    )  # fmt: skip
+    base_rng = jax.random.key(config.seed + 1)
+    history = []
+    for epoch in range(int(state.step) // steps_per_epoch, config.epochs):
+        start = time.perf_counter()
+        batches = data.iterate_batches(
+            train_split, batch_size, seed=config.seed * 100_003 + epoch, drop_remainder=True
+        )
+        sums = {"loss": 0.0, "accuracy": 0.0}
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+                   mininterval=1.0, leave=False)  # fmt: skip
+        for i, (images, labels, _) in enumerate(bar):
+            rng = jax.random.fold_in(base_rng, epoch * steps_per_epoch + i)
+            state, metrics = train_step(
+                state, *parallel.shard_batch(batch_sharding, images, labels), rng, teacher_vars
+            )
+            if i % 10 == 0 or i == steps_per_epoch - 1:
+                metrics = jax.device_get(metrics)
+                rate = (i + 1) * batch_size / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}",
+                                img_s=f"{rate:.0f}")  # fmt: skip
+            # Summing device scalars keeps the host from waiting on every step.
+            sums = {k: sums[k] + metrics[k] for k in sums}
+        seconds = time.perf_counter() - start
+        record = {
+            "epoch": epoch + 1,
+            "step": int(state.step),
+            "train_loss": float(sums["loss"]) / steps_per_epoch,
+            "train_accuracy": float(sums["accuracy"]) / steps_per_epoch,
+            "val_accuracy": None,
+            "val_loss": None,
+            "images_per_sec": steps_per_epoch * batch_size / seconds,
+            "epoch_seconds": seconds,
+        }
+        _end_epoch(config, workdir, mngr, model_config, state, val_split, record)
+        history.append(record)
+    mngr.close()
+    return model_config, jax.device_get(state.variables), history
+
+
+def _model_and_data(config: TrainConfig, init, model_overrides):
+    """(model config, variables, train split, validation split), the splits' labels
+    matched to the model's classes: a mismatch stops the run before any training."""
     train_split = data.load_dataset(config.dataset, "train", config.data_dir)
     val_split = data.load_dataset(config.dataset, "validation", config.data_dir)
     if init is not None:
@@ -226,10 +286,6 @@ def train_and_evaluate(
             **(model_overrides or {}),
         )
         variables = init_variables(model_config, jax.random.key(config.seed))
-    if resumed is not None:
-        _check_same_model(model_config, resumed, workdir)
-    # Labels become the model's class indices here, once, and mismatches stop the run
-    # before any training.
     train_split = evaluation.check_input(model_config, train_split, config.view)
     if len(val_split):
         val_split = evaluation.check_input(model_config, val_split, config.view)
@@ -238,11 +294,12 @@ def train_and_evaluate(
             f"note: the validation split of {config.dataset} is empty (under 3 images per "
             "class); epochs are not validated"
         )
-    batch_size = parallel.round_to_devices(config.batch_size)
-    steps_per_epoch = len(train_split) // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch_size={batch_size} exceeds the {len(train_split)} train images")
-    model = build_model(model_config)
+    return model_config, variables, train_split, val_split
+
+
+def _initial_state(config, model, model_config, variables, steps_per_epoch):
+    """(TrainState, optimizer); BN-only training freezes what the channel graph does not
+    call a BatchNorm."""
     bn_labels = None
     if config.trainable == "batchnorm":
         g = graph.trace(model, variables, model_config.input_shape)
@@ -254,157 +311,57 @@ def train_and_evaluate(
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(variables["params"]),
     )
-    if resumed is not None:
-        step, restored, opt_state = checkpoint.restore_training(
-            mngr, state.variables, state.opt_state
-        )
-        tqdm.write(f"resuming from {mngr.directory} step {step}")
-        state = state.replace(
-            step=jnp.asarray(step, jnp.int32),
-            params=restored["params"],
-            batch_stats=restored["batch_stats"],
-            opt_state=opt_state,
-        )
-    batch_sharding, replicated = parallel.mesh_shardings()
-    state = jax.device_put(state, replicated)
-    teacher_fn, teacher_vars = None, None
-    if config.distill == "kd":
-        if teacher is None or teacher[0].in_channels != 3:
-            raise ValueError("distill='kd' needs a color teacher model")
-        teacher_model = build_model(teacher[0])
-        teacher_fn = lambda v, x: teacher_model.apply(v, x, train=False)  # noqa: E731
-        teacher_vars = jax.device_put(dict(teacher[1]), replicated)
-    train_step = make_train_step(
-        model,
-        tx,
-        config.view,
-        config.augment,
-        teacher_fn,
-        config.temperature,
-        config.distill_weight,
+    return state, tx
+
+
+def _restore(mngr, state: TrainState) -> TrainState:
+    step, restored, opt_state = checkpoint.restore_training(mngr, state.variables, state.opt_state)
+    tqdm.write(f"resuming from {mngr.directory} step {step}")
+    return state.replace(
+        step=jnp.asarray(step, jnp.int32),
+        params=restored["params"],
+        batch_stats=restored["batch_stats"],
+        opt_state=opt_state,
     )
-    base_rng = jax.random.key(config.seed + 1)
-    history = []
-    first_epoch = int(state.step) // steps_per_epoch
-    for epoch in range(first_epoch, config.epochs):
-        start = time.perf_counter()
-        bar = tqdm(
-            data.iterate_batches(
-                train_split, batch_size, seed=config.seed * 100_003 + epoch, drop_remainder=True
-            ),
-            total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            mininterval=1.0,
-            leave=False,
-        )
-        sums = {"loss": 0.0, "accuracy": 0.0}
-        for i, (images, labels, _) in enumerate(bar):
-            rng = jax.random.fold_in(base_rng, epoch * steps_per_epoch + i)
-            state, metrics = train_step(
-                state, *parallel.shard_batch(batch_sharding, images, labels), rng, teacher_vars
-            )
-            if i % 10 == 0 or i == steps_per_epoch - 1:
-                metrics = jax.device_get(metrics)
-                rate = (i + 1) * batch_size / (time.perf_counter() - start)
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.3f}",
-                    acc=f"{metrics['accuracy']:.3f}",
-                    img_s=f"{rate:.0f}",
-                )
-            # Summing device scalars keeps the host from waiting on every step.
-            sums = {k: sums[k] + metrics[k] for k in sums}
-        seconds = time.perf_counter() - start
-        record = {
-            "epoch": epoch + 1,
-            "step": int(state.step),
-            "train_loss": float(sums["loss"]) / steps_per_epoch,
-            "train_accuracy": float(sums["accuracy"]) / steps_per_epoch,
-            "val_accuracy": None,
-            "val_loss": None,
-            "images_per_sec": steps_per_epoch * batch_size / seconds,
-            "epoch_seconds": seconds,
-        }
-        try:
-            if len(val_split):
-                val = evaluation.evaluate(
-                    model_config, state.variables, val_split, config.view, config.eval_batch_size
-                )
-                record.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
-        finally:
-            # A finished epoch is logged and saved even if its validation fails.
-            if jax.process_index() == 0:
-                with open(os.path.join(workdir, _METRICS), "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            checkpoint.save(
-                mngr,
-                int(state.step),
-                jax.device_get(state.variables),
-                {"model": model_config.to_json(), "train": dataclasses.asdict(config), **record},
-                opt_state=jax.device_get(state.opt_state),
-            )
-        history.append(record)
-        val_text = "-" if record["val_accuracy"] is None else f"{record['val_accuracy']:.4f}"
-        tqdm.write(
-            f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.3f} "
-            f"train acc {record['train_accuracy']:.3f} val acc {val_text} "
-            f"({record['images_per_sec']:.0f} img/s)"
-        )
-    mngr.close()
-    return model_config, jax.device_get(state.variables), history
 
 
-def _prepare_workdir(workdir: str) -> None:
-    """Makes `workdir` and proves it writable, so a bad one fails before any work.
+def _teacher(config: TrainConfig, teacher, replicated):
+    """(logits function, replicated variables) of the distillation teacher, or Nones."""
+    if config.distill != "kd":
+        return None, None
+    if teacher is None or teacher[0].in_channels != 3:
+        raise ValueError("distill='kd' needs a color teacher model")
+    teacher_model = build_model(teacher[0])
+    fn = lambda v, x: teacher_model.apply(v, x, train=False)  # noqa: E731
+    return fn, jax.device_put(dict(teacher[1]), replicated)
 
-    Raises:
-        ValueError: naming the workdir: it is a file, or cannot be made or written.
-    """
-    path = os.path.abspath(workdir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--workdir {path} is a file, not a directory")
+
+def _end_epoch(config, workdir, mngr, model_config, state, val_split, record) -> None:
+    """Validates, then logs and checkpoints the epoch: a finished epoch is logged and
+    saved even if its validation fails."""
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise ValueError(f"--workdir {path} is not writable ({e.strerror or e})") from e
-
-
-def _check_resumable(config: TrainConfig, stored: Mapping[str, Any], workdir: str) -> None:
-    """Raises ValueError, naming the flags, if `config` is not the run stored in `workdir`."""
-    before = stored.get("train")
-    if not isinstance(before, Mapping):
-        return
-    # Through JSON, as the stored config went: tuples become lists.
-    now = json.loads(json.dumps(dataclasses.asdict(config)))
-    flags = {f.name: f.metadata.get("flag", False) for f in dataclasses.fields(config)}
-    differ = [
-        f"{'--' if flags[name] else ''}{name}={value!r} (the run has {before[name]!r})"
-        for name, value in now.items()
-        if name not in _RESUMABLE_CHANGES and name in before and before[name] != value
-    ]
-    if differ:
-        raise ValueError(
-            f"{os.path.abspath(workdir)} holds a run with other settings: {'; '.join(differ)}. "
-            "Resume it with its settings, or use a new --workdir"
+        if len(val_split):
+            val = evaluation.evaluate(
+                model_config, state.variables, val_split, config.view, config.eval_batch_size
+            )
+            record.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
+    finally:
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, _METRICS), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        checkpoint.save(
+            mngr,
+            int(state.step),
+            jax.device_get(state.variables),
+            {"model": model_config.to_json(), "train": dataclasses.asdict(config), **record},
+            opt_state=jax.device_get(state.opt_state),
         )
-
-
-def _check_same_model(model_config: ModelConfig, stored: Mapping[str, Any], workdir: str) -> None:
-    """Raises ValueError if the model to train is not the one checkpointed in `workdir`."""
-    try:
-        before = ModelConfig.from_json(stored["model"]).to_json()
-    except (KeyError, TypeError, ValueError):
-        return  # Not ours to compare: restoring it will name what is wrong.
-    now = model_config.to_json()
-    if not before["class_names"]:  # Written before class names were stored.
-        now["class_names"] = []
-    differ = [f"{k} {now[k]!r} (the run has {before[k]!r})" for k in now if now[k] != before[k]]
-    if differ:
-        raise ValueError(
-            f"{os.path.abspath(workdir)} holds a run of another model: {'; '.join(differ)}. "
-            "Resume it with its dataset and settings, or use a new --workdir"
-        )
+    val_text = "-" if record["val_accuracy"] is None else f"{record['val_accuracy']:.4f}"
+    tqdm.write(
+        f"epoch {record['epoch']}/{config.epochs}: loss {record['train_loss']:.3f} "
+        f"train acc {record['train_accuracy']:.3f} val acc {val_text} "
+        f"({record['images_per_sec']:.0f} img/s)"
+    )
 
 
 def read_history(workdir: str) -> list[dict[str, Any]]:

@@ -47,7 +47,7 @@ class CompressConfig:
     layers: tuple[int, ...] = setting((1, 2), "Conv layers to merge, in order.")
     fold: str = setting("sum", "RGB-to-gray fold of layer 1.", choices=fold.METHODS)
     objective: PerLayer = setting(
-        PerLayer("mean"),
+        PerLayer(ACTIVATION),
         "What is compared per layer: receptive fields ('mean', 'center'), the kernels "
         "('kernel', layer 1) or the filters' responses to real images ('activation').",
         choices=OBJECTIVES,
@@ -60,10 +60,12 @@ class CompressConfig:
     )
     steps: int = setting(100, "Gradient-ascent steps of the receptive fields.")
     metric: PerLayer = setting(
-        PerLayer(), "Distance per layer; default mse for layer 1, imed after.",
+        PerLayer("correlation"),
+        "Distance per layer; without a value for a layer, the study's: mse for layer 1, "
+        "imed after.",
         choices=tuple(distance.METRICS),
-    )  # fmt: skip
-    cluster: str = setting("dbscan", "Clustering.", choices=cluster.METHODS)
+    )
+    cluster: str = setting("complete", "Clustering.", choices=cluster.METHODS)
     num_clusters: PerLayer = setting(
         PerLayer.of_dict({1: 20, 2: 12}),
         "Target clusters per layer (default: the study's counts); a layer without one "

@@ -46,7 +46,7 @@ def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) ->
         run.recover(gray, {}, None, i)
         chains = {None: gray} | (dict.fromkeys(CONTROLS, gray) if config.controls else {})
         clusters: dict[int, int] = {}
-        for layer, count in tqdm(steps, desc="layers", leave=False):
+        for k, (layer, count) in enumerate(tqdm(steps, desc="layers", leave=False)):
             result = stages.merge_layer(
                 config, chains[None], layer, count, splits.train, color, seed, figures=i == 0
             )
@@ -58,6 +58,8 @@ def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) ->
                     config, c, before, layer, result.clustering.labels, seed)  # fmt: skip
                 chains[c], errors = stages.compensate(config, before, plan, splits.train, seed)
                 out.compensation(layer, c, seed, errors)
+            if config.target and k < len(steps) - 1:
+                continue  # a budget plan is one model: only its final step is a row
             run.add(recovered_spec(config, clusters, None, None), chains[None], i)
             for c, model in chains.items():
                 run.recover(model, clusters, c, i)
