@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from graycnn import checkpoint, compress, data, evaluation, train
+from graycnn.compress.config import with_preset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -236,3 +237,18 @@ def test_killed_run_resumes_to_the_same_report(runs, config, tmp_path):
     assert "holds a compress run with other settings (bn: 'recalibrate' there, 'none' now)" in (
         other.stderr
     )
+
+
+def test_study_preset_sets_the_studys_method_and_explicit_flags_win():
+    study = compress.CompressConfig(preset="study", layers=(1,))
+    config = with_preset(study)
+    assert (config.fields, config.objective_of(1), config.metric_of(1), config.metric_of(2)) == (
+        "color_luma", "mean", "mse", "imed")  # fmt: skip
+    assert (config.cluster, config.bn_rule, config.bn, config.bn_epochs) == (
+        "dbscan", "mean", "train", 1)  # fmt: skip
+    assert config.num_clusters.of(1) == 21  # layer 1 alone; 20 + 12 for layers 1 and 2
+    both = with_preset(dataclasses.replace(study, layers=(1, 2)))
+    assert (both.num_clusters.of(1), both.num_clusters.of(2)) == (20, 12)
+    mine = with_preset(dataclasses.replace(study, bn_rule="moments"), given=["bn_rule"])
+    assert mine.bn_rule == "moments" and mine.fields == "color_luma"
+    assert with_preset(compress.CompressConfig()) == compress.CompressConfig()
