@@ -62,10 +62,15 @@ def recalibrate(
             break
         (images,) = parallel.shard_batch(batch_sharding, images)
         rng = jax.random.fold_in(jax.random.key(seed), count)
-        from_zeros = updated_stats(zeros, images, rng)  # = (1 - m) * batch statistic
+        # Waited for one at a time: each pass all-reduces over the devices, and on a CPU
+        # split into host devices two independent passes in flight can each hold one
+        # of the few executor threads at the all-reduce, waiting for its other half,
+        # which then never runs (seen as XLA's "waiting for all reduce ... may be stuck").
+        from_zeros = jax.block_until_ready(updated_stats(zeros, images, rng))
         if momentum is None:
             # ones in: m + (1 - m) * batch statistic, so m is the difference.
-            momentum = jax.tree.map(jnp.subtract, updated_stats(ones, images, rng), from_zeros)
+            ones_in = jax.block_until_ready(updated_stats(ones, images, rng))
+            momentum = jax.tree.map(jnp.subtract, ones_in, from_zeros)
         batch = jax.tree.map(lambda z, m: z / (1 - m), from_zeros, momentum)
         total = batch if total is None else jax.tree.map(jnp.add, total, batch)
         count += 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from graycnn import data, train
-from graycnn.compress import CompressConfig, budget, stages
+from graycnn.compress import CompressConfig, budget, compress, stages
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +64,20 @@ def test_an_unreachable_target_is_a_clear_error(setting):
 
 def _with(config, **changes):
     return dataclasses.replace(config, **changes)
+
+
+def test_compress_merges_what_the_search_planned(setting, tmp_path):
+    config, color = setting
+    report = compress(
+        _with(config, steps=2, bn="recalibrate", controls=False, eval_dataset="none"),
+        str(tmp_path / "run"),
+    )
+    planned = report["config"]["budget_search"]["steps"]
+    assert report["config"]["steps"] == planned
+    final = {r["key"]: r for r in report["rows"]}[
+        "merged_" + "+".join(str(s["layer"]) for s in planned)
+    ]
+    assert final["clusters"] == {str(s["layer"]): s["clusters"] for s in planned}
+    achieved = report["config"]["budget_search"]["achieved"]["flops"]
+    assert final["flops"] / report["rows"][0]["flops"] == pytest.approx(achieved)
+    assert achieved <= 0.7

@@ -217,15 +217,19 @@ def merge_layer(
     )  # fmt: skip
 
 
-def plan_steps(config: CompressConfig, gray: Model, splits: Splits) -> list[tuple[int, int | None]]:
-    """[(layer, cluster count or None for DBSCAN's eps rule)] in merge order, checked
-    against the model's widths before any long work."""
-    widths = gray.widths()
-    validate(config, widths)
+def plan_steps(
+    config: CompressConfig, gray: Model, chosen: list[tuple[int, int]] | None = None
+) -> list[tuple[int, int | None]]:
+    """[(layer, cluster count, or None for DBSCAN's eps rule)] in merge order: the
+    `chosen` steps of a budget search, else --layers and --num_clusters, checked
+    against the model before any long work."""
+    if chosen is None:
+        validate(config, gray.widths())
+        chosen = [(layer, config.num_clusters.of(layer)) for layer in config.layers]
     g = gray.graph()
-    for layer in config.layers:
+    for layer, _ in chosen:
         g.check_mergeable(resolve_layer(layer, g.conv_order))
-    return [(layer, config.num_clusters.of(layer)) for layer in config.layers]
+    return [(int(layer), count) for layer, count in chosen]
 
 
 def compensate(
