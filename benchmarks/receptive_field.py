@@ -1,8 +1,8 @@
 """Benchmark: every filter of a layer in one batched program vs one filter at a time.
 
-Command (1 CPU device, then 2 host devices; on a GPU machine the first runs on the GPU):
+Command (on CPU graycnn's default 2 host devices, then 1; on a GPU machine, the GPU):
     python -m benchmarks.receptive_field
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m benchmarks.receptive_field
+    XLA_FLAGS=--xla_force_host_platform_device_count=1 python -m benchmarks.receptive_field
 
 Expected runtime: about 2.5 min per command on a 2-core CPU (densenet_seed, layers 1, 2
 and 13, 100 steps, each configuration compiled once and timed once more).
