@@ -1,7 +1,8 @@
 """Process-wide JAX settings shared by the experiment scripts and the tests.
 
 `apply_xla_defaults` runs when `graycnn` is imported: it adds graycnn's CPU flags to
-XLA_FLAGS, which XLA reads once, when JAX starts its first backend.
+XLA_FLAGS, which XLA reads once, when JAX starts its first backend. `train_compiler_options`
+are the per-program options of the train step.
 """
 
 import os
@@ -15,14 +16,22 @@ from absl import app, logging
 # XLA flags graycnn sets unless XLA_FLAGS already names them. They only change the CPU
 # backend, so GPU and TPU programs are unaffected (BUILD_NOTES.md, Performance).
 XLA_DEFAULTS: Mapping[str, str] = {
-    # jaxlib 0.10 hands convolutions to YNNPACK by default; its weight-gradient
-    # convolutions (a window as large as the image) cost ~4x the CPU time of XLA's Eigen
-    # ones and use one thread. YNNPACK keeps the dots.
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
     # Two CPU devices, data parallel: every op of a step runs on both cores, not only
     # the convolutions and the ops XLA splits itself (~5-10% more img/s on 2 cores).
     "xla_force_host_platform_device_count": str(min(2, os.cpu_count() or 1)),
 }
+
+# jaxlib 0.10 hands CPU convolutions to YNNPACK. Its weight-gradient convolutions (a
+# window as large as the image) cost ~4x the CPU time of XLA's Eigen ones, so the train
+# step keeps YNNPACK for dots only; inference and input gradients (eval, receptive
+# fields) are as fast or faster with YNNPACK and keep the default.
+_CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def train_compiler_options() -> dict[str, str] | None:
+    """`compiler_options` for `jax.jit` of a train step: Eigen convolutions on CPU, else
+    None (XLA's defaults on GPU and TPU)."""
+    return dict(_CPU_TRAIN_OPTIONS) if jax.default_backend() == "cpu" else None
 
 
 def apply_xla_defaults(environ: MutableMapping[str, str] = os.environ) -> list[str]:
@@ -38,7 +47,7 @@ def apply_xla_defaults(environ: MutableMapping[str, str] = os.environ) -> list[s
     if _backends_started():
         warnings.warn(
             "JAX started before graycnn was imported, so graycnn's XLA defaults "
-            f"{added} do not apply (CPU training is slower); import graycnn first",
+            f"{added} do not apply (one CPU device instead of two); import graycnn first",
             stacklevel=3,
         )
         return []

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from graycnn import checkpoint, data
+from graycnn import checkpoint, data, runtime
 from graycnn.models import ModelConfig, build_model, init_variables
 
 Variables = dict[str, Any]
@@ -133,7 +133,7 @@ def make_train_step(
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
         return new_state, {"loss": loss, "accuracy": accuracy}
 
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, compiler_options=runtime.train_compiler_options())
 
 
 @functools.lru_cache(maxsize=32)

@@ -1,28 +1,27 @@
 import os
 
+import jax
 import pytest
 
 from graycnn import runtime
 
-YNN = "--xla_cpu_experimental_ynn_fusion_type="
 DEVICES = "--xla_force_host_platform_device_count="
 DEFAULTS = [f"--{k}={v}" for k, v in runtime.XLA_DEFAULTS.items()]
 
 
 def test_xla_defaults_are_added_once_and_never_override_the_user(monkeypatch):
     monkeypatch.setattr(runtime, "_backends_started", lambda: False)
-    assert f"{YNN}LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT" in DEFAULTS
-    assert any(d.startswith(DEVICES) for d in DEFAULTS)
+    assert DEFAULTS == [f"{DEVICES}{min(2, os.cpu_count() or 1)}"]
     empty: dict[str, str] = {}
     assert runtime.apply_xla_defaults(empty) == DEFAULTS
     assert empty["XLA_FLAGS"] == " ".join(DEFAULTS)
     assert runtime.apply_xla_defaults(empty) == []  # already there
-    user = {"XLA_FLAGS": f"{DEVICES}1 {YNN}LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+    user = {"XLA_FLAGS": f"--xla_dump_to=/tmp/x {DEVICES}1"}
     assert runtime.apply_xla_defaults(user) == []
-    assert user["XLA_FLAGS"] == f"{DEVICES}1 {YNN}LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
-    some = {"XLA_FLAGS": f"{DEVICES}4"}
-    assert runtime.apply_xla_defaults(some) == [f"{YNN}LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"]
-    assert some["XLA_FLAGS"] == f"{DEVICES}4 {YNN}LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+    assert user["XLA_FLAGS"] == f"--xla_dump_to=/tmp/x {DEVICES}1"
+    other = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    assert runtime.apply_xla_defaults(other) == DEFAULTS
+    assert other["XLA_FLAGS"] == "--xla_dump_to=/tmp/x " + " ".join(DEFAULTS)
 
 
 def test_xla_defaults_warn_once_jax_has_started(monkeypatch):
@@ -33,6 +32,9 @@ def test_xla_defaults_warn_once_jax_has_started(monkeypatch):
     assert env == {}
 
 
-def test_importing_graycnn_applied_the_defaults_to_this_process():
-    # conftest imports graycnn before JAX starts, as every entry point does.
-    assert f"{YNN}LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT" in os.environ["XLA_FLAGS"]
+def test_train_step_options_only_on_cpu(monkeypatch):
+    assert jax.default_backend() == "cpu"
+    options = runtime.train_compiler_options()
+    assert options == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert runtime.train_compiler_options() is None
