@@ -103,12 +103,26 @@ def _compile_seconds(jitted, *args, **kwargs) -> float:
     return time.perf_counter() - start
 
 
+_ROWS: list[dict] = []
+
+
 def _row(metric, method, n, compile_s, run_s, note=""):
     compile_text = "-" if compile_s is None else f"{compile_s:8.3f}"
     print(
         f"{metric:5s} {method:24s} {n:5d} {n * (n - 1) // 2:8d} {compile_text:>8s} "
         f"{run_s:10.4f}  {note}",
         flush=True,
+    )
+    _ROWS.append(
+        {
+            "metric": metric,
+            "method": method,
+            "n": n,
+            "pairs": n * (n - 1) // 2,
+            "compile_s": compile_s,
+            "run_s": run_s,
+            "note": note,
+        }
     )
     return run_s
 
@@ -177,13 +191,9 @@ def _bench_ssim(n: int, repeats: int) -> None:
     )
 
 
-def main() -> None:
-    """Parses flags and prints the timing table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="N = 36 only")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per entry")
-    args = parser.parse_args()
-
+def run_table(imed_sizes: list[int], ssim_sizes: list[int], repeats: int = 5) -> list[dict]:
+    """Prints the timing table and returns its rows as dicts."""
+    _ROWS.clear()
     print(
         f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}, "
         f"{os.cpu_count()} CPUs; images {SIZE}x{SIZE} gray float32, IMED sigma={SIGMA}"
@@ -192,16 +202,26 @@ def main() -> None:
         f"{'metric':5s} {'method':24s} {'N':>5s} {'pairs':>8s} {'compile':>8s} "
         f"{'run (s)':>10s}  note"
     )
-    sizes = [36] if args.quick else [36, 234, 1000]
-    separable = {n: _bench_imed(n, args.repeats) for n in sizes}
-    for n in [36] if args.quick else [36, 234]:
-        _bench_ssim(n, args.repeats)
+    separable = {n: _bench_imed(n, repeats) for n in imed_sizes}
+    for n in ssim_sizes:
+        _bench_ssim(n, repeats)
     if TARGET_N in separable:
         verdict = "met" if separable[TARGET_N] < TARGET_S else "MISSED"
         print(
             f"target: IMED for N={TARGET_N} in < {TARGET_S} s: {verdict} "
             f"({separable[TARGET_N]:.4f} s)"
         )
+    return list(_ROWS)
+
+
+def main() -> None:
+    """Parses flags and prints the timing table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N = 36 only")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per entry")
+    args = parser.parse_args()
+    sizes = [36] if args.quick else [36, 234, 1000]
+    run_table(sizes, [36] if args.quick else [36, 234], args.repeats)
 
 
 if __name__ == "__main__":

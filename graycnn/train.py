@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
-from graycnn import checkpoint, data, evaluation, graph, parallel
+from graycnn import checkpoint, data, evaluation, graph, parallel, xla_options
 from graycnn import workdir as workdir_lib
 from graycnn.config import setting
 from graycnn.models import MODELS, TEST_MODELS, ModelConfig, build_model, init_variables
@@ -184,7 +184,7 @@ def make_train_step(
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
         return new_state, {"loss": loss, "accuracy": accuracy}
 
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, compiler_options=xla_options.train_compiler_options())
 
 
 def train_and_evaluate(

@@ -1,9 +1,12 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from graycnn.layers import conv_layers, layer_output_fn, resolve_layer
 from graycnn.models import MODELS, TEST_MODELS, ModelConfig, build_model, count_params
+from graycnn.models.batchnorm import BatchNorm
 
 
 def _shapes(config):
@@ -63,3 +66,68 @@ def test_unknown_model_and_bad_channels():
         ModelConfig("vgg")
     with pytest.raises(ValueError, match="in_channels must be 1 or 3"):
         ModelConfig("resnet20", in_channels=2)
+
+
+def _bn_case(one_pass, x, variables):
+    bn = BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3, one_pass=one_pass)
+
+    def loss(params, x):
+        y, updates = bn.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, x, mutable=["batch_stats"]
+        )
+        return jnp.sum(jnp.sin(y) * jnp.arange(y.size).reshape(y.shape) / y.size), (y, updates)
+
+    (_, (y, updates)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(
+        variables["params"], x
+    )
+    return y, updates["batch_stats"], grads
+
+
+def test_one_pass_batchnorm_equals_flax_batchnorm():
+    rng = np.random.default_rng(0)
+    # Channels with an offset, as after a ReLU: the fast variance's cancellation case.
+    x = jnp.asarray(rng.normal(2.0, 1.5, (6, 5, 4, 3)), jnp.float32)
+    variables = {
+        "params": {"scale": jnp.array([0.5, 1.0, 2.0]), "bias": jnp.array([0.1, -0.2, 0.3])},
+        "batch_stats": {"mean": jnp.array([0.1, 0.2, 0.3]), "var": jnp.array([1.0, 2.0, 0.5])},
+    }
+    ours = _bn_case(True, x, variables)
+    flax = _bn_case(False, x, variables)
+    assert jax.tree.structure(ours) == jax.tree.structure(flax)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(flax), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # Inference never takes the one-pass path: exactly nn.BatchNorm.
+    bn = BatchNorm(use_running_average=True, one_pass=True)
+    np.testing.assert_array_equal(
+        bn.apply(variables, x), nn.BatchNorm(use_running_average=True).apply(variables, x)
+    )
+
+
+def test_densenet_one_pass_batchnorm_keeps_variables_and_function():
+    config = ModelConfig("densenet_test")
+    model = build_model(config).clone(bn_one_pass=False)
+    fast = model.clone(bn_one_pass=True)
+    x = jnp.asarray(np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    assert jax.tree.structure(fast.init(jax.random.key(0), x)) == jax.tree.structure(variables)
+
+    def loss(m, params):
+        logits, updates = m.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.mean(logits**2), updates
+
+    (value, stats), grads = jax.value_and_grad(lambda p: loss(model, p), has_aux=True)(
+        variables["params"]
+    )
+    (value_f, stats_f), grads_f = jax.value_and_grad(lambda p: loss(fast, p), has_aux=True)(
+        variables["params"]
+    )
+    np.testing.assert_allclose(value_f, value, rtol=1e-5)
+    pairs = zip(jax.tree.leaves((stats_f, grads_f)), jax.tree.leaves((stats, grads)), strict=True)
+    for a, b in pairs:
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
+    np.testing.assert_array_equal(fast.apply(variables, x), model.apply(variables, x))

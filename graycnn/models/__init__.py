@@ -130,11 +130,18 @@ class ModelConfig:
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    """Returns the Flax module described by `config`."""
+    """Returns the Flax module described by `config`.
+
+    Implementation choices that leave the variables and the function unchanged are made
+    here for the default backend: on CPU, DenseNets compute train-mode BatchNorm
+    statistics in one pass (`bn_one_pass`, graycnn.models.batchnorm).
+    """
     kwargs: dict[str, Any] = {
         "num_classes": config.num_classes,
         "widths": tuple(sorted(config.widths.items())),
     }
+    if "bn_one_pass" in _fields(_ALL[config.name]):
+        kwargs["bn_one_pass"] = jax.default_backend() == "cpu"
     if config.input_scale is not None:
         kwargs["input_scale"] = config.input_scale
     if config.input_offset is not None:
@@ -142,6 +149,11 @@ def build_model(config: ModelConfig) -> nn.Module:
     if config.layers_per_block is not None:
         kwargs["layers_per_block"] = config.layers_per_block
     return _ALL[config.name](**kwargs)
+
+
+def _fields(factory: Callable[..., nn.Module]) -> set[str]:
+    cls = factory.func if isinstance(factory, functools.partial) else factory
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def init_variables(config: ModelConfig, rng: jax.Array) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from graycnn.models.batchnorm import BatchNorm
 from graycnn.models.common import BN_EPSILON, BN_MOMENTUM, Widths, scale_input, width_of
 
 
@@ -30,6 +31,8 @@ class DenseNet(nn.Module):
         widths: Output-width overrides, ((conv path, width), ...), for merged models.
         input_scale, input_offset: The model sees (pixels - offset) * scale, where pixels
             are 0-255 (the study: 1 and 0, raw pixels).
+        bn_one_pass: Train-mode BatchNorm statistics in one fused pass (graycnn.models.
+            batchnorm), faster on CPU; `build_model` turns it on there. Same variables.
     """
 
     num_classes: int = 10
@@ -40,6 +43,7 @@ class DenseNet(nn.Module):
     widths: Widths = ()
     input_scale: float = 1.0
     input_offset: float = 0.0
+    bn_one_pass: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -59,17 +63,18 @@ class DenseNet(nn.Module):
                     for i in range(1, num_layers + 1)
                 ),
                 train=train,
+                bn_one_pass=self.bn_one_pass,
                 name=f"block{b}",
             )(x)
             if b < len(self.layers_per_block):
                 x = Transition(
                     width_of(self.widths, f"transition{b}/conv", self.transition_features),
                     train=train,
+                    bn_one_pass=self.bn_one_pass,
                     name=f"transition{b}",
                 )(x)
-        return Head(width_of(self.widths, "head/conv", self.num_classes), train=train, name="head")(
-            x
-        )
+        head = width_of(self.widths, "head/conv", self.num_classes)
+        return Head(head, train=train, bn_one_pass=self.bn_one_pass, name="head")(x)
 
 
 class DenseBlock(nn.Module):
@@ -77,11 +82,12 @@ class DenseBlock(nn.Module):
 
     features: Sequence[int]
     train: bool = False
+    bn_one_pass: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i, features in enumerate(self.features, start=1):
-            y = DenseLayer(features, train=self.train, name=f"layer{i}")(x)
+            y = DenseLayer(features, self.train, self.bn_one_pass, name=f"layer{i}")(x)
             x = jnp.concatenate([x, y], axis=-1)
         return x
 
@@ -91,10 +97,11 @@ class DenseLayer(nn.Module):
 
     features: int
     train: bool = False
+    bn_one_pass: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = _bn(self.train)(x)
+        x = _bn(self.train, self.bn_one_pass)(x)
         x = nn.relu(x)
         return nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv")(x)
 
@@ -104,10 +111,11 @@ class Transition(nn.Module):
 
     features: int
     train: bool = False
+    bn_one_pass: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = _bn(self.train)(x)
+        x = _bn(self.train, self.bn_one_pass)(x)
         x = nn.relu(x)
         x = nn.Conv(self.features, (1, 1), use_bias=False, name="conv")(x)
         return nn.avg_pool(x, (2, 2), strides=(2, 2))
@@ -122,10 +130,11 @@ class Head(nn.Module):
 
     num_classes: int
     train: bool = False
+    bn_one_pass: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = _bn(self.train)(x)
+        x = _bn(self.train, self.bn_one_pass)(x)
         x = nn.relu(x)
         h, w = x.shape[1:3]
         if h % 2 or w % 2:
@@ -139,7 +148,11 @@ class Head(nn.Module):
         return x.reshape((x.shape[0], -1))
 
 
-def _bn(train: bool) -> nn.BatchNorm:
-    return nn.BatchNorm(
-        use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="bn"
+def _bn(train: bool, one_pass: bool) -> nn.BatchNorm:
+    return BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        one_pass=one_pass,
+        name="bn",
     )

@@ -1,0 +1,95 @@
+"""Wall time of each stage of the default compress run, on its merged chain.
+
+    python -m benchmarks.compress_stages                 # layers 1 and 2, ~2 min on 2 cores
+    python -m benchmarks.compress_stages --layers=1
+
+Calls `graycnn.compress.stages` in the order `graycnn.compress.pipeline` does, on
+`CompressConfig()` (the shipped densenet_tiny, cifar10_sample), and times each with its
+outputs ready: load (color model and data splits), fold, then per layer: merge (fields
+or filter responses -> distances -> clusters -> merge plan) and apply (the plan, with
+`--compensate`'s refit); then bn (re-estimation) and evaluate (validation and held-out).
+A full run repeats apply, bn and evaluate for its controls and baselines. Each stage
+runs once, as in a compress run, so its time includes compilation (the persistent
+compilation cache is on: a second run loads programs instead of compiling them).
+"""
+
+import collections
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from absl import flags
+
+from graycnn import runtime
+from graycnn.compress import stages
+from graycnn.compress.config import CompressConfig
+
+
+def time_stages(
+    config: CompressConfig | None = None, layers: tuple[int, ...] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Runs the merged chain of a compress run in a temporary workdir.
+
+    Returns:
+        ([{'stage', 'seconds'}, ...], {'accuracy', 'flops', 'clusters'} of the last model).
+    """
+    config = config or CompressConfig()
+    layers = tuple(layers or config.layers)
+    seconds: dict[str, float] = collections.defaultdict(float)
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        seconds[name] += time.perf_counter() - start
+        return out
+
+    with tempfile.TemporaryDirectory() as workdir:
+        color = timed("load", lambda: stages.color_model(config, os.path.join(workdir, "c")))
+        splits = timed("load", lambda: stages.load_splits(config, color))
+        model = timed("fold", lambda: stages.fold_to_gray(config, color, splits.train))
+        clusters = {}
+        for layer in layers:
+            count = config.num_clusters.of(layer)
+            result = timed(
+                f"merge {layer}",
+                lambda m=model, layer=layer, count=count: stages.merge_layer(
+                    config, m, layer, count, splits.train, color, config.seed, figures=False
+                ),
+            )
+            clusters[layer] = result.clustering.num_clusters
+            model, _ = timed(
+                f"apply {layer}",
+                lambda m=model, r=result: stages.compensate(
+                    config, m, r.plan, splits.train, config.seed
+                ),
+            )
+        bn_dir = os.path.join(workdir, "bn")
+        model = timed("bn", lambda: stages.reestimate_bn(config, model, bn_dir, config.seed))
+        result = timed("evaluate", lambda: stages.evaluate(model, "gray", splits))
+    summary = {
+        "accuracy": float(result.validation.mean()),
+        "flops": stages.size(model)["flops"],
+        "clusters": clusters,
+    }
+    return [{"stage": k, "seconds": v} for k, v in seconds.items()], summary
+
+
+_LAYERS = flags.DEFINE_list("layers", None, "Layers to merge (default: the default run's).")
+
+
+def main(argv):
+    del argv
+    layers = tuple(int(v) for v in _LAYERS.value) if _LAYERS.value else None
+    print(f"compress stages, default config; load {os.getloadavg()}")
+    rows, summary = time_stages(layers=layers)
+    for r in rows:
+        print(f"{r['stage']:<10} {r['seconds']:8.2f} s")
+    print(f"{'total':<10} {sum(r['seconds'] for r in rows):8.2f} s; merged model: {summary}")
+
+
+if __name__ == "__main__":
+    runtime.setup()
+    runtime.run(main)

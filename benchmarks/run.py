@@ -1,0 +1,206 @@
+"""Every benchmark in one command, on whatever devices JAX sees; writes Markdown and JSON.
+
+    python -m benchmarks.run --out=DIR            # ~15 min on 2 CPU cores
+    python -m benchmarks.run --out=DIR --quick    # ~5 min: fewer steps, rounds, layers
+
+Writes DIR/benchmarks.md and DIR/benchmarks.json with:
+  - train and eval img/s of densenet_tiny and densenet_seed (benchmarks/train.py), with
+    PyTorch eager on the same network in interleaved rounds when torch is importable,
+    and each step's peak memory;
+  - receptive fields, every filter of a layer batched vs one at a time, with the loop
+    kind (benchmarks/receptive_field.py);
+  - pairwise IMED and SSIM for N = 36, 234 and 1,000 (benchmarks/distance.py);
+  - the compress stages on the default (benchmarks/compress_stages.py).
+No XLA_FLAGS are needed: it runs with graycnn's defaults, as the CLIs do.
+"""
+
+import datetime
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from typing import Any
+
+import jax
+from absl import flags
+
+from benchmarks import compress_stages, distance, receptive_field
+from benchmarks import train as train_bench
+from graycnn import runtime
+
+_OUT = flags.DEFINE_string("out", None, "Directory for benchmarks.md and benchmarks.json.")
+_QUICK = flags.DEFINE_bool("quick", False, "Fewer steps, rounds and layers (~5 min).")
+_STEPS = flags.DEFINE_integer("steps", None, "Train/eval steps per round (default 3, quick 1).")
+_ROUNDS = flags.DEFINE_integer("rounds", None, "Interleaved rounds (default 5, quick 2).")
+_SECTIONS = flags.DEFINE_list(
+    "sections", ["train", "fields", "distances", "compress"], "Which benchmarks to run."
+)
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Train/eval batch size.")
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "load_before": list(os.getloadavg()),
+    }
+    if train_bench.torch_available():
+        import torch
+
+        info |= {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    return info
+
+
+def _fields_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| layer | filters | way | loop | chunk | compile s | run s | ms/filter-step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['layer']} | {r['filters']} | {r['way']} | {r['loop']} | {r['chunk']} | "
+            f"{r['compile_s']:.2f} | {r['run_s']:.2f} | {r['ms_per_filter_step']:.3f} |"
+        )
+    return lines
+
+
+def _distance_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| metric | method | N | pairs | compile s | run s | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.3f}"
+        lines.append(
+            f"| {r['metric']} | {r['method']} | {r['n']:,} | {r['pairs']:,} | {compile_s} | "
+            f"{r['run_s']:.4f} | {r['note']} |"
+        )
+    return lines
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        "# graycnn benchmarks",
+        "",
+        f"`{m['command']}` on {m['date']}: {m['cpu']}, {m['cpus']} CPUs, jax {m['jax']} "
+        f"({m['devices']}), XLA_FLAGS `{m['xla_flags']}`"
+        + (f", torch {m['torch']} ({m['torch_threads']} threads)" if "torch" in m else "")
+        + f". Load average before {m['load_before'][0]:.1f}, after "
+        f"{m['load_after'][0]:.1f}; process peak RSS {m['peak_rss_mib']:,.0f} MiB; "
+        f"{m['seconds']:.0f} s in all.",
+    ]
+    if "train" in report:
+        lines += [
+            "",
+            "## Train and eval throughput",
+            "",
+            "img/s as median (min-max) over interleaved rounds; ratio = JAX / PyTorch eager "
+            "in the same round. Step peak MiB: XLA's buffer assignment of one step "
+            "(arguments + outputs + temporaries).",
+            "",
+            *train_bench.format_rows(report["train"]),
+        ]
+        diffs = [
+            f"{r['model']} {r['torch_max_logit_diff']:.1e}"
+            for r in report["train"]
+            if "torch_max_logit_diff" in r
+        ]
+        if diffs:
+            lines += [
+                "",
+                "PyTorch twin vs JAX, max |logit difference| on the batch: " + ", ".join(diffs),
+            ]
+    if "fields" in report:
+        lines += [
+            "",
+            f"## Receptive fields ({report['fields_config']})",
+            "",
+            *_fields_table(report["fields"]),
+        ]
+    if "distances" in report:
+        lines += [
+            "",
+            "## Pairwise distances (32x32 gray)",
+            "",
+            *_distance_table(report["distances"]),
+        ]
+    if "compress" in report:
+        c = report["compress"]
+        lines += [
+            "",
+            f"## Compress stages (default config, layer {c['layer']})",
+            "",
+            "| stage | seconds |",
+            "|---|---|",
+            *[f"| {r['stage']} | {r['seconds']:.2f} |" for r in c["stages"]],
+            f"| total | {sum(r['seconds'] for r in c['stages']):.2f} |",
+            "",
+            f"Merged model: {c['summary']}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    del argv
+    if not _OUT.value:
+        raise ValueError("--out: give a directory for benchmarks.md and benchmarks.json")
+    quick = _QUICK.value
+    steps = _STEPS.value or (1 if quick else 3)
+    rounds = _ROUNDS.value or (2 if quick else 5)
+    os.makedirs(_OUT.value, exist_ok=True)
+    start = time.perf_counter()
+    report: dict[str, Any] = {"machine": _machine()}
+    unknown = set(_SECTIONS.value) - {"train", "fields", "distances", "compress"}
+    if unknown:
+        raise ValueError(
+            f"--sections: unknown {sorted(unknown)}; have train, fields, distances, compress"
+        )
+    if "train" in _SECTIONS.value:
+        report["train"] = []
+        for name in train_bench.MODELS:
+            print(f"train/eval: {name}", flush=True)
+            report["train"].append(train_bench.measure(name, _BATCH.value, steps, rounds))
+    if "fields" in _SECTIONS.value:
+        layers, rf_steps = (["1", "2"], 10) if quick else (["1", "2", "13"], 100)
+        report["fields_config"] = f"densenet_seed, {rf_steps} steps, layers {', '.join(layers)}"
+        report["fields"] = receptive_field.run_table(
+            "densenet_seed", layers, rf_steps, ["auto"], ["one_at_a_time", "batched"], 1
+        )
+    if "distances" in _SECTIONS.value:
+        report["distances"] = distance.run_table(
+            [36, 234, 1000], [36, 234] if quick else [36, 234, 1000], 3 if quick else 5
+        )
+    if "compress" in _SECTIONS.value:
+        stages, summary = compress_stages.time_stages()
+        report["compress"] = {"layer": 1, "stages": stages, "summary": summary}
+    report["machine"] |= {
+        "load_after": list(os.getloadavg()),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "seconds": time.perf_counter() - start,
+    }
+    with open(os.path.join(_OUT.value, "benchmarks.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    text = _markdown(report)
+    with open(os.path.join(_OUT.value, "benchmarks.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    runtime.setup()
+    runtime.run(main)

@@ -1,0 +1,65 @@
+"""graycnn's XLA settings for the CPU: process flags set when `graycnn` is imported, and
+the train step's compiler options. None of them changes what runs on a GPU or TPU.
+
+XLA reads XLA_FLAGS once, when JAX starts its first backend, so `apply_xla_defaults`
+must run before that: `graycnn/__init__.py` calls it. Flags the user already set in
+XLA_FLAGS win. Measurements behind each choice: benchmarks/README.md.
+"""
+
+import os
+import warnings
+from collections.abc import Mapping, MutableMapping
+
+import jax
+
+XLA_DEFAULTS: Mapping[str, str] = {
+    # Two CPU devices, data parallel: every op of a step runs on both cores, not only
+    # the convolutions and the ops XLA splits itself.
+    "xla_force_host_platform_device_count": str(min(2, os.cpu_count() or 1)),
+    # The two host devices meet in an all-reduce at every step. XLA aborts the process
+    # when one waits more than 40 s there, which a busy machine (other jobs on the same
+    # cores) causes without anything being wrong, so allow an hour.
+    "xla_cpu_collective_call_terminate_timeout_seconds": "3600",
+}
+
+# jaxlib 0.10 hands CPU convolutions to YNNPACK. Its weight-gradient convolutions (a
+# window as large as the image) cost ~4x the CPU time of XLA's Eigen ones, so the train
+# step keeps YNNPACK for dots only; inference and input gradients (eval, receptive
+# fields) are as fast or faster with YNNPACK and keep the default.
+_CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def train_compiler_options() -> dict[str, str] | None:
+    """`compiler_options` for `jax.jit` of a train step: Eigen convolutions on CPU, else
+    None (XLA's defaults on GPU and TPU)."""
+    return dict(_CPU_TRAIN_OPTIONS) if jax.default_backend() == "cpu" else None
+
+
+def apply_xla_defaults(environ: MutableMapping[str, str] = os.environ) -> list[str]:
+    """Appends each of `XLA_DEFAULTS` that XLA_FLAGS does not name to XLA_FLAGS.
+
+    Returns:
+        The flags added, e.g. ['--xla_force_host_platform_device_count=2'].
+    """
+    current = environ.get("XLA_FLAGS", "")
+    added = [f"--{k}={v}" for k, v in XLA_DEFAULTS.items() if f"--{k}=" not in current]
+    if not added:
+        return []
+    if _backends_started():
+        warnings.warn(
+            "JAX started before graycnn was imported, so graycnn's XLA defaults "
+            f"{added} do not apply (one CPU device instead of two); import graycnn first",
+            stacklevel=3,
+        )
+        return []
+    environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+    return added
+
+
+def _backends_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # a JAX without this helper: assume not.
+        return False
