@@ -149,10 +149,10 @@ class Head(nn.Module):
 
 
 def _bn(train: bool, one_pass: bool) -> nn.BatchNorm:
-    return BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON,
-        one_pass=one_pass,
-        name="bn",
+    # The one-pass module only where it changes something, a train-mode forward: in
+    # eval mode nn.BatchNorm itself runs, so method interceptors (compensation, the
+    # tracer) see one BatchNorm call, not the subclass's and its parent's.
+    kwargs = dict(
+        use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="bn"
     )
+    return BatchNorm(one_pass=True, **kwargs) if train and one_pass else nn.BatchNorm(**kwargs)
