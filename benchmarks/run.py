@@ -10,7 +10,9 @@ Writes DIR/benchmarks.md and DIR/benchmarks.json with:
   - receptive fields, every filter of a layer batched vs one at a time, with the loop
     kind (benchmarks/receptive_field.py);
   - pairwise IMED and SSIM for N = 36, 234 and 1,000 (benchmarks/distance.py);
-  - the compress stages on the default (benchmarks/compress_stages.py).
+  - the compress stages on the default (benchmarks/compress_stages.py);
+  - on CPU, where a train step's time goes by op category, for both models
+    (benchmarks/profile_step.py).
 No XLA_FLAGS are needed: it runs with graycnn's defaults, as the CLIs do.
 """
 
@@ -26,7 +28,7 @@ from typing import Any
 import jax
 from absl import flags
 
-from benchmarks import compress_stages, distance, receptive_field
+from benchmarks import compress_stages, distance, profile_step, receptive_field
 from benchmarks import train as train_bench
 from graycnn import runtime
 
@@ -34,9 +36,8 @@ _OUT = flags.DEFINE_string("out", None, "Directory for benchmarks.md and benchma
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer steps, rounds and layers (~5 min).")
 _STEPS = flags.DEFINE_integer("steps", None, "Train/eval steps per round (default 3, quick 1).")
 _ROUNDS = flags.DEFINE_integer("rounds", None, "Interleaved rounds (default 5, quick 2).")
-_SECTIONS = flags.DEFINE_list(
-    "sections", ["train", "fields", "distances", "compress"], "Which benchmarks to run."
-)
+_ALL_SECTIONS = ["train", "fields", "distances", "compress", "profile"]
+_SECTIONS = flags.DEFINE_list("sections", _ALL_SECTIONS, "Which benchmarks to run.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Train/eval batch size.")
 
 
@@ -152,6 +153,18 @@ def _markdown(report: dict[str, Any]) -> str:
             "",
             f"Merged model: {c['summary']}",
         ]
+    if "profile" in report:
+        lines += [
+            "",
+            "## Where a train step's time goes (CPU)",
+            "",
+            "Thread time of each op category, summed over XLA's N intra-op threads and divided "
+            "by N, so that the rows add up to the traced step's wall time "
+            "(benchmarks/profile_step.py).",
+        ]
+        for p in report["profile"]:
+            lines += ["", f"{p['model']}, batch {p['batch_size']}:", ""]
+            lines += profile_step.format_rows(p["rows"])
     return "\n".join(lines) + "\n"
 
 
@@ -165,11 +178,9 @@ def main(argv):
     os.makedirs(_OUT.value, exist_ok=True)
     start = time.perf_counter()
     report: dict[str, Any] = {"machine": _machine()}
-    unknown = set(_SECTIONS.value) - {"train", "fields", "distances", "compress"}
+    unknown = set(_SECTIONS.value) - set(_ALL_SECTIONS)
     if unknown:
-        raise ValueError(
-            f"--sections: unknown {sorted(unknown)}; have train, fields, distances, compress"
-        )
+        raise ValueError(f"--sections: unknown {sorted(unknown)}; have {', '.join(_ALL_SECTIONS)}")
     if "train" in _SECTIONS.value:
         report["train"] = []
         for name in train_bench.MODELS:
@@ -188,6 +199,13 @@ def main(argv):
     if "compress" in _SECTIONS.value:
         stages, summary = compress_stages.time_stages()
         report["compress"] = {"layer": 1, "stages": stages, "summary": summary}
+    # The profile reads XLA:CPU's thread-pool events; other backends trace differently.
+    if "profile" in _SECTIONS.value and jax.default_backend() == "cpu":
+        report["profile"] = []
+        for name in train_bench.MODELS:
+            print(f"profile: {name}", flush=True)
+            rows = profile_step.profile(name, _BATCH.value, 2 if quick else 3)
+            report["profile"].append({"model": name, "batch_size": _BATCH.value, "rows": rows})
     report["machine"] |= {
         "load_after": list(os.getloadavg()),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -56,8 +56,8 @@ def jax_steps(name: str, batch_size: int, seed: int = 0) -> dict[str, Any]:
 
     Returns:
         {'train': f(steps), 'eval': f(steps)} (each runs `steps` steps and waits),
-        'compile_s', 'train_bytes', 'eval_bytes', 'variables' (host copy), 'images',
-        'labels' (host arrays).
+        'train_compiled' (the compiled train step), 'compile_s', 'train_bytes',
+        'eval_bytes', 'variables' (host copy), 'images', 'labels' (host arrays).
     """
     batch_sharding, replicated = parallel.mesh_shardings()
     rng = np.random.default_rng(seed)
@@ -102,6 +102,7 @@ def jax_steps(name: str, batch_size: int, seed: int = 0) -> dict[str, Any]:
     return {
         "train": run_train,
         "eval": run_eval,
+        "train_compiled": train_step,
         "compile_s": compile_s,
         "train_bytes": _compiled_bytes(train_step),
         "eval_bytes": _compiled_bytes(eval_step),

@@ -1,0 +1,20 @@
+"""benchmarks/profile_step.py accounts for a train step's wall time, convolutions included."""
+
+import jax
+import pytest
+
+from benchmarks import profile_step
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="reads XLA:CPU's thread events")
+def test_profile_accounts_for_the_step():
+    rows = profile_step.profile("densenet_test", 8, 2)
+    total = rows[-1]
+    assert total["category"].startswith("step") and total["ms"] > 0
+    work = {r["category"]: r["ms"] for r in rows[:-1] if not r["category"].startswith("idle")}
+    # Eigen convolutions return before their pool tasks run: the tasks must count for them.
+    conv = sum(ms for name, ms in work.items() if name.startswith("convolution"))
+    assert conv > 0.05 * total["ms"]
+    # Thread time per pool thread can't exceed the wall time, and little of it is unnamed.
+    assert 0.5 * total["ms"] < sum(work.values()) < 1.1 * total["ms"]
+    assert work.get(profile_step._OTHER, 0) < 0.25 * total["ms"]
