@@ -7,6 +7,7 @@ Writes DIR/benchmarks.md and DIR/benchmarks.json with:
   - train and eval img/s of densenet_tiny and densenet_seed (benchmarks/train.py), with
     PyTorch eager on the same network in interleaved rounds when torch is importable,
     and each step's peak memory;
+  - on CPU, the train step without each of its CPU speed-ups (`variants`);
   - receptive fields, every filter of a layer batched vs one at a time, with the loop
     kind (benchmarks/receptive_field.py);
   - pairwise IMED and SSIM for N = 36, 234 and 1,000 (benchmarks/distance.py);
@@ -36,7 +37,7 @@ _OUT = flags.DEFINE_string("out", None, "Directory for benchmarks.md and benchma
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer steps, rounds and layers (~5 min).")
 _STEPS = flags.DEFINE_integer("steps", None, "Train/eval steps per round (default 3, quick 1).")
 _ROUNDS = flags.DEFINE_integer("rounds", None, "Interleaved rounds (default 5, quick 2).")
-_ALL_SECTIONS = ["train", "fields", "distances", "compress", "profile"]
+_ALL_SECTIONS = ["train", "variants", "fields", "distances", "compress", "profile"]
 _SECTIONS = flags.DEFINE_list("sections", _ALL_SECTIONS, "Which benchmarks to run.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Train/eval batch size.")
 
@@ -126,6 +127,17 @@ def _markdown(report: dict[str, Any]) -> str:
                 "",
                 "PyTorch twin vs JAX, max |logit difference| on the batch: " + ", ".join(diffs),
             ]
+    if "variants" in report:
+        lines += [
+            "",
+            "## The train step's CPU speed-ups, one at a time",
+            "",
+            "Train img/s of the library's step (`default`), with nn.BatchNorm instead of the "
+            "one-pass BatchNorm (`flax_bn`), with YNNPACK's convolutions instead of Eigen's "
+            "(`ynnpack_conv`), and with neither; interleaved rounds, ratio per round.",
+            "",
+            *train_bench.format_variant_rows(report["variants"]),
+        ]
     if "fields" in report:
         lines += [
             "",
@@ -144,7 +156,7 @@ def _markdown(report: dict[str, Any]) -> str:
         c = report["compress"]
         lines += [
             "",
-            f"## Compress stages (default config, layer {c['layer']})",
+            f"## Compress stages (default config, layers {c['layers']})",
             "",
             "| stage | seconds |",
             "|---|---|",
@@ -186,6 +198,13 @@ def main(argv):
         for name in train_bench.MODELS:
             print(f"train/eval: {name}", flush=True)
             report["train"].append(train_bench.measure(name, _BATCH.value, steps, rounds))
+    if "variants" in _SECTIONS.value and jax.default_backend() == "cpu":
+        report["variants"] = []
+        for name in train_bench.MODELS:
+            print(f"train step variants: {name}", flush=True)
+            report["variants"].append(
+                train_bench.measure_variants(name, _BATCH.value, steps, rounds)
+            )
     if "fields" in _SECTIONS.value:
         layers, rf_steps = (["1", "2"], 10) if quick else (["1", "2", "13"], 100)
         report["fields_config"] = f"densenet_seed, {rf_steps} steps, layers {', '.join(layers)}"
@@ -198,7 +217,7 @@ def main(argv):
         )
     if "compress" in _SECTIONS.value:
         stages, summary = compress_stages.time_stages()
-        report["compress"] = {"layer": 1, "stages": stages, "summary": summary}
+        report["compress"] = {"layers": "1, 2", "stages": stages, "summary": summary}
     # The profile reads XLA:CPU's thread-pool events; other backends trace differently.
     if "profile" in _SECTIONS.value and jax.default_backend() == "cpu":
         report["profile"] = []

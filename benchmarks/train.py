@@ -29,6 +29,10 @@ from graycnn import evaluation, parallel, runtime, train
 from graycnn.models import ModelConfig, build_model, init_variables
 
 MODELS = ("densenet_tiny", "densenet_seed")
+# The train step as the library builds it, and without each of its CPU speed-ups:
+# nn.BatchNorm's two-pass statistics instead of the one-pass module, YNNPACK's
+# convolutions (jaxlib's default) instead of Eigen's, or neither speed-up.
+VARIANTS = ("default", "flax_bn", "ynnpack_conv", "neither")
 
 
 def _compiled_bytes(compiled: Any) -> int | None:
@@ -51,8 +55,14 @@ def device_peak_bytes() -> int | None:
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def jax_steps(name: str, batch_size: int, seed: int = 0) -> dict[str, Any]:
+def jax_steps(
+    name: str, batch_size: int, seed: int = 0, variant: str = "default"
+) -> dict[str, Any]:
     """Compiled train and eval steps of model `name` on every device, ready to time.
+
+    Args:
+        variant: One of `VARIANTS`: the library's train step, or one without its CPU
+            speed-ups (the eval step is the library's in every variant).
 
     Returns:
         {'train': f(steps), 'eval': f(steps)} (each runs `steps` steps and waits),
@@ -67,6 +77,8 @@ def jax_steps(name: str, batch_size: int, seed: int = 0) -> dict[str, Any]:
     mask = parallel.shard_batch(batch_sharding, np.ones(batch_size, np.float32))[0]
     config = ModelConfig(name)
     model = build_model(config)
+    if variant in ("flax_bn", "neither"):
+        model = model.clone(bn_one_pass=False)
     variables = jax.device_get(init_variables(config, jax.random.key(seed)))
     tx = train.make_optimizer(train.TrainConfig(), 100, variables["params"])
     state = jax.device_put(
@@ -81,6 +93,8 @@ def jax_steps(name: str, batch_size: int, seed: int = 0) -> dict[str, Any]:
     key = jax.random.key(seed)
     start = time.perf_counter()
     train_step = train.make_train_step(model, tx, "color", augment=True)
+    if variant in ("ynnpack_conv", "neither"):  # the same step, XLA's default options
+        train_step = jax.jit(train_step.__wrapped__, donate_argnums=0)
     train_step = train_step.lower(state, x, y, key).compile()
     eval_variables = jax.device_put(variables, replicated)
     eval_step = evaluation.make_eval_step(model, "color")
@@ -216,6 +230,45 @@ def measure(
     return out
 
 
+def measure_variants(
+    name: str, batch_size: int = 128, steps: int = 3, rounds: int = 5, variants=VARIANTS
+) -> dict[str, Any]:
+    """Train img/s of each of `variants` of model `name`'s step, in interleaved rounds.
+
+    Returns:
+        {'model', 'batch_size', 'img_s': {variant: [per round]}, 'speedup': {variant:
+        [default's img/s / the variant's, per round]}}.
+    """
+    steps_of = {v: jax_steps(name, batch_size, variant=v)["train"] for v in variants}
+    for run_train in steps_of.values():
+        run_train(1)
+    img_s: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(rounds):
+        for v, run_train in steps_of.items():
+            img_s[v].append(_rates(run_train, steps, batch_size))
+    speedup = {
+        v: [a / b for a, b in zip(img_s["default"], img_s[v], strict=True)]
+        for v in variants
+        if "default" in img_s
+    }
+    return {"model": name, "batch_size": batch_size, "img_s": img_s, "speedup": speedup}
+
+
+def format_variant_rows(results: list[dict[str, Any]]) -> list[str]:
+    """Markdown table lines: one row per model and variant."""
+    lines = [
+        "| model | batch | train step | train img/s | library default's speed-up over it |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        for v, rates in r["img_s"].items():
+            lines.append(
+                f"| {r['model']} | {r['batch_size']} | {v} | {span(rates)} | "
+                f"{span(r['speedup'].get(v, []), 2)} |"
+            )
+    return lines
+
+
 def span(values: list[float], digits: int = 0) -> str:
     """'median (min-max)' of a list, e.g. '120 (95-131)'."""
     if not values:
@@ -256,6 +309,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("steps", 3, "Steps per side per round.")
     flags.DEFINE_integer("rounds", 5, "Interleaved rounds (JAX, PyTorch, JAX, ...).")
     flags.DEFINE_bool("torch", True, "Also time PyTorch eager when torch is importable.")
+    flags.DEFINE_bool(
+        "variants", False, f"Instead, time the train step's variants {', '.join(VARIANTS)}."
+    )
 
 
 def main(argv):
@@ -265,6 +321,13 @@ def main(argv):
         f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].platform}, "
         f"{os.cpu_count()} CPUs, load {os.getloadavg()}, XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}"
     )
+    if FLAGS.variants:
+        results = [
+            measure_variants(name, FLAGS.batch_size, FLAGS.steps, FLAGS.rounds)
+            for name in FLAGS.models
+        ]
+        print("\n".join(format_variant_rows(results)))
+        return
     results = []
     for name in FLAGS.models:
         results.append(measure(name, FLAGS.batch_size, FLAGS.steps, FLAGS.rounds, FLAGS.torch))
