@@ -21,12 +21,11 @@ channel) gets only the gray figure.
 import os
 import time
 
-import numpy as np
 from absl import flags
 from tqdm.auto import tqdm
 
-from graycnn import checkpoint, io, receptive_field, runtime
-from graycnn.figures.receptive_fields import plot_color_and_gray, plot_receptive_fields
+from graycnn import checkpoint, receptive_field, runtime
+from graycnn.figures.receptive_fields import write_layer
 from graycnn.layers import conv_layers, layer_number, resolve_layer
 from graycnn.models import build_model
 
@@ -90,29 +89,8 @@ def main(argv):
         )
         bar.close()
         number = layer_number(result.path, paths)
-        title = f"layer {number} ({result.path}), objective '{_OBJECTIVE.value}'"
-        prefix = os.path.join(_OUTDIR.value, f"layer{number}")
-        gray = np.asarray(receptive_field.to_gray(result.fields))
-        written = [plot_receptive_fields(gray, f"{prefix}_gray.png", f"Gray fields, {title}")]
-        if result.fields.shape[-1] == 3:
-            written += [
-                plot_receptive_fields(result.fields, f"{prefix}_color.png", f"Fields, {title}"),
-                plot_color_and_gray(result.fields, f"{prefix}_color_gray.png", title),
-            ]
-        written.append(
-            _save_npz(
-                f"{prefix}.npz",
-                fields=result.fields,
-                gray=gray,
-                images=result.images,
-                objective=result.objective,
-                filters=result.filters,
-                path=result.path,
-                layer=number,
-                objective_name=_OBJECTIVE.value,
-                steps=_STEPS.value,
-                seed=_SEED.value,
-            )
+        written = write_layer(
+            result, number, _OUTDIR.value, _OBJECTIVE.value, steps=_STEPS.value, seed=_SEED.value
         )
         value = (
             ""
@@ -123,10 +101,6 @@ def main(argv):
             f"layer {number} {result.path}: fields {result.fields.shape}, {value}"
             f"{time.perf_counter() - start:.1f} s -> {', '.join(map(os.path.basename, written))}"
         )
-
-
-def _save_npz(filename: str, **arrays) -> str:
-    return io.write_atomically(filename, lambda f: np.savez(f, **arrays))
 
 
 if __name__ == "__main__":

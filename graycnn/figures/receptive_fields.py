@@ -5,6 +5,7 @@ blue-yellow pseudo-color map (Figure 5); `plot_color_and_gray` puts the color fi
 and their BT.601 gray versions side by side (Figures 6-7). Figures are drawn on the Agg
 canvas without pyplot, so no display is needed and no global backend is changed; PNGs
 are written to a temp file in the same directory and renamed over the target.
+`write_layer` writes what `experiments.visualize` gives for one layer.
 """
 
 import math
@@ -14,8 +15,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure, SubFigure
 
-from graycnn.io import save_figure
-from graycnn.receptive_field import to_gray
+from graycnn.io import save_figure, write_atomically
+from graycnn.receptive_field import ReceptiveFields, to_gray
 
 _CELL = 0.8  # inches per tile
 
@@ -89,6 +90,44 @@ def plot_color_and_gray(
     _draw_grid(right, gray, indices, "gray (BT.601 luma)", cmap, columns)
     figure.suptitle(title, fontsize=10)
     return save_figure(figure, path, dpi)
+
+
+def write_layer(
+    result: ReceptiveFields, number: int, outdir: str, objective: str, **meta: Any
+) -> list[str]:
+    """Writes one layer's figures and raw fields to `outdir`, as `layer{number}_*`.
+
+    Args:
+        result: The layer's gradient ascent (fields (F, H, W, C) in [0, 1]).
+        objective: Its objective's name, for the titles and the .npz.
+        **meta: More scalars for the .npz (e.g. steps, seed).
+
+    Returns:
+        The files written: the gray grid; for color fields, the color grid and the two
+        side by side; and the .npz (fields, gray, images, objective, filters, path, ...).
+    """
+    title = f"layer {number} ({result.path}), objective '{objective}'"
+    prefix = os.path.join(outdir, f"layer{number}")
+    gray = np.asarray(to_gray(result.fields))
+    written = [plot_receptive_fields(gray, f"{prefix}_gray.png", f"Gray fields, {title}")]
+    if result.fields.shape[-1] == 3:
+        written += [
+            plot_receptive_fields(result.fields, f"{prefix}_color.png", f"Fields, {title}"),
+            plot_color_and_gray(result.fields, f"{prefix}_color_gray.png", title),
+        ]
+    arrays = dict(
+        fields=result.fields,
+        gray=gray,
+        images=result.images,
+        objective=result.objective,
+        filters=result.filters,
+        path=result.path,
+        layer=number,
+        objective_name=objective,
+        **meta,
+    )
+    written.append(write_atomically(f"{prefix}.npz", lambda f: np.savez(f, **arrays)))
+    return written
 
 
 def _check(fields: Any, indices: Any) -> tuple[np.ndarray, np.ndarray]:
