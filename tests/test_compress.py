@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from graycnn import checkpoint, compress, data, evaluation, train
-from graycnn.compress.config import with_preset
+from graycnn.compress.config import validate, with_preset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -249,6 +249,10 @@ def test_study_preset_sets_the_studys_method_and_explicit_flags_win():
     assert config.num_clusters.of(1) == 21  # layer 1 alone; 20 + 12 for layers 1 and 2
     both = with_preset(dataclasses.replace(study, layers=(1, 2)))
     assert (both.num_clusters.of(1), both.num_clusters.of(2)) == (20, 12)
+    assert str(both.metric) == "imed,1:mse"  # the report names what is used
+    layer2 = with_preset(dataclasses.replace(study, layers=(2,)))
+    validate(layer2)  # no value for a layer outside --layers
+    assert layer2.metric_of(2) == "imed"
     mine = with_preset(dataclasses.replace(study, bn_rule="moments"), given=["bn_rule"])
     assert mine.bn_rule == "moments" and mine.fields == "color_luma"
     assert with_preset(compress.CompressConfig()) == compress.CompressConfig()

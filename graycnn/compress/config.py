@@ -142,7 +142,7 @@ def study_preset(layers: Sequence[int]) -> dict[str, Any]:
     return {
         "fields": "color_luma",
         "objective": PerLayer("mean"),
-        "metric": PerLayer(),
+        "metric": PerLayer.of_dict({1: "mse"} if 1 in layers else {}, default="imed"),
         "cluster": "dbscan",
         "num_clusters": PerLayer.of_dict({k: v for k, v in counts.items() if k in layers}),
         "bn_rule": "mean",
