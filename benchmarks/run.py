@@ -106,78 +106,96 @@ def _markdown(report: dict[str, Any]) -> str:
         f"{m['load_after'][0]:.1f}; process peak RSS {m['peak_rss_mib']:,.0f} MiB; "
         f"{m['seconds']:.0f} s in all.",
     ]
-    if "train" in report:
-        lines += [
-            "",
-            "## Train and eval throughput",
-            "",
-            "img/s as median (min-max) over interleaved rounds; ratio = JAX / PyTorch eager "
-            "in the same round. Step peak MiB: XLA's buffer assignment of one step "
-            "(arguments + outputs + temporaries).",
-            "",
-            *train_bench.format_rows(report["train"]),
-        ]
-        diffs = [
-            f"{r['model']} {r['torch_max_logit_diff']:.1e}"
-            for r in report["train"]
-            if "torch_max_logit_diff" in r
-        ]
-        if diffs:
-            lines += [
-                "",
-                "PyTorch twin vs JAX, max |logit difference| on the batch: " + ", ".join(diffs),
-            ]
-    if "variants" in report:
-        lines += [
-            "",
-            "## The train step's CPU speed-ups, one at a time",
-            "",
-            "Train img/s of the library's step (`default`), with nn.BatchNorm instead of the "
-            "one-pass BatchNorm (`flax_bn`), with YNNPACK's convolutions instead of Eigen's "
-            "(`ynnpack_conv`), and with neither; interleaved rounds, ratio per round.",
-            "",
-            *train_bench.format_variant_rows(report["variants"]),
-        ]
-    if "fields" in report:
-        lines += [
-            "",
-            f"## Receptive fields ({report['fields_config']})",
-            "",
-            *_fields_table(report["fields"]),
-        ]
-    if "distances" in report:
-        lines += [
-            "",
-            "## Pairwise distances (32x32 gray)",
-            "",
-            *_distance_table(report["distances"]),
-        ]
-    if "compress" in report:
-        c = report["compress"]
-        lines += [
-            "",
-            f"## Compress stages (default config, layers {c['layers']})",
-            "",
-            "| stage | seconds |",
-            "|---|---|",
-            *[f"| {r['stage']} | {r['seconds']:.2f} |" for r in c["stages"]],
-            f"| total | {sum(r['seconds'] for r in c['stages']):.2f} |",
-            "",
-            f"Merged model: {c['summary']}",
-        ]
-    if "profile" in report:
-        lines += [
-            "",
-            "## Where a train step's time goes (CPU)",
-            "",
-            "Thread time of each op category, summed over XLA's N intra-op threads and divided "
-            "by N, so that the rows add up to the traced step's wall time "
-            "(benchmarks/profile_step.py).",
-        ]
-        for p in report["profile"]:
-            lines += ["", f"{p['model']}, batch {p['batch_size']}:", ""]
-            lines += profile_step.format_rows(p["rows"])
+    for section, text in _SECTION_TEXT.items():
+        if section in report:
+            lines += ["", *text(report)]
     return "\n".join(lines) + "\n"
+
+
+def _train_text(report: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Train and eval throughput",
+        "",
+        "img/s as median (min-max) over interleaved rounds; ratio = JAX / PyTorch eager "
+        "in the same round. Step peak MiB: XLA's buffer assignment of one step "
+        "(arguments + outputs + temporaries).",
+        "",
+        *train_bench.format_rows(report["train"]),
+    ]
+    diffs = [
+        f"{r['model']} {r['torch_max_logit_diff']:.1e}"
+        for r in report["train"]
+        if "torch_max_logit_diff" in r
+    ]
+    if diffs:
+        lines += [
+            "",
+            "PyTorch twin vs JAX, max |logit difference| on the batch: " + ", ".join(diffs),
+        ]
+    return lines
+
+
+def _variants_text(report: dict[str, Any]) -> list[str]:
+    return [
+        "## The train step's CPU speed-ups, one at a time",
+        "",
+        "Train img/s of the library's step (`default`), with nn.BatchNorm instead of the "
+        "one-pass BatchNorm (`flax_bn`), with YNNPACK's convolutions instead of Eigen's "
+        "(`ynnpack_conv`), and with neither; interleaved rounds, ratio per round.",
+        "",
+        *train_bench.format_variant_rows(report["variants"]),
+    ]
+
+
+def _fields_text(report: dict[str, Any]) -> list[str]:
+    return [
+        f"## Receptive fields ({report['fields_config']})",
+        "",
+        *_fields_table(report["fields"]),
+    ]
+
+
+def _distances_text(report: dict[str, Any]) -> list[str]:
+    return ["## Pairwise distances (32x32 gray)", "", *_distance_table(report["distances"])]
+
+
+def _compress_text(report: dict[str, Any]) -> list[str]:
+    c = report["compress"]
+    return [
+        f"## Compress stages (default config, layers {c['layers']})",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {r['stage']} | {r['seconds']:.2f} |" for r in c["stages"]],
+        f"| total | {sum(r['seconds'] for r in c['stages']):.2f} |",
+        "",
+        f"Merged model: {c['summary']}",
+    ]
+
+
+def _profile_text(report: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Where a train step's time goes (CPU)",
+        "",
+        "Thread time of each op category, summed over XLA's N intra-op threads and divided "
+        "by N, so that the rows add up to the traced step's wall time "
+        "(benchmarks/profile_step.py).",
+    ]
+    for p in report["profile"]:
+        lines += ["", f"{p['model']}, batch {p['batch_size']}:", ""]
+        lines += profile_step.format_rows(p["rows"])
+    return lines
+
+
+# Markdown of each section, in the order the tables appear.
+_SECTION_TEXT = {
+    "train": _train_text,
+    "variants": _variants_text,
+    "fields": _fields_text,
+    "distances": _distances_text,
+    "compress": _compress_text,
+    "profile": _profile_text,
+}
 
 
 def main(argv):

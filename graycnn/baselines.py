@@ -73,70 +73,61 @@ def run_baselines(
     val = data.load_dataset(base.dataset, "validation", base.data_dir)
     rows: list[dict[str, Any]] = []
     for name in models:
-        config = dataclasses.replace(base, model=name)
-
-        def run(row, view, init=None, config=config, name=name):
-            directory = os.path.join(workdir, name, row)
-            start = time.perf_counter()
-            model_config, variables, _ = train.train_and_evaluate(
-                dataclasses.replace(config, view=view), directory, init=init
-            )
-            return _row(
-                name,
-                row,
-                view,
-                model_config,
-                variables,
-                val,
-                directory,
-                time.perf_counter() - start,
-            )
-
-        color = run("color_scratch", "color")
-        rows += [color, run("gray3_scratch", "gray3")]
-        color_config, color_vars, _ = checkpoint.load_model(color["checkpoint"])
-        rows.append(run("gray3_finetuned", "gray3", init=(color_config, color_vars)))
-        gray_config = color_config.replace(in_channels=1)
-        folded = fold.fold_to_gray(
-            build_model(color_config), color_vars, "sum", input_shape=color_config.input_shape
-        )
-        rows.append(run("gray_folded_finetuned", "gray", init=(gray_config, folded)))
-        start = time.perf_counter()
-        directory = os.path.join(workdir, name, "gray_folded_bn")
-        reestimated = jax.device_get(
-            batchnorm.reestimate(
-                bn,
-                gray_config,
-                folded,
-                dataset=config.dataset,
-                view="gray",
-                workdir=directory,
-                seed=config.seed,
-                data_dir=config.data_dir,
-            )
-        )
-        model_dir = os.path.join(directory, "model")
-        if not os.path.exists(model_dir):
-            checkpoint.save_model(model_dir, gray_config, reestimated)
-        rows.append(
-            _row(
-                name,
-                "gray_folded_bn",
-                "gray",
-                gray_config,
-                reestimated,
-                val,
-                model_dir,
-                time.perf_counter() - start,
-            )
-        )
-        report_figures.plot_histories(
-            [r for r in rows if r["model"] == name], os.path.join(workdir, f"accuracy_{name}.png")
-        )
+        model_rows = _model_rows(dataclasses.replace(base, model=name), workdir, val, bn)
+        report_figures.plot_histories(model_rows, os.path.join(workdir, f"accuracy_{name}.png"))
+        rows += model_rows
     report = {"rows": rows, "config": dataclasses.asdict(base) | {"models": list(models), "bn": bn}}
     io.write_json(os.path.join(workdir, "report.json"), report)
     io.write_text(os.path.join(workdir, "report.md"), format_report(report))
     return report
+
+
+def _model_rows(
+    config: train.TrainConfig, workdir: str, val: data.Split, bn: str
+) -> list[dict[str, Any]]:
+    """The five rows of `config.model`, each trained in workdir/<model>/<row>."""
+    name = config.model
+
+    def run(row, view, init=None):
+        directory = os.path.join(workdir, name, row)
+        start = time.perf_counter()
+        model_config, variables, _ = train.train_and_evaluate(
+            dataclasses.replace(config, view=view), directory, init=init
+        )
+        seconds = time.perf_counter() - start
+        return _row(name, row, view, model_config, variables, val, directory, seconds)
+
+    color = run("color_scratch", "color")
+    rows = [color, run("gray3_scratch", "gray3")]
+    color_config, color_vars, _ = checkpoint.load_model(color["checkpoint"])
+    rows.append(run("gray3_finetuned", "gray3", init=(color_config, color_vars)))
+    gray_config = color_config.replace(in_channels=1)
+    folded = fold.fold_to_gray(
+        build_model(color_config), color_vars, "sum", input_shape=color_config.input_shape
+    )
+    rows.append(run("gray_folded_finetuned", "gray", init=(gray_config, folded)))
+    start = time.perf_counter()
+    directory = os.path.join(workdir, name, "gray_folded_bn")
+    reestimated = jax.device_get(
+        batchnorm.reestimate(
+            bn,
+            gray_config,
+            folded,
+            dataset=config.dataset,
+            view="gray",
+            workdir=directory,
+            seed=config.seed,
+            data_dir=config.data_dir,
+        )
+    )
+    model_dir = os.path.join(directory, "model")
+    if not os.path.exists(model_dir):
+        checkpoint.save_model(model_dir, gray_config, reestimated)
+    seconds = time.perf_counter() - start
+    rows.append(
+        _row(name, "gray_folded_bn", "gray", gray_config, reestimated, val, model_dir, seconds)
+    )
+    return rows
 
 
 def _row(model, row, view, model_config, variables, val, directory, seconds) -> dict[str, Any]:

@@ -206,6 +206,9 @@ def map_densenet(
     Raises:
         ValueError: naming the first layer that does not fit the DenseNet.
     """
+    # Longer than our usual functions on purpose: one pass over the Keras layers in
+    # order, a small parser whose state (cursor, channels, block) every branch updates;
+    # split into functions, that state would be threaded through all of them.
     cur = _Cursor(layers)
     x = cur.take("input").name
     if cur.fits("rescaling"):
