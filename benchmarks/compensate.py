@@ -21,7 +21,8 @@ before and after the fit on the fit images and on --fit_images other training im
 and the time of each compensation (compiles included). Nothing is chosen here: the
 validation numbers are reported only.
 
-Expected result (shared 2-core CPU, load ~10; ~6 min in all, of which each compensation
+Expected result (the previously shipped model, trained on 4,085 images; shared 2-core
+CPU, load ~10; ~6 min in all, of which each compensation
 ~110 s wall / ~45 s CPU, compiles included):
     consumer (bn=relative)  D    cond   fit before  fit after  held before  held after
     block1/layer1/conv     180  2.2e4      0.0763     0.0039       0.0725      0.0039

@@ -17,7 +17,7 @@ On CPU, batching is ~3.5x faster for layer 1 (dispatch-bound), ~1.2x for layer 2
 no faster for layer 13, which is compute-bound; there a chunk of all 18 filters is ~1.7x
 slower than chunks of 1, as its activations fall out of the cache, so the CPU default
 chunks are cache-sized. `--steps=10 --loops=python,fori` shows fori_loop 3-13x slower
-on CPU. Numbers: notes/receptive_field.md.
+on CPU. Numbers: benchmarks/README.md.
 
 The one-at-a-time rows run on the first device only (a batch of 1 cannot be sharded);
 the batched rows shard the filters over every device. Random weights (the timing does

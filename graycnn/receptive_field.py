@@ -42,7 +42,7 @@ from graycnn.tree import tree_get
 OBJECTIVES = ("mean", "center", "kernel")
 LOOPS = ("auto", "python", "fori")
 # A conv's input gradient inside lax.fori_loop ran 3-5x slower on CPU than a Python loop
-# over a jitted step (see notes/receptive_field.md); on accelerators the loop keeps the
+# over a jitted step (benchmarks/README.md); on accelerators the loop keeps the
 # whole ascent on the device with no per-step dispatch.
 _DEFAULT_LOOP = {"cpu": "python"}
 # The per-device memory bound of a chunk. On CPU the time per image grew by half once a
