@@ -8,12 +8,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from test_merge_helpers import VGG, Residual, logits, perturb, tie_clusters
+from test_merge_helpers import VGG, Residual, he_normal, logits, perturb, tie_clusters
 
 from graycnn import compensate, data, graph, merge
 from graycnn.layers import layer_output_fn
 from graycnn.models import ModelConfig, build_model, init_variables
-from graycnn.tree import flatten, unflatten
+from graycnn.tree import flatten
 
 # (model, layer): a DenseNet stem read by every layer of its block and the transition;
 # a ResNet residual group (stem + conv2) read by convs and a projection shortcut; a conv
@@ -31,12 +31,7 @@ def _model(name: str):
         config = ModelConfig(name, in_channels=1)
         module, shape = build_model(config), config.input_shape
         shapes = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
-    rng = np.random.default_rng(0)
-    variables = {}
-    for path, s in flatten(shapes).items():
-        fan_in = int(np.prod(s.shape[:-1])) if path.endswith("/kernel") else 1
-        variables[path] = rng.normal(0.0, np.sqrt(2.0 / fan_in), s.shape).astype(np.float32)
-    return module, perturb(unflatten(variables)), shape
+    return module, perturb(he_normal(shapes)), shape
 
 
 @functools.cache

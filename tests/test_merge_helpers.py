@@ -90,12 +90,17 @@ def project_model(name: str) -> tuple[nn.Module, dict, tuple[int, ...]]:
     """
     config = ModelConfig(name)
     shapes = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
+    return build_model(config), perturb(he_normal(shapes)), config.input_shape
+
+
+def he_normal(shapes: dict) -> dict:
+    """Seeded numpy draws for a tree of shapes: He-normal kernels, N(0, 1) elsewhere."""
     rng = np.random.default_rng(0)
     variables = {}
     for path, s in flatten(shapes).items():
         fan_in = int(np.prod(s.shape[:-1])) if path.endswith("/kernel") else 1
         variables[path] = rng.normal(0.0, np.sqrt(2.0 / fan_in), s.shape).astype(np.float32)
-    return build_model(config), perturb(unflatten(variables)), config.input_shape
+    return unflatten(variables)
 
 
 def any_model(name: str):
