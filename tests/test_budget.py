@@ -81,3 +81,6 @@ def test_compress_merges_what_the_search_planned(setting, tmp_path):
     achieved = report["config"]["budget_search"]["achieved"]["flops"]
     assert final["flops"] / report["rows"][0]["flops"] == pytest.approx(achieved)
     assert achieved <= 0.7
+    text = (tmp_path / "run" / "report.md").read_text()
+    plan = ", ".join(f"L{s['layer']}: {s['clusters']}" for s in planned)
+    assert "## Budget search" in text and f"plan {plan}; reached" in text

@@ -43,6 +43,8 @@ def format_report(report: Mapping[str, Any]) -> str:
             "|---|---|---|---|---|",
         ]
         lines += [f"| {r['name']} | {_acc(r['eval'])} | {_delta(r['eval'])} |" for r in held]
+    if config.get("budget_search"):
+        lines += ["", *_budget_search(config["budget_search"])]
     if report.get("compensation"):
         lines += [
             "",
@@ -84,6 +86,29 @@ def _verdicts(rows: list[dict[str, Any]], color: Mapping[str, Any]) -> list[str]
             f"the color model), against its budget's baseline: {'; '.join(where)}."
         )
     return out or ["- no merged row."]
+
+
+def _budget_search(search: Mapping[str, Any]) -> list[str]:
+    """The plan a --target_flops/--target_params run chose, and the measurements behind it."""
+    target = ", ".join(f"{k} {v:.2f}" for k, v in search["target"].items())
+    achieved = ", ".join(f"{k} {v:.3f}" for k, v in search["achieved"].items())
+    plan = ", ".join(f"L{s['layer']}: {s['clusters']}" for s in search["steps"]) or "no merge"
+    lines = [
+        "## Budget search (replaces --layers and --num_clusters)",
+        "",
+        f"Target: {target} of the color model's; plan {plan}; reached {achieved}. "
+        "Sensitivity: each layer merged alone, BN recalibrated, accuracy lost (points) "
+        "on the selection split carved from the training images (unmerged: "
+        f"{100 * search['selection_accuracy']:.1f}%).",
+        "",
+        "| layer | clusters | points lost | model params | model FLOPs |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {o['layer']} | {o['clusters']} | {o['drop']:+.1f} | {o['params']:,} | {o['flops']:,} |"
+        for o in search["options"]
+    ]
+    return lines
 
 
 def _settings(config: Mapping[str, Any]) -> str:
