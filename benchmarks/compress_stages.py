@@ -2,6 +2,7 @@
 
     python -m benchmarks.compress_stages                 # layers 1 and 2, ~2 min on 2 cores
     python -m benchmarks.compress_stages --layers=1
+    python -m benchmarks.compress_stages --compare_speedups   # + speed-ups on vs off
 
 Calls `graycnn.compress.stages` in the order `graycnn.compress.pipeline` does, on
 `CompressConfig()` (the shipped densenet_tiny, cifar10_sample), and times each with its
@@ -77,7 +78,34 @@ def time_stages(
     return [{"stage": k, "seconds": v} for k, v in seconds.items()], summary
 
 
+def compare_speedups(rounds: int = 2) -> dict[str, list[float]]:
+    """Total seconds of `time_stages` with the train step's CPU speed-ups on and off
+    (GRAYCNN_CPU_SPEEDUPS=0), alternating, `rounds` each; the first round of each warms
+    the compilation cache.
+
+    Returns:
+        {'on': [s per round], 'off': [...]}.
+    """
+    totals: dict[str, list[float]] = {"on": [], "off": []}
+    saved = os.environ.get("GRAYCNN_CPU_SPEEDUPS")
+    try:
+        for _ in range(rounds):
+            for setting, value in (("off", "0"), ("on", "1")):
+                os.environ["GRAYCNN_CPU_SPEEDUPS"] = value
+                rows, _ = time_stages()
+                totals[setting].append(sum(r["seconds"] for r in rows))
+    finally:
+        if saved is None:
+            os.environ.pop("GRAYCNN_CPU_SPEEDUPS", None)
+        else:
+            os.environ["GRAYCNN_CPU_SPEEDUPS"] = saved
+    return totals
+
+
 _LAYERS = flags.DEFINE_list("layers", None, "Layers to merge (default: the default run's).")
+_COMPARE = flags.DEFINE_bool(
+    "compare_speedups", False, "Also time the default stages with the CPU speed-ups off."
+)
 
 
 def main(argv):
@@ -88,6 +116,9 @@ def main(argv):
     for r in rows:
         print(f"{r['stage']:<10} {r['seconds']:8.2f} s")
     print(f"{'total':<10} {sum(r['seconds'] for r in rows):8.2f} s; merged model: {summary}")
+    if _COMPARE.value:
+        totals = compare_speedups()
+        print(f"CPU speed-ups on: {totals['on']} s; off: {totals['off']} s")
 
 
 if __name__ == "__main__":

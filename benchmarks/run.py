@@ -170,7 +170,19 @@ def _compress_text(report: dict[str, Any]) -> list[str]:
         f"| total | {sum(r['seconds'] for r in c['stages']):.2f} |",
         "",
         f"Merged model: {c['summary']}",
-    ]
+    ] + (
+        [
+            "",
+            "The same stages with the train step's CPU speed-ups on and off "
+            "(GRAYCNN_CPU_SPEEDUPS=0), alternating, seconds per round: on "
+            + ", ".join(f"{t:.1f}" for t in c["speedups"]["on"])
+            + "; off "
+            + ", ".join(f"{t:.1f}" for t in c["speedups"]["off"])
+            + ".",
+        ]
+        if "speedups" in c
+        else []
+    )
 
 
 def _profile_text(report: dict[str, Any]) -> list[str]:
@@ -236,6 +248,8 @@ def main(argv):
     if "compress" in _SECTIONS.value:
         stages, summary = compress_stages.time_stages()
         report["compress"] = {"layers": "1, 2", "stages": stages, "summary": summary}
+        if jax.default_backend() == "cpu":
+            report["compress"]["speedups"] = compress_stages.compare_speedups(1 if quick else 2)
     # The profile reads XLA:CPU's thread-pool events; other backends trace differently.
     if "profile" in _SECTIONS.value and jax.default_backend() == "cpu":
         report["profile"] = []

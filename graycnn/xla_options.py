@@ -29,10 +29,20 @@ XLA_DEFAULTS: Mapping[str, str] = {
 _CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
+def cpu_speedups() -> bool:
+    """Whether the train step's CPU speed-ups apply: Eigen convolutions
+    (`train_compiler_options`) and one-pass BatchNorm (`graycnn.models.build_model`).
+
+    True on a CPU backend unless the environment sets GRAYCNN_CPU_SPEEDUPS=0 (read at
+    each call), which benchmarks use to measure what the speed-ups buy.
+    """
+    return jax.default_backend() == "cpu" and os.environ.get("GRAYCNN_CPU_SPEEDUPS") != "0"
+
+
 def train_compiler_options() -> dict[str, str] | None:
     """`compiler_options` for `jax.jit` of a train step: Eigen convolutions on CPU, else
-    None (XLA's defaults on GPU and TPU)."""
-    return dict(_CPU_TRAIN_OPTIONS) if jax.default_backend() == "cpu" else None
+    None (XLA's defaults on GPU and TPU, or with the speed-ups off)."""
+    return dict(_CPU_TRAIN_OPTIONS) if cpu_speedups() else None
 
 
 def apply_xla_defaults(environ: MutableMapping[str, str] = os.environ) -> list[str]:

@@ -4,6 +4,7 @@ import jax
 import pytest
 
 from graycnn import xla_options
+from graycnn.models import ModelConfig, build_model
 
 DEVICES = "--xla_force_host_platform_device_count="
 DEFAULTS = [f"--{k}={v}" for k, v in xla_options.XLA_DEFAULTS.items()]
@@ -36,5 +37,11 @@ def test_train_step_options_only_on_cpu(monkeypatch):
     assert jax.default_backend() == "cpu"
     options = xla_options.train_compiler_options()
     assert options == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    monkeypatch.setenv("GRAYCNN_CPU_SPEEDUPS", "0")  # the switch benchmarks use
+    assert xla_options.train_compiler_options() is None
+    assert not build_model(ModelConfig("densenet_test")).bn_one_pass
+    monkeypatch.delenv("GRAYCNN_CPU_SPEEDUPS")
+    assert build_model(ModelConfig("densenet_test")).bn_one_pass
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert xla_options.train_compiler_options() is None
+    assert not build_model(ModelConfig("densenet_test")).bn_one_pass

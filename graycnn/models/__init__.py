@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from graycnn import xla_options
 from graycnn.models.densenet import DenseNet
 from graycnn.models.resnet import ResNet
 
@@ -134,14 +135,15 @@ def build_model(config: ModelConfig) -> nn.Module:
 
     Implementation choices that leave the variables and the function unchanged are made
     here for the default backend: on CPU, DenseNets compute train-mode BatchNorm
-    statistics in one pass (`bn_one_pass`, graycnn.models.batchnorm).
+    statistics in one pass (`bn_one_pass`, graycnn.models.batchnorm; see
+    `graycnn.xla_options.cpu_speedups`).
     """
     kwargs: dict[str, Any] = {
         "num_classes": config.num_classes,
         "widths": tuple(sorted(config.widths.items())),
     }
     if "bn_one_pass" in _fields(_ALL[config.name]):
-        kwargs["bn_one_pass"] = jax.default_backend() == "cpu"
+        kwargs["bn_one_pass"] = xla_options.cpu_speedups()
     if config.input_scale is not None:
         kwargs["input_scale"] = config.input_scale
     if config.input_offset is not None:
