@@ -161,7 +161,13 @@ class NNXModel:
         return unflatten({name: state[path].get_value() for name, path, _, _ in self.leaves})
 
     def _run(self, module: nnx.Module, x: jax.Array, **kwargs: Any) -> jax.Array:
-        paths = {id(m): tuple(str(p) for p in path) for path, m in nnx.iter_modules(module)}
+        paths = {}
+        for path, m in nnx.iter_modules(module):
+            paths[id(m)] = tuple(str(p) for p in path)
+            # Also on the (private) module itself: a static attribute travels in the
+            # graphdef, so the copies nnx.remat and other NNX transforms make inside
+            # their bodies still know their path, where their id is new.
+            m._graycnn_path = paths[id(m)]
         token = _PATHS.set(paths)
         try:
             return module(x, **({"train": False} if self.takes_train else {}), **kwargs)
@@ -258,7 +264,7 @@ def adapt_model(model: Any) -> Any:
 
 
 def sync_widths(module: nnx.Module) -> None:
-    """Sets in/out/num_features of every nnx.Conv, nnx.Linear and nnx.BatchNorm of
+    """Sets in/out/num_features of every nnx.Conv, ConvTranspose, Linear and BatchNorm of
     `module` (in place) from the shapes of the arrays it holds."""
     for _, m in nnx.iter_modules(module):
         if isinstance(m, nnx.Conv):
@@ -266,6 +272,11 @@ def sync_widths(module: nnx.Module) -> None:
             m.kernel_shape = shape
             m.in_features = shape[-2] * m.feature_group_count
             m.out_features = shape[-1]
+        elif isinstance(m, nnx.ConvTranspose):  # not an nnx.Conv subclass
+            shape = _shape(m.kernel)
+            m.kernel_shape = shape
+            # transpose_kernel stores the kernel as (..., out, in).
+            m.in_features, m.out_features = shape[-2:][::-1] if m.transpose_kernel else shape[-2:]
         elif isinstance(m, nnx.Linear):
             m.in_features, m.out_features = _shape(m.kernel)
         elif isinstance(m, nnx.BatchNorm) and len(_shape(m.mean)) == 1:
@@ -314,7 +325,8 @@ def _tapped(cls: type) -> type:
 
     def __call__(self, *args, **kwargs):
         call = functools.partial(cls.__call__, self)
-        path = (_PATHS.get() or {}).get(id(self))
+        paths = _PATHS.get()
+        path = None if paths is None else paths.get(id(self), getattr(self, "_graycnn_path", None))
         if path is None:
             return call(*args, **kwargs)
         context = CallContext(self, "__call__", path)
@@ -355,6 +367,15 @@ def _resize(module: nnx.Module, x: jax.Array, width: int | None) -> None:
         kernel = _shape(module.kernel)
         out = kernel[-1] if width is None else width
         put(module.kernel, (*kernel[:-2], channels // module.feature_group_count, out))
+        put(module.bias, (out,))
+    elif isinstance(module, nnx.ConvTranspose):
+        kernel = _shape(module.kernel)
+        if module.transpose_kernel:
+            out = kernel[-2] if width is None else width
+            put(module.kernel, (*kernel[:-2], out, channels))
+        else:
+            out = kernel[-1] if width is None else width
+            put(module.kernel, (*kernel[:-2], channels, out))
         put(module.bias, (out,))
     elif isinstance(module, nnx.Linear):
         put(module.kernel, (channels, _shape(module.kernel)[-1]))

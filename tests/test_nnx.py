@@ -101,8 +101,42 @@ class Dense(nnx.Module):
         return self.head(jnp.mean(x, axis=(1, 2)))
 
 
+class UNet(nnx.Module):
+    """U-Net-like: an encoder conv, a strided conv down, a ConvTranspose back up, its
+    output concatenated with the encoder's (the skip), a decoder conv, a head."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.enc = nnx.Conv(3, 6, (3, 3), use_bias=False, rngs=rngs)
+        self.enc_bn = nnx.BatchNorm(6, rngs=rngs)
+        self.down = nnx.Conv(6, 5, (3, 3), strides=2, rngs=rngs)
+        self.up = nnx.ConvTranspose(5, 4, (2, 2), strides=2, rngs=rngs)
+        self.dec = nnx.Conv(10, 4, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        skip = nnx.relu(self.enc_bn(self.enc(x / 255.0)))
+        y = nnx.relu(self.up(nnx.relu(self.down(skip))))
+        x = nnx.relu(self.dec(jnp.concatenate([y, skip], axis=-1)))
+        return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+class Remat(nnx.Module):
+    """A stem, then a residual block run under nnx.remat (recomputed in backward)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(3, 6, (3, 3), use_bias=False, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(6, rngs=rngs)
+        self.block = Block(rngs)
+        self.head = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nnx.relu(self.stem_bn(self.stem(x / 255.0)))
+        x = nnx.relu(x + nnx.remat(lambda block, h: block(h))(self.block, x))
+        return self.head(jnp.mean(x, axis=(1, 2)))
+
+
 SHAPE = (1, 8, 8, 3)
-MODELS = {"vgg": VGG, "residual": Residual, "dense": Dense}
+MODELS = {"vgg": VGG, "residual": Residual, "dense": Dense, "unet": UNet, "remat": Remat}
 
 
 def _model(name: str, seed: int = 0) -> nnx.Module:
@@ -169,6 +203,10 @@ CASES = [
     ("residual", "blocks/1/conv1"),
     ("dense", 1),  # read through concatenations by every later conv
     ("dense", "layers/0/conv"),
+    ("unet", "enc"),  # read by the strided conv and, through the skip, by the decoder
+    ("unet", "down"),  # read by a ConvTranspose
+    ("remat", "stem"),  # a residual group through an nnx.remat body
+    ("remat", "block/conv1"),  # inside the remat body
 ]
 
 
@@ -287,6 +325,16 @@ def test_gradient_ascent_matches_a_direct_grad_of_one_filter():
     np.testing.assert_allclose(out, model.conv2_output(_images()), atol=1e-5)
 
 
+class _SqueezeExcite(nnx.Module):
+    """x * sigmoid(W mean(x)): each channel gated by a mix of all channels."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x * jax.nn.sigmoid(self.fc(jnp.mean(x, axis=(1, 2))))[:, None, None, :]
+
+
 class _Probe(nnx.Module):
     """conv1 (4 filters) -> op -> conv2 -> mean -> dense."""
 
@@ -294,6 +342,8 @@ class _Probe(nnx.Module):
         self.conv1 = nnx.Conv(2, 4, (3, 3), rngs=rngs)
         if op == "groupnorm":
             self.op = nnx.GroupNorm(4, num_groups=2, rngs=rngs)
+        elif op == "squeeze_excite":
+            self.op = _SqueezeExcite(rngs)
         else:
             self.op = nnx.Conv(4, 4, (3, 3), feature_group_count=4, rngs=rngs)
         self.conv2 = nnx.Conv(4, 3, (3, 3), rngs=rngs)
@@ -313,6 +363,7 @@ class _Probe(nnx.Module):
             r"by flattening it last \(in GroupNorm 'op'\)",
         ),
         ("depthwise", r"conv1: a grouped or depthwise conv reads the channels \(in Conv 'op'\)"),
+        ("squeeze_excite", r"cannot merge conv 'conv1'"),
     ],
 )
 def test_ops_that_mix_channels_are_refused_naming_the_module(op, message):
