@@ -11,8 +11,8 @@ from graycnn.tree import flatten, unflatten
 
 ATOL = 1e-4
 # (model, layer): layer 1 everywhere; a dense layer read through concatenations
-# (DenseNet), a residual-group member (ResNet conv2 / res2) and a conv read through
-# a flatten (VGG conv2).
+# (DenseNet), a residual-group member (ResNet conv2 / res2), a conv read through
+# a flatten (VGG conv2), through a ConvTranspose and a skip (U-Net) and through remat.
 CASES = [
     ("densenet_test", 1),
     ("densenet_test", "block1/layer1/conv"),
@@ -26,6 +26,10 @@ CASES = [
     ("vgg", 2),
     ("residual", "res2"),
     ("residual", "res1"),
+    ("unet", "enc"),  # read by the strided conv and, through the skip, by the decoder
+    ("unet", "down"),  # read by a ConvTranspose
+    ("remat", "stem"),  # a residual group through an nn.remat body
+    ("remat", "block/conv1"),  # inside the remat body
 ]
 
 

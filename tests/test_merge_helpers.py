@@ -73,9 +73,49 @@ class SliceNet(nn.Module):
         return nn.Dense(2, name="head")(jnp.mean(x, axis=(1, 2)))
 
 
+class UNet(nn.Module):
+    """U-Net-like: an encoder conv, a strided conv down, a ConvTranspose back up, its
+    output concatenated with the encoder's (the skip), a decoder conv, a head."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        skip = nn.Conv(6, (3, 3), use_bias=False, name="enc")(x / 255.0)
+        skip = nn.relu(nn.BatchNorm(use_running_average=not train, name="enc_bn")(skip))
+        y = nn.relu(nn.Conv(5, (3, 3), strides=2, name="down")(skip))
+        y = nn.relu(nn.ConvTranspose(4, (2, 2), strides=(2, 2), name="up")(y))
+        x = nn.relu(nn.Conv(4, (3, 3), name="dec")(jnp.concatenate([y, skip], axis=-1)))
+        return nn.Dense(3, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Conv(6, (3, 3), name="conv2")(nn.relu(nn.Conv(4, (3, 3), name="conv1")(x)))
+
+
+class RematNet(nn.Module):
+    """A stem, then a residual block under nn.remat (recomputed in backward)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = nn.Conv(6, (3, 3), use_bias=False, name="stem")(x / 255.0)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, name="stem_bn")(x))
+        x = nn.relu(x + nn.remat(_Block)(name="block")(x))
+        return nn.Dense(3, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
+USER_MODELS = {
+    "vgg": VGG,
+    "vgg_valid": lambda: VGG(padding="VALID"),
+    "residual": Residual,
+    "unet": UNet,
+    "remat": RematNet,
+}
+
+
 def user_model(name: str) -> tuple[nn.Module, dict, tuple[int, ...]]:
     """(module, perturbed variables, input shape) of a model defined in this file."""
-    model = {"vgg": VGG(), "vgg_valid": VGG(padding="VALID"), "residual": Residual()}[name]
+    model = USER_MODELS[name]()
     shape = (1, 8, 8, 3)
     variables = model.init(jax.random.key(0), jnp.zeros(shape))
     return model, perturb(variables), shape
@@ -104,7 +144,7 @@ def he_normal(shapes: dict) -> dict:
 
 
 def any_model(name: str):
-    if name in ("vgg", "vgg_valid", "residual"):
+    if name in USER_MODELS:
         return user_model(name)
     return project_model(name)
 
