@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import jax
 from absl import flags
@@ -87,18 +88,11 @@ def compare_speedups(rounds: int = 2) -> dict[str, list[float]]:
         {'on': [s per round], 'off': [...]}.
     """
     totals: dict[str, list[float]] = {"on": [], "off": []}
-    saved = os.environ.get("GRAYCNN_CPU_SPEEDUPS")
-    try:
-        for _ in range(rounds):
-            for setting, value in (("off", "0"), ("on", "1")):
-                os.environ["GRAYCNN_CPU_SPEEDUPS"] = value
+    for _ in range(rounds):
+        for setting, value in (("off", "0"), ("on", "1")):
+            with mock.patch.dict(os.environ, {"GRAYCNN_CPU_SPEEDUPS": value}):
                 rows, _ = time_stages()
-                totals[setting].append(sum(r["seconds"] for r in rows))
-    finally:
-        if saved is None:
-            os.environ.pop("GRAYCNN_CPU_SPEEDUPS", None)
-        else:
-            os.environ["GRAYCNN_CPU_SPEEDUPS"] = saved
+            totals[setting].append(sum(r["seconds"] for r in rows))
     return totals
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import jax
 from absl import flags
 
+from benchmarks import markdown_table
 from benchmarks import train as train_bench
 from graycnn import runtime
 
@@ -176,8 +177,10 @@ def profile(model_name: str, batch_size: int, steps: int) -> list[dict[str, Any]
 
 def format_rows(rows: list[dict[str, Any]]) -> list[str]:
     """Markdown table lines: category, ms per step, % of step."""
-    lines = ["| category | ms per step | % of step |", "|---|---|---|"]
-    lines += [f"| {r['category']} | {r['ms']:,.1f} | {r['percent']:.1f} |" for r in rows]
+    lines = markdown_table(
+        ["category", "ms per step", "% of step"],
+        [[r["category"], f"{r['ms']:,.1f}", f"{r['percent']:.1f}"] for r in rows],
+    )
     return lines + ["", f"Step wall time without the profiler: {rows[-1]['untraced_ms']:,.1f} ms."]
 
 

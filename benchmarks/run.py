@@ -29,7 +29,7 @@ from typing import Any
 import jax
 from absl import flags
 
-from benchmarks import compress_stages, distance, profile_step, receptive_field
+from benchmarks import compress_stages, distance, markdown_table, profile_step, receptive_field
 from benchmarks import train as train_bench
 from graycnn import runtime
 
@@ -68,30 +68,28 @@ def _machine() -> dict[str, Any]:
 
 
 def _fields_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "| layer | filters | way | loop | chunk | compile s | run s | ms/filter-step |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['layer']} | {r['filters']} | {r['way']} | {r['loop']} | {r['chunk']} | "
-            f"{r['compile_s']:.2f} | {r['run_s']:.2f} | {r['ms_per_filter_step']:.3f} |"
-        )
-    return lines
+    header = ["layer", "filters", "way", "loop", "chunk", "compile s", "run s", "ms/filter-step"]
+    return markdown_table(
+        header,
+        [
+            [r["layer"], r["filters"], r["way"], r["loop"], r["chunk"], f"{r['compile_s']:.2f}",
+             f"{r['run_s']:.2f}", f"{r['ms_per_filter_step']:.3f}"]
+            for r in rows
+        ],
+    )  # fmt: skip
 
 
 def _distance_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "| metric | method | N | pairs | compile s | run s | note |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.3f}"
-        lines.append(
-            f"| {r['metric']} | {r['method']} | {r['n']:,} | {r['pairs']:,} | {compile_s} | "
-            f"{r['run_s']:.4f} | {r['note']} |"
-        )
-    return lines
+    header = ["metric", "method", "N", "pairs", "compile s", "run s", "note"]
+    return markdown_table(
+        header,
+        [
+            [r["metric"], r["method"], f"{r['n']:,}", f"{r['pairs']:,}",
+             "-" if r["compile_s"] is None else f"{r['compile_s']:.3f}", f"{r['run_s']:.4f}",
+             r["note"]]
+            for r in rows
+        ],
+    )  # fmt: skip
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -164,10 +162,11 @@ def _compress_text(report: dict[str, Any]) -> list[str]:
     return [
         f"## Compress stages (default config, layers {c['layers']})",
         "",
-        "| stage | seconds |",
-        "|---|---|",
-        *[f"| {r['stage']} | {r['seconds']:.2f} |" for r in c["stages"]],
-        f"| total | {sum(r['seconds'] for r in c['stages']):.2f} |",
+        *markdown_table(
+            ["stage", "seconds"],
+            [[r["stage"], f"{r['seconds']:.2f}"] for r in c["stages"]]
+            + [["total", f"{sum(r['seconds'] for r in c['stages']):.2f}"]],
+        ),
         "",
         f"Merged model: {c['summary']}",
     ] + (

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from benchmarks import markdown_table
 from graycnn import evaluation, parallel, runtime, train
 from graycnn.models import ModelConfig, build_model, init_variables
 
@@ -256,17 +257,15 @@ def measure_variants(
 
 def format_variant_rows(results: list[dict[str, Any]]) -> list[str]:
     """Markdown table lines: one row per model and variant."""
-    lines = [
-        "| model | batch | train step | train img/s | library default's speed-up over it |",
-        "|---|---|---|---|---|",
-    ]
-    for r in results:
-        for v, rates in r["img_s"].items():
-            lines.append(
-                f"| {r['model']} | {r['batch_size']} | {v} | {span(rates)} | "
-                f"{span(r['speedup'].get(v, []), 2)} |"
-            )
-    return lines
+    header = ["model", "batch", "train step", "train img/s", "library default's speed-up over it"]
+    return markdown_table(
+        header,
+        [
+            [r["model"], r["batch_size"], v, span(rates), span(r["speedup"].get(v, []), 2)]
+            for r in results
+            for v, rates in r["img_s"].items()
+        ],
+    )
 
 
 def span(values: list[float], digits: int = 0) -> str:
@@ -285,21 +284,22 @@ def mib(n: int | None) -> str:
 
 def format_rows(results: list[dict[str, Any]]) -> list[str]:
     """Markdown table lines: one row per model."""
-    lines = [
-        "| model | devices | batch | compile s | train img/s | PyTorch train img/s | "
-        "train ratio | eval img/s | PyTorch eval img/s | eval ratio | "
-        "step peak MiB (train / eval) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['model']} | {r['devices']} | {r['batch_size']} | {r['compile_s']:.1f} | "
-            f"{span(r['jax_train'])} | {span(r.get('torch_train', []))} | "
-            f"{span(r.get('train_ratio', []), 2)} | {span(r['jax_eval'])} | "
-            f"{span(r.get('torch_eval', []))} | {span(r.get('eval_ratio', []), 2)} | "
-            f"{mib(r['train_bytes'])} / {mib(r['eval_bytes'])} |"
-        )
-    return lines
+    header = [
+        "model", "devices", "batch", "compile s", "train img/s", "PyTorch train img/s",
+        "train ratio", "eval img/s", "PyTorch eval img/s", "eval ratio",
+        "step peak MiB (train / eval)",
+    ]  # fmt: skip
+    return markdown_table(
+        header,
+        [
+            [r["model"], r["devices"], r["batch_size"], f"{r['compile_s']:.1f}",
+             span(r["jax_train"]), span(r.get("torch_train", [])),
+             span(r.get("train_ratio", []), 2), span(r["jax_eval"]),
+             span(r.get("torch_eval", [])), span(r.get("eval_ratio", []), 2),
+             f"{mib(r['train_bytes'])} / {mib(r['eval_bytes'])}"]
+            for r in results
+        ],
+    )  # fmt: skip
 
 
 def _define_flags() -> None:

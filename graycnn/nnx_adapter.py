@@ -53,13 +53,10 @@ from graycnn.tree import flatten, unflatten
 CONVS = (nn.Conv, nnx.Conv)
 BATCHNORMS = (nn.BatchNorm, nnx.BatchNorm)
 
-# Interceptors active in this context (outermost first), and the path of every module
-# of the private copy being run; contextvars so that threads do not see each other's.
+# Interceptors active in this context (outermost first); a contextvar so that threads
+# do not see each other's.
 _INTERCEPTORS: contextvars.ContextVar[tuple[Callable, ...]] = contextvars.ContextVar(
     "graycnn_nnx_interceptors", default=()
-)
-_PATHS: contextvars.ContextVar[dict[int, tuple[str, ...]] | None] = contextvars.ContextVar(
-    "graycnn_nnx_paths", default=None
 )
 _CALLER: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
     "graycnn_nnx_caller", default=()
@@ -132,7 +129,10 @@ class NNXModel:
         module = nnx.merge(self.graphdef, nnx.from_flat_state(items))
         sync_widths(module)
         module.eval()
-        for _, m in nnx.iter_modules(module):
+        for path, m in nnx.iter_modules(module):
+            # The path as a static attribute: the graphdef carries it into the copies
+            # that nnx.remat and other NNX transforms make inside their bodies.
+            m._graycnn_path = tuple(str(p) for p in path)
             cls = type(m)
             if any("__call__" in c.__dict__ for c in cls.__mro__[:-1]):
                 m.__class__ = _tapped(cls)
@@ -161,18 +161,7 @@ class NNXModel:
         return unflatten({name: state[path].get_value() for name, path, _, _ in self.leaves})
 
     def _run(self, module: nnx.Module, x: jax.Array, **kwargs: Any) -> jax.Array:
-        paths = {}
-        for path, m in nnx.iter_modules(module):
-            paths[id(m)] = tuple(str(p) for p in path)
-            # Also on the (private) module itself: a static attribute travels in the
-            # graphdef, so the copies nnx.remat and other NNX transforms make inside
-            # their bodies still know their path, where their id is new.
-            m._graycnn_path = paths[id(m)]
-        token = _PATHS.set(paths)
-        try:
-            return module(x, **({"train": False} if self.takes_train else {}), **kwargs)
-        finally:
-            _PATHS.reset(token)
+        return module(x, **({"train": False} if self.takes_train else {}), **kwargs)
 
 
 def from_module(module: nnx.Module) -> tuple[NNXModel, dict[str, Any]]:
@@ -325,8 +314,7 @@ def _tapped(cls: type) -> type:
 
     def __call__(self, *args, **kwargs):
         call = functools.partial(cls.__call__, self)
-        paths = _PATHS.get()
-        path = None if paths is None else paths.get(id(self), getattr(self, "_graycnn_path", None))
+        path = getattr(self, "_graycnn_path", None)
         if path is None:
             return call(*args, **kwargs)
         context = CallContext(self, "__call__", path)

@@ -294,6 +294,18 @@ def _check_outcome(case: dict) -> str | None:
     return errors[0]
 
 
+def _successes(module: str, cases: list[list[str]], valid: list[bool]):
+    """Runs `cases` through `module`, checks each outcome against `valid` (both outcomes
+    reached; a failure is one clean `error:` line), and yields (case, its flag settings)
+    for the cases that succeeded, for the caller to check their results."""
+    assert 0 < sum(valid) < len(valid), valid  # The fuzz reaches both outcomes.
+    for case, ok in zip(_run_driver(module, cases), valid, strict=True):
+        error = _check_outcome(case)
+        assert (error is None) == ok, (case, error)
+        if error is None:
+            yield case, _settings(case["args"])
+
+
 def _random_flags(rng: random.Random, choices: dict[str, list]) -> tuple[list[str], bool]:
     """Random `--flag=value` args from `choices` ({flag: [(value, valid), ...]}; a value
     None is the bare flag), and whether they are all valid. A third of the cases draw
@@ -361,13 +373,7 @@ def test_fuzz_evaluate_flags(fuzz_files, model, pool):
         # cifar10_sample (the default) is slow to evaluate here: always give a dataset.
         cases.append(_with_default(args, "dataset", good))
         valid.append(ok)
-    assert 0 < sum(valid) < len(valid), valid  # The fuzz reaches both outcomes.
-    for case, ok in zip(_run_driver("experiments.evaluate", cases), valid, strict=True):
-        error = _check_outcome(case)
-        assert (error is None) == ok, (case, error)
-        if error is not None:
-            continue
-        settings = _settings(case["args"])
+    for case, settings in _successes("experiments.evaluate", cases, valid):
         report = json.loads(case["stdout"].strip().splitlines()[-1])
         split = data.load_dataset(settings["dataset"], settings.get("split", "all"))
         expected = _expected_accuracy(split, pool, report["view"], lambda i: pool[1][i])
@@ -409,13 +415,7 @@ def test_fuzz_train_flags(fuzz_files, tmp_path):
             ok = False  # --workdir is required.
         cases.append(args)
         valid.append(ok)
-    assert 0 < sum(valid) < len(valid), valid  # The fuzz reaches both outcomes.
-    for case, ok in zip(_run_driver("experiments.train", cases), valid, strict=True):
-        error = _check_outcome(case)
-        assert (error is None) == ok, (case, error)
-        if error is not None:
-            continue
-        settings = _settings(case["args"])
+    for case, settings in _successes("experiments.train", cases, valid):
         report = json.loads(case["stdout"].strip().splitlines()[-1])
         assert report["epoch"] == 1 and report["step"] >= 1, case
         model_config, _, config = checkpoint.load_model(settings["workdir"])
@@ -439,13 +439,7 @@ def test_fuzz_summary_flags():
         args, ok = _random_flags(rng, choices)
         cases.append(_with_default(args, "model", "densenet_tiny"))
         valid.append(ok)
-    assert 0 < sum(valid) < len(valid), valid  # The fuzz reaches both outcomes.
-    for case, ok in zip(_run_driver("experiments.summary", cases), valid, strict=True):
-        error = _check_outcome(case)
-        assert (error is None) == ok, (case, error)
-        if error is not None:
-            continue
-        settings = _settings(case["args"])
+    for case, settings in _successes("experiments.summary", cases, valid):
         config = ModelConfig(
             settings["model"],
             in_channels=int(settings.get("in_channels", 3)),

@@ -10,6 +10,7 @@ every file.
 """
 
 import dataclasses
+import functools
 import importlib.resources
 from collections.abc import Mapping
 from typing import Any
@@ -290,8 +291,15 @@ def filter_responses(
     """
     idx = np.random.default_rng(seed).permutation(len(split))[:count]
     images = data.apply_view(split.images[idx], "gray")
-    out = jax.jit(layer_output_fn(model, path))(variables, images)
+    out = _layer_output(model, path)(variables, images)
     return np.moveaxis(np.asarray(out), -1, 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_output(model: Any, path: str):
+    """Jitted `layer_output_fn`, cached per (architecture, layer): a fresh jit of a fresh
+    closure traces and compiles again for every seed, control chain and budget option."""
+    return jax.jit(layer_output_fn(model, path))
 
 
 def reestimate_bn(config: CompressConfig, model: Model, workdir: str, seed: int) -> Model:
