@@ -175,10 +175,14 @@ def torch_steps(
         for _ in range(steps):
             net(x)
 
+    diff = float(np.max(np.abs(logits - expected)))
+    # A ratio against a different network would mean nothing: stop instead of timing it.
+    if diff > 1e-4 * max(1.0, float(np.max(np.abs(expected)))):
+        raise ValueError(f"{name}: the PyTorch twin's logits differ from ours by {diff:.2e}")
     return {
         "train": run_train,
         "eval": run_eval,
-        "max_logit_diff": float(np.max(np.abs(logits - expected))),
+        "max_logit_diff": diff,
         "threads": torch.get_num_threads(),
     }
 
