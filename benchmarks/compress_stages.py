@@ -65,7 +65,7 @@ def time_stages(
             model, _ = timed(
                 f"apply {layer}",
                 lambda m=model, r=result: stages.compensate(
-                    config, m, r.plan, splits.train, config.seed
+                    config, m, r.plan, splits.train, config.seed, color
                 ),
             )
         bn_dir = os.path.join(workdir, "bn")

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from test_merge_helpers import VGG, Residual, he_normal, logits, perturb, tie_clusters
 
-from graycnn import compensate, data, graph, merge
+from graycnn import compensate, data, fold, graph, merge
 from graycnn.layers import layer_output_fn
 from graycnn.models import ModelConfig, build_model, init_variables
-from graycnn.tree import flatten
+from graycnn.tree import flatten, unflatten
 
 # (model, layer): a DenseNet stem read by every layer of its block and the transition;
 # a ResNet residual group (stem + conv2) read by convs and a projection shortcut; a conv
@@ -193,6 +193,71 @@ def test_batchnorm_statistics_of_the_merged_channels(mode):
         np.testing.assert_array_equal(got[f"batch_stats/{bn}/mean"][k:], rest)
 
 
+def test_a_teacher_consumer_is_what_the_refit_recovers():
+    """No merge, one consumer whose kernel the teacher changed: a refit to the teacher's
+    outputs reproduces the teacher's (its input is the same in both), where a refit to
+    the original's keeps the kernel."""
+    model, variables, shape, g, _ = _setup("densenet_test", 1)
+    consumer = "block1/layer1/conv"
+    leaf = f"params/{consumer}/kernel"
+    flat = flatten(variables)
+    kernel = np.asarray(flat[leaf])
+    target = kernel + 0.1 * np.random.default_rng(3).normal(size=kernel.shape)
+    teacher_vars = unflatten(flat | {leaf: target.astype(np.float32)})
+    fit, _ = _images(32)
+    teacher = compensate.Teacher(model, teacher_vars, fit)
+    new, report = compensate.compensate(
+        model, variables, variables, [consumer], fit, input_shape=shape, ridge=1e-8,
+        teacher=teacher,
+    )  # fmt: skip
+    out = jax.jit(layer_output_fn(model, consumer))
+    np.testing.assert_allclose(out(new, fit), out(teacher_vars, fit), atol=1e-2)
+    assert report[0]["error_before"] > 1e-2 and report[0]["error_after"] < 1e-5, report
+    # Without the teacher, the same call fits the original: nothing to change.
+    same, _ = compensate.compensate(
+        model, variables, variables, [consumer], fit, input_shape=shape, ridge=1e-8
+    )
+    np.testing.assert_allclose(flatten(same)[leaf], kernel, atol=1e-5)
+
+
+def test_a_color_teacher_through_an_exact_fold_keeps_identical_filters_exact():
+    """The teacher reads 3 channels (color model, gray3 images); the `sum` fold of it on
+    the luma images computes the same, so a tie merge refit to the teacher stays exact."""
+    config = ModelConfig("densenet_test")
+    color = build_model(config)
+    shapes = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
+    color_vars = perturb(he_normal(shapes))
+    gray_vars = fold.fold_to_gray(color, color_vars, "sum", input_shape=config.input_shape)
+    gray_model, shape = build_model(config.replace(in_channels=1)), (1, 32, 32, 1)
+    g = graph.trace(gray_model, gray_vars, shape)
+    path = g.conv_order[0]
+    labels = _labels(g.widths[path])
+    tied_gray = tie_clusters(g, gray_vars, path, labels)
+    # The same tie in the color model: its stem's filters repeat as the gray stem's do.
+    tied_color = _spread_over_rgb(tied_gray, path)
+    fit, _ = _images(32)
+    teacher = compensate.Teacher(color, tied_color, np.repeat(fit, 3, axis=-1))
+    plan = merge.plan_merge(g, path, labels)
+    new, report = compensate.compensate_merge(
+        gray_model, tied_gray, plan, fit, input_shape=shape, teacher=teacher
+    )
+    assert len(report) == len(plan.consumers)
+    for r in report:
+        assert r["error_before"] < 1e-8 and r["error_after"] < 1e-8, r
+    rebuilt = graph.rebuild(gray_model, new, shape)
+    np.testing.assert_allclose(
+        logits(rebuilt, new, fit), logits(gray_model, tied_gray, fit), atol=1e-4, rtol=0
+    )
+
+
+def _spread_over_rgb(gray_vars, path):
+    """A color tree whose `sum` fold is `gray_vars`: the stem kernel / 3 on each of RGB."""
+    flat = flatten(gray_vars)
+    kernel = np.asarray(flat[f"params/{path}/kernel"])
+    flat[f"params/{path}/kernel"] = np.repeat(kernel, 3, axis=-2) / 3
+    return unflatten(flat)
+
+
 def test_bad_input_names_what_is_wrong():
     model, variables, shape, g, path = _setup("densenet_test", 1)
     plan = merge.plan_merge(g, path, _labels(g.widths[path]))
@@ -208,3 +273,13 @@ def test_bad_input_names_what_is_wrong():
         )
     with pytest.raises(ValueError, match=r"\['nope'\] are not called"):
         compensate.compensate(model, variables, merged, ["nope"], fit, input_shape=shape)
+    with pytest.raises(ValueError, match="teacher images must be row-matched"):
+        compensate.compensate(
+            model, variables, merged, [], fit, input_shape=shape,
+            teacher=compensate.Teacher(model, variables, fit[:10]),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="holdout errors .* no teacher"):
+        compensate.compensate(
+            model, variables, merged, [], fit, input_shape=shape, holdout=fit,
+            teacher=compensate.Teacher(model, variables, fit),
+        )  # fmt: skip

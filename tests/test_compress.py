@@ -256,3 +256,30 @@ def test_study_preset_sets_the_studys_method_and_explicit_flags_win():
     mine = with_preset(dataclasses.replace(study, bn_rule="moments"), given=["bn_rule"])
     assert mine.bn_rule == "moments" and mine.fields == "color_luma"
     assert with_preset(compress.CompressConfig()) == compress.CompressConfig()
+
+
+def test_color_refit_has_its_reference_row(config, tmp_path):
+    """--compensate=lstsq_color: the merged rows are refit to the color model, and the
+    unmerged model given the same refit is a row of its own that every merge is also
+    compared with, so the report shows what the refit buys without a merge."""
+    cfg = dataclasses.replace(config, layers=(1,), num_clusters={1: 5}, controls=False,
+                              compensate="lstsq_color")  # fmt: skip
+    report = compress.compress(cfg, str(tmp_path / "run"))
+    rows = {r["key"]: r for r in report["rows"]}
+    refit, bar, merged = rows["gray_refit_bn"], rows["gray_bn"], rows["merged_1"]
+    assert refit["control"] == "refit" and not refit.get("baseline") and bar["baseline"]
+    assert refit["params"] == bar["params"] and merged["params"] < bar["params"]
+    assert refit["name"] == "gray + color refit (lstsq_color), no merge + BN re-estimation"
+    for where in (merged, merged["eval"]):
+        lo, hi = where["vs_refit"]["ci95"]
+        assert lo <= where["vs_refit"]["delta"] <= hi
+    assert "vs_refit" not in refit and "vs_refit" not in bar
+    # The refit changed the unmerged model's consumers of layer 1, not its stem.
+    load = lambda row: checkpoint.load_model(str(tmp_path / "run" / row["checkpoint"]))[1]  # noqa: E731
+    a, b = load(refit)["params"], load(bar)["params"]
+    np.testing.assert_array_equal(a["stem"]["kernel"], b["stem"]["kernel"])
+    ka, kb = (np.asarray(t["transition1"]["conv"]["kernel"]) for t in (a, b))
+    assert np.max(np.abs(ka - kb)) > 1e-3
+    md = open(tmp_path / "run" / "report.md").read()
+    assert "against the same refit without a merge" in md
+    assert "against the color model's on the same images in color" in md

@@ -25,11 +25,13 @@ from graycnn.compensate.layer import (
     patches,
     ridge_solve,
 )
+from graycnn.compensate.passes import Teacher
 
 __all__ = [
     "BN_MODES",
     "BatchNormSite",
     "LayerSpec",
+    "Teacher",
     "batchnorm_sites",
     "compensate",
     "compensate_merge",

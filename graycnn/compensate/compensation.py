@@ -46,6 +46,14 @@ condition 5e4) the float32 sums give a dW within 1e-4 (relative) of float64 sums
 Errors after the fit come from a forward pass of the compensated model, not from the
 normal equations, so an inaccurate Gram would show there.
 
+Teacher: with `teacher` (a model with the same consumers, its variables and its own
+row-matched images), y is the teacher's output instead of the original model's: e.g.
+the color model on the color images whose gray view the merged model sees, so each
+consumer is fit to what the color network computed, not only to what the unmerged
+gray network did (`--compensate=lstsq_color`). Nothing else changes: the BatchNorm
+statistics are still re-estimated against the original model. A merge of identical
+filters is then no longer exact (the fit also absorbs the fold's loss).
+
 Not refit: a merged conv that does not read the merged channels (a residual group's
 conv2) keeps its averaged filters; a member that also reads them (a 1x1 conv added to
 its own input) is a consumer, fit to its original outputs averaged per cluster.
@@ -71,7 +79,14 @@ from graycnn.compensate.layer import (
     output_map,
     ridge_solve,
 )
-from graycnn.compensate.passes import Fit, Passes, bytes_per_image, mean_var, probe
+from graycnn.compensate.passes import (
+    Fit,
+    Passes,
+    Teacher,
+    bytes_per_image,
+    mean_var,
+    probe,
+)
 from graycnn.graph import like_leaf, module_of
 from graycnn.merge import MergePlan
 from graycnn.tree import flatten, unflatten
@@ -169,8 +184,10 @@ def compensate(
     batch_size: int | None = None,
     memory_budget: int = 512 * 2**20,
     holdout: Any = None,
+    teacher: Teacher | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Refits each consumer of a merge to its outputs in the original model.
+    """Refits each consumer of a merge to its outputs in the original model (or the
+    teacher's).
 
     Args:
         model: The architecture (original or merged: widths are read off each tree).
@@ -189,7 +206,11 @@ def compensate(
         ridge: lam = ridge * trace(P^T P) / D.
         batch_size: Images per batch; None: as many as `memory_budget` bytes of patches,
             residuals and the consumer's activations allow.
-        holdout: (N', H, W, C) other images the errors are also measured on.
+        holdout: (N', H, W, C) other images the errors are also measured on (not with
+            a teacher).
+        teacher: Fit each consumer to this model's outputs on its images (row-matched
+            to `images`) instead of the original model's; errors are then measured
+            against the teacher too.
 
     Returns:
         (new tree, report): one entry per consumer, in forward order: {'consumer',
@@ -205,7 +226,8 @@ def compensate(
     Raises:
         ValueError: unknown `bn`, negative ridge, images of the wrong shape, a consumer
             that is not an nn.Conv / nn.Dense or is called twice, output widths that
-            differ without a target map; naming the path.
+            differ without a target map, a teacher whose images or consumers do not
+            match; naming the path.
     """
     if bn not in BN_MODES:
         raise ValueError(f"unknown BatchNorm mode {bn!r}; modes: {BN_MODES}")
@@ -220,6 +242,8 @@ def compensate(
     graph.check_variables(merged, merged_variables, input_shape)
     sites = {} if bn == "none" else {s.path: s for s in batchnorms}
     consumers = list(dict.fromkeys(consumers))
+    if teacher is not None:
+        teacher, shapes_t = _check_teacher(teacher, images, holdout, consumers)
     paths = consumers + [p for p in sites if p not in consumers]
     one = (1, *input_shape[1:])
     info_o, shapes_o = probe(original, original_variables, one, paths)
@@ -235,10 +259,16 @@ def compensate(
                 f"consumer {c!r} has {want[1]} outputs in the original model and {want[0]} "
                 f"merged: it needs a target map of shape {want}, got {got}"
             )
+        if teacher is not None and shapes_t[c][1].shape[-1] != want[1]:
+            raise ValueError(
+                f"consumer {c!r} has {shapes_t[c][1].shape[-1]} outputs in the teacher and "
+                f"{want[1]} in the original model"
+            )
     per_image = {c: bytes_per_image(info_m[c], *shapes_m[c]) for c in consumers}
     if batch_size is None:
         batch_size = max(1, min(len(images), memory_budget // max(per_image.values(), default=1)))
-    passes = Passes(original, merged, original_variables, batch_size)
+    passes = Passes(original, merged, original_variables, batch_size, teacher)
+    reference_images = None if teacher is None else teacher.images
     flat = {p: np.array(v) for p, v in flatten(merged_variables).items()}
     fits = {}
     for path in shapes_m:  # the forward order
@@ -246,15 +276,19 @@ def compensate(
         if path in sites:
             _reestimate(passes, flat, sites[path], info_m[path], images, bn)
         elif path in consumers:
-            fits[path] = _refit(passes, flat, path, info_m[path], targets.get(path), images, ridge)
+            fits[path] = _refit(
+                passes, flat, path, info_m[path], targets.get(path), images, reference_images, ridge
+            )
     report = [{"consumer": p, "images": len(images), **fit.summary} for p, fit in fits.items()]
     # One pass measures every consumer, so its batches hold every consumer's patches.
     largest, total = max(per_image.values(), default=1), max(sum(per_image.values()), 1)
     together = max(1, batch_size * largest // total)
     passes.use(unflatten(flat))
-    sets = {"error": images} | ({} if holdout is None else {"holdout": holdout})
-    for name, x in sets.items():
-        errors = passes.errors(fits, x, together) if fits else {}
+    sets = {"error": (images, reference_images)}
+    if holdout is not None:
+        sets["holdout"] = (holdout, None)
+    for name, (x, x_ref) in sets.items():
+        errors = passes.errors(fits, x, together, x_ref) if fits else {}
         for entry in report:
             entry[f"{name}_before"], entry[f"{name}_after"] = errors[entry["consumer"]]
             if name == "holdout":
@@ -262,13 +296,15 @@ def compensate(
     return unflatten(flat), report
 
 
-def _refit(passes, flat, path, spec, target, images, ridge) -> Fit:
+def _refit(passes, flat, path, spec, target, images, reference_images, ridge) -> Fit:
     """Fits consumer `path` (writing its new kernel and bias into `flat`)."""
     kernel_leaf, bias_leaf = f"params/{path}/kernel", f"params/{path}/bias"
     kernel = np.asarray(flat[kernel_leaf], np.float64)
     bias = np.asarray(flat[bias_leaf], np.float64) if spec.use_bias else np.zeros(kernel.shape[-1])
     fit = Fit(spec, kernel_matrix(kernel), bias, np.zeros_like(bias), target)
-    stats = passes.accumulate(passes.gram_fn(path, fit), images, *fit.args())
+    stats = passes.accumulate(
+        passes.gram_fn(path, fit), images, *fit.args(), reference_images=reference_images
+    )
     delta, lam = ridge_solve(stats["gram"], stats["cross"], ridge)
     eig = np.linalg.eigvalsh(stats["gram"])
     d = fit.kernel.shape[0]
@@ -314,6 +350,23 @@ def _reestimate(passes, flat, site, epsilon, images, mode) -> None:
     mean[q], var[q] = new_mean, new_var
     flat[mean_leaf] = like_leaf(flat[mean_leaf], mean)
     flat[var_leaf] = like_leaf(flat[var_leaf], var)
+
+
+def _check_teacher(teacher: Teacher, images, holdout, consumers) -> tuple[Teacher, dict]:
+    """(the teacher with its images as an array, {consumer: its (input, output) shapes
+    in the teacher}), checked against the fit's images."""
+    if holdout is not None:
+        raise ValueError("holdout errors are measured against the original model: no teacher")
+    x = np.asarray(teacher.images)
+    if x.ndim != images.ndim or len(x) != len(images) or x.shape[1:3] != images.shape[1:3]:
+        raise ValueError(
+            f"teacher images must be row-matched to the images {images.shape}: the same "
+            f"count and size; got shape {x.shape}"
+        )
+    shape = (1, *x.shape[1:])
+    model = graph.rebuild(teacher.model, teacher.variables, shape)
+    _, shapes = probe(model, teacher.variables, shape, consumers)
+    return dataclasses.replace(teacher, model=model, images=x), shapes
 
 
 def _check_images(images: Any, input_shape: tuple[int, ...], name: str) -> np.ndarray:

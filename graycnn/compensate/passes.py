@@ -5,6 +5,8 @@ model runs; under jit, XLA drops everything after the last captured module, so a
 costs the forward pass up to that module. Each pass runs the original model and the
 current (merged, partly compensated) tree on the same batch and returns sums: per batch
 in float32 on the device, across batches in float64 on the host (`Passes.accumulate`).
+A consumer's target y comes from the reference: the original model on the same batch,
+or a `Teacher` (another model of the same consumers, on its own row-matched images).
 """
 
 import dataclasses
@@ -18,6 +20,23 @@ import numpy as np
 
 from graycnn import graph
 from graycnn.compensate.layer import HIGHEST, LayerSpec, layer_spec, patches
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """Where a consumer's target outputs come from, if not the original model.
+
+    Attributes:
+        model: A flax module with the same consumer paths and output widths (e.g. the
+            color model, whose first conv reads 3 channels).
+        variables: Its variables.
+        images: (N, ...) what it takes, row-matched to the images of the fit (e.g. the
+            color images whose gray view the merged model sees).
+    """
+
+    model: nn.Module
+    variables: Mapping[str, Any]
+    images: np.ndarray
 
 
 @dataclasses.dataclass
@@ -47,11 +66,21 @@ class Fit:
 
 class Passes:
     """The passes of one compensation: the original model and variables are fixed, the
-    current tree is set with `use`; jitted passes are cached per (kind, path)."""
+    current tree is set with `use`; jitted passes are cached per (kind, path).
 
-    def __init__(self, original, merged, original_variables, batch_size: int):
+    Every pass is fn(original vars, current vars, reference vars, batch, reference
+    batch, mask, *args); the reference is the teacher where there is one, else the
+    original model on the same batch.
+    """
+
+    def __init__(self, original, merged, original_variables, batch_size: int, teacher=None):
         self.original, self.merged, self.batch_size = original, merged, batch_size
         self.original_variables = jax.device_put(dict(original_variables))
+        self.teacher = teacher
+        self.reference = original if teacher is None else teacher.model
+        self.reference_variables = (
+            self.original_variables if teacher is None else jax.device_put(dict(teacher.variables))
+        )
         self.variables = None
         self._cache: dict[tuple[str, str], Callable] = {}
 
@@ -60,17 +89,26 @@ class Passes:
         return self
 
     def accumulate(
-        self, fn: Callable, images: np.ndarray, *args: Any, batch_size: int | None = None
+        self,
+        fn: Callable,
+        images: np.ndarray,
+        *args: Any,
+        batch_size: int | None = None,
+        reference_images: np.ndarray | None = None,
     ) -> Any:
-        """Sums fn(original vars, current vars, batch, mask, *args) over batches of
-        `batch_size` (default the run's) images, the last one padded with masked zeros."""
+        """Sums fn(original vars, current vars, reference vars, batch, reference batch,
+        mask, *args) over batches of `batch_size` (default the run's) images, the last
+        one padded with masked zeros. The reference batch is cut from
+        `reference_images` (the teacher's, row-matched), else it is the batch."""
         size = batch_size or self.batch_size
         total = None
         for start in range(0, len(images), size):
-            chunk = np.asarray(images[start : start + size], np.float32)
-            mask = (np.arange(size) < len(chunk)).astype(np.float32)
-            batch = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]))])
-            out = fn(self.original_variables, self.variables, batch.astype(np.float32), mask, *args)
+            batch, mask = _padded(images[start : start + size], size)
+            ref = batch
+            if reference_images is not None:
+                ref, _ = _padded(reference_images[start : start + size], size)
+            variables = (self.original_variables, self.variables, self.reference_variables)
+            out = fn(*variables, batch, ref, mask, *args)
             out = jax.tree.map(lambda a: np.asarray(a, np.float64), out)
             total = out if total is None else jax.tree.map(np.add, total, out)
         return total
@@ -80,10 +118,10 @@ class Passes:
         and P^T residual (P with a ones column for a bias)."""
         key = ("gram", path)
         if key not in self._cache:
-            tap_o, tap_m = tap(self.original, [path]), tap(self.merged, [path])
+            tap_r, tap_m = tap(self.reference, [path]), tap(self.merged, [path])
 
-            def run(orig_vars, cur_vars, images, mask, kernel, bias, shift):
-                y = tap_o(orig_vars, images)[path][2]
+            def run(_, cur_vars, ref_vars, images, ref_images, mask, kernel, bias, shift):
+                y = tap_r(ref_vars, ref_images)[path][2]
                 _, x, _ = tap_m(cur_vars, images)[path]
                 return _sums(fit, y, x, None, mask, kernel, bias, shift)
 
@@ -91,16 +129,20 @@ class Passes:
         return self._cache[key]
 
     def errors(
-        self, fits: Mapping[str, Fit], images: np.ndarray, batch_size: int
+        self,
+        fits: Mapping[str, Fit],
+        images: np.ndarray,
+        batch_size: int,
+        reference_images: np.ndarray | None = None,
     ) -> dict[str, tuple[float, float]]:
         """{path: (before, after)}: sum (out - y)^2 / sum (y - mean y)^2 of each consumer
         on `images`, `out` from its merged kernel or from the current tree; one pass."""
         key = ("errors", ",".join(fits))
         if key not in self._cache:
-            tap_o, tap_m = tap(self.original, list(fits)), tap(self.merged, list(fits))
+            tap_r, tap_m = tap(self.reference, list(fits)), tap(self.merged, list(fits))
 
-            def run(orig_vars, cur_vars, images, mask, args):
-                ys, xs = tap_o(orig_vars, images), tap_m(cur_vars, images)
+            def run(_, cur_vars, ref_vars, images, ref_images, mask, args):
+                ys, xs = tap_r(ref_vars, ref_images), tap_m(cur_vars, images)
                 return {
                     p: _sums(fit, ys[p][2], xs[p][1], xs[p][2], mask, *args[p])
                     for p, fit in fits.items()
@@ -108,7 +150,9 @@ class Passes:
 
             self._cache[key] = jax.jit(run)
         args = {p: fit.args() for p, fit in fits.items()}
-        sums = self.accumulate(self._cache[key], images, args, batch_size=batch_size)
+        sums = self.accumulate(
+            self._cache[key], images, args, batch_size=batch_size, reference_images=reference_images
+        )
         out = {}
         for path, s in sums.items():
             spread = float(np.sum(s["sumsq"] - s["sum"] ** 2 / s["rows"]))
@@ -135,13 +179,21 @@ class Passes:
                 "sumsq": jnp.sum(x**2 * rows, 0),
             }
 
-        def run(orig_vars, cur_vars, images, mask, shift_o, shift_m):
+        def run(orig_vars, cur_vars, _, images, __, mask, shift_o, shift_m):
             x_o = tap_o(orig_vars, images)[path][1]
             x_m = tap_m(cur_vars, images)[path][1]
             return moments(x_o, mask, shift_o), moments(x_m, mask, shift_m)
 
         self._cache[key] = jax.jit(run)
         return self._cache[key]
+
+
+def _padded(chunk: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(batch of `size` float32 rows: `chunk` then zeros, mask: 1 for `chunk`'s rows)."""
+    chunk = np.asarray(chunk, np.float32)
+    mask = (np.arange(size) < len(chunk)).astype(np.float32)
+    pad = np.zeros((size - len(chunk), *chunk.shape[1:]), np.float32)
+    return np.concatenate([chunk, pad]), mask
 
 
 def _sums(fit: Fit, y, x, out, mask, kernel, bias, shift) -> dict[str, jax.Array]:

@@ -79,9 +79,10 @@ class CompressConfig:
     )  # fmt: skip
     compensate: str = setting(
         "none",
-        "After each merge, refit every consumer of the merged channels to its original "
-        "outputs on training images ('lstsq'), or not ('none').",
-        choices=("none", "lstsq"),
+        "After each merge, refit every consumer of the merged channels on training "
+        "images to its outputs before the merge ('lstsq'), or to the color model's on "
+        "the same images in color ('lstsq_color'), or not ('none').",
+        choices=("none", "lstsq", "lstsq_color"),
     )
     bn: str = setting("train", "BN re-estimation of every gray row.", choices=batchnorm.METHODS)
     bn_epochs: int = setting(1, "Epochs of BN-only training for --bn=train.")

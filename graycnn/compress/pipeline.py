@@ -44,6 +44,9 @@ def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) ->
     for i in tqdm(range(config.seeds), desc="seeds", leave=False, disable=config.seeds == 1):
         seed = config.seed + i
         run.recover(gray, {}, None, i)
+        if config.compensate == "lstsq_color":  # what the refit buys without a merge
+            run.recover(stages.refit_unmerged(config, gray, steps, splits.train, seed, color),
+                        {}, "refit", i)  # fmt: skip
         chains = {None: gray} | (dict.fromkeys(CONTROLS, gray) if config.controls else {})
         clusters: dict[int, int] = {}
         for k, (layer, count) in enumerate(tqdm(steps, desc="layers", leave=False)):
@@ -56,7 +59,9 @@ def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) ->
             for c, before in chains.items():
                 plan = result.plan if c is None else stages.control_plan(
                     config, c, before, layer, result.clustering.labels, seed)  # fmt: skip
-                chains[c], errors = stages.compensate(config, before, plan, splits.train, seed)
+                chains[c], errors = stages.compensate(
+                    config, before, plan, splits.train, seed, color
+                )
                 out.compensation(layer, c, seed, errors)
             if config.target and k < len(steps) - 1:
                 continue  # a budget plan is one model: only its final step is a row

@@ -46,10 +46,15 @@ def format_report(report: Mapping[str, Any]) -> str:
     if config.get("budget_search"):
         lines += ["", *_budget_search(config["budget_search"])]
     if report.get("compensation"):
+        against = (
+            "the color model's on the same images in color"
+            if config.get("compensate") == "lstsq_color"
+            else "the unmerged model's"
+        )
         lines += [
             "",
             "## Compensation: each consumer's reconstruction error (1 - R^2 of its outputs "
-            "against the unmerged model's, on the fit images)",
+            f"against {against}, on the fit images)",
             "",
             "| layer merged | chain | seed | consumer | before | after |",
             "|---|---|---|---|---|---|",
@@ -81,6 +86,12 @@ def _verdicts(rows: list[dict[str, Any]], color: Mapping[str, Any]) -> list[str]
         where = [f"validation {r['verdict']} ({_ci(r)})"]
         if "eval" in r and "verdict" in r["eval"]:
             where.append(f"held out {r['eval']['verdict']} ({_ci(r['eval'])})")
+        if "vs_refit" in r:
+            refit = [f"validation {r['vs_refit']['verdict']} ({_ci(r['vs_refit'])})"]
+            if "vs_refit" in r.get("eval", {}):
+                held = r["eval"]["vs_refit"]
+                refit.append(f"held out {held['verdict']} ({_ci(held)})")
+            where.append(f"against the same refit without a merge: {'; '.join(refit)}")
         out.append(
             f"- {r['name']} ({smaller:.1f}% fewer parameters, {fewer:.1f}% fewer FLOPs than "
             f"the color model), against its budget's baseline: {'; '.join(where)}."

@@ -239,10 +239,12 @@ def compensate(
     plan: merge_lib.MergePlan,
     train: data.Split,
     seed: int,
+    color: Model,
     images: int = 512,
 ) -> tuple[Model, list[dict[str, Any]]]:
-    """`plan` applied to `before`, then ('lstsq') every consumer of the merged channels
-    refit to its output in `before` on `images` seeded gray training images.
+    """`plan` applied to `before`, then every consumer of the merged channels refit on
+    `images` seeded gray training images: to its output in `before` ('lstsq'), or in
+    the color model on the same images in color ('lstsq_color').
 
     Returns:
         (the merged model, one reconstruction-error entry per consumer; [] for 'none').
@@ -250,15 +252,40 @@ def compensate(
     if config.compensate == "none":
         return apply_plan(before, plan), []
     idx = np.random.default_rng(seed).permutation(len(train))[:images]
+    teacher = None
+    if config.compensate == "lstsq_color":
+        color_images = np.asarray(data.apply_view(train.images[idx], "color"))
+        teacher = compensation.Teacher(build_model(color.config), color.variables, color_images)
     variables, report = compensation.compensate_merge(
         build_model(before.config),
         before.variables,
         plan,
         np.asarray(data.apply_view(train.images[idx], "gray")),
         input_shape=before.config.input_shape,
+        teacher=teacher,
     )
     widths = graph_lib.widths_of(build_model(before.config), variables, before.config.input_shape)
     return Model(before.config.replace(widths=widths), variables), report
+
+
+def refit_unmerged(
+    config: CompressConfig,
+    gray: Model,
+    steps: list[tuple[int, int]],
+    train: data.Split,
+    seed: int,
+    color: Model,
+) -> Model:
+    """`gray` with the consumers of each of `steps`' layers refit as `compensate` refits
+    a merge's, but nothing merged (every filter its own cluster): the reference that
+    tells what the refit buys without a merge."""
+    model = gray
+    for layer, _ in steps:
+        g = model.graph()
+        width = g.widths[resolve_layer(layer, g.conv_order)]
+        identity = merge_lib.plan_merge(g, layer, np.arange(width), config.bn_rule)
+        model, _ = compensate(config, model, identity, train, seed, color)
+    return model
 
 
 def apply_plan(model: Model, plan: merge_lib.MergePlan) -> Model:

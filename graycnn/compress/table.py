@@ -20,7 +20,9 @@ class RowSpec:
         key: Unique within the report.
         model_dir: Its checkpoint's directory name under models/ (the two color rows
             share one).
-        control: None for a merge, 'random' or 'prune_l1' for a control.
+        control: None for a merge, 'random' or 'prune_l1' for a control; 'refit' for
+            the unmerged model given the merge's color refit (`--compensate=
+            lstsq_color`), what the refit buys without a merge.
         budget: None (no recovery), 'bn' or 'finetune': which baseline it is compared
             with, and what recovery it had.
         baseline: The unmerged gray model of its budget.
@@ -58,6 +60,7 @@ class Table:
         """Every row as report.json has it, with its paired comparison."""
         seeds = max(len(r) for r in self.results.values())
         baselines = {s.budget: k for k, s in self.specs.items() if s.baseline}
+        refits = {s.budget: k for k, s in self.specs.items() if s.control == "refit"}
         out = []
         for key, spec in self.specs.items():
             row = _describe(spec) | self.sizes[key] | {"checkpoint": self.checkpoints[key][0]}
@@ -66,14 +69,22 @@ class Table:
             paired = spec.image_type != "color" and base is not None
             val = self._stack(key, "validation", seeds)
             row |= {"examples": val.shape[1]} | _accuracy(val)
+            # A merge given the color refit is also compared with the refit alone.
+            refit = refits.get(spec.budget) if spec.clusters and not spec.control else None
             if paired:
                 row |= stats.compare(val, self._stack(base, "validation", seeds))
+            if refit:
+                row["vs_refit"] = stats.compare(val, self._stack(refit, "validation", seeds))
             if self.held_out_name is not None:
                 held = self._stack(key, "held_out", seeds)
                 row["eval"] = {"dataset": self.held_out_name, "examples": held.shape[1]}
                 row["eval"] |= _accuracy(held)
                 if paired:
                     row["eval"] |= stats.compare(held, self._stack(base, "held_out", seeds))
+                if refit:
+                    row["eval"]["vs_refit"] = stats.compare(
+                        held, self._stack(refit, "held_out", seeds)
+                    )
             out.append(row)
         return out
 
@@ -122,9 +133,12 @@ def recovered_spec(
     config: Any, clusters: Mapping[int, int], control: str | None, budget: str | None
 ) -> RowSpec:
     """A gray model after `budget`'s recovery (None: none): the unmerged baseline when
-    `clusters` is empty, else the merge of those layers (or its `control`)."""
+    `clusters` is empty (or, with control 'refit', the unmerged model refit to the
+    color model as the merges are), else the merge of those layers (or its `control`)."""
     names = "+".join(map(str, clusters))
-    if not clusters:
+    if not clusters and control == "refit":
+        key, title = "gray_refit", f"gray + color refit ({config.compensate}), no merge"
+    elif not clusters:
         key, title = "gray", "gray"
     elif control is None:
         noun = "layers" if len(clusters) > 1 else "layer"
@@ -137,14 +151,14 @@ def recovered_spec(
     if budget is None:
         key, name, bn = f"{key}_raw", f"{title}, no BN re-estimation", "none"
     elif budget == "bn":
-        key, name, bn = key if clusters else "gray_bn", f"{title} + BN re-estimation", config.bn
-        if not clusters:
+        key, name, bn = key if clusters else f"{key}_bn", f"{title} + BN re-estimation", config.bn
+        if not clusters and control is None:
             name = "gray + BN re-estimation, no merge"
     else:
         epochs = config.finetune_epochs
         key, bn = f"{key}_finetune", config.bn
         name = f"{title} + BN + fine-tune {epochs} ep ({config.finetune})"
-        if not clusters:
+        if not clusters and control is None:
             name = f"gray + BN + fine-tune {epochs} ep ({config.finetune}), no merge"
     return RowSpec(
         key=key,
@@ -156,5 +170,5 @@ def recovered_spec(
         control=control,
         budget=budget,
         finetune_epochs=config.finetune_epochs if budget == "finetune" else 0,
-        baseline=budget is not None and not clusters,
+        baseline=budget is not None and not clusters and control is None,
     )

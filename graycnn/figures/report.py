@@ -43,7 +43,7 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> s
     held = any("eval" in r for r in rows)
     fig = Figure(figsize=(12, 4.6 * (2 if held else 1)))
     axes = fig.subplots(2 if held else 1, 2, squeeze=False)
-    markers = {None: "o", "random": "x", "prune_l1": "^"}
+    markers = {None: "o", "random": "x", "prune_l1": "^", "refit": "D"}
     for line, (split, title) in enumerate(
         [("validation", "validation"), ("eval", "held out")][: 2 if held else 1]
     ):
