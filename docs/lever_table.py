@@ -5,7 +5,9 @@
 Per run and recovery budget: the bar (the unmerged gray model) as accuracy, then each
 merged row and control as the paired difference from the bar in points, with its 95%
 interval, on validation and on the held-out images; sizes relative to the color model.
-docs/results.md's lever tables are its output.
+With --compensate=lstsq_color, the unmerged model given the same refit ('refit (no
+merge)') and each merge's difference from it ('vs refit') follow. docs/results.md's
+lever tables are its output.
 """
 
 import json
@@ -45,11 +47,18 @@ def table(runs: list[tuple[str, str]]) -> str:
                     f"{100 * row['accuracy']:.1f}%",
                     f"{100 * held['accuracy']:.1f}%" if held else "-",
                 )
+            elif not row["clusters"]:
+                cells = (f"{row['control']} (no merge)", *size, _delta(row),
+                         _delta(row.get("eval")))  # fmt: skip
             else:
                 layers = "+".join(f"L{k}:{v}" for k, v in row["clusters"].items())
                 what = f"{row['control']} control" if row["control"] else "merged"
                 cells = (f"{what} {layers}", *size, _delta(row), _delta(row.get("eval")))
             lines.append(f"| {label} | {row['budget']} | " + " | ".join(cells) + " |")
+            if "vs_refit" in row:
+                held = row.get("eval", {}).get("vs_refit")
+                cells = (f"merged {layers} vs refit", *size, _delta(row["vs_refit"]), _delta(held))
+                lines.append(f"| {label} | {row['budget']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -76,7 +76,6 @@ class Passes:
     def __init__(self, original, merged, original_variables, batch_size: int, teacher=None):
         self.original, self.merged, self.batch_size = original, merged, batch_size
         self.original_variables = jax.device_put(dict(original_variables))
-        self.teacher = teacher
         self.reference = original if teacher is None else teacher.model
         self.reference_variables = (
             self.original_variables if teacher is None else jax.device_put(dict(teacher.variables))
