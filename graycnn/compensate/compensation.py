@@ -268,7 +268,6 @@ def compensate(
     if batch_size is None:
         batch_size = max(1, min(len(images), memory_budget // max(per_image.values(), default=1)))
     passes = Passes(original, merged, original_variables, batch_size, teacher)
-    reference_images = None if teacher is None else teacher.images
     flat = {p: np.array(v) for p, v in flatten(merged_variables).items()}
     fits = {}
     for path in shapes_m:  # the forward order
@@ -276,19 +275,15 @@ def compensate(
         if path in sites:
             _reestimate(passes, flat, sites[path], info_m[path], images, bn)
         elif path in consumers:
-            fits[path] = _refit(
-                passes, flat, path, info_m[path], targets.get(path), images, reference_images, ridge
-            )
+            fits[path] = _refit(passes, flat, path, info_m[path], targets.get(path), images, ridge)
     report = [{"consumer": p, "images": len(images), **fit.summary} for p, fit in fits.items()]
     # One pass measures every consumer, so its batches hold every consumer's patches.
     largest, total = max(per_image.values(), default=1), max(sum(per_image.values()), 1)
     together = max(1, batch_size * largest // total)
     passes.use(unflatten(flat))
-    sets = {"error": (images, reference_images)}
-    if holdout is not None:
-        sets["holdout"] = (holdout, None)
-    for name, (x, x_ref) in sets.items():
-        errors = passes.errors(fits, x, together, x_ref) if fits else {}
+    sets = {"error": images} | ({} if holdout is None else {"holdout": holdout})
+    for name, x in sets.items():
+        errors = passes.errors(fits, x, together) if fits else {}
         for entry in report:
             entry[f"{name}_before"], entry[f"{name}_after"] = errors[entry["consumer"]]
             if name == "holdout":
@@ -296,15 +291,13 @@ def compensate(
     return unflatten(flat), report
 
 
-def _refit(passes, flat, path, spec, target, images, reference_images, ridge) -> Fit:
+def _refit(passes, flat, path, spec, target, images, ridge) -> Fit:
     """Fits consumer `path` (writing its new kernel and bias into `flat`)."""
     kernel_leaf, bias_leaf = f"params/{path}/kernel", f"params/{path}/bias"
     kernel = np.asarray(flat[kernel_leaf], np.float64)
     bias = np.asarray(flat[bias_leaf], np.float64) if spec.use_bias else np.zeros(kernel.shape[-1])
     fit = Fit(spec, kernel_matrix(kernel), bias, np.zeros_like(bias), target)
-    stats = passes.accumulate(
-        passes.gram_fn(path, fit), images, *fit.args(), reference_images=reference_images
-    )
+    stats = passes.accumulate(passes.gram_fn(path, fit), images, *fit.args())
     delta, lam = ridge_solve(stats["gram"], stats["cross"], ridge)
     eig = np.linalg.eigvalsh(stats["gram"])
     d = fit.kernel.shape[0]

@@ -80,6 +80,7 @@ class Passes:
         self.reference_variables = (
             self.original_variables if teacher is None else jax.device_put(dict(teacher.variables))
         )
+        self.reference_images = None if teacher is None else teacher.images
         self.variables = None
         self._cache: dict[tuple[str, str], Callable] = {}
 
@@ -88,24 +89,20 @@ class Passes:
         return self
 
     def accumulate(
-        self,
-        fn: Callable,
-        images: np.ndarray,
-        *args: Any,
-        batch_size: int | None = None,
-        reference_images: np.ndarray | None = None,
+        self, fn: Callable, images: np.ndarray, *args: Any, batch_size: int | None = None
     ) -> Any:
         """Sums fn(original vars, current vars, reference vars, batch, reference batch,
         mask, *args) over batches of `batch_size` (default the run's) images, the last
-        one padded with masked zeros. The reference batch is cut from
-        `reference_images` (the teacher's, row-matched), else it is the batch."""
+        one padded with masked zeros. With a teacher, `images` are the fit's and the
+        reference batch is cut from the teacher's row-matched images; else it is None
+        (the batch itself, not copied to the device twice)."""
         size = batch_size or self.batch_size
         total = None
         for start in range(0, len(images), size):
             batch, mask = _padded(images[start : start + size], size)
-            ref = batch
-            if reference_images is not None:
-                ref, _ = _padded(reference_images[start : start + size], size)
+            ref = None
+            if self.reference_images is not None:
+                ref, _ = _padded(self.reference_images[start : start + size], size)
             variables = (self.original_variables, self.variables, self.reference_variables)
             out = fn(*variables, batch, ref, mask, *args)
             out = jax.tree.map(lambda a: np.asarray(a, np.float64), out)
@@ -120,7 +117,7 @@ class Passes:
             tap_r, tap_m = tap(self.reference, [path]), tap(self.merged, [path])
 
             def run(_, cur_vars, ref_vars, images, ref_images, mask, kernel, bias, shift):
-                y = tap_r(ref_vars, ref_images)[path][2]
+                y = tap_r(ref_vars, images if ref_images is None else ref_images)[path][2]
                 _, x, _ = tap_m(cur_vars, images)[path]
                 return _sums(fit, y, x, None, mask, kernel, bias, shift)
 
@@ -128,11 +125,7 @@ class Passes:
         return self._cache[key]
 
     def errors(
-        self,
-        fits: Mapping[str, Fit],
-        images: np.ndarray,
-        batch_size: int,
-        reference_images: np.ndarray | None = None,
+        self, fits: Mapping[str, Fit], images: np.ndarray, batch_size: int
     ) -> dict[str, tuple[float, float]]:
         """{path: (before, after)}: sum (out - y)^2 / sum (y - mean y)^2 of each consumer
         on `images`, `out` from its merged kernel or from the current tree; one pass."""
@@ -141,7 +134,8 @@ class Passes:
             tap_r, tap_m = tap(self.reference, list(fits)), tap(self.merged, list(fits))
 
             def run(_, cur_vars, ref_vars, images, ref_images, mask, args):
-                ys, xs = tap_r(ref_vars, ref_images), tap_m(cur_vars, images)
+                ys = tap_r(ref_vars, images if ref_images is None else ref_images)
+                xs = tap_m(cur_vars, images)
                 return {
                     p: _sums(fit, ys[p][2], xs[p][1], xs[p][2], mask, *args[p])
                     for p, fit in fits.items()
@@ -149,9 +143,7 @@ class Passes:
 
             self._cache[key] = jax.jit(run)
         args = {p: fit.args() for p, fit in fits.items()}
-        sums = self.accumulate(
-            self._cache[key], images, args, batch_size=batch_size, reference_images=reference_images
-        )
+        sums = self.accumulate(self._cache[key], images, args, batch_size=batch_size)
         out = {}
         for path, s in sums.items():
             spread = float(np.sum(s["sumsq"] - s["sum"] ** 2 / s["rows"]))

@@ -45,8 +45,8 @@ def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) ->
         seed = config.seed + i
         run.recover(gray, {}, None, i)
         if config.compensate == "lstsq_color":  # what the refit buys without a merge
-            run.recover(stages.refit_unmerged(config, gray, steps, splits.train, seed, color),
-                        {}, "refit", i)  # fmt: skip
+            refit = stages.refit_unmerged(config, gray, steps, splits.train, seed, color)
+            run.recover(refit, {}, "refit", i)
         chains = {None: gray} | (dict.fromkeys(CONTROLS, gray) if config.controls else {})
         clusters: dict[int, int] = {}
         for k, (layer, count) in enumerate(tqdm(steps, desc="layers", leave=False)):
