@@ -32,8 +32,9 @@ from graycnn.models import ModelConfig, build_model, init_variables
 MODELS = ("densenet_tiny", "densenet_seed")
 # The train step as the library builds it, and without each of its CPU speed-ups:
 # nn.BatchNorm's two-pass statistics instead of the one-pass module, YNNPACK's
-# convolutions (jaxlib's default) instead of Eigen's, or neither speed-up.
-VARIANTS = ("default", "flax_bn", "ynnpack_conv", "neither")
+# convolutions (jaxlib's default) instead of Eigen's, XLA's kernel-gradient convolutions
+# instead of the dots of graycnn.models.conv, or none of them.
+VARIANTS = ("default", "flax_bn", "ynnpack_conv", "conv_kernel_grad", "neither")
 
 
 def _compiled_bytes(compiled: Any) -> int | None:
@@ -80,6 +81,8 @@ def jax_steps(
     model = build_model(config)
     if variant in ("flax_bn", "neither"):
         model = model.clone(bn_one_pass=False)
+    if variant in ("conv_kernel_grad", "neither"):
+        model = model.clone(conv_dot_grad=False)
     variables = jax.device_get(init_variables(config, jax.random.key(seed)))
     tx = train.make_optimizer(train.TrainConfig(), 100, variables["params"])
     state = jax.device_put(

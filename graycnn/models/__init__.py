@@ -135,15 +135,18 @@ def build_model(config: ModelConfig) -> nn.Module:
 
     Implementation choices that leave the variables and the function unchanged are made
     here for the default backend: on CPU, DenseNets compute train-mode BatchNorm
-    statistics in one pass (`bn_one_pass`, graycnn.models.batchnorm; see
-    `graycnn.xla_options.cpu_speedups`).
+    statistics in one pass (`bn_one_pass`, graycnn.models.batchnorm) and train-mode
+    kernel gradients as dots (`conv_dot_grad`, graycnn.models.conv); see
+    `graycnn.xla_options.cpu_speedups`.
     """
     kwargs: dict[str, Any] = {
         "num_classes": config.num_classes,
         "widths": tuple(sorted(config.widths.items())),
     }
-    if "bn_one_pass" in _fields(_ALL[config.name]):
-        kwargs["bn_one_pass"] = xla_options.cpu_speedups()
+    fields = _fields(_ALL[config.name])
+    for speedup in ("bn_one_pass", "conv_dot_grad"):
+        if speedup in fields:
+            kwargs[speedup] = xla_options.cpu_speedups()
     if config.input_scale is not None:
         kwargs["input_scale"] = config.input_scale
     if config.input_offset is not None:

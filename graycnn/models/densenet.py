@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from graycnn.models.batchnorm import BatchNorm
 from graycnn.models.common import BN_EPSILON, BN_MOMENTUM, Widths, scale_input, width_of
+from graycnn.models.conv import conv as conv_with_dot_grad
 
 
 class DenseNet(nn.Module):
@@ -33,6 +34,8 @@ class DenseNet(nn.Module):
             are 0-255 (the study: 1 and 0, raw pixels).
         bn_one_pass: Train-mode BatchNorm statistics in one fused pass (graycnn.models.
             batchnorm), faster on CPU; `build_model` turns it on there. Same variables.
+        conv_dot_grad: Train-mode convolutions whose kernel gradient is a dot (graycnn.
+            models.conv), faster on CPU; `build_model` turns it on there. Same variables.
     """
 
     num_classes: int = 10
@@ -44,12 +47,14 @@ class DenseNet(nn.Module):
     input_scale: float = 1.0
     input_offset: float = 0.0
     bn_one_pass: bool = False
+    conv_dot_grad: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Maps pixels (N, H, W, C) in 0-255 to logits (N, num_classes)."""
         x = scale_input(x, self.input_scale, self.input_offset)
-        x = nn.Conv(
+        x = _conv(
+            train and self.conv_dot_grad,
             width_of(self.widths, "stem", self.stem_features),
             (3, 3),
             padding="SAME",
@@ -64,6 +69,7 @@ class DenseNet(nn.Module):
                 ),
                 train=train,
                 bn_one_pass=self.bn_one_pass,
+                conv_dot_grad=self.conv_dot_grad,
                 name=f"block{b}",
             )(x)
             if b < len(self.layers_per_block):
@@ -71,10 +77,17 @@ class DenseNet(nn.Module):
                     width_of(self.widths, f"transition{b}/conv", self.transition_features),
                     train=train,
                     bn_one_pass=self.bn_one_pass,
+                    conv_dot_grad=self.conv_dot_grad,
                     name=f"transition{b}",
                 )(x)
         head = width_of(self.widths, "head/conv", self.num_classes)
-        return Head(head, train=train, bn_one_pass=self.bn_one_pass, name="head")(x)
+        return Head(
+            head,
+            train=train,
+            bn_one_pass=self.bn_one_pass,
+            conv_dot_grad=self.conv_dot_grad,
+            name="head",
+        )(x)
 
 
 class DenseBlock(nn.Module):
@@ -83,11 +96,14 @@ class DenseBlock(nn.Module):
     features: Sequence[int]
     train: bool = False
     bn_one_pass: bool = False
+    conv_dot_grad: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i, features in enumerate(self.features, start=1):
-            y = DenseLayer(features, self.train, self.bn_one_pass, name=f"layer{i}")(x)
+            y = DenseLayer(
+                features, self.train, self.bn_one_pass, self.conv_dot_grad, name=f"layer{i}"
+            )(x)
             x = jnp.concatenate([x, y], axis=-1)
         return x
 
@@ -98,12 +114,20 @@ class DenseLayer(nn.Module):
     features: int
     train: bool = False
     bn_one_pass: bool = False
+    conv_dot_grad: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _bn(self.train, self.bn_one_pass)(x)
         x = nn.relu(x)
-        return nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv")(x)
+        return _conv(
+            self.train and self.conv_dot_grad,
+            self.features,
+            (3, 3),
+            padding="SAME",
+            use_bias=False,
+            name="conv",
+        )(x)
 
 
 class Transition(nn.Module):
@@ -112,12 +136,15 @@ class Transition(nn.Module):
     features: int
     train: bool = False
     bn_one_pass: bool = False
+    conv_dot_grad: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _bn(self.train, self.bn_one_pass)(x)
         x = nn.relu(x)
-        x = nn.Conv(self.features, (1, 1), use_bias=False, name="conv")(x)
+        x = _conv(
+            self.train and self.conv_dot_grad, self.features, (1, 1), use_bias=False, name="conv"
+        )(x)
         return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -131,6 +158,7 @@ class Head(nn.Module):
     num_classes: int
     train: bool = False
     bn_one_pass: bool = False
+    conv_dot_grad: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -144,7 +172,13 @@ class Head(nn.Module):
                 "or a number of blocks that gives one"
             )
         x = nn.avg_pool(x, (h // 2, w // 2), strides=(h // 2, w // 2))
-        x = nn.Conv(self.num_classes, (2, 2), padding="VALID", name="conv")(x)
+        x = _conv(
+            self.train and self.conv_dot_grad,
+            self.num_classes,
+            (2, 2),
+            padding="VALID",
+            name="conv",
+        )(x)
         return x.reshape((x.shape[0], -1))
 
 
@@ -156,3 +190,12 @@ def _bn(train: bool, one_pass: bool) -> nn.BatchNorm:
         use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="bn"
     )
     return BatchNorm(one_pass=True, **kwargs) if train and one_pass else nn.BatchNorm(**kwargs)
+
+
+def _conv(dot_grad: bool, *args, **kwargs) -> nn.Conv:
+    # nn.Conv itself, with the dot kernel gradient (graycnn.models.conv) only in
+    # train-mode forwards, where a kernel gradient is taken: the same module and
+    # variables for the tracer and checkpoints.
+    if dot_grad:
+        kwargs["conv_general_dilated"] = conv_with_dot_grad
+    return nn.Conv(*args, **kwargs)
