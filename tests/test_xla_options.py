@@ -39,9 +39,12 @@ def test_train_step_options_only_on_cpu(monkeypatch):
     assert options == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
     monkeypatch.setenv("GRAYCNN_CPU_SPEEDUPS", "0")  # the switch benchmarks use
     assert xla_options.train_compiler_options() is None
-    assert not build_model(ModelConfig("densenet_test")).bn_one_pass
+    model = build_model(ModelConfig("densenet_test"))
+    assert not model.bn_one_pass and not model.conv_dot_grad
     monkeypatch.delenv("GRAYCNN_CPU_SPEEDUPS")
-    assert build_model(ModelConfig("densenet_test")).bn_one_pass
+    model = build_model(ModelConfig("densenet_test"))
+    assert model.bn_one_pass and model.conv_dot_grad
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert xla_options.train_compiler_options() is None
-    assert not build_model(ModelConfig("densenet_test")).bn_one_pass
+    model = build_model(ModelConfig("densenet_test"))
+    assert not model.bn_one_pass and not model.conv_dot_grad
