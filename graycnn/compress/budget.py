@@ -91,22 +91,28 @@ def search(
         "params", config.target_params)  # fmt: skip
     selection = selection_split(train)
     g = gray.graph()
-    base_accuracy = _accuracy(gray.config, gray.variables, train, selection, config.seed)
     color_size = _size(color.config, color.variables)
+    size_budget = target * color_size[kind]
     options = []
     candidates = [
         (i, p) for i, p in enumerate(g.conv_order, start=1)
         if p in g.widths and g.widths[p] > 2 and _mergeable(g, p)
     ]  # fmt: skip
+    # Every candidate at its narrowest option is the smallest plan: refuse a target it
+    # misses before measuring any sensitivity (minutes), not after.
+    smallest = {layer: _counts(g.widths[path])[-1] for layer, path in candidates}
+    if _size_of_plan(gray, smallest)[kind] > size_budget:
+        raise ValueError(_unreachable(kind, size_budget))
+    base_accuracy = _accuracy(gray.config, gray.variables, train, selection, config.seed)
     for layer, path in tqdm(candidates, desc="budget: sensitivity", leave=False):
         distances = _distances(config, gray, layer, path, train)
-        for k in sorted({max(1, round(g.widths[path] * f)) for f in FRACTIONS}, reverse=True):
+        for k in _counts(g.widths[path]):
             labels = _cluster(config, distances, k)
             merged = stages.apply_plan(gray, merge.plan_merge(g, layer, labels, config.bn_rule))
             acc = _accuracy(merged.config, merged.variables, train, selection, config.seed)
             size = _size(merged.config, merged.variables)
             options.append(Option(layer, k, 100 * (base_accuracy - acc), **size))
-    steps = _allocate(gray, options, kind, target * color_size[kind])
+    steps = _allocate(gray, options, kind, size_budget)
     achieved = _size_of_plan(gray, steps)
     return Plan(
         sorted(steps.items()),
@@ -142,10 +148,7 @@ def _allocate(gray, options: list[Option], kind: str, budget: float) -> dict[int
                 if cost < best_cost:
                     best, best_cost = o, cost
         if best is None:
-            raise ValueError(
-                f"--target_{kind}: cannot reach {budget:,.0f} {kind} by merging the "
-                "mergeable layers to 1/4 of their widths; ask for a larger fraction"
-            )
+            raise ValueError(_unreachable(kind, budget))
         chosen[best.layer] = best
     return _relax(gray, by_layer, chosen, kind, budget)
 
@@ -177,6 +180,18 @@ def _relax(gray, by_layer, chosen: dict, kind: str, budget: float) -> dict[int, 
             if improved:
                 break
     return {layer: o.clusters for layer, o in chosen.items()}
+
+
+def _counts(width: int) -> list[int]:
+    """The cluster counts tried for a layer of `width` filters, widest first."""
+    return sorted({max(1, round(width * f)) for f in FRACTIONS}, reverse=True)
+
+
+def _unreachable(kind: str, budget: float) -> str:
+    return (
+        f"--target_{kind}: cannot reach {budget:,.0f} {kind} by merging the mergeable "
+        f"layers to {min(FRACTIONS):g} of their widths; ask for a larger fraction"
+    )
 
 
 def _size_of_plan(gray, steps: dict[int, int]) -> dict[str, int]:
