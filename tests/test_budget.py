@@ -33,11 +33,11 @@ def run(setting, tmp_path_factory):
     """compress with the target: its report and workdir (the search runs inside)."""
     config, _ = setting
     workdir = tmp_path_factory.mktemp("run")
-    report = compress(
-        _with(config, steps=2, bn="recalibrate", controls=False, eval_dataset="none"),
-        str(workdir),
-    )
-    return report, workdir
+    return compress(_run_config(config), str(workdir)), workdir
+
+
+def _run_config(config):
+    return _with(config, steps=2, bn="recalibrate", controls=False, eval_dataset="none")
 
 
 def _plan(config, color):
@@ -98,3 +98,18 @@ def test_compress_merges_what_the_search_planned(run):
     text = (workdir / "report.md").read_text()
     plan = ", ".join(f"L{s['layer']}: {s['clusters']}" for s in planned)
     assert "## Budget search" in text and f"plan {plan}; reached" in text
+
+
+def test_a_rerun_reads_its_search_back(setting, run, monkeypatch):
+    """The search runs before the first checkpoint: a rerun into the same workdir (as
+    after a kill) takes its plan from budget_search.json instead of searching again."""
+    config, _ = setting
+    report, workdir = run
+
+    def searched(*args):
+        raise AssertionError("the rerun searched again")
+
+    monkeypatch.setattr(budget, "search", searched)
+    again = compress(_run_config(config), str(workdir))
+    assert again["config"]["budget_search"] == report["config"]["budget_search"]
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in report["rows"]]

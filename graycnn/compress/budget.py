@@ -68,6 +68,18 @@ class Plan:
             "options": [dataclasses.asdict(o) for o in self.options],
         }
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Plan":
+        """The plan `to_json` wrote (a resumed run reads its search back)."""
+        ((kind, fraction),) = d["target"].items()
+        return cls(
+            [(s["layer"], s["clusters"]) for s in d["steps"]],
+            (kind, fraction),
+            d["achieved"],
+            [Option(**o) for o in d["options"]],
+            d["selection_accuracy"],
+        )
+
 
 def selection_split(train: data.Split, per_class: int = SELECTION_PER_CLASS) -> data.Split:
     """The last `per_class` training images of each class: the budget search's data."""

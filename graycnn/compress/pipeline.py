@@ -34,7 +34,14 @@ def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) ->
     color = stages.color_model(config, out.path("color_model"), "model" in given)
     splits = stages.load_splits(config, color)
     gray = stages.fold_to_gray(config, color, splits.train)
-    search = budget.search(config, gray, color, splits.train) if config.target else None
+    search = None
+    if config.target:  # minutes: kept in the workdir, so a killed run does not redo it
+        search = budget.Plan.from_json(
+            out.computed_once(
+                "budget_search.json",
+                lambda: budget.search(config, gray, color, splits.train).to_json(),
+            )
+        )
     steps = stages.plan_steps(config, gray, search.steps if search else None)
     out.begin()
     out.data_figure(splits)

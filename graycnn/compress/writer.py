@@ -1,6 +1,6 @@
-"""Everything compress writes: run.json (the settings), figures, clusters_layer*.json,
-one checkpoint per report row, report.json and report.md. Every file is written
-atomically; the input checkpoint is only read.
+"""Everything compress writes: run.json (the settings), budget_search.json (a target's
+plan), figures, clusters_layer*.json, one checkpoint per report row, report.json and
+report.md. Every file is written atomically; the input checkpoint is only read.
 
 A run is resumable: its settings are written first, and a rerun of the same settings
 into the same workdir finds every finished checkpoint (rows, BN training, fine-tuning)
@@ -10,7 +10,7 @@ uninterrupted run writes. Different settings are refused.
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from graycnn import checkpoint, io
@@ -69,6 +69,20 @@ class Writer:
             io.write_json(self.path("run.json"), self.settings)
         except OSError as e:
             raise ValueError(f"--workdir {self.workdir} is not writable: {e}") from None
+
+    def computed_once(self, name: str, compute: Callable[[], Any]) -> Any:
+        """compute()'s JSON result, kept as `name` in the workdir with the run's
+        settings: a rerun of the same settings reads it back instead of computing it
+        again (the budget search, minutes, runs before `begin`)."""
+        path = self.path(name)
+        if os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if saved.get("settings") == self.settings:
+                return saved["result"]
+        result = compute()
+        io.write_json(path, {"settings": self.settings, "result": result})
+        return result
 
     def path(self, *parts: str) -> str:
         """A path inside the workdir (for stages that keep their own state, e.g. BN
