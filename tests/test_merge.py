@@ -60,6 +60,31 @@ def test_merging_identical_filters_keeps_logits(name, layer):
     assert np.max(np.abs(moved - logits(model, variables, x))) > 10 * ATOL
 
 
+@pytest.mark.parametrize("name, layer", [CASES[i] for i in (0, 1, 2, 3, 8, 10, 12, 14)])
+def test_keep_widths_computes_the_merged_network(name, layer):
+    """The same-widths form of a merge of untied filters gives the narrow merged
+    network's logits, in inference and in train mode (batch statistics)."""
+    model, variables, shape = any_model(name)
+    g = graph.trace(model, variables, shape)
+    path = layer if isinstance(layer, str) else g.convs[layer - 1]
+    plan = merge.plan_merge(g, layer, _labels(g.widths[path]))
+    narrow, wide = plan.apply(variables), plan.apply(variables, keep_widths=True)
+    assert jax.tree.map(np.shape, wide) == jax.tree.map(np.shape, variables)
+    narrow_model, x = graph.rebuild(model, narrow, shape), images(shape)
+    expected = logits(narrow_model, narrow, x)
+    assert np.max(np.abs(expected - logits(model, variables, x))) > 10 * ATOL  # not a no-op
+    np.testing.assert_allclose(logits(model, wide, x), expected, atol=ATOL, rtol=0)
+    if "batch_stats" in variables:
+
+        def train_mode(m, v):
+            out, _ = jax.jit(lambda v: m.apply(v, x, train=True, mutable=["batch_stats"]))(v)
+            return np.asarray(out, np.float64)
+
+        np.testing.assert_allclose(
+            train_mode(model, wide), train_mode(narrow_model, narrow), atol=ATOL, rtol=0
+        )
+
+
 @pytest.mark.parametrize(
     "name", ["densenet_test", "resnet_test", "densenet_tiny", "resnet20", "residual", "vgg"]
 )

@@ -45,7 +45,8 @@ def test_torch_twin_matches_flax_in_both_modes(channels_last):
     net.eval()
     with torch.no_grad():
         ours = net(torch.from_numpy(images)).numpy()
-    expected = np.asarray(model.apply(variables, images, train=False))
+    # jitted: op by op, JAX compiles every primitive of the model once (~20 s)
+    expected = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images))
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
 
     # Train mode: batch statistics, and the same loss gradient for the stem kernel.
@@ -63,7 +64,7 @@ def test_torch_twin_matches_flax_in_both_modes(channels_last):
         )
         return -jax.nn.log_softmax(logits)[np.arange(4), labels].mean()
 
-    value, grads = jax.value_and_grad(flax_loss)(variables["params"])
+    value, grads = jax.jit(jax.value_and_grad(flax_loss))(variables["params"])
     np.testing.assert_allclose(loss.item(), float(value), rtol=1e-4, atol=1e-5)
     stem_grad = net.stem.weight.grad.permute(2, 3, 1, 0).numpy()  # OIHW -> HWIO
     scale = np.max(np.abs(grads["stem"]["kernel"]))

@@ -119,10 +119,12 @@ def search(
     for layer, path in tqdm(candidates, desc="budget: sensitivity", leave=False):
         distances = _distances(config, gray, layer, path, train)
         for k in _counts(g.widths[path]):
-            labels = _cluster(config, distances, k)
-            merged = stages.apply_plan(gray, merge.plan_merge(g, layer, labels, config.bn_rule))
-            acc = _accuracy(merged.config, merged.variables, train, selection, config.seed)
-            size = _size(merged.config, merged.variables)
+            plan = merge.plan_merge(g, layer, _cluster(config, distances, k), config.bn_rule)
+            # The merged function in the gray model's shapes: every option then runs on
+            # the programs compiled for the base accuracy, instead of compiling its own.
+            merged = plan.apply(gray.variables, keep_widths=True)
+            acc = _accuracy(gray.config, merged, train, selection, config.seed)
+            size = _size_of_plan(gray, {layer: k})
             options.append(Option(layer, k, 100 * (base_accuracy - acc), **size))
     steps = _allocate(gray, options, kind, size_budget)
     achieved = _size_of_plan(gray, steps)

@@ -147,11 +147,24 @@ class MergePlan:
             lines.append(f"  {leaves} axis {step.axis}: {step.kind} ({how})")
         return "\n".join(lines)
 
-    def apply(self, variables: Mapping[str, Any]) -> dict[str, Any]:
+    def apply(self, variables: Mapping[str, Any], keep_widths: bool = False) -> dict[str, Any]:
         """Returns the merged tree (a new nnx.State for an nnx.State); `variables` is not
-        modified."""
+        modified.
+
+        Args:
+            keep_widths: Return the merged network's function in the original shapes
+                instead: every filter of a cluster becomes the merged filter, so its
+                channels all carry the merged channel, and each consumer reads them with
+                the merged weight split evenly among them. The same architecture then
+                runs every merge of a layer with one compiled program (the budget
+                search's sensitivities); BatchNorm statistics re-estimated on it equal
+                the narrow model's, channel for channel.
+        """
+        if keep_widths and self.prune:
+            raise ValueError("keep_widths is for merges, not for a pruning plan")
         if isinstance(variables, nnx.State):
-            return nnx_adapter.to_state(self.apply(nnx_adapter.to_variables(variables)), variables)
+            merged = self.apply(nnx_adapter.to_variables(variables), keep_widths)
+            return nnx_adapter.to_state(merged, variables)
         flat = flatten(variables)
         new = dict(flat)
         members = set(self.group)
@@ -162,6 +175,8 @@ class MergePlan:
                 reducer = _bn_reducer(step.epsilon, self.bn_rule)
             else:
                 reducer = _sum if step.how == "sum" else _mean
+            if keep_widths:
+                reducer = _widened(reducer, split=step.how == "sum")
             arrays = {role: new[leaf] for role, leaf in step.leaves}
             merged = _merge_axis(
                 arrays, step.axis, step.segments, members, self.labels, reducer, self.path,
@@ -325,6 +340,21 @@ def _keep(arrays: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.nda
     kept = np.argsort(np.where(labels < 0, labels.max() + 1, labels), kind="stable")
     kept = kept[: labels.max() + 1]  # kept[k] is the filter labelled k
     return {r: a[kept] for r, a in arrays.items()}
+
+
+def _widened(reducer: Reducer, split: bool) -> Reducer:
+    """`reducer`'s K merged slices given back to the F members of their clusters; a
+    consumer's summed slice (`split`) shared evenly, so the members' identical channels
+    add up to the merged channel's contribution."""
+
+    def reduce(arrays, labels):
+        scale = 1 / np.bincount(labels)[labels] if split else np.ones(len(labels))
+        return {
+            r: a[labels] * scale.reshape((-1,) + (1,) * (a.ndim - 1))
+            for r, a in reducer(arrays, labels).items()
+        }
+
+    return reduce
 
 
 def _bn_reducer(epsilon: float, rule: str) -> Reducer:
