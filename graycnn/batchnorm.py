@@ -136,6 +136,7 @@ def reestimate(
         momentum=momentum,
         lr_drops=(),
         trainable="batchnorm",
+        validate=False,  # every caller evaluates the re-estimated model itself
         seed=seed,
         data_dir=data_dir,
     )

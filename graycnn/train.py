@@ -29,7 +29,7 @@ TRAINABLE = ("all", "batchnorm")
 _METRICS = "metrics.jsonl"
 # Settings a resumed run may change: the others must match the run being resumed, or the
 # resumed run would silently be a different run (or fail to restore).
-_RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "data_dir")
+_RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "validate", "data_dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,10 @@ class TrainConfig:
     )
     seed: int = setting(0, "Seed of init, data order and augmentation.")
     eval_batch_size: int = setting(500, "Evaluation batch size.", flag=False)
+    validate: bool = setting(
+        True, "Evaluate on the validation split after every epoch (its metrics.jsonl "
+        "record); off where the caller evaluates the result itself.", flag=False,
+    )  # fmt: skip
     data_dir: str | None = setting(None, "TFDS data directory.")
 
     def __post_init__(self):
@@ -340,7 +344,7 @@ def _end_epoch(config, workdir, mngr, model_config, state, val_split, record) ->
     """Validates, then logs and checkpoints the epoch: a finished epoch is logged and
     saved even if its validation fails."""
     try:
-        if len(val_split):
+        if config.validate and len(val_split):
             val = evaluation.evaluate(
                 model_config, state.variables, val_split, config.view, config.eval_batch_size
             )

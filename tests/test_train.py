@@ -56,11 +56,14 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(config, tmp_path
     )
 
 
-def test_batchnorm_only_training_freezes_the_rest(config, tmp_path):
-    config = dataclasses.replace(config, trainable="batchnorm")
+def test_batchnorm_only_training_freezes_the_rest(config, tmp_path, monkeypatch):
+    # As batchnorm.reestimate runs it: no validation pass, its caller evaluates.
+    config = dataclasses.replace(config, trainable="batchnorm", validate=False)
     model_config = ModelConfig("densenet_test")
     start = jax.device_get(init_variables(model_config, jax.random.key(3)))
-    _, end, _ = train.train_and_evaluate(config, str(tmp_path), init=(model_config, start))
+    monkeypatch.setattr(train.evaluation, "evaluate", lambda *a, **k: 1 / 0)
+    _, end, history = train.train_and_evaluate(config, str(tmp_path), init=(model_config, start))
+    assert [h["val_accuracy"] for h in history] == [None] * config.epochs
     np.testing.assert_array_equal(
         start["params"]["stem"]["kernel"], end["params"]["stem"]["kernel"]
     )
