@@ -235,6 +235,11 @@ def test_merging_identical_filters_keeps_logits(name, layer):
     # The test is sensitive: the same clusters of untied filters move the logits.
     loose = merge.merge_layer(_model(name), None, layer, labels, input_shape=SHAPE)
     assert np.max(np.abs(_logits(loose, x) - _logits(_model(name), x))) > 10 * ATOL
+    # keep_widths on an nnx.State: that merge in the module's own shapes.
+    plan = merge.plan_merge(graph.trace(_model(name), None, SHAPE), layer, labels)
+    wide, same = plan.apply(nnx.state(_model(name)), keep_widths=True), _model(name)
+    nnx.update(same, wide)
+    np.testing.assert_allclose(_logits(same, x), _logits(loose, x), atol=ATOL, rtol=0)
 
 
 def test_merge_leaves_the_module_alone_and_shares_nothing():
