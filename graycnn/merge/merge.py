@@ -147,7 +147,7 @@ class MergePlan:
             lines.append(f"  {leaves} axis {step.axis}: {step.kind} ({how})")
         return "\n".join(lines)
 
-    def apply(self, variables: Mapping[str, Any], keep_widths: bool = False) -> dict[str, Any]:
+    def apply(self, variables: Mapping[str, Any], *, keep_widths: bool = False) -> dict[str, Any]:
         """Returns the merged tree (a new nnx.State for an nnx.State); `variables` is not
         modified.
 
@@ -163,7 +163,7 @@ class MergePlan:
         if keep_widths and self.prune:
             raise ValueError("keep_widths is for merges, not for a pruning plan")
         if isinstance(variables, nnx.State):
-            merged = self.apply(nnx_adapter.to_variables(variables), keep_widths)
+            merged = self.apply(nnx_adapter.to_variables(variables), keep_widths=keep_widths)
             return nnx_adapter.to_state(merged, variables)
         flat = flatten(variables)
         new = dict(flat)
