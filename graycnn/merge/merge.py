@@ -176,7 +176,9 @@ class MergePlan:
             else:
                 reducer = _sum if step.how == "sum" else _mean
             if keep_widths:
-                reducer = _widened(reducer, split=step.how == "sum")
+                # n identical channels share a consumer's summed slice: each reads the
+                # n-th part of the sum, the members' mean.
+                reducer = _widened(_mean if step.how == "sum" else reducer)
             arrays = {role: new[leaf] for role, leaf in step.leaves}
             merged = _merge_axis(
                 arrays, step.axis, step.segments, members, self.labels, reducer, self.path,
@@ -342,17 +344,11 @@ def _keep(arrays: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.nda
     return {r: a[kept] for r, a in arrays.items()}
 
 
-def _widened(reducer: Reducer, split: bool) -> Reducer:
-    """`reducer`'s K merged slices given back to the F members of their clusters; a
-    consumer's summed slice (`split`) shared evenly, so the members' identical channels
-    add up to the merged channel's contribution."""
+def _widened(reducer: Reducer) -> Reducer:
+    """`reducer`'s K merged slices given back to the F members of their clusters."""
 
     def reduce(arrays, labels):
-        scale = 1 / np.bincount(labels)[labels] if split else np.ones(len(labels))
-        return {
-            r: a[labels] * scale.reshape((-1,) + (1,) * (a.ndim - 1))
-            for r, a in reducer(arrays, labels).items()
-        }
+        return {r: a[labels] for r, a in reducer(arrays, labels).items()}
 
     return reduce
 
