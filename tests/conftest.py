@@ -3,10 +3,17 @@ and the persistent compilation cache."""
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--_")
-    + " --xla_force_host_platform_device_count=2"
-).strip()
+# Any device count already there goes (pytest-xdist's workers inherit the controller's).
+os.environ["XLA_FLAGS"] = " ".join(
+    [
+        *(
+            flag
+            for flag in os.environ.get("XLA_FLAGS", "").split()
+            if not flag.startswith("--xla_force_host_platform_device_count")
+        ),
+        "--xla_force_host_platform_device_count=2",
+    ]
+)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
