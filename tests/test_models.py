@@ -6,7 +6,7 @@ import pytest
 
 from graycnn.layers import conv_layers, layer_output_fn, resolve_layer
 from graycnn.models import MODELS, TEST_MODELS, ModelConfig, build_model, count_params
-from graycnn.models.batchnorm import BatchNorm
+from graycnn.models.batchnorm import BatchNorm, batch_moments, normalize
 
 
 def _shapes(config):
@@ -101,6 +101,31 @@ def test_one_pass_batchnorm_equals_flax_batchnorm():
     np.testing.assert_array_equal(
         bn.apply(variables, x), nn.BatchNorm(use_running_average=True).apply(variables, x)
     )
+
+
+def test_shared_moments_and_normalize_match_the_plain_formula():
+    # Two BatchNorms of the same channels, with one batch_moments call between them (as a
+    # dense block shares them), against autodiff of the textbook formula computed twice.
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(2.0, 3.0, (4, 5, 5, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(2, 4, 5, 5, 6)), jnp.float32)
+    scale, bias = jnp.asarray(rng.normal(size=(2, 6)), jnp.float32)
+
+    def plain(x, scale, bias):
+        mean = x.mean(axis=(0, 1, 2))
+        var = ((x - mean) ** 2).mean(axis=(0, 1, 2))
+        y = [(x - mean) / jnp.sqrt(var + 1e-3) * scale * (k + 1) + bias for k in range(2)]
+        return jnp.sum(w[0] * y[0]) + jnp.sum(w[1] * y[1] ** 2)
+
+    def shared(x, scale, bias):
+        mean, var = batch_moments(x)
+        y = [normalize(x, mean, var, scale * (k + 1), bias, 1e-3) for k in range(2)]
+        return jnp.sum(w[0] * y[0]) + jnp.sum(w[1] * y[1] ** 2)
+
+    want = jax.value_and_grad(plain, argnums=(0, 1, 2))(x, scale, bias)
+    got = jax.value_and_grad(shared, argnums=(0, 1, 2))(x, scale, bias)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
 
 
 def test_densenet_one_pass_batchnorm_keeps_variables_and_function():

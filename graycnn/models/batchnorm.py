@@ -4,10 +4,13 @@ XLA's CPU backend computes Flax's batch mean and mean square as two tree reducti
 (`reduce-window` ops) after writing `x * x` to memory, and the backward pass as several
 more; in a DenseNet, whose every BatchNorm normalizes a whole concatenation, that was a
 quarter of a train step (BUILD_NOTES.md, Performance). `BatchNorm(one_pass=True)` sums
-x and x * x in one variadic reduction, per image and then over the batch, and its custom
-VJP sums both backward reductions in one more. Same variables, same update of the running
-statistics, equal results up to float rounding (tests/test_models.py); inference, and
-any option this path does not cover (axis_name, masks, other axes), is nn.BatchNorm's.
+x and x * x in one variadic reduction, per image and then over the batch
+(`batch_moments`), and `normalize`'s custom VJP sums both backward reductions in one
+more. A caller may pass the statistics in (`moments`): a dense block computes each
+channel's once, not once per later layer (graycnn.models.densenet). Same variables,
+same update of the running statistics, equal results up to float rounding
+(tests/test_models.py); inference, and any option this path does not cover
+(axis_name, masks, other axes), is nn.BatchNorm's.
 """
 
 import functools
@@ -30,7 +33,10 @@ class BatchNorm(nn.BatchNorm):
     one_pass: bool = False
 
     @nn.compact
-    def __call__(self, x, use_running_average=None, *, mask=None):
+    def __call__(self, x, use_running_average=None, *, mask=None, moments=None):
+        """nn.BatchNorm's call; in a covered train-mode call, `moments` ((C,) mean, (C,)
+        biased variance), when given, are x's batch statistics computed by the caller
+        (`batch_moments`), e.g. once for channels that several BatchNorms normalize."""
         running = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
@@ -55,7 +61,8 @@ class BatchNorm(nn.BatchNorm):
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
         scale = self.param("scale", self.scale_init, features, self.param_dtype)
         bias = self.param("bias", self.bias_init, features, self.param_dtype)
-        y, mean, var = normalize_batch(x, scale, bias, self.epsilon)
+        mean, var = batch_moments(x) if moments is None else moments
+        y = normalize(x, mean, var, scale, bias, self.epsilon)
         if not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
@@ -73,42 +80,62 @@ def _channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(sa, axis=0), jnp.sum(sb, axis=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def normalize_batch(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Batch-normalizes x (N, ..., C) with its own statistics, as nn.BatchNorm in train mode.
-
-    Returns:
-        (y like x, batch mean (C,), biased batch variance (C,)).
-    """
-    return _forward(x, scale, bias, epsilon)[0]
-
-
-def _forward(x, scale, bias, epsilon):
+@jax.custom_vjp
+def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Batch mean and biased variance (C,) of x (N, ..., C), as nn.BatchNorm's train mode
+    computes them (E[x^2] - E[x]^2, clipped at 0), in one pass over x."""
     count = x.size // x.shape[-1]
     sum_x, sum_xx = _channel_sums(x, x * x)
     mean = sum_x / count
-    # nn.BatchNorm's fast variance: E[x^2] - E[x]^2, clipped at 0.
-    var = jnp.maximum(0.0, sum_xx / count - mean * mean)
+    return mean, jnp.maximum(0.0, sum_xx / count - mean * mean)
+
+
+def _moments_forward(x):
+    mean, var = batch_moments(x)
+    return (mean, var), (x, mean)
+
+
+def _moments_backward(residuals, cotangents):
+    # Elementwise: d mean / dx = 1 / count, d var / dx = 2 (x - mean) / count.
+    x, mean = residuals
+    g_mean, g_var = cotangents
+    count = x.size // x.shape[-1]
+    return ((g_mean + 2.0 * g_var * (x - mean)) / count,)
+
+
+batch_moments.defvjp(_moments_forward, _moments_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def normalize(
+    x: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    epsilon: float,
+) -> jax.Array:
+    """(x - mean) / sqrt(var + epsilon) * scale + bias for x (N, ..., C), the rest (C,).
+
+    Its VJP sums both of its reductions in one pass over x; the gradients into mean and
+    var flow on to whatever computed them (`batch_moments`), once per use.
+    """
+    return _normalize_forward(x, mean, var, scale, bias, epsilon)[0]
+
+
+def _normalize_forward(x, mean, var, scale, bias, epsilon):
     rstd = lax.rsqrt(var + epsilon)
-    y = (x - mean) * (rstd * scale) + bias
-    return (y, mean, var), (x, mean, rstd, scale)
+    return (x - mean) * (rstd * scale) + bias, (x, mean, rstd, scale)
 
 
-def _backward(epsilon, residuals, cotangents):
+def _normalize_backward(epsilon, residuals, g):
     del epsilon
     x, mean, rstd, scale = residuals
-    g, g_mean, g_var = cotangents
-    count = x.size // x.shape[-1]
-    centered = x - mean
-    x_hat = centered * rstd
+    x_hat = (x - mean) * rstd
     sum_g, sum_g_xhat = _channel_sums(g, g * x_hat)
-    # d/dx of y through x_hat, mean and var; then the direct terms of the mean and var
-    # outputs (zero in training, where they only feed the running statistics).
-    g_x = (rstd * scale) * (g - (sum_g + x_hat * sum_g_xhat) / count)
-    g_x = g_x + (g_mean + 2.0 * g_var * centered) / count
-    return g_x, sum_g_xhat, sum_g
+    g_mean = -rstd * scale * sum_g
+    g_var = -0.5 * scale * rstd * rstd * sum_g_xhat
+    return g * (rstd * scale), g_mean, g_var, sum_g_xhat, sum_g
 
 
-normalize_batch.defvjp(_forward, _backward)
+normalize.defvjp(_normalize_forward, _normalize_backward)
