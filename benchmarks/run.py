@@ -139,8 +139,8 @@ def _variants_text(report: dict[str, Any]) -> list[str]:
         "",
         "Train img/s of the library's step (`default`), with nn.BatchNorm instead of the "
         "one-pass BatchNorm (`flax_bn`), with YNNPACK's convolutions instead of Eigen's "
-        "(`ynnpack_conv`), with XLA's kernel-gradient convolutions instead of dots "
-        "(`conv_kernel_grad`), and with none of them (`neither`); interleaved rounds, ratio "
+        "(`ynnpack_conv`), with XLA's convolutions instead of the dot forwards and kernel "
+        "gradients (`xla_conv`), and with none of them (`neither`); interleaved rounds, ratio "
         "per round.",
         "",
         *train_bench.format_variant_rows(report["variants"]),

@@ -34,7 +34,7 @@ MODELS = ("densenet_tiny", "densenet_seed")
 # nn.BatchNorm's two-pass statistics instead of the one-pass module, YNNPACK's
 # convolutions (jaxlib's default) instead of Eigen's, XLA's kernel-gradient convolutions
 # instead of the dots of graycnn.models.conv, or none of them.
-VARIANTS = ("default", "flax_bn", "ynnpack_conv", "conv_kernel_grad", "neither")
+VARIANTS = ("default", "flax_bn", "ynnpack_conv", "xla_conv", "neither")
 
 
 def _compiled_bytes(compiled: Any) -> int | None:
@@ -81,8 +81,8 @@ def jax_steps(
     model = build_model(config)
     if variant in ("flax_bn", "neither"):
         model = model.clone(bn_one_pass=False)
-    if variant in ("conv_kernel_grad", "neither"):
-        model = model.clone(conv_dot_grad=False)
+    if variant in ("xla_conv", "neither"):
+        model = model.clone(conv_dots=False)
     variables = jax.device_get(init_variables(config, jax.random.key(seed)))
     tx = train.make_optimizer(train.TrainConfig(), 100, variables["params"])
     state = jax.device_put(

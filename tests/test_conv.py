@@ -31,7 +31,10 @@ def _grads(f, x, w):
         ((2, 3), ((1, 0), (2, 1)), 5, 2, 7),
     ],
 )
-def test_custom_vjp_equals_autodiff_of_lax_conv(kernel, padding, size, c, f):
+@pytest.mark.parametrize("forward_dot, kernel_dot", [(True, True), (True, False), (False, True)])
+def test_custom_vjp_equals_autodiff_of_lax_conv(
+    kernel, padding, size, c, f, forward_dot, kernel_dot
+):
     k1, k2 = jax.random.split(jax.random.key(0))
     x = jax.random.normal(k1, (3, size, size, c))
     w = jax.random.normal(k2, (*kernel, c, f))
@@ -43,13 +46,16 @@ def test_custom_vjp_equals_autodiff_of_lax_conv(kernel, padding, size, c, f):
         return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_DIMS)
 
     want = _grads(reference, x, w)
-    got = _grads(lambda x, w: conv_nhwc(x, w, pads), x, w)
+    got = _grads(lambda x, w: conv_nhwc(x, w, pads, forward_dot, kernel_dot), x, w)
+    np.testing.assert_allclose(
+        conv_nhwc(x, w, pads, forward_dot, kernel_dot), reference(x, w), rtol=1e-5, atol=1e-5
+    )
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))))
     # conv(), as nn.Conv calls it, is the same function.
     dims = lax.conv_dimension_numbers(x.shape, w.shape, _DIMS)
     np.testing.assert_allclose(
-        conv(x, w, (1, 1), padding, dimension_numbers=dims), reference(x, w), rtol=1e-6
+        conv(x, w, (1, 1), padding, dimension_numbers=dims), reference(x, w), rtol=1e-5, atol=1e-5
     )
 
 
@@ -63,8 +69,8 @@ def test_uncovered_calls_are_lax_conv():
 
 
 def test_densenet_keeps_variables_and_plain_convs_outside_training():
-    model = build_model(ModelConfig("densenet_test")).clone(conv_dot_grad=False)
-    fast = model.clone(conv_dot_grad=True)
+    model = build_model(ModelConfig("densenet_test")).clone(conv_dots=False)
+    fast = model.clone(conv_dots=True)
     x = jnp.zeros((2, 32, 32, 3))
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     assert jax.eval_shape(fast.init, jax.random.key(0), x) == variables

@@ -136,7 +136,8 @@ def build_model(config: ModelConfig) -> nn.Module:
     Implementation choices that leave the variables and the function unchanged are made
     here for the default backend: on CPU, DenseNets compute train-mode BatchNorm
     statistics in one pass (`bn_one_pass`, graycnn.models.batchnorm) and train-mode
-    kernel gradients as dots (`conv_dot_grad`, graycnn.models.conv); see
+    convolutions' forwards and kernel gradients as dots where that is faster (`conv_dots`,
+    graycnn.models.conv); see
     `graycnn.xla_options.cpu_speedups`.
     """
     kwargs: dict[str, Any] = {
@@ -144,7 +145,7 @@ def build_model(config: ModelConfig) -> nn.Module:
         "widths": tuple(sorted(config.widths.items())),
     }
     fields = _fields(_ALL[config.name])
-    for speedup in ("bn_one_pass", "conv_dot_grad"):
+    for speedup in ("bn_one_pass", "conv_dots"):
         if speedup in fields:
             kwargs[speedup] = xla_options.cpu_speedups()
     if config.input_scale is not None:

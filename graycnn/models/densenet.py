@@ -34,8 +34,9 @@ class DenseNet(nn.Module):
             are 0-255 (the study: 1 and 0, raw pixels).
         bn_one_pass: Train-mode BatchNorm statistics in one fused pass (graycnn.models.
             batchnorm), faster on CPU; `build_model` turns it on there. Same variables.
-        conv_dot_grad: Train-mode convolutions whose kernel gradient is a dot (graycnn.
-            models.conv), faster on CPU; `build_model` turns it on there. Same variables.
+        conv_dots: Train-mode convolutions whose forward and kernel gradient are dots
+            where that is faster (graycnn.models.conv), on CPU; `build_model` turns it
+            on there. Same variables.
     """
 
     num_classes: int = 10
@@ -47,14 +48,14 @@ class DenseNet(nn.Module):
     input_scale: float = 1.0
     input_offset: float = 0.0
     bn_one_pass: bool = False
-    conv_dot_grad: bool = False
+    conv_dots: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Maps pixels (N, H, W, C) in 0-255 to logits (N, num_classes)."""
         x = scale_input(x, self.input_scale, self.input_offset)
         x = _conv(
-            train and self.conv_dot_grad,
+            train and self.conv_dots,
             width_of(self.widths, "stem", self.stem_features),
             (3, 3),
             padding="SAME",
@@ -69,7 +70,7 @@ class DenseNet(nn.Module):
                 ),
                 train=train,
                 bn_one_pass=self.bn_one_pass,
-                conv_dot_grad=self.conv_dot_grad,
+                conv_dots=self.conv_dots,
                 name=f"block{b}",
             )(x)
             if b < len(self.layers_per_block):
@@ -77,7 +78,7 @@ class DenseNet(nn.Module):
                     width_of(self.widths, f"transition{b}/conv", self.transition_features),
                     train=train,
                     bn_one_pass=self.bn_one_pass,
-                    conv_dot_grad=self.conv_dot_grad,
+                    conv_dots=self.conv_dots,
                     name=f"transition{b}",
                 )(x)
         head = width_of(self.widths, "head/conv", self.num_classes)
@@ -85,7 +86,7 @@ class DenseNet(nn.Module):
             head,
             train=train,
             bn_one_pass=self.bn_one_pass,
-            conv_dot_grad=self.conv_dot_grad,
+            conv_dots=self.conv_dots,
             name="head",
         )(x)
 
@@ -96,7 +97,7 @@ class DenseBlock(nn.Module):
     features: Sequence[int]
     train: bool = False
     bn_one_pass: bool = False
-    conv_dot_grad: bool = False
+    conv_dots: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -107,7 +108,7 @@ class DenseBlock(nn.Module):
         moments = batch_moments(x) if shared else None
         for i, features in enumerate(self.features, start=1):
             y = DenseLayer(
-                features, self.train, self.bn_one_pass, self.conv_dot_grad, name=f"layer{i}"
+                features, self.train, self.bn_one_pass, self.conv_dots, name=f"layer{i}"
             )(x, moments)
             x = jnp.concatenate([x, y], axis=-1)
             if shared:
@@ -123,7 +124,7 @@ class DenseLayer(nn.Module):
     features: int
     train: bool = False
     bn_one_pass: bool = False
-    conv_dot_grad: bool = False
+    conv_dots: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, moments=None) -> jax.Array:
@@ -133,7 +134,7 @@ class DenseLayer(nn.Module):
         x = bn(x) if moments is None else bn(x, moments=moments)
         x = nn.relu(x)
         return _conv(
-            self.train and self.conv_dot_grad,
+            self.train and self.conv_dots,
             self.features,
             (3, 3),
             padding="SAME",
@@ -148,14 +149,14 @@ class Transition(nn.Module):
     features: int
     train: bool = False
     bn_one_pass: bool = False
-    conv_dot_grad: bool = False
+    conv_dots: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _bn(self.train, self.bn_one_pass)(x)
         x = nn.relu(x)
         x = _conv(
-            self.train and self.conv_dot_grad, self.features, (1, 1), use_bias=False, name="conv"
+            self.train and self.conv_dots, self.features, (1, 1), use_bias=False, name="conv"
         )(x)
         return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
@@ -170,7 +171,7 @@ class Head(nn.Module):
     num_classes: int
     train: bool = False
     bn_one_pass: bool = False
-    conv_dot_grad: bool = False
+    conv_dots: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -185,7 +186,7 @@ class Head(nn.Module):
             )
         x = nn.avg_pool(x, (h // 2, w // 2), strides=(h // 2, w // 2))
         x = _conv(
-            self.train and self.conv_dot_grad,
+            self.train and self.conv_dots,
             self.num_classes,
             (2, 2),
             padding="VALID",
