@@ -82,7 +82,7 @@ def jax_steps(
     if variant in ("flax_bn", "neither"):
         model = model.clone(bn_one_pass=False)
     if variant in ("xla_conv", "neither"):
-        model = model.clone(conv_dots=False)
+        model = model.clone(conv_dots="")
     variables = jax.device_get(init_variables(config, jax.random.key(seed)))
     tx = train.make_optimizer(train.TrainConfig(), 100, variables["params"])
     state = jax.device_put(
@@ -101,7 +101,7 @@ def jax_steps(
         train_step = jax.jit(train_step.__wrapped__, donate_argnums=0)
     train_step = train_step.lower(state, x, y, key).compile()
     eval_variables = jax.device_put(variables, replicated)
-    eval_step = evaluation.make_eval_step(model, "color")
+    eval_step = evaluation.make_eval_step(build_model(config, eval_step=True), "color")
     eval_step = eval_step.lower(eval_variables, x, y, mask).compile()
     compile_s = time.perf_counter() - start
     holder = {"state": state}

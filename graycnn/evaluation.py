@@ -65,7 +65,7 @@ def evaluate(
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     batch_sharding, replicated = parallel.mesh_shardings()
     batch_size = parallel.round_to_devices(min(batch_size, len(split)))
-    step = make_eval_step(build_model(model_config), view)
+    step = make_eval_step(build_model(model_config, eval_step=True), view)
     variables = jax.device_put(dict(variables), replicated)
     totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
     correct = []

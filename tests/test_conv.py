@@ -69,13 +69,14 @@ def test_uncovered_calls_are_lax_conv():
 
 
 def test_densenet_keeps_variables_and_plain_convs_outside_training():
-    model = build_model(ModelConfig("densenet_test")).clone(conv_dots=False)
-    fast = model.clone(conv_dots=True)
+    model = build_model(ModelConfig("densenet_test")).clone(conv_dots="")
+    fast = model.clone(conv_dots="train")
     x = jnp.zeros((2, 32, 32, 3))
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     assert jax.eval_shape(fast.init, jax.random.key(0), x) == variables
+    assert jax.eval_shape(model.clone(conv_dots="always").init, jax.random.key(0), x) == variables
 
-    def conv_functions(train):
+    def conv_functions(train, fast=fast):
         seen = []
 
         def record(f, args, kwargs, context):
@@ -92,3 +93,24 @@ def test_densenet_keeps_variables_and_plain_convs_outside_training():
     # Eval-mode forwards (the tracer's, compensation's) hold plain nn.Conv modules.
     assert len(conv_functions(False)) == 10 and not any(conv_functions(False))
     assert all(f is conv for f in conv_functions(True))
+    # An evaluation step's model (build_model(..., eval_step=True)) uses them in eval mode.
+    always = model.clone(conv_dots="always")
+    assert len(conv_functions(False, always)) == 10
+    assert all(f is conv for f in conv_functions(False, always))
+    with pytest.raises(ValueError, match="conv_dots must be"):
+        model.clone(conv_dots="yes").init(jax.random.key(0), x)
+
+
+def test_eval_step_model_computes_the_same_logits():
+    # densenet_seed's widths (18-channel dense layers after 36 inputs and up), where the
+    # forward dot is used in its dense layers, at one block of 6 layers to stay small.
+    config = ModelConfig("densenet_seed", layers_per_block=(6, 1))
+    x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), maxval=255.0)
+    plain = build_model(config).clone(conv_dots="")
+    variables = plain.init(jax.random.key(0), x)
+    fast = build_model(config, eval_step=True)
+    assert fast.conv_dots == "always"
+    want = plain.apply(variables, x)
+    np.testing.assert_allclose(
+        fast.apply(variables, x), want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want)))
+    )

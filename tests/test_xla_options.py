@@ -40,11 +40,12 @@ def test_train_step_options_only_on_cpu(monkeypatch):
     monkeypatch.setenv("GRAYCNN_CPU_SPEEDUPS", "0")  # the switch benchmarks use
     assert xla_options.train_compiler_options() is None
     model = build_model(ModelConfig("densenet_test"))
-    assert not model.bn_one_pass and not model.conv_dots
+    assert not model.bn_one_pass and model.conv_dots == ""
     monkeypatch.delenv("GRAYCNN_CPU_SPEEDUPS")
     model = build_model(ModelConfig("densenet_test"))
-    assert model.bn_one_pass and model.conv_dots
+    assert model.bn_one_pass and model.conv_dots == "train"
+    assert build_model(ModelConfig("densenet_test"), eval_step=True).conv_dots == "always"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert xla_options.train_compiler_options() is None
     model = build_model(ModelConfig("densenet_test"))
-    assert not model.bn_one_pass and not model.conv_dots
+    assert not model.bn_one_pass and model.conv_dots == ""

@@ -130,24 +130,30 @@ class ModelConfig:
         return cls(**data)
 
 
-def build_model(config: ModelConfig) -> nn.Module:
+def build_model(config: ModelConfig, eval_step: bool = False) -> nn.Module:
     """Returns the Flax module described by `config`.
 
-    Implementation choices that leave the variables and the function unchanged are made
-    here for the default backend: on CPU, DenseNets compute train-mode BatchNorm
-    statistics in one pass (`bn_one_pass`, graycnn.models.batchnorm) and train-mode
-    convolutions' forwards and kernel gradients as dots where that is faster (`conv_dots`,
-    graycnn.models.conv); see
-    `graycnn.xla_options.cpu_speedups`.
+    Implementation choices that leave the variables and the function unchanged (to float
+    rounding) are made here for the default backend: on CPU, DenseNets compute
+    train-mode BatchNorm statistics in one pass (`bn_one_pass`, graycnn.models.batchnorm)
+    and train-mode convolutions' forwards and kernel gradients as dots where that is
+    faster (`conv_dots`, graycnn.models.conv); see `graycnn.xla_options.cpu_speedups`.
+
+    Args:
+        eval_step: The model of an evaluation step (graycnn.evaluation), whose eval-mode
+            convolutions take the forward dot too. Other eval-mode forwards keep plain
+            convolutions: the tracer and compensation read each one.
     """
     kwargs: dict[str, Any] = {
         "num_classes": config.num_classes,
         "widths": tuple(sorted(config.widths.items())),
     }
     fields = _fields(_ALL[config.name])
-    for speedup in ("bn_one_pass", "conv_dots"):
-        if speedup in fields:
-            kwargs[speedup] = xla_options.cpu_speedups()
+    fast = xla_options.cpu_speedups()
+    if "bn_one_pass" in fields:
+        kwargs["bn_one_pass"] = fast
+    if "conv_dots" in fields:
+        kwargs["conv_dots"] = ("always" if eval_step else "train") if fast else ""
     if config.input_scale is not None:
         kwargs["input_scale"] = config.input_scale
     if config.input_offset is not None:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from graycnn.models.batchnorm import BatchNorm, batch_moments
 from graycnn.models.common import BN_EPSILON, BN_MOMENTUM, Widths, scale_input, width_of
-from graycnn.models.conv import conv as conv_with_dot_grad
+from graycnn.models.conv import conv as conv_with_dots
 
 
 class DenseNet(nn.Module):
@@ -34,9 +34,11 @@ class DenseNet(nn.Module):
             are 0-255 (the study: 1 and 0, raw pixels).
         bn_one_pass: Train-mode BatchNorm statistics in one fused pass (graycnn.models.
             batchnorm), faster on CPU; `build_model` turns it on there. Same variables.
-        conv_dots: Train-mode convolutions whose forward and kernel gradient are dots
-            where that is faster (graycnn.models.conv), on CPU; `build_model` turns it
-            on there. Same variables.
+        conv_dots: Where convolutions take their forward and kernel gradient as dots
+            where that is faster (graycnn.models.conv), a CPU speed-up: '' nowhere,
+            'train' in train-mode forwards, 'always' in eval-mode forwards too.
+            `build_model` sets it on CPU: 'train', or 'always' for an evaluation step,
+            which no interceptor reads. Same variables.
     """
 
     num_classes: int = 10
@@ -48,14 +50,14 @@ class DenseNet(nn.Module):
     input_scale: float = 1.0
     input_offset: float = 0.0
     bn_one_pass: bool = False
-    conv_dots: bool = False
+    conv_dots: str = ""
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Maps pixels (N, H, W, C) in 0-255 to logits (N, num_classes)."""
         x = scale_input(x, self.input_scale, self.input_offset)
         x = _conv(
-            train and self.conv_dots,
+            _dots(train, self.conv_dots),
             width_of(self.widths, "stem", self.stem_features),
             (3, 3),
             padding="SAME",
@@ -97,7 +99,7 @@ class DenseBlock(nn.Module):
     features: Sequence[int]
     train: bool = False
     bn_one_pass: bool = False
-    conv_dots: bool = False
+    conv_dots: str = ""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -124,7 +126,7 @@ class DenseLayer(nn.Module):
     features: int
     train: bool = False
     bn_one_pass: bool = False
-    conv_dots: bool = False
+    conv_dots: str = ""
 
     @nn.compact
     def __call__(self, x: jax.Array, moments=None) -> jax.Array:
@@ -134,7 +136,7 @@ class DenseLayer(nn.Module):
         x = bn(x) if moments is None else bn(x, moments=moments)
         x = nn.relu(x)
         return _conv(
-            self.train and self.conv_dots,
+            _dots(self.train, self.conv_dots),
             self.features,
             (3, 3),
             padding="SAME",
@@ -149,14 +151,14 @@ class Transition(nn.Module):
     features: int
     train: bool = False
     bn_one_pass: bool = False
-    conv_dots: bool = False
+    conv_dots: str = ""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _bn(self.train, self.bn_one_pass)(x)
         x = nn.relu(x)
         x = _conv(
-            self.train and self.conv_dots, self.features, (1, 1), use_bias=False, name="conv"
+            _dots(self.train, self.conv_dots), self.features, (1, 1), use_bias=False, name="conv"
         )(x)
         return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
@@ -171,7 +173,7 @@ class Head(nn.Module):
     num_classes: int
     train: bool = False
     bn_one_pass: bool = False
-    conv_dots: bool = False
+    conv_dots: str = ""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -186,7 +188,7 @@ class Head(nn.Module):
             )
         x = nn.avg_pool(x, (h // 2, w // 2), strides=(h // 2, w // 2))
         x = _conv(
-            self.train and self.conv_dots,
+            _dots(self.train, self.conv_dots),
             self.num_classes,
             (2, 2),
             padding="VALID",
@@ -205,10 +207,16 @@ def _bn(train: bool, one_pass: bool) -> nn.BatchNorm:
     return BatchNorm(one_pass=True, **kwargs) if train and one_pass else nn.BatchNorm(**kwargs)
 
 
-def _conv(dot_grad: bool, *args, **kwargs) -> nn.Conv:
-    # nn.Conv itself, with the dot kernel gradient (graycnn.models.conv) only in
-    # train-mode forwards, where a kernel gradient is taken: the same module and
-    # variables for the tracer and checkpoints.
-    if dot_grad:
-        kwargs["conv_general_dilated"] = conv_with_dot_grad
+def _dots(train: bool, conv_dots: str) -> bool:
+    if conv_dots not in ("", "train", "always"):
+        raise ValueError(f"conv_dots must be '', 'train' or 'always', got {conv_dots!r}")
+    return conv_dots == "always" or (train and conv_dots == "train")
+
+
+def _conv(dots: bool, *args, **kwargs) -> nn.Conv:
+    # nn.Conv itself, with graycnn.models.conv's dots where `conv_dots` asks for them:
+    # the same module and variables for the tracer and checkpoints, and plain
+    # convolutions in the eval-mode forwards that the tracer and compensation read.
+    if dots:
+        kwargs["conv_general_dilated"] = conv_with_dots
     return nn.Conv(*args, **kwargs)
