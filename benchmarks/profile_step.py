@@ -4,8 +4,9 @@
 
 Compiles the library's train step as benchmarks/train.py does (every device, graycnn's
 XLA defaults), runs a warm-up step, times `--steps` steps, then traces as many and sums
-the time each op of the step takes on XLA's threads, by category (convolution, Eigen or
-YNNPACK; dot; reduce; elementwise fusions; ...). Each op is classified from the compiled
+the time each op of the step takes on XLA's threads, by category (convolution or dot,
+Eigen or YNNPACK, in the forward or the backward pass; reduce; elementwise fusions;
+...). Each op is classified from the compiled
 step's optimized HLO (`Compiled.as_text()`: the module that `--xla_dump_to` would write,
 without setting XLA_FLAGS before JAX starts or dumping every module of the process), whose
 instruction names are the names of the trace's events.
@@ -42,9 +43,14 @@ _IDLE = "idle (no XLA work on a thread)"
 
 
 def _instructions(hlo: str) -> tuple[dict[str, tuple[str, str]], dict[str, set[str]]]:
-    """({instruction: (opcode, its line)}, {computation: opcodes in its body})."""
+    """({instruction: (opcode, its line)}, {computation: opcodes in its body}).
+
+    A fusion's line ends with the line of the convolution or dot it calls, if any, so
+    that `_category` can read that op's source (its `op_name`).
+    """
     ops: dict[str, tuple[str, str]] = {}
     bodies: dict[str, set[str]] = collections.defaultdict(set)
+    inner: dict[str, str] = {}
     computation = ""
     for line in hlo.splitlines():
         if line and not line[0].isspace() and line.endswith("{"):
@@ -55,6 +61,12 @@ def _instructions(hlo: str) -> tuple[dict[str, tuple[str, str]], dict[str, set[s
         if m:
             ops[m.group(1)] = (m.group(2), line)
             bodies[computation].add(m.group(2))
+            if m.group(2) in ("convolution", "dot"):
+                inner.setdefault(computation, line)
+    for name, (opcode, line) in ops.items():
+        called = re.search(r"calls=%([\w.\-]+)", line)
+        if opcode == "fusion" and called and called.group(1) in inner:
+            ops[name] = (opcode, f"{line}\n{inner[called.group(1)]}")
     return ops, bodies
 
 
@@ -66,10 +78,15 @@ def _category(op: str, ops: dict[str, tuple[str, str]], bodies: dict[str, set[st
         called = re.search(r"calls=%([\w.\-]+)", line)
         body = bodies.get(called.group(1), set()) if called else set()
     library = "YNNPACK" if "__ynn" in line else "Eigen"  # YNNPACK ops are custom fusions.
+    # Autodiff names the ops of the backward pass `transpose(jvp(...))`; ops that XLA
+    # makes itself (its kernel-gradient convolutions) have no name.
+    source = re.findall(r'op_name="([^"]*)"', line)
+    forward = source and "transpose(" not in source[-1]
+    backward = "forward" if forward else "backward"
     if "convolution" in body:
-        return f"convolution ({library})"
+        return f"convolution ({library}), {backward}"
     if "dot" in body:
-        return f"dot ({library})"
+        return f"dot ({library}), {backward}"
     if opcode.startswith("all-") or opcode in ("reduce-scatter", "collective-permute"):
         return "all-reduce (sum across devices)"
     if "reduce-window" in body:
