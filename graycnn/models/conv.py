@@ -5,7 +5,7 @@ A DenseNet layer's input is a wide concatenation (up to 252 channels in densenet
 and its output narrow (18). XLA's CPU convolution handles that shape poorly in two
 places, and `conv`'s custom VJP replaces each with one `lax.dot_general`:
 
-- The forward: a convolution with a narrow output runs at about half the speed of the
+- The forward: a convolution with a narrow output runs at less than half the speed of the
   same FLOPs with a wide output (densenet_seed's forward convolutions took 1.5 s of a
   6.9 s train step; the input-gradient convolutions, the same FLOPs, 0.6 s). So the
   input is multiplied by all KH * KW taps side by side, (N, H, W, C) x (C, KH KW F),
