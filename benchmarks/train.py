@@ -32,8 +32,8 @@ from graycnn.models import ModelConfig, build_model, init_variables
 MODELS = ("densenet_tiny", "densenet_seed")
 # The train step as the library builds it, and without each of its CPU speed-ups:
 # nn.BatchNorm's two-pass statistics instead of the one-pass module, YNNPACK's
-# convolutions (jaxlib's default) instead of Eigen's, XLA's kernel-gradient convolutions
-# instead of the dots of graycnn.models.conv, or none of them.
+# convolutions (jaxlib's default) instead of Eigen's, XLA's convolutions instead of the
+# dot forwards and kernel gradients of graycnn.models.conv, or none of them.
 VARIANTS = ("default", "flax_bn", "ynnpack_conv", "xla_conv", "neither")
 
 

@@ -91,9 +91,11 @@ def _dot_pays(taps: int, c: int, f: int) -> bool:
 
 def _forward_dot_pays(taps: int, c: int, f: int) -> bool:
     # The forward dot writes `taps` times the output's width and reads it back to sum
-    # the taps. Measured on densenet_seed's dense layers (F = 18), interleaved A/B: a
-    # train step 1.13x faster with the dot from C >= 81 (this rule), 1.10x from C >= 41,
-    # 1.10x from C >= 162; on densenet_tiny (C <= 90) 1.04x, 0.99x and 0.97x.
+    # the taps. Measured on densenet_seed's dense layers (F = 18), interleaved A/B
+    # rounds of the train step: 1.13x faster with the dot from C >= 81 (this rule;
+    # 1.06-1.07x in later runs), 1.10x from C >= 41 or from C >= 162. On densenet_tiny
+    # (dense layers of C <= 72): 1.04x with this rule, 0.99x from C >= 41, 0.97x
+    # everywhere.
     return 2 * c >= taps * f
 
 
