@@ -81,12 +81,11 @@ def _category(op: str, ops: dict[str, tuple[str, str]], bodies: dict[str, set[st
     # Autodiff names the ops of the backward pass `transpose(jvp(...))`; ops that XLA
     # makes itself (its kernel-gradient convolutions) have no name.
     source = re.findall(r'op_name="([^"]*)"', line)
-    forward = source and "transpose(" not in source[-1]
-    backward = "forward" if forward else "backward"
+    direction = "forward" if source and "transpose(" not in source[-1] else "backward"
     if "convolution" in body:
-        return f"convolution ({library}), {backward}"
+        return f"convolution ({library}), {direction}"
     if "dot" in body:
-        return f"dot ({library}), {backward}"
+        return f"dot ({library}), {direction}"
     if opcode.startswith("all-") or opcode in ("reduce-scatter", "collective-permute"):
         return "all-reduce (sum across devices)"
     if "reduce-window" in body:
