@@ -84,6 +84,9 @@ class CompressConfig:
         "the same images in color ('lstsq_color'), or not ('none').",
         choices=("none", "lstsq", "lstsq_color"),
     )
+    compensate_images: int = setting(
+        512, "Training images (seeded, gray) each --compensate refit is fit on.",
+    )  # fmt: skip
     bn: str = setting("train", "BN re-estimation of every gray row.", choices=batchnorm.METHODS)
     bn_epochs: int = setting(1, "Epochs of BN-only training for --bn=train.")
     finetune_epochs: int = setting(
@@ -183,7 +186,10 @@ def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) ->
         value = getattr(config, flag)
         if value and not 0 < value < 1:
             raise ValueError(f"--{flag} must be a fraction in (0, 1), got {value}")
-    for flag, low in (("steps", 1), ("seeds", 1), ("bn_epochs", 1), ("finetune_epochs", 0)):
+    for flag, low in (
+        ("steps", 1), ("seeds", 1), ("bn_epochs", 1), ("finetune_epochs", 0),
+        ("compensate_images", 1),
+    ):  # fmt: skip
         if getattr(config, flag) < low:
             raise ValueError(f"--{flag} must be >= {low}, got {getattr(config, flag)}")
     per_layer = {

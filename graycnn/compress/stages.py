@@ -240,10 +240,9 @@ def compensate(
     train: data.Split,
     seed: int,
     color: Model,
-    images: int = 512,
 ) -> tuple[Model, list[dict[str, Any]]]:
     """`plan` applied to `before`, then every consumer of the merged channels refit on
-    `images` seeded gray training images: to its output in `before` ('lstsq'), or in
+    --compensate_images seeded gray training images: to its output in `before` ('lstsq'), or in
     the color model on the same images in color ('lstsq_color').
 
     Returns:
@@ -251,7 +250,7 @@ def compensate(
     """
     if config.compensate == "none":
         return apply_plan(before, plan), []
-    idx = np.random.default_rng(seed).permutation(len(train))[:images]
+    idx = np.random.default_rng(seed).permutation(len(train))[: config.compensate_images]
     teacher = None
     if config.compensate == "lstsq_color":
         color_images = np.asarray(data.apply_view(train.images[idx], "color"))
