@@ -32,6 +32,10 @@ SETTINGS = (
 )
 
 
+# What this process's import of graycnn set (`keep_freed_memory`'s result).
+applied: tuple[str, ...] = ()
+
+
 def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> list[str]:
     """Sets `SETTINGS` with glibc's `mallopt`, except those the environment sets.
 
@@ -48,8 +52,11 @@ def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> list[str]:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
     except (OSError, AttributeError):
         return []
-    applied = []
-    for name, param, value in SETTINGS:
-        if name not in environ and mallopt(param, value) == 1:  # 1: accepted
-            applied.append(f"{name}={value}")
-    return applied
+    done = [
+        f"{name}={value}"
+        for name, param, value in SETTINGS
+        if name not in environ and mallopt(param, value) == 1  # 1: accepted
+    ]
+    global applied
+    applied = (*applied, *done)
+    return done

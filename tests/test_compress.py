@@ -157,6 +157,7 @@ def test_bad_config_is_a_clear_error_before_any_work(config, tmp_path):
          "cluster count must be 1..7, got 0"),
         ({"num_clusters": {1: 37, 2: 3}}, "layer 1 has 8 filters"),
         ({"steps": 0}, "--steps must be >= 1"),
+        ({"compensate_images": 0}, "--compensate_images must be >= 1"),
         ({"layers": (10,), "num_clusters": {10: 5}}, "cannot be merged|no traced consumers"),
     ]:  # fmt: skip
         workdir = tmp_path / "x"
@@ -262,8 +263,9 @@ def test_color_refit_has_its_reference_row(config, tmp_path):
     unmerged model given the same refit is a row of its own that every merge is also
     compared with, so the report shows what the refit buys without a merge."""
     cfg = dataclasses.replace(config, layers=(1,), num_clusters={1: 5}, controls=False,
-                              compensate="lstsq_color")  # fmt: skip
+                              compensate="lstsq_color", compensate_images=48)  # fmt: skip
     report = compress.compress(cfg, str(tmp_path / "run"))
+    assert {e["images"] for e in report["compensation"]} == {48}
     rows = {r["key"]: r for r in report["rows"]}
     refit, bar, merged = rows["gray_refit_bn"], rows["gray_bn"], rows["merged_1"]
     assert refit["control"] == "refit" and not refit.get("baseline") and bar["baseline"]
