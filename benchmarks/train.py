@@ -226,6 +226,7 @@ def torch_steps_in_own_process(
             daemon=True,
         )
         child.start()
+        child_conn.close()  # the child's end lives on in the child only: EOF if it dies
     finally:
         if before is None:
             del os.environ["GRAYCNN_CPU_SPEEDUPS"]

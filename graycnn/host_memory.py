@@ -27,7 +27,7 @@ SETTINGS = (
     # the threads that use it are mmapped whatever M_MMAP_MAX says.
     ("MALLOC_ARENA_MAX", _M_ARENA_MAX, 1),
     ("MALLOC_MMAP_MAX_", _M_MMAP_MAX, 0),  # every block from the heap, reused when freed
-    ("MALLOC_TRIM_THRESHOLD_", _M_TRIM_THRESHOLD, 2**31 - 1),  # never shrink the heap
+    ("MALLOC_TRIM_THRESHOLD_", _M_TRIM_THRESHOLD, -1),  # -1: never shrink the heap (mallopt(3))
     ("MALLOC_TOP_PAD_", _M_TOP_PAD, 64 << 20),  # grow it 64 MiB at a time
 )
 
