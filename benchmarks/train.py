@@ -11,10 +11,11 @@ weights. Each round times `--steps` JAX train steps, then the same number of PyT
 steps (the same network, weights copied across, checked on one batch), then the eval
 steps of both, so a busy machine slows both sides of a ratio alike. PyTorch runs in a
 child process of its own by default, with glibc's default malloc, as users run it
-(`--torch_process=same`: in this process, sharing graycnn's malloc settings). Expected result: one
-row per model with compile seconds, img/s ranges over the rounds, the per-round
-JAX/PyTorch ratio, and the step's peak memory (XLA's buffer assignment: arguments +
-outputs + temporaries; and the device's peak where the backend reports one).
+(`--torch_process=same`: in this process, sharing graycnn's malloc settings). Expected
+result: one row per model with compile seconds, img/s ranges over the rounds, the
+per-round JAX/PyTorch ratio, and the step's peak memory (XLA's buffer assignment:
+arguments + outputs + temporaries; and the device's peak where the backend reports
+one).
 """
 
 import atexit

@@ -242,8 +242,8 @@ def compensate(
     color: Model,
 ) -> tuple[Model, list[dict[str, Any]]]:
     """`plan` applied to `before`, then every consumer of the merged channels refit on
-    --compensate_images seeded gray training images: to its output in `before` ('lstsq'), or in
-    the color model on the same images in color ('lstsq_color').
+    --compensate_images seeded gray training images: to its output in `before`
+    ('lstsq'), or in the color model on the same images in color ('lstsq_color').
 
     Returns:
         (the merged model, one reconstruction-error entry per consumer; [] for 'none').
