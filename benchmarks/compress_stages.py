@@ -16,13 +16,11 @@ compilation cache is on: a second run loads programs instead of compiling them).
 
 import collections
 import os
-import re
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import jax
 from absl import flags
@@ -82,10 +80,9 @@ def time_stages(
 
 
 def compare_speedups(rounds: int = 2) -> dict[str, list[float]]:
-    """Total seconds of `time_stages` with graycnn's CPU speed-ups on and off
-    (GRAYCNN_CPU_SPEEDUPS=0), alternating, `rounds` each, each in a fresh process: the
-    malloc settings (graycnn/host_memory.py) are made once per process, at import. The
-    first round of each warms the compilation cache.
+    """Total seconds of `time_stages` with the train step's CPU speed-ups on and off
+    (GRAYCNN_CPU_SPEEDUPS=0), alternating, `rounds` each; the first round of each warms
+    the compilation cache.
 
     Returns:
         {'on': [s per round], 'off': [...]}.
@@ -93,15 +90,9 @@ def compare_speedups(rounds: int = 2) -> dict[str, list[float]]:
     totals: dict[str, list[float]] = {"on": [], "off": []}
     for _ in range(rounds):
         for setting, value in (("off", "0"), ("on", "1")):
-            out = subprocess.run(
-                [sys.executable, "-m", "benchmarks.compress_stages"],
-                env={**os.environ, "GRAYCNN_CPU_SPEEDUPS": value},
-                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            totals[setting].append(float(re.search(r"^total +([0-9.]+) s", out, re.M)[1]))
+            with mock.patch.dict(os.environ, {"GRAYCNN_CPU_SPEEDUPS": value}):
+                rows, _ = time_stages()
+            totals[setting].append(sum(r["seconds"] for r in rows))
     return totals
 
 

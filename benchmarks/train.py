@@ -9,17 +9,12 @@ mode) and eval step, on every device JAX sees, with graycnn's default XLA settin
 (importing graycnn sets them; no XLA_FLAGS needed). Random uint8 batches, random
 weights. Each round times `--steps` JAX train steps, then the same number of PyTorch
 steps (the same network, weights copied across, checked on one batch), then the eval
-steps of both, so a busy machine slows both sides of a ratio alike. PyTorch runs in a
-child process of its own by default, with glibc's default malloc, as users run it
-(`--torch_process=same`: in this process, sharing graycnn's malloc settings). Expected
-result: one row per model with compile seconds, img/s ranges over the rounds, the
-per-round JAX/PyTorch ratio, and the step's peak memory (XLA's buffer assignment:
-arguments + outputs + temporaries; and the device's peak where the backend reports
-one).
+steps of both, so a busy machine slows both sides of a ratio alike. Expected result: one
+row per model with compile seconds, img/s ranges over the rounds, the per-round
+JAX/PyTorch ratio, and the step's peak memory (XLA's buffer assignment: arguments +
+outputs + temporaries; and the device's peak where the backend reports one).
 """
 
-import atexit
-import multiprocessing
 import os
 import statistics
 import time
@@ -31,7 +26,7 @@ import numpy as np
 from absl import flags
 
 from benchmarks import markdown_table
-from graycnn import evaluation, host_memory, parallel, runtime, train
+from graycnn import evaluation, parallel, runtime, train
 from graycnn.models import ModelConfig, build_model, init_variables
 
 MODELS = ("densenet_tiny", "densenet_seed")
@@ -195,69 +190,6 @@ def torch_steps(
     }
 
 
-def _torch_child(conn, name, variables, images, labels, seed) -> None:
-    """A child process's loop: builds the twin, then runs (kind, steps) requests."""
-    twin = torch_steps(name, variables, images, labels, seed)
-    conn.send({k: twin[k] for k in ("max_logit_diff", "threads")} | {"malloc": host_memory.applied})
-    while (request := conn.recv()) is not None:
-        kind, steps = request
-        twin[kind](steps)
-        conn.send(None)
-
-
-def torch_steps_in_own_process(
-    name: str, variables: Any, images: np.ndarray, labels: np.ndarray, seed: int = 0
-) -> dict[str, Any]:
-    """`torch_steps` in a child process with glibc's default malloc settings: PyTorch as
-    a user runs it. Importing graycnn sets process-wide malloc settings
-    (graycnn/host_memory.py) that also spare PyTorch's allocations their page faults, so
-    a twin in this process would not be PyTorch as shipped.
-
-    Returns:
-        As `torch_steps`; each call of 'train' or 'eval' runs in the child and waits.
-    """
-    ctx = multiprocessing.get_context("spawn")
-    conn, child_conn = ctx.Pipe()
-    before = os.environ.get("GRAYCNN_CPU_SPEEDUPS")
-    os.environ["GRAYCNN_CPU_SPEEDUPS"] = "0"  # the child's graycnn leaves malloc alone
-    try:
-        child = ctx.Process(
-            target=_torch_child,
-            args=(child_conn, name, variables, images, labels, seed),
-            daemon=True,
-        )
-        child.start()
-        child_conn.close()  # the child's end lives on in the child only: EOF if it dies
-    finally:
-        if before is None:
-            del os.environ["GRAYCNN_CPU_SPEEDUPS"]
-        else:
-            os.environ["GRAYCNN_CPU_SPEEDUPS"] = before
-    try:
-        info = conn.recv()
-    except EOFError:
-        child.join()
-        raise RuntimeError(
-            f"{name}: the PyTorch child process failed (exit code {child.exitcode})"
-        ) from None
-
-    def stop() -> None:
-        if child.is_alive():
-            conn.send(None)
-            child.join()
-
-    atexit.register(stop)
-
-    def run(kind: str) -> Callable[[int], None]:
-        def steps_of(steps: int) -> None:
-            conn.send((kind, steps))
-            conn.recv()
-
-        return steps_of
-
-    return {"train": run("train"), "eval": run("eval"), "stop": stop} | info
-
-
 def _rates(fn: Callable[[int], None], steps: int, batch_size: int) -> float:
     start = time.perf_counter()
     fn(steps)
@@ -265,19 +197,9 @@ def _rates(fn: Callable[[int], None], steps: int, batch_size: int) -> float:
 
 
 def measure(
-    name: str,
-    batch_size: int = 128,
-    steps: int = 3,
-    rounds: int = 5,
-    with_torch: bool = True,
-    torch_process: str = "own",
+    name: str, batch_size: int = 128, steps: int = 3, rounds: int = 5, with_torch: bool = True
 ) -> dict[str, Any]:
     """Times model `name`: `rounds` interleaved rounds of `steps` steps per side.
-
-    Args:
-        torch_process: Where the PyTorch twin runs: 'own', a child process with
-            glibc's default malloc (PyTorch as shipped), or 'same', this process, with
-            graycnn's malloc settings (the two frameworks' compute alone).
 
     Returns:
         A JSON-able dict: 'model', 'batch_size', 'devices', 'compile_s', per-round img/s
@@ -288,8 +210,7 @@ def measure(
     jx = jax_steps(name, batch_size)
     pt = None
     if with_torch and torch_available():
-        make = {"own": torch_steps_in_own_process, "same": torch_steps}[torch_process]
-        pt = make(name, jx["variables"], jx["images"], jx["labels"])
+        pt = torch_steps(name, jx["variables"], jx["images"], jx["labels"])
     sides = {"jax": jx} | ({"torch": pt} if pt else {})
     for side in sides.values():  # warm-up: first-call allocations, thread pools.
         side["train"](1)
@@ -314,8 +235,6 @@ def measure(
             ]
         out["torch_threads"] = pt["threads"]
         out["torch_max_logit_diff"] = pt["max_logit_diff"]
-        out["torch_process"] = torch_process
-        pt.get("stop", lambda: None)()
     return out
 
 
@@ -397,11 +316,6 @@ def _define_flags() -> None:
     flags.DEFINE_integer("steps", 3, "Steps per side per round.")
     flags.DEFINE_integer("rounds", 5, "Interleaved rounds (JAX, PyTorch, JAX, ...).")
     flags.DEFINE_bool("torch", True, "Also time PyTorch eager when torch is importable.")
-    flags.DEFINE_enum(
-        "torch_process", "own", ["own", "same"],
-        "Where PyTorch runs: 'own', a child process with glibc's default malloc (PyTorch "
-        "as shipped), or 'same', this process, with graycnn's malloc settings.",
-    )  # fmt: skip
     flags.DEFINE_bool(
         "variants", False, f"Instead, time the train step's variants {', '.join(VARIANTS)}."
     )
@@ -423,16 +337,10 @@ def main(argv):
         return
     results = []
     for name in FLAGS.models:
-        results.append(
-            measure(
-                name, FLAGS.batch_size, FLAGS.steps, FLAGS.rounds, FLAGS.torch,
-                FLAGS.torch_process,
-            )
-        )  # fmt: skip
+        results.append(measure(name, FLAGS.batch_size, FLAGS.steps, FLAGS.rounds, FLAGS.torch))
         if "torch_max_logit_diff" in results[-1]:
             print(
                 f"{name}: PyTorch twin max |logit diff| {results[-1]['torch_max_logit_diff']:.1e}"
-                f", in {FLAGS.torch_process!r} process ({results[-1]['torch_threads']} threads)"
             )
     print("\n".join(format_rows(results)))
     print(f"load after: {os.getloadavg()}")

@@ -78,22 +78,3 @@ def test_torch_augment_keeps_pixels_and_shapes():
     # Every output pixel is an input pixel of the same image or zero padding.
     for i in range(2):
         assert set(out[i].flatten().tolist()) <= set(images[i].flatten().tolist()) | {0}
-
-
-def test_twin_in_its_own_process_runs_as_shipped():
-    """The benchmark's default PyTorch side: a child process whose glibc malloc keeps
-    its defaults (this process's graycnn import changed them), running the same steps."""
-    from benchmarks import train as bench
-    from graycnn import host_memory
-
-    config = ModelConfig("densenet_test")
-    variables = _variables(config)
-    images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), np.uint8)
-    twin = bench.torch_steps_in_own_process("densenet_test", variables, images, np.arange(4))
-    try:
-        assert host_memory.applied and twin["malloc"] == ()
-        assert twin["max_logit_diff"] < 1e-4 and twin["threads"] >= 1
-        twin["train"](1)
-        twin["eval"](1)
-    finally:
-        twin["stop"]()
