@@ -6,10 +6,10 @@ Compiles the library's train step as benchmarks/train.py does (every device, gra
 XLA defaults), runs a warm-up step, times `--steps` steps, then traces as many and sums
 the time each op of the step takes on XLA's threads, by category (convolution or dot,
 Eigen or YNNPACK, in the forward or the backward pass; reduce; elementwise fusions;
-...). Each op is classified from the compiled
-step's optimized HLO (`Compiled.as_text()`: the module that `--xla_dump_to` would write,
-without setting XLA_FLAGS before JAX starts or dumping every module of the process), whose
-instruction names are the names of the trace's events.
+...). Each op is classified from the compiled step's optimized HLO
+(`Compiled.as_text()`: the module that `--xla_dump_to` would write, without setting
+XLA_FLAGS before JAX starts or dumping every module of the process), whose instruction
+names are the names of the trace's events.
 
 Eigen convolutions return as soon as they have queued their work on the intra-op pool;
 that work runs later as pool tasks, each linked in the trace to the op that queued it, so
