@@ -11,11 +11,13 @@ weights. Each round times `--steps` JAX train steps, then the same number of PyT
 steps (the same network, weights copied across, checked on one batch), then the eval
 steps of both, so a busy machine slows both sides of a ratio alike. Expected result: one
 row per model with compile seconds, img/s ranges over the rounds, the per-round
-JAX/PyTorch ratio, and the step's peak memory (XLA's buffer assignment: arguments +
-outputs + temporaries; and the device's peak where the backend reports one).
+JAX/PyTorch ratio, the step's peak memory (XLA's buffer assignment: arguments +
+outputs + temporaries; and the device's peak where the backend reports one), and each
+side's system CPU seconds per train step.
 """
 
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -190,10 +192,18 @@ def torch_steps(
     }
 
 
-def _rates(fn: Callable[[int], None], steps: int, batch_size: int) -> float:
+def _rates(fn: Callable[[int], None], steps: int, batch_size: int) -> tuple[float, float]:
+    """(img/s, system CPU seconds per step) of `steps` steps of `fn`. The process's
+    system time is the kernel's share, mostly page faults on freshly mapped buffers; on
+    a shared or virtual machine it varies between runs of the same code, and the
+    ratios with it."""
+    sys_before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
     start = time.perf_counter()
     fn(steps)
-    return steps * batch_size / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return steps * batch_size / seconds, (
+        resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys_before
+    ) / steps
 
 
 def measure(
@@ -205,7 +215,9 @@ def measure(
         A JSON-able dict: 'model', 'batch_size', 'devices', 'compile_s', per-round img/s
         lists 'jax_train', 'jax_eval' (and 'torch_train', 'torch_eval',
         'train_ratio', 'eval_ratio' = JAX/PyTorch per round, 'torch_threads',
-        'torch_max_logit_diff' with torch), 'train_bytes', 'eval_bytes', 'device_peak_bytes'.
+        'torch_max_logit_diff' with torch), per-round system CPU seconds per train step
+        'jax_train_sys' (and 'torch_train_sys'), 'train_bytes', 'eval_bytes',
+        'device_peak_bytes'.
     """
     jx = jax_steps(name, batch_size)
     pt = None
@@ -216,11 +228,14 @@ def measure(
         side["train"](1)
         side["eval"](1)
     out: dict[str, Any] = {"model": name, "batch_size": batch_size, "steps": steps}
-    out |= {f"{s}_{kind}": [] for s in sides for kind in ("train", "eval")}
+    out |= {f"{s}_{kind}": [] for s in sides for kind in ("train", "eval", "train_sys")}
     for _ in range(rounds):
         for kind in ("train", "eval"):
             for s, side in sides.items():
-                out[f"{s}_{kind}"].append(_rates(side[kind], steps, batch_size))
+                rate, system = _rates(side[kind], steps, batch_size)
+                out[f"{s}_{kind}"].append(rate)
+                if kind == "train":
+                    out[f"{s}_train_sys"].append(system)
     out |= {
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "compile_s": jx["compile_s"],
@@ -253,7 +268,7 @@ def measure_variants(
     img_s: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(rounds):
         for v, run_train in steps_of.items():
-            img_s[v].append(_rates(run_train, steps, batch_size))
+            img_s[v].append(_rates(run_train, steps, batch_size)[0])
     speedup = {
         v: [a / b for a, b in zip(img_s["default"], img_s[v], strict=True)]
         for v in variants
@@ -294,7 +309,7 @@ def format_rows(results: list[dict[str, Any]]) -> list[str]:
     header = [
         "model", "devices", "batch", "compile s", "train img/s", "PyTorch train img/s",
         "train ratio", "eval img/s", "PyTorch eval img/s", "eval ratio",
-        "step peak MiB (train / eval)",
+        "step peak MiB (train / eval)", "train system s/step (JAX / PyTorch)",
     ]  # fmt: skip
     return markdown_table(
         header,
@@ -303,7 +318,8 @@ def format_rows(results: list[dict[str, Any]]) -> list[str]:
              span(r["jax_train"]), span(r.get("torch_train", [])),
              span(r.get("train_ratio", []), 2), span(r["jax_eval"]),
              span(r.get("torch_eval", [])), span(r.get("eval_ratio", []), 2),
-             f"{mib(r['train_bytes'])} / {mib(r['eval_bytes'])}"]
+             f"{mib(r['train_bytes'])} / {mib(r['eval_bytes'])}",
+             f"{span(r['jax_train_sys'], 2)} / {span(r.get('torch_train_sys', []), 2)}"]
             for r in results
         ],
     )  # fmt: skip
