@@ -197,13 +197,12 @@ def _rates(fn: Callable[[int], None], steps: int, batch_size: int) -> tuple[floa
     system time is the kernel's share, mostly page faults on freshly mapped buffers; on
     a shared or virtual machine it varies between runs of the same code, and the
     ratios with it."""
-    sys_before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
+    system_before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
     start = time.perf_counter()
     fn(steps)
     seconds = time.perf_counter() - start
-    return steps * batch_size / seconds, (
-        resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys_before
-    ) / steps
+    system = resource.getrusage(resource.RUSAGE_SELF).ru_stime - system_before
+    return steps * batch_size / seconds, system / steps
 
 
 def measure(
