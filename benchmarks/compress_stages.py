@@ -69,7 +69,7 @@ def time_stages(
                 ),
             )
         bn_dir = os.path.join(workdir, "bn")
-        model = timed("bn", lambda: stages.reestimate_bn(config, model, bn_dir, config.seed))
+        model = timed("bn", lambda: stages.reestimate_bn(config, model, color, bn_dir, config.seed))
         result = timed("evaluate", lambda: stages.evaluate(model, "gray", splits))
     summary = {
         "accuracy": float(result.validation.mean()),

@@ -113,11 +113,14 @@ def reestimate(
     momentum: float = 0.7,
     num_batches: int = 50,
     data_dir: str | None = None,
+    teacher: tuple[ModelConfig, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Re-estimates BatchNorm by `method` ('recalibrate', 'train' or 'none').
 
     Args:
         workdir: For 'train', its checkpoints (a rerun resumes or reuses them).
+        teacher: For 'train', a color model whose softened predictions on the matching
+            color images are distilled (`train.TrainConfig.distill='kd'`); None: labels.
     """
     if method not in METHODS:
         raise ValueError(f"unknown BN method {method!r}; methods: {METHODS}")
@@ -136,11 +139,15 @@ def reestimate(
         momentum=momentum,
         lr_drops=(),
         trainable="batchnorm",
+        distill="ce" if teacher is None else "kd",
         validate=False,  # every caller evaluates the re-estimated model itself
         seed=seed,
         data_dir=data_dir,
     )
     _, trained, _ = train.train_and_evaluate(
-        config, os.path.join(workdir, "bn_train"), init=(model_config, dict(variables))
+        config,
+        os.path.join(workdir, "bn_train"),
+        init=(model_config, dict(variables)),
+        teacher=teacher,
     )
     return trained

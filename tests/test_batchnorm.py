@@ -52,3 +52,28 @@ def test_recalibrate_is_the_exact_mean_of_batch_statistics(net, sample_npz):
 def test_reestimate_rejects_unknown_method(net):
     with pytest.raises(ValueError, match="unknown BN method 'adam'"):
         batchnorm.reestimate("adam", net, {}, dataset="cifar10_sample", view="gray", workdir="x")
+
+
+def test_bn_training_distills_the_teacher_and_trains_only_batchnorm(net, sample_npz, tmp_path):
+    """--bn_loss=kd: BN-only training whose loss reads the color teacher's predictions:
+    two teachers give two BN re-estimates, and no other weight moves."""
+    gray = models.ModelConfig("bn_net", in_channels=1)
+    start = jax.device_get(models.init_variables(gray, jax.random.key(0)))
+    teacher_vars = jax.device_get(models.init_variables(net, jax.random.key(1)))
+    louder = jax.tree_util.tree_map_with_path(
+        lambda p, v: v * 5 if "head" in jax.tree_util.keystr(p) else v, teacher_vars
+    )
+    out = {}
+    for name, teacher in (("ce", None), ("kd", (net, teacher_vars)), ("kd5", (net, louder))):
+        out[name] = batchnorm.reestimate(
+            "train", gray, start, dataset=f"npz:{sample_npz}", view="gray",
+            workdir=str(tmp_path / name), learning_rate=0.5, teacher=teacher,
+        )  # fmt: skip
+    for trained in out.values():
+        for layer in ("conv", "head"):
+            jax.tree.map(
+                np.testing.assert_array_equal, trained["params"][layer], start["params"][layer]
+            )
+    scales = {k: np.asarray(v["params"]["bn"]["scale"]) for k, v in out.items()}
+    assert not np.allclose(scales["ce"], scales["kd"], atol=1e-6)
+    assert not np.allclose(scales["kd"], scales["kd5"], atol=1e-6)

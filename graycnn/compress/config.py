@@ -89,6 +89,11 @@ class CompressConfig:
     )  # fmt: skip
     bn: str = setting("train", "BN re-estimation of every gray row.", choices=batchnorm.METHODS)
     bn_epochs: int = setting(1, "Epochs of BN-only training for --bn=train.")
+    bn_loss: str = setting(
+        "ce", "Loss of --bn=train: 'ce' the labels (the study); 'kd' distills the color "
+        "model's softened predictions on the matching color images (plus the labels).",
+        choices=("ce", "kd"),
+    )  # fmt: skip
     finetune_epochs: int = setting(
         0, "Also a fine-tune budget: every model (baseline included) trained this many "
         "epochs on gray images after BN re-estimation; 0: none.",

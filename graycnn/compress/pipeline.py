@@ -97,7 +97,7 @@ class _Run:
         seed = self.config.seed + seed_index
         spec = recovered_spec(self.config, clusters, control, "bn")
         tag = f"{spec.key}.seed{seed}"
-        model = stages.reestimate_bn(self.config, model, self.out.path("bn", tag), seed)
+        model = stages.reestimate_bn(self.config, model, self.color, self.out.path("bn", tag), seed)
         self.add(spec, model, seed_index)
         if self.config.finetune_epochs:
             spec = recovered_spec(self.config, clusters, control, "finetune")

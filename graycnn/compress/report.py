@@ -126,7 +126,7 @@ def _settings(config: Mapping[str, Any]) -> str:
     preset = f"preset `{config['preset']}`" if config.get("preset") else "no preset"
     keys = (
         "dataset", "layers", "fold", "objective", "fields", "metric", "cluster",
-        "num_clusters", "bn_rule", "compensate", "bn", "bn_epochs", "finetune_epochs",
+        "num_clusters", "bn_rule", "compensate", "bn", "bn_epochs", "bn_loss", "finetune_epochs",
         "finetune", "target_flops", "target_params", "controls", "seeds", "seed",
     )  # fmt: skip
     shown = ", ".join(f"{k}={config[k]}" for k in keys if k in config)

@@ -328,9 +328,12 @@ def _layer_output(model: Any, path: str):
     return jax.jit(layer_output_fn(model, path))
 
 
-def reestimate_bn(config: CompressConfig, model: Model, workdir: str, seed: int) -> Model:
+def reestimate_bn(
+    config: CompressConfig, model: Model, color: Model, workdir: str, seed: int
+) -> Model:
     """BatchNorm re-estimated on gray training images by `config.bn`, the same budget
-    for every row (`workdir` holds BN training checkpoints; a rerun reuses them)."""
+    for every row (`workdir` holds BN training checkpoints; a rerun reuses them);
+    with `config.bn_loss='kd'`, BN training distills `color`."""
     variables = batchnorm.reestimate(
         config.bn,
         model.config,
@@ -341,6 +344,7 @@ def reestimate_bn(config: CompressConfig, model: Model, workdir: str, seed: int)
         seed=seed,
         epochs=config.bn_epochs,
         data_dir=config.data_dir,
+        teacher=(color.config, color.variables) if config.bn_loss == "kd" else None,
     )
     return dataclasses.replace(model, variables=jax.device_get(variables))
 
