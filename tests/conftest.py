@@ -1,5 +1,5 @@
 """Test setup, once: 2 host CPU devices (so data-parallel code paths really run sharded),
-LLVM's cheapest optimization level, and the persistent compilation cache."""
+XLA's cheapest CPU optimization level, and the persistent compilation cache."""
 
 import os
 
