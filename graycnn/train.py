@@ -26,6 +26,7 @@ from graycnn.models import MODELS, TEST_MODELS, ModelConfig, build_model, init_v
 
 Variables = dict[str, Any]
 TRAINABLE = ("all", "batchnorm")
+LOSSES = ("ce", "kd")  # the labels; a color teacher distilled (plus the labels)
 _METRICS = "metrics.jsonl"
 # Settings a resumed run may change: the others must match the run being resumed, or the
 # resumed run would silently be a different run (or fail to restore).
@@ -57,7 +58,7 @@ class TrainConfig:
         "ce",
         "'ce': the labels; 'kd': distill a color teacher's softened predictions on the "
         "matching color images (plus the labels); needs a teacher.",
-        choices=("ce", "kd"),
+        choices=LOSSES,
         flag=False,
     )
     temperature: float = setting(4.0, "Distillation temperature.", flag=False)

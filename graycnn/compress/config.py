@@ -5,7 +5,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from graycnn import batchnorm, cluster, distance, fold, merge
+from graycnn import batchnorm, cluster, distance, fold, merge, train
 from graycnn import config as config_lib
 from graycnn import receptive_field as rf
 from graycnn.config import PerLayer, setting
@@ -92,7 +92,7 @@ class CompressConfig:
     bn_loss: str = setting(
         "ce", "Loss of --bn=train: 'ce' the labels (the study); 'kd' distills the color "
         "model's softened predictions on the matching color images (plus the labels).",
-        choices=("ce", "kd"),
+        choices=train.LOSSES,
     )  # fmt: skip
     finetune_epochs: int = setting(
         0, "Also a fine-tune budget: every model (baseline included) trained this many "

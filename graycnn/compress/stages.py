@@ -344,7 +344,7 @@ def reestimate_bn(
         seed=seed,
         epochs=config.bn_epochs,
         data_dir=config.data_dir,
-        teacher=(color.config, color.variables) if config.bn_loss == "kd" else None,
+        teacher=_teacher(color, config.bn_loss),
     )
     return dataclasses.replace(model, variables=jax.device_get(variables))
 
@@ -363,11 +363,18 @@ def finetune(config: CompressConfig, model: Model, color: Model, workdir: str, s
         seed=seed,
         data_dir=config.data_dir,
     )
-    teacher = (color.config, color.variables) if config.finetune == "kd" else None
     _, variables, _ = train_lib.train_and_evaluate(
-        train_config, workdir, init=(model.config, dict(model.variables)), teacher=teacher
+        train_config,
+        workdir,
+        init=(model.config, dict(model.variables)),
+        teacher=_teacher(color, config.finetune),
     )
     return dataclasses.replace(model, variables=variables)
+
+
+def _teacher(color: Model, loss: str) -> tuple[ModelConfig, Any] | None:
+    """What train.train_and_evaluate distills for `loss` ('kd': the color model)."""
+    return (color.config, color.variables) if loss == "kd" else None
 
 
 def evaluate(model: Model, view: str, splits: Splits) -> Evaluation:
