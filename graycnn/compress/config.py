@@ -100,7 +100,7 @@ class CompressConfig:
     )  # fmt: skip
     finetune: str = setting(
         "kd", "Fine-tune loss: 'kd' distills the color model; 'ce' uses the labels only.",
-        choices=("kd", "ce"),
+        choices=train.LOSSES,
     )  # fmt: skip
     finetune_lr: float = setting(0.01, "Fine-tune SGD learning rate (momentum 0.9).")
     target_flops: float = setting(
