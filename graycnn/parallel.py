@@ -5,7 +5,11 @@ Every device of every host (after `jax.distributed.initialize()`) is one positio
 each host places only its own slice of every global batch.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -35,3 +39,38 @@ def round_to_devices(batch_size: int) -> int:
     """The largest multiple of the device count <= batch_size (at least one per device)."""
     n = jax.device_count()
     return max(n, batch_size // n * n)
+
+
+def map_in_chunks(
+    fn: Callable[[Any, jax.Array], jax.Array], chunk: int
+) -> Callable[[Any, jax.Array], jax.Array]:
+    """fn(params, x) evaluated on each device's rows of x, `chunk` rows at a time.
+
+    For row-wise independent functions (inference: no batch statistics). On the CPU a
+    whole device batch's activations outgrow the cache between layers, while a chunk's
+    stay in it: the DenseNets' eval steps run 1.4-1.5x faster in chunks of 4
+    (benchmarks/README.md).
+
+    Args:
+        fn: params (replicated), x (B, ...) -> y (B, ...), row i of y from row i of x.
+        chunk: Rows per call of `fn` on each device; a device's rows are padded to a
+            multiple of it and the padding's outputs dropped.
+
+    Returns:
+        g(params, x) -> fn(params, x) up to float rounding, x and y split over the mesh's
+        `data` axis (x's rows a multiple of the device count).
+    """
+    mesh = mesh_shardings()[0].mesh
+
+    def local(params, x):
+        n = x.shape[0]
+        padded = jnp.pad(x, [(0, -n % chunk)] + [(0, 0)] * (x.ndim - 1))
+        y = jax.lax.map(lambda rows: fn(params, rows), padded.reshape(-1, chunk, *x.shape[1:]))
+        return y.reshape(-1, *y.shape[2:])[:n]
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), PartitionSpec("data")),
+        out_specs=PartitionSpec("data"),
+    )

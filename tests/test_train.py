@@ -75,14 +75,17 @@ def test_evaluate_counts_every_example_once(sample_npz):
     split = data.load_dataset(f"npz:{sample_npz}", "validation")
     model_config = ModelConfig("densenet_test")
     variables = init_variables(model_config, jax.random.key(0))
-    result = evaluation.evaluate(model_config, variables, split, "color", batch_size=8)
-    assert result["examples"] == len(split) == 30
     logits = np.asarray(
         jax.jit(lambda v, x: __import__("graycnn").models.build_model(model_config).apply(v, x))(
             variables, split.images.astype(np.float32)
         )
     )
-    np.testing.assert_allclose(result["accuracy"], np.mean(logits.argmax(-1) == split.labels))
+    # 8 and 6 per batch: 4 and 3 per device, in the CPU's eval chunks of 4 (3 padded).
+    for batch_size in (8, 6):
+        result = evaluation.evaluate(model_config, variables, split, "color", batch_size)
+        assert result["examples"] == len(split) == 30
+        np.testing.assert_array_equal(result["correct"], logits.argmax(-1) == split.labels)
+        np.testing.assert_allclose(result["accuracy"], np.mean(result["correct"]))
     with pytest.raises(ValueError, match="view 'gray' gives 1-channel input"):
         evaluation.evaluate(model_config, variables, split, "gray")
 
