@@ -7,8 +7,9 @@ from graycnn import parallel
 from graycnn.models import ModelConfig, build_model, init_variables
 
 
-@pytest.mark.parametrize("rows", [16, 6])  # 8 and 3 rows per device: 3 pads to 4.
-def test_map_in_chunks_is_the_function_on_the_whole_batch(rows):
+# 8 rows per device in chunks of 2; 3 rows per device padded to one chunk of 4.
+@pytest.mark.parametrize(("rows", "chunk"), [(16, 2), (6, 4)])
+def test_map_in_chunks_is_the_function_on_the_whole_batch(rows, chunk):
     assert jax.device_count() == 2
     config = ModelConfig("densenet_test")
     model = build_model(config)
@@ -21,9 +22,9 @@ def test_map_in_chunks_is_the_function_on_the_whole_batch(rows):
         return model.apply(v, images, train=False)
 
     batch_sharding, replicated = parallel.mesh_shardings()
-    chunked = jax.jit(parallel.map_in_chunks(logits, chunk=2 if rows == 16 else 4))
+    chunked = jax.jit(parallel.map_in_chunks(logits, chunk))
     got = chunked(jax.device_put(variables, replicated), jax.device_put(x, batch_sharding))
-    assert seen == [((2 if rows == 16 else 4), 32, 32, 3)]  # traced once, on one chunk
+    assert seen == [(chunk, 32, 32, 3)]  # traced once, on one chunk
     assert got.shape == (rows, 10) and len(got.sharding.device_set) == 2
     want = jax.jit(model.apply)(variables, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
