@@ -27,32 +27,16 @@ def make_eval_step(model: flax.linen.Module, view: str) -> Callable:
     Cached: `evaluate` runs every epoch and for every report row, and a fresh jit of a
     fresh closure would trace and compile again each time. Modules hash by value.
     """
-    return _eval_step(model, view, _chunk())
-
-
-def logits_fn(model: flax.linen.Module, view: str | None = None) -> Callable:
-    """f(variables, images (B, H, W, C)) -> eval-mode logits (B, classes) of `model` on
-    `view` of the images (None: as given), for use under jit with images split over the
-    mesh; on the CPU each device's rows go in chunks of `CPU_EVAL_CHUNK`."""
-    return _logits_fn(model, view, _chunk())
-
-
-def _chunk() -> int:
-    # Read at every call, as benchmarks switch the speed-ups off (GRAYCNN_CPU_SPEEDUPS=0).
-    return CPU_EVAL_CHUNK if xla_options.cpu_speedups() else 0
-
-
-def _logits_fn(model: flax.linen.Module, view: str | None, chunk: int) -> Callable:
-    def logits_of(variables, images):
-        x = images if view is None else data.apply_view(images, view)
-        return model.apply(variables, x, train=False)
-
-    return parallel.map_in_chunks(logits_of, chunk) if chunk else logits_of
+    return _eval_step(model, view, CPU_EVAL_CHUNK if xla_options.cpu_speedups() else 0)
 
 
 @functools.lru_cache(maxsize=32)
 def _eval_step(model: flax.linen.Module, view: str, chunk: int) -> Callable:
-    logits_of = _logits_fn(model, view, chunk)
+    def logits_of(variables, images):
+        return model.apply(variables, data.apply_view(images, view), train=False)
+
+    if chunk:
+        logits_of = parallel.map_in_chunks(logits_of, chunk)
 
     def step(variables, images, labels, mask):
         logits = logits_of(variables, images)

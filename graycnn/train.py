@@ -336,8 +336,8 @@ def _teacher(config: TrainConfig, teacher, replicated):
         return None, None
     if teacher is None or teacher[0].in_channels != 3:
         raise ValueError("distill='kd' needs a color teacher model")
-    # An eval step's model and chunks: the teacher only infers (graycnn.evaluation).
-    fn = evaluation.logits_fn(build_model(teacher[0], eval_step=True))
+    teacher_model = build_model(teacher[0])
+    fn = lambda v, x: teacher_model.apply(v, x, train=False)  # noqa: E731
     return fn, jax.device_put(dict(teacher[1]), replicated)
 
 
