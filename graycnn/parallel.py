@@ -59,7 +59,12 @@ def map_in_chunks(
     Returns:
         g(params, x) -> fn(params, x) up to float rounding, x and y split over the mesh's
         `data` axis (x's rows a multiple of the device count).
+
+    Raises:
+        ValueError: chunk < 1.
     """
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1 row, got {chunk}")
     mesh = mesh_shardings()[0].mesh
 
     def local(params, x):

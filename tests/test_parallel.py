@@ -28,3 +28,5 @@ def test_map_in_chunks_is_the_function_on_the_whole_batch(rows, chunk):
     assert got.shape == (rows, 10) and len(got.sharding.device_set) == 2
     want = jax.jit(model.apply)(variables, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    with pytest.raises(ValueError, match="chunk must be at least 1"):
+        parallel.map_in_chunks(logits, 0)
