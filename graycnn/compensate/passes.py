@@ -4,7 +4,9 @@ A module's input and output are captured with `nn.intercept_methods` while the w
 model runs; under jit, XLA drops everything after the last captured module, so a pass
 costs the forward pass up to that module. Each pass runs the original model and the
 current (merged, partly compensated) tree on the same batch and returns sums: per batch
-in float32 on the device, across batches in float64 on the host (`Passes.accumulate`).
+in float32 on the devices, across batches in float64 on the host (`Passes.accumulate`).
+A batch's rows are split over this process's devices (every sum is over rows), so the
+two host devices of a CPU both work.
 A consumer's target y comes from the reference: the original model on the same batch,
 or a `Teacher` (another model of the same consumers, on its own row-matched images).
 """
@@ -17,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from graycnn import graph
 from graycnn.compensate.layer import HIGHEST, LayerSpec, layer_spec, patches
@@ -74,18 +77,24 @@ class Passes:
     """
 
     def __init__(self, original, merged, original_variables, batch_size: int, teacher=None):
+        # This process's devices only: each process fits on its own, with no collective.
+        mesh = Mesh(np.asarray(jax.local_devices()), ("rows",))
+        self._rows = NamedSharding(mesh, PartitionSpec("rows"))
+        self._replicated = NamedSharding(mesh, PartitionSpec())
         self.original, self.merged, self.batch_size = original, merged, batch_size
-        self.original_variables = jax.device_put(dict(original_variables))
+        self.original_variables = jax.device_put(dict(original_variables), self._replicated)
         self.reference = original if teacher is None else teacher.model
         self.reference_variables = (
-            self.original_variables if teacher is None else jax.device_put(dict(teacher.variables))
+            self.original_variables
+            if teacher is None
+            else jax.device_put(dict(teacher.variables), self._replicated)
         )
         self.reference_images = None if teacher is None else teacher.images
         self.variables = None
         self._cache: dict[tuple[str, str], Callable] = {}
 
     def use(self, variables: Mapping[str, Any]) -> "Passes":
-        self.variables = jax.device_put(dict(variables))
+        self.variables = jax.device_put(dict(variables), self._replicated)
         return self
 
     def accumulate(
@@ -96,13 +105,15 @@ class Passes:
         one padded with masked zeros. With a teacher, `images` are the fit's and the
         reference batch is cut from the teacher's row-matched images; else it is None
         (the batch itself, not copied to the device twice)."""
-        size = batch_size or self.batch_size
+        devices = len(self._rows.mesh.devices)  # rounded up: a row count for each device
+        size = -(-(batch_size or self.batch_size) // devices) * devices
         total = None
         for start in range(0, len(images), size):
-            batch, mask = _padded(images[start : start + size], size)
+            batch, mask = jax.device_put(_padded(images[start : start + size], size), self._rows)
             ref = None
             if self.reference_images is not None:
                 ref, _ = _padded(self.reference_images[start : start + size], size)
+                ref = jax.device_put(ref, self._rows)
             variables = (self.original_variables, self.variables, self.reference_variables)
             out = fn(*variables, batch, ref, mask, *args)
             out = jax.tree.map(lambda a: np.asarray(a, np.float64), out)
