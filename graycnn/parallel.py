@@ -5,7 +5,7 @@ Every device of every host (after `jax.distributed.initialize()`) is one positio
 each host places only its own slice of every global batch.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -14,9 +14,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
-def mesh_shardings() -> tuple[NamedSharding, NamedSharding]:
-    """(batch sharding over every device, replicated sharding)."""
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+def mesh_shardings(devices: Sequence[jax.Device] | None = None) -> tuple[NamedSharding, ...]:
+    """(batch sharding over `devices`, replicated sharding): default every device of
+    every process; e.g. `jax.local_devices()` for work each process does on its own."""
+    mesh = Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
     return NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
 
 

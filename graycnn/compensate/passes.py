@@ -19,9 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from graycnn import graph
+from graycnn import graph, parallel
 from graycnn.compensate.layer import HIGHEST, LayerSpec, layer_spec, patches
 
 
@@ -78,9 +77,7 @@ class Passes:
 
     def __init__(self, original, merged, original_variables, batch_size: int, teacher=None):
         # This process's devices only: each process fits on its own, with no collective.
-        mesh = Mesh(np.asarray(jax.local_devices()), ("rows",))
-        self._rows = NamedSharding(mesh, PartitionSpec("rows"))
-        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._rows, self._replicated = parallel.mesh_shardings(jax.local_devices())
         self.original, self.merged, self.batch_size = original, merged, batch_size
         self.original_variables = jax.device_put(dict(original_variables), self._replicated)
         self.reference = original if teacher is None else teacher.model
