@@ -136,6 +136,7 @@ def make_train_step(
     teacher: Callable | None = None,
     temperature: float = 4.0,
     distill_weight: float = 0.9,
+    kernel_gradients: bool = True,
 ) -> Callable:
     """Returns jitted step(state, images uint8 (B,H,W,C), labels (B,), rng, teacher_vars)
     -> (state, metrics).
@@ -147,6 +148,9 @@ def make_train_step(
         temperature, distill_weight: The loss is distill_weight * T^2 *
             KL(softmax(teacher / T) || softmax(student / T)) + (1 - distill_weight) *
             cross-entropy with the labels (Hinton et al. 2015).
+        kernel_gradients: False when `tx` freezes every conv (BN-only training): the
+            step then compiles for convolutions without kernel gradients, which on CPU
+            run faster on YNNPACK (`xla_options.train_compiler_options`).
     """
 
     def step(state: TrainState, images, labels, rng, teacher_vars=None):
@@ -189,7 +193,8 @@ def make_train_step(
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
         return new_state, {"loss": loss, "accuracy": accuracy}
 
-    return jax.jit(step, donate_argnums=0, compiler_options=xla_options.train_compiler_options())
+    options = xla_options.train_compiler_options(kernel_gradients)
+    return jax.jit(step, donate_argnums=0, compiler_options=options)
 
 
 def train_and_evaluate(
@@ -233,7 +238,7 @@ def train_and_evaluate(
     teacher_fn, teacher_vars = _teacher(config, teacher, replicated)
     train_step = make_train_step(
         model, tx, config.view, config.augment, teacher_fn, config.temperature,
-        config.distill_weight,
+        config.distill_weight, kernel_gradients=config.trainable == "all",
     )  # fmt: skip
     base_rng = jax.random.key(config.seed + 1)
     history = []

@@ -24,9 +24,19 @@ XLA_DEFAULTS: Mapping[str, str] = {
 
 # jaxlib 0.10 hands CPU convolutions to YNNPACK. Its weight-gradient convolutions (a
 # window as large as the image) are slower than XLA's Eigen ones (a whole train step is
-# 1.07-1.14x faster with Eigen), so the train step keeps YNNPACK for dots only;
-# inference and input gradients (eval, receptive fields) keep the default.
+# 1.07-1.14x faster with Eigen), so a train step that takes kernel gradients keeps
+# YNNPACK for dots only. Inference and input gradients (eval, receptive fields) keep
+# XLA's default.
 _CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# A train step with every conv frozen (BN-only training) takes no kernel gradient: there
+# YNNPACK's convolutions and dots, each in a fusion of its own, are 1.03x faster than
+# XLA's default YNNPACK fusions and 1.10x faster than Eigen's convolutions
+# (benchmarks/README.md, "The BN-only step").
+_CPU_FROZEN_CONV_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": (
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+    )
+}
 
 
 def cpu_speedups() -> bool:
@@ -39,10 +49,13 @@ def cpu_speedups() -> bool:
     return jax.default_backend() == "cpu" and os.environ.get("GRAYCNN_CPU_SPEEDUPS") != "0"
 
 
-def train_compiler_options() -> dict[str, str] | None:
-    """`compiler_options` for `jax.jit` of a train step: Eigen convolutions on CPU, else
-    None (XLA's defaults on GPU and TPU, or with the speed-ups off)."""
-    return dict(_CPU_TRAIN_OPTIONS) if cpu_speedups() else None
+def train_compiler_options(kernel_gradients: bool = True) -> dict[str, str] | None:
+    """`compiler_options` for `jax.jit` of a train step on CPU: Eigen convolutions where
+    the step takes conv kernel gradients, YNNPACK's where it trains no conv (BN-only
+    training); None (XLA's defaults) on GPU and TPU or with the speed-ups off."""
+    if not cpu_speedups():
+        return None
+    return dict(_CPU_TRAIN_OPTIONS if kernel_gradients else _CPU_FROZEN_CONV_OPTIONS)
 
 
 def apply_xla_defaults(environ: MutableMapping[str, str] = os.environ) -> list[str]:

@@ -62,8 +62,14 @@ def test_batchnorm_only_training_freezes_the_rest(config, tmp_path, monkeypatch)
     model_config = ModelConfig("densenet_test")
     start = jax.device_get(init_variables(model_config, jax.random.key(3)))
     monkeypatch.setattr(train.evaluation, "evaluate", lambda *a, **k: 1 / 0)
+    asked = []
+    options = train.xla_options.train_compiler_options
+    monkeypatch.setattr(
+        train.xla_options, "train_compiler_options", lambda k: asked.append(k) or options(k)
+    )
     _, end, history = train.train_and_evaluate(config, str(tmp_path), init=(model_config, start))
     assert [h["val_accuracy"] for h in history] == [None] * config.epochs
+    assert asked == [False]  # compiled for a step without kernel gradients
     np.testing.assert_array_equal(
         start["params"]["stem"]["kernel"], end["params"]["stem"]["kernel"]
     )

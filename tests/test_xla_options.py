@@ -37,8 +37,15 @@ def test_train_step_options_only_on_cpu(monkeypatch):
     assert jax.default_backend() == "cpu"
     options = xla_options.train_compiler_options()
     assert options == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    frozen = xla_options.train_compiler_options(kernel_gradients=False)  # BN-only training
+    assert frozen == {
+        "xla_cpu_experimental_ynn_fusion_type": (
+            "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+        )
+    }
     monkeypatch.setenv("GRAYCNN_CPU_SPEEDUPS", "0")  # the switch benchmarks use
     assert xla_options.train_compiler_options() is None
+    assert xla_options.train_compiler_options(kernel_gradients=False) is None
     model = build_model(ModelConfig("densenet_test"))
     assert not model.bn_one_pass and model.conv_dots == ""
     monkeypatch.delenv("GRAYCNN_CPU_SPEEDUPS")
