@@ -30,8 +30,8 @@ XLA_DEFAULTS: Mapping[str, str] = {
 _CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 # A train step with every conv frozen (BN-only training) takes no kernel gradient: there
 # YNNPACK's convolutions and dots, each in a fusion of its own, are 1.03x faster than
-# XLA's default YNNPACK fusions and 1.10x faster than Eigen's convolutions
-# (benchmarks/README.md, "The BN-only step").
+# XLA's default YNNPACK fusions and 1.11x faster than Eigen's convolutions
+# (benchmarks/README.md, "The BN-only step on YNNPACK").
 _CPU_FROZEN_CONV_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": (
         "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
@@ -40,8 +40,9 @@ _CPU_FROZEN_CONV_OPTIONS = {
 
 
 def cpu_speedups() -> bool:
-    """Whether the train step's CPU speed-ups apply: Eigen convolutions
-    (`train_compiler_options`) and one-pass BatchNorm (`graycnn.models.build_model`).
+    """Whether the train step's CPU speed-ups apply: the convolution library of each
+    train step (`train_compiler_options`), one-pass BatchNorm and the dot convolutions
+    (`graycnn.models.build_model`).
 
     True on a CPU backend unless the environment sets GRAYCNN_CPU_SPEEDUPS=0 (read at
     each call), which benchmarks use to measure what the speed-ups buy.

@@ -77,6 +77,41 @@ def test_batchnorm_only_training_freezes_the_rest(config, tmp_path, monkeypatch)
     assert not np.array_equal(bn_start, bn_end)
 
 
+def test_bn_only_step_compiled_for_either_convolution_library_gives_the_same_update():
+    # kernel_gradients=False only changes the CPU convolution library (YNNPACK, not Eigen).
+    from graycnn import graph
+    from graycnn.models import build_model
+
+    config = ModelConfig("densenet_test", in_channels=1)
+    model, variables = build_model(config), init_variables(config, jax.random.key(0))
+    labels_bn = graph.trace(model, variables, config.input_shape).batchnorm_labels(
+        variables["params"]
+    )
+    tx = train.make_optimizer(train.TrainConfig(trainable="batchnorm"), 2, labels_bn)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 32, 32, 3), np.uint8)
+    labels = rng.integers(0, 10, 8).astype(np.int32)
+    updated = []
+    for kernel_gradients in (True, False):
+        state = train.TrainState(  # a fresh copy each time: the step donates its state
+            np.zeros((), np.int32),
+            *jax.tree.map(np.array, (variables["params"], variables["batch_stats"])),
+            tx.init(variables["params"]),
+        )
+        step = train.make_train_step(model, tx, "gray", True, kernel_gradients=kernel_gradients)
+        updated.append(jax.device_get(step(state, images, labels, jax.random.key(1))[0]))
+    eigen, ynnpack = updated
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        (eigen.params, eigen.batch_stats),
+        (ynnpack.params, ynnpack.batch_stats),
+    )
+    bn_start, bn_end = (
+        p["block1"]["layer1"]["bn"]["scale"] for p in (variables["params"], eigen.params)
+    )
+    assert not np.allclose(bn_start, bn_end)  # the step did train the BatchNorm
+
+
 def test_evaluate_counts_every_example_once(sample_npz):
     split = data.load_dataset(f"npz:{sample_npz}", "validation")
     model_config = ModelConfig("densenet_test")
