@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from graycnn import checkpoint, compress, data, evaluation, train
+from graycnn import checkpoint, compress, data, evaluation, stats, train
+from graycnn.compress import pool
 from graycnn.compress.config import validate, with_preset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -96,6 +97,62 @@ def test_report_rows_and_files(runs, config):
     assert rows["gray_bn"]["delta"] == 0 and rows["gray_bn"]["ci95"] == [0, 0]
     report_md = open(os.path.join(report["config"]["workdir"], "report.md")).read()
     assert "## Held out" in report_md and "## Verdicts" in report_md
+
+
+def test_pooled_runs_give_each_runs_paired_difference(runs, sample_npz):
+    """Two runs of the same seed pooled: the report's own difference (computed by the run,
+    not by the pooling), on both splits, and one interval over the stacked runs."""
+    _, first, second = runs
+    dirs = [first["config"]["workdir"], second["config"]["workdir"]]
+    result = pool.compare_runs(dirs, "merged_1+2", "gray_bn")
+    rows = {r["key"]: r for r in first["rows"]}
+    assert result["runs"] == 2 and result["held_out_name"] == f"npz:{sample_npz}"
+    for split, reported in (
+        ("validation", rows["merged_1+2"]),
+        ("held_out", rows["merged_1+2"]["eval"]),
+    ):
+        got = result[split]
+        assert got["delta"] == pytest.approx(reported["delta"], abs=1e-9)
+        assert got["per_workdir"] == pytest.approx([reported["delta"]] * 2, abs=1e-9)
+    images = data.load_dataset(f"npz:{sample_npz}", "validation")
+    correct = {
+        key: evaluation.evaluate(
+            *checkpoint.load_model(os.path.join(dirs[0], rows[key]["checkpoint"]))[:2],
+            images,
+            "gray",
+        )["correct"]
+        for key in ("merged_1+2", "gray_bn")
+    }
+    expected = stats.compare(
+        np.stack([correct["merged_1+2"]] * 2), np.stack([correct["gray_bn"]] * 2)
+    )
+    assert result["validation"]["ci95"] == pytest.approx(expected["ci95"])
+    table = pool.format_table([("same seed", result)])
+    assert table.splitlines()[2].startswith("| same seed | 2 | ")
+
+
+def test_pooling_refuses_what_it_cannot_pair(runs, tmp_path):
+    _, first, _ = runs
+    workdir = first["config"]["workdir"]
+    with pytest.raises(ValueError, match=r"has no row 'merged_7'; its rows: .*gray_bn"):
+        pool.compare_runs([workdir], "merged_7", "gray_bn")
+    with pytest.raises(ValueError, match=r"report.json: no such file"):
+        pool.compare_runs([workdir, str(tmp_path)], "merged_1+2", "gray_bn")
+    other = tmp_path / "other"
+    other.mkdir()
+    report = json.loads(open(os.path.join(workdir, "report.json")).read())
+    report["config"]["eval_dataset"] = "none"
+    (other / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match=r"other: dataset and eval_dataset .* the same images"):
+        pool.compare_runs([workdir, str(other)], "merged_1+2", "gray_bn")
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.pool", f"--runs={workdir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --runs: '{workdir}' is not LABEL=WORKDIR[,WORKDIR...]"
+    ]
 
 
 def test_every_row_reloads_to_its_accuracy(runs, config, tmp_path_factory):

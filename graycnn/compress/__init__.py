@@ -5,6 +5,7 @@ stages.py    the stages, as functions of plain data
 pipeline.py  `compress`: the stages in order
 writer.py    figures, JSON, checkpoints
 report.py    report.md
+pool.py      one row of several runs against its bar, pooled
 """
 
 from graycnn.compress.config import ACTIVATION, OBJECTIVES, CompressConfig, validate

@@ -99,9 +99,17 @@ class Evaluation:
 
 
 def load_splits(config: CompressConfig, color: Model) -> Splits:
-    """The run's data, checked against the color model's input and classes before any
-    work; the held-out set is all of --eval_dataset, or the dataset's own test split for
-    --eval_dataset=test (absent if it has none)."""
+    """The run's data (`read_splits`), checked against the color model's input and
+    classes before any work."""
+    splits = read_splits(config)
+    check = lambda split: evaluation.check_input(color.config, split, "color")  # noqa: E731
+    held_out = None if splits.held_out is None else check(splits.held_out)
+    return Splits(check(splits.train), check(splits.validation), held_out, splits.held_out_name)
+
+
+def read_splits(config: CompressConfig) -> Splits:
+    """The run's data as stored; the held-out set is all of --eval_dataset, or the
+    dataset's own test split for --eval_dataset=test (absent if it has none)."""
     train = data.load_dataset(config.dataset, "train", config.data_dir)
     validation = data.load_dataset(config.dataset, "validation", config.data_dir)
     name, held_out = config.eval_dataset, None
@@ -115,9 +123,7 @@ def load_splits(config: CompressConfig, color: Model) -> Splits:
         held_out = data.load_dataset(name, "all", config.data_dir)
     else:
         name = None
-    check = lambda split: evaluation.check_input(color.config, split, "color")  # noqa: E731
-    held_out = None if held_out is None else check(held_out)
-    return Splits(check(train), check(validation), held_out, name)
+    return Splits(train, validation, held_out, name)
 
 
 def color_model(config: CompressConfig, train_workdir: str, model_given: bool = False) -> Model:

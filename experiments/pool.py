@@ -1,0 +1,51 @@
+"""One row of several compress runs against its bar, pooled over runs, seeds and images.
+
+    python -m experiments.pool --runs=default=/tmp/tiny_s3,/tmp/tiny_seed1_s3
+    # | setting | runs | validation | held out | per workdir, validation | per workdir, held out |
+    # | default | 6 | -0.40 [-1.45, +0.60] | -0.05 [-0.95, +0.85] | +0.27 / -1.07 | ...
+
+Each --runs is LABEL=WORKDIR[,WORKDIR...], one line of the table: e.g. the `--seeds=3`
+runs of two color models with the same flags. The label may hold '='
+(`--runs=--bn_loss=kd=A,B`). Every run's checkpoints of --row and --bar are evaluated
+again on its validation and held-out images (the runs must share them), and the
+differences, in points, get one paired bootstrap interval over images and runs
+(docs/results.md "Pooled over both color models"). About 1 s per checkpoint for
+densenet_tiny. Every input error is found before the first evaluation.
+"""
+
+from absl import flags
+
+from graycnn import io, runtime
+from graycnn.compress import pool
+
+flags.DEFINE_multi_string(
+    "runs", None, "LABEL=WORKDIR[,WORKDIR...]: compress workdirs pooled into one line; "
+    "repeat for more lines.", required=True,
+)  # fmt: skip
+flags.DEFINE_string("row", "merged_1+2", "Key of the row compared (report.json 'key').")
+flags.DEFINE_string("bar", "gray_bn", "Key of the row it is compared against.")
+flags.DEFINE_string("out", None, "Also write the results here, as JSON.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    runs = [_parse(spec) for spec in FLAGS.runs]
+    for _, dirs in runs:  # every error before the first evaluation
+        pool.check_runs(dirs, FLAGS.row, FLAGS.bar)
+    results = [(label, pool.compare_runs(dirs, FLAGS.row, FLAGS.bar)) for label, dirs in runs]
+    if FLAGS.out:
+        io.write_json(FLAGS.out, dict(results))
+    print(pool.format_table(results))
+
+
+def _parse(spec: str) -> tuple[str, list[str]]:
+    label, _, dirs = spec.rpartition("=")  # a label may be a flag: --bn_loss=kd=DIR,DIR
+    workdirs = [d for d in dirs.split(",") if d]
+    if not label or not workdirs:
+        raise ValueError(f"--runs: {spec!r} is not LABEL=WORKDIR[,WORKDIR...]")
+    return label, workdirs
+
+
+if __name__ == "__main__":
+    runtime.run(main)
