@@ -13,9 +13,11 @@ differences, in points, get one paired bootstrap interval over images and runs
 densenet_tiny. Every input error is found before the first evaluation.
 """
 
+import os
+
 from absl import flags
 
-from graycnn import io, runtime
+from graycnn import io, runtime, workdir
 from graycnn.compress import pool
 
 flags.DEFINE_multi_string(
@@ -31,6 +33,10 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     runs = [_parse(spec) for spec in FLAGS.runs]
+    if FLAGS.out:
+        if os.path.isdir(FLAGS.out):
+            raise ValueError(f"--out {FLAGS.out} is a directory; give a file for the JSON")
+        workdir.prepare(os.path.dirname(os.path.abspath(FLAGS.out)), flag="--out's directory")
     for _, dirs in runs:  # every error before the first evaluation
         pool.check_runs(dirs, FLAGS.row, FLAGS.bar)
     results = [(label, pool.compare_runs(dirs, FLAGS.row, FLAGS.bar)) for label, dirs in runs]

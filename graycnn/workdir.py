@@ -10,21 +10,24 @@ from typing import Any
 from graycnn.models import ModelConfig
 
 
-def prepare(workdir: str) -> None:
+def prepare(workdir: str, flag: str = "--workdir") -> None:
     """Makes `workdir` and proves it writable, so a bad one fails before any work.
 
+    Args:
+        flag: How the error names the directory (the flag that gave it).
+
     Raises:
-        ValueError: naming the workdir: it is a file, or cannot be made or written.
+        ValueError: naming the directory: it is a file, or cannot be made or written.
     """
     path = os.path.abspath(workdir)
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--workdir {path} is a file, not a directory")
+        raise ValueError(f"{flag} {path} is a file, not a directory")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise ValueError(f"--workdir {path} is not writable ({e.strerror or e})") from e
+        raise ValueError(f"{flag} {path} is not writable ({e.strerror or e})") from e
 
 
 def check_resumable(

@@ -153,6 +153,14 @@ def test_pooling_refuses_what_it_cannot_pair(runs, tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: --runs: '{workdir}' is not LABEL=WORKDIR[,WORKDIR...]"
     ]
+    result = subprocess.run(  # an --out it could not write fails before any evaluation
+        [sys.executable, "-m", "experiments.pool", f"--runs=x={workdir}", f"--out={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --out {tmp_path} is a directory; give a file for the JSON"
+    ]
 
 
 def test_every_row_reloads_to_its_accuracy(runs, config, tmp_path_factory):
