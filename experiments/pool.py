@@ -37,9 +37,7 @@ def main(argv):
         if os.path.isdir(FLAGS.out):
             raise ValueError(f"--out {FLAGS.out} is a directory; give a file for the JSON")
         workdir.prepare(os.path.dirname(os.path.abspath(FLAGS.out)), flag="--out's directory")
-    for _, dirs in runs:  # every error before the first evaluation
-        pool.check_runs(dirs, FLAGS.row, FLAGS.bar)
-    results = [(label, pool.compare_runs(dirs, FLAGS.row, FLAGS.bar)) for label, dirs in runs]
+    results = pool.compare_settings(runs, FLAGS.row, FLAGS.bar)
     if FLAGS.out:
         io.write_json(FLAGS.out, dict(results))
     print(pool.format_table(results))

@@ -131,7 +131,7 @@ def test_pooled_runs_give_each_runs_paired_difference(runs, sample_npz):
     assert table.splitlines()[2].startswith("| same seed | 2 | ")
 
 
-def test_pooling_refuses_what_it_cannot_pair(runs, tmp_path):
+def test_pooling_refuses_what_it_cannot_pair(runs, tmp_path, monkeypatch):
     _, first, _ = runs
     workdir = first["config"]["workdir"]
     with pytest.raises(ValueError, match=r"has no row 'merged_7'; its rows: .*gray_bn"):
@@ -145,6 +145,12 @@ def test_pooling_refuses_what_it_cannot_pair(runs, tmp_path):
     (other / "report.json").write_text(json.dumps(report))
     with pytest.raises(ValueError, match=r"other: dataset and eval_dataset .* the same images"):
         pool.compare_runs([workdir, str(other)], "merged_1+2", "gray_bn")
+    with monkeypatch.context() as m:  # a bad last setting stops it before any evaluation
+        m.setattr(pool, "_evaluate", lambda *_: pytest.fail("evaluated before every check"))
+        with pytest.raises(ValueError, match=r"report.json: no such file"):
+            pool.compare_settings(
+                [("fine", [workdir]), ("missing", [str(tmp_path)])], "merged_1+2", "gray_bn"
+            )
     result = subprocess.run(
         [sys.executable, "-m", "experiments.pool", f"--runs={workdir}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -96,6 +96,20 @@ def compare_runs(workdirs: Sequence[str], row: str, bar: str) -> dict[str, Any]:
     }
 
 
+def compare_settings(
+    settings: Sequence[tuple[str, Sequence[str]]], row: str, bar: str
+) -> list[tuple[str, dict[str, Any]]]:
+    """`compare_runs` for each (label, workdirs), every setting checked first, so that an
+    input error in the last one stops the work before the first evaluation.
+
+    Returns:
+        [(label, `compare_runs` result)] in the order given.
+    """
+    for _, workdirs in settings:
+        check_runs(workdirs, row, bar)
+    return [(label, compare_runs(workdirs, row, bar)) for label, workdirs in settings]
+
+
 def format_table(results: Sequence[tuple[str, dict[str, Any]]]) -> str:
     """Markdown: one line per (label, `compare_runs` result), differences in points."""
 
