@@ -9,8 +9,8 @@ runs of two color models with the same flags. The label may hold '='
 (`--runs=--bn_loss=kd=A,B`). Every run's checkpoints of --row and --bar are evaluated
 again on its validation and held-out images (the runs must share them), and the
 differences, in points, get one paired bootstrap interval over images and runs
-(docs/results.md "Pooled over both color models"). About 1 s per checkpoint for
-densenet_tiny. Every input error is found before the first evaluation.
+(docs/results.md "Pooled over both color models"); --figure draws them. About 1 s per
+checkpoint for densenet_tiny. Every input error is found before the first evaluation.
 """
 
 import os
@@ -19,6 +19,7 @@ from absl import flags
 
 from graycnn import io, runtime, workdir
 from graycnn.compress import pool
+from graycnn.figures import report as report_figures
 
 flags.DEFINE_multi_string(
     "runs", None, "LABEL=WORKDIR[,WORKDIR...]: compress workdirs pooled into one line; "
@@ -27,20 +28,30 @@ flags.DEFINE_multi_string(
 flags.DEFINE_string("row", "merged_1+2", "Key of the row compared (report.json 'key').")
 flags.DEFINE_string("bar", "gray_bn", "Key of the row it is compared against.")
 flags.DEFINE_string("out", None, "Also write the results here, as JSON.")
+flags.DEFINE_string("figure", None, "Also draw them here, as a PNG (one panel per split).")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
     runs = [_parse(spec) for spec in FLAGS.runs]
-    if FLAGS.out:
-        if os.path.isdir(FLAGS.out):
-            raise ValueError(f"--out {FLAGS.out} is a directory; give a file for the JSON")
-        workdir.prepare(os.path.dirname(os.path.abspath(FLAGS.out)), flag="--out's directory")
+    for flag in ("out", "figure"):
+        _check_writable(flag, FLAGS[flag].value)
     results = pool.compare_settings(runs, FLAGS.row, FLAGS.bar)
     if FLAGS.out:
         io.write_json(FLAGS.out, dict(results))
+    if FLAGS.figure:
+        print(f"figure: {report_figures.plot_pooled(results, FLAGS.figure)}")
     print(pool.format_table(results))
+
+
+def _check_writable(flag: str, path: str | None) -> None:
+    """An output that could not be written fails now, not after the evaluations."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"--{flag} {path} is a directory; give a file name")
+    workdir.prepare(os.path.dirname(os.path.abspath(path)), flag=f"--{flag}'s directory")
 
 
 def _parse(spec: str) -> tuple[str, list[str]]:

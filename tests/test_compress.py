@@ -12,12 +12,14 @@ import sys
 import time
 
 import jax
+import matplotlib.image
 import numpy as np
 import pytest
 
 from graycnn import checkpoint, compress, data, evaluation, stats, train
 from graycnn.compress import pool
 from graycnn.compress.config import validate, with_preset
+from graycnn.figures import report as report_figures
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -99,7 +101,7 @@ def test_report_rows_and_files(runs, config):
     assert "## Held out" in report_md and "## Verdicts" in report_md
 
 
-def test_pooled_runs_give_each_runs_paired_difference(runs, sample_npz):
+def test_pooled_runs_give_each_runs_paired_difference(runs, sample_npz, tmp_path):
     """Two runs of the same seed pooled: the report's own difference (computed by the run,
     not by the pooling), on both splits, and one interval over the stacked runs."""
     _, first, second = runs
@@ -129,6 +131,11 @@ def test_pooled_runs_give_each_runs_paired_difference(runs, sample_npz):
     assert result["validation"]["ci95"] == pytest.approx(expected["ci95"])
     table = pool.format_table([("same seed", result)])
     assert table.splitlines()[2].startswith("| same seed | 2 | ")
+    # One panel per split, a row per setting: 100 dpi of (5 per panel + 1.5, 1.2 + 0.45 per row).
+    for held, size in ((result["held_out"], (210, 1150)), (None, (210, 650))):
+        settings = [(label, dict(result, held_out=held)) for label in ("same seed", "again")]
+        path = report_figures.plot_pooled(settings, tmp_path / f"pooled_{held is None}.png")
+        assert matplotlib.image.imread(path).shape[:2] == size
 
 
 def test_pooling_refuses_what_it_cannot_pair(runs, tmp_path, monkeypatch):
@@ -165,7 +172,7 @@ def test_pooling_refuses_what_it_cannot_pair(runs, tmp_path, monkeypatch):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: --out {tmp_path} is a directory; give a file for the JSON"
+        f"error: --out {tmp_path} is a directory; give a file name"
     ]
 
 

@@ -1,5 +1,5 @@
-"""Report figures: the data in color vs gray, accuracy vs size (compress), and
-validation accuracy per epoch (baselines)."""
+"""Report figures: the data in color vs gray, accuracy vs size (compress), validation
+accuracy per epoch (baselines), and pooled differences from the bar (pool)."""
 
 import os
 from collections.abc import Mapping, Sequence
@@ -101,5 +101,40 @@ def plot_histories(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -
     ax.set_title(rows[0]["model"] if rows else "")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_pooled(results: Sequence[tuple[str, Mapping[str, Any]]], path: str | os.PathLike) -> str:
+    """One panel per split (validation, held out where given): each setting's pooled
+    difference from the bar in points with its 95% interval, each workdir's own mean
+    difference as open dots, and the bar at 0.
+
+    Args:
+        results: [(label, `compress.pool.compare_runs` result)], drawn top to bottom.
+    """
+    splits = [("validation", "validation")]
+    if any(r["held_out"] is not None for _, r in results):
+        splits.append(("held_out", "held out"))
+    fig = Figure(figsize=(5 * len(splits) + 1.5, 1.2 + 0.45 * len(results)))
+    axes = fig.subplots(1, len(splits), sharey=True, squeeze=False)[0]
+    ys = np.arange(len(results))[::-1]
+    for ax, (split, title) in zip(axes, splits, strict=True):
+        for y, (_, res) in zip(ys, results, strict=True):
+            r = res[split]
+            if r is None:
+                continue
+            low, high = r["ci95"]
+            ax.errorbar(r["delta"], y, xerr=[[r["delta"] - low], [high - r["delta"]]],
+                        fmt="o", color="C0", capsize=3)  # fmt: skip
+            ax.scatter(r["per_workdir"], [y] * len(r["per_workdir"]), marker="o",
+                       facecolors="none", edgecolors="C1", s=22, zorder=3)  # fmt: skip
+        ax.axvline(0, color="gray", lw=1, ls="--")
+        ax.set_title(title)
+        ax.set_xlabel(f"{results[0][1]['row']} - {results[0][1]['bar']} (points)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(ys, [label for label, _ in results])
+    axes[0].set_ylim(-0.7, len(results) - 0.3)
+    fig.suptitle("pooled difference, 95% interval (filled); each workdir's mean (open)", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
