@@ -145,9 +145,14 @@ def test_pooling_refuses_what_it_cannot_pair(runs, tmp_path, monkeypatch):
         pool.compare_runs([workdir], "merged_7", "gray_bn")
     with pytest.raises(ValueError, match=r"report.json: no such file"):
         pool.compare_runs([workdir, str(tmp_path)], "merged_1+2", "gray_bn")
+    report = json.loads(open(os.path.join(workdir, "report.json")).read())
+    lost = tmp_path / "lost"  # its report, not its models
+    lost.mkdir()
+    (lost / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match=r"lost/models/merged_1\+2: no such checkpoint"):
+        pool.compare_runs([workdir, str(lost)], "merged_1+2", "gray_bn")
     other = tmp_path / "other"
     other.mkdir()
-    report = json.loads(open(os.path.join(workdir, "report.json")).read())
     report["config"]["eval_dataset"] = "none"
     (other / "report.json").write_text(json.dumps(report))
     with pytest.raises(ValueError, match=r"other: dataset and eval_dataset .* the same images"):

@@ -28,8 +28,8 @@ def check_runs(workdirs: Sequence[str], row: str, bar: str) -> list[tuple[list[s
         Per workdir, the checkpoint paths of `row` and of `bar`, one per seed.
 
     Raises:
-        ValueError: no workdirs, a missing report or row, runs on different data, or
-            rows of different seed counts (naming the workdir).
+        ValueError: no workdirs, a missing report, row or checkpoint, runs on
+            different data, or rows of different seed counts (naming the workdir).
     """
     if not workdirs:
         raise ValueError("no workdirs to pool")
@@ -48,6 +48,9 @@ def check_runs(workdirs: Sequence[str], row: str, bar: str) -> list[tuple[list[s
                 f"{workdir}: {row!r} has {len(mine)} seeds and {bar!r} {len(theirs)}; the "
                 "paired comparison needs both of every seed"
             )
+        missing = [p for p in mine + theirs if not os.path.isdir(p)]
+        if missing:
+            raise ValueError(f"{missing[0]}: no such checkpoint; {workdir}/report.json names it")
         paths.append((mine, theirs))
     return paths
 
