@@ -24,7 +24,7 @@ import time
 from absl import flags
 from tqdm.auto import tqdm
 
-from graycnn import checkpoint, receptive_field, runtime
+from graycnn import checkpoint, receptive_field, runtime, workdir
 from graycnn.figures.receptive_fields import write_layer
 from graycnn.layers import conv_layers, layer_number, resolve_layer
 from graycnn.models import build_model
@@ -60,9 +60,7 @@ def main(argv):
             resolve_layer(layer, paths)
         except ValueError as e:
             raise ValueError(f"--layers: {e}") from None
-    if os.path.exists(_OUTDIR.value) and not os.path.isdir(_OUTDIR.value):
-        raise ValueError(f"--outdir {_OUTDIR.value} is a file, not a directory")
-    os.makedirs(_OUTDIR.value, exist_ok=True)
+    workdir.prepare(_OUTDIR.value, flag="--outdir")
     for layer in tqdm(_LAYERS.value, desc="layers", position=0):
         start = time.perf_counter()
         bar = tqdm(desc=f"layer {layer} steps", position=1, leave=False, mininterval=0.5)

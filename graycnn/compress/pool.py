@@ -11,7 +11,7 @@ bootstrap over images and runs).
 import json
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -21,11 +21,21 @@ from graycnn.compress import stages
 from graycnn.compress.config import CompressConfig
 
 
-def check_runs(workdirs: Sequence[str], row: str, bar: str) -> list[tuple[list[str], list[str]]]:
+class Run(NamedTuple):
+    """One workdir, checked: its report's config, and per compared row (row, bar) the
+    report entry and the checkpoint paths, one per seed."""
+
+    workdir: str
+    config: dict[str, Any]
+    entries: tuple[dict[str, Any], dict[str, Any]]
+    paths: tuple[list[str], list[str]]
+
+
+def check_runs(workdirs: Sequence[str], row: str, bar: str) -> list[Run]:
     """Checks, before any evaluation, that the runs can be pooled.
 
     Returns:
-        Per workdir, the checkpoint paths of `row` and of `bar`, one per seed.
+        One `Run` per workdir, what `compare_runs` evaluates.
 
     Raises:
         ValueError: no workdirs, a missing report, row or checkpoint, runs on
@@ -34,7 +44,7 @@ def check_runs(workdirs: Sequence[str], row: str, bar: str) -> list[tuple[list[s
     if not workdirs:
         raise ValueError("no workdirs to pool")
     reports = [_report(w) for w in workdirs]
-    paths = []
+    runs = []
     for workdir, report in zip(workdirs, reports, strict=True):
         if _data(report) != _data(reports[0]):
             raise ValueError(
@@ -42,7 +52,8 @@ def check_runs(workdirs: Sequence[str], row: str, bar: str) -> list[tuple[list[s
                 f"{workdirs[0]}'s {_data(reports[0])}: pooled runs must be compared on "
                 "the same images"
             )
-        mine, theirs = (_checkpoints(workdir, _row(workdir, report, k)) for k in (row, bar))
+        entries = tuple(_row(workdir, report, k) for k in (row, bar))
+        mine, theirs = (_checkpoints(workdir, e) for e in entries)
         if len(mine) != len(theirs):
             raise ValueError(
                 f"{workdir}: {row!r} has {len(mine)} seeds and {bar!r} {len(theirs)}; the "
@@ -51,8 +62,8 @@ def check_runs(workdirs: Sequence[str], row: str, bar: str) -> list[tuple[list[s
         missing = [p for p in mine + theirs if not os.path.isdir(p)]
         if missing:
             raise ValueError(f"{missing[0]}: no such checkpoint; {workdir}/report.json names it")
-        paths.append((mine, theirs))
-    return paths
+        runs.append(Run(workdir, report["config"], entries, (mine, theirs)))
+    return runs
 
 
 def compare_runs(workdirs: Sequence[str], row: str, bar: str) -> dict[str, Any]:
@@ -71,32 +82,7 @@ def compare_runs(workdirs: Sequence[str], row: str, bar: str) -> dict[str, Any]:
     Raises:
         ValueError: see `check_runs`.
     """
-    paths = check_runs(workdirs, row, bar)
-    first = _report(workdirs[0])["config"]
-    splits = stages.read_splits(
-        CompressConfig(
-            dataset=first["dataset"],
-            eval_dataset=first.get("eval_dataset", "none"),
-            data_dir=first.get("data_dir"),
-        )
-    )
-    pairs = []  # per workdir, [(row Evaluation, bar Evaluation) per seed]
-    for workdir, run_paths in zip(tqdm(workdirs, desc="runs", leave=False), paths, strict=True):
-        report = _report(workdir)
-        evals = [
-            [_evaluate(p, _row(workdir, report, key), seed, splits) for seed, p in enumerate(ps)]
-            for ps, key in zip(run_paths, (row, bar), strict=True)
-        ]
-        pairs.append(list(zip(*evals, strict=True)))
-    held = splits.held_out is not None
-    return {
-        "row": row,
-        "bar": bar,
-        "runs": sum(len(p) for p in pairs),
-        "validation": _pooled(pairs, "validation"),
-        "held_out": _pooled(pairs, "held_out") if held else None,
-        "held_out_name": splits.held_out_name if held else None,
-    }
+    return _compare(check_runs(workdirs, row, bar), row, bar)
 
 
 def compare_settings(
@@ -108,9 +94,35 @@ def compare_settings(
     Returns:
         [(label, `compare_runs` result)] in the order given.
     """
-    for _, workdirs in settings:
-        check_runs(workdirs, row, bar)
-    return [(label, compare_runs(workdirs, row, bar)) for label, workdirs in settings]
+    checked = [(label, check_runs(workdirs, row, bar)) for label, workdirs in settings]
+    return [(label, _compare(runs, row, bar)) for label, runs in checked]
+
+
+def _compare(runs: Sequence[Run], row: str, bar: str) -> dict[str, Any]:
+    first = runs[0].config
+    splits = stages.read_splits(
+        CompressConfig(
+            dataset=first["dataset"],
+            eval_dataset=first.get("eval_dataset", "none"),
+            data_dir=first.get("data_dir"),
+        )
+    )
+    pairs = []  # per workdir, [(row Evaluation, bar Evaluation) per seed]
+    for run in tqdm(runs, desc="runs", leave=False):
+        evals = [
+            [_evaluate(p, entry, seed, splits) for seed, p in enumerate(ps)]
+            for ps, entry in zip(run.paths, run.entries, strict=True)
+        ]
+        pairs.append(list(zip(*evals, strict=True)))
+    held = splits.held_out is not None
+    return {
+        "row": row,
+        "bar": bar,
+        "runs": sum(len(p) for p in pairs),
+        "validation": _pooled(pairs, "validation"),
+        "held_out": _pooled(pairs, "held_out") if held else None,
+        "held_out_name": splits.held_out_name if held else None,
+    }
 
 
 def format_table(results: Sequence[tuple[str, dict[str, Any]]]) -> str:
