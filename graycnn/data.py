@@ -274,6 +274,11 @@ def _validate(images: np.ndarray, labels: np.ndarray, source: str) -> tuple[np.n
         )
     if images.dtype != np.uint8:
         raise ValueError(f"{source}: images must be uint8 0-255, got dtype {images.dtype}")
+    if images.size and images.max() == 1:
+        raise ValueError(
+            f"{source}: images hold only the values 0 and 1, like 0/1 masks; models take "
+            "0-255 pixels (multiply the images by 255)"
+        )
     if labels.shape != (images.shape[0],):
         raise ValueError(
             f"{source}: labels must be ({images.shape[0]},) to match images, got {labels.shape}"
@@ -320,17 +325,186 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     return _validate(images, labels, path)
 
 
+def read_image(path: str) -> np.ndarray:
+    """Decodes one image file to 0-255 pixels, or refuses it naming the path and mode.
+
+    Every mode Pillow reads is mapped exactly or refused, never clipped or guessed: the
+    EXIF orientation is applied first; gray modes ('1' as 0/255, 'L', 'LA', 16-bit
+    'I;16*', and 'I' when the file says it holds 16-bit samples) give one channel; color
+    modes ('RGB', 'RGBA', 'RGBX', 'CMYK', 'YCbCr', 16-bit RGB(A)) give three. A palette
+    image ('P', 'PA') goes through its palette, and is gray when every color it uses is.
+    Alpha is dropped (pixels keep their color, as before; a palette's transparency is
+    alpha too). 16-bit samples v become round(v * 255 / 65535), so v = 257 * k gives k.
+    Refused: 'F' (float: no fixed range), 'I' from a 32-bit file, and modes without a
+    0-255 meaning ('LAB', 'HSV', premultiplied 'La', 'RGBa').
+
+    Args:
+        path: An image file.
+
+    Returns:
+        (H, W, 1) uint8 for a gray image, (H, W, 3) uint8 for a color one.
+
+    Raises:
+        ValueError: one line naming `path` (and the mode, for a refused mode).
+    """
+    from PIL import Image  # Pillow comes with matplotlib.
+
+    try:
+        with Image.open(path) as im:
+            return _decode(im, path)
+    except _RefusedImage:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: not a readable image ({_one_line(e)})") from e
+
+
+class _RefusedImage(ValueError):
+    """A readable image whose pixels have no honest 0-255 meaning."""
+
+
+def _decode(im, path: str) -> np.ndarray:
+    """`read_image` of an open image `im`: refusals first, then orientation, then pixels."""
+    from PIL import ImageOps
+
+    mode = im.mode
+    rawmodes = [t.args if isinstance(t.args, str) else t.args[0] for t in im.tile]
+    sixteen_bit_color = mode in ("RGB", "RGBA") and any(";16" in r for r in rawmodes)
+    if mode == "F":
+        raise _RefusedImage(
+            f"{path}: float pixels (image mode 'F') have no fixed 0-255 range, so they are "
+            "not guessed; save the image as 8- or 16-bit integers (e.g. round(x * 255) for "
+            "values in 0..1)"
+        )
+    if mode == "I" and not (im.format == "PPM" or all(r in _UNSIGNED_16 for r in rawmodes)):
+        # Pillow's PPM reader scales every maxval to 0..65535; others give 'I' for 32-bit.
+        raise _RefusedImage(
+            f"{path}: 32-bit integer pixels (image mode 'I', {', '.join(rawmodes)}) have no "
+            "fixed 0-255 range, so they are not guessed; save the image as 8- or 16-bit"
+        )
+    if mode not in _MODES:
+        raise _RefusedImage(
+            f"{path}: image mode {mode!r} has no 0-255 pixel meaning here; save the image as "
+            "8-bit gray (L) or RGB"
+        )
+    # Pillow turns a TIFF by its orientation tag itself, on load (and drops the tag); its
+    # quarter turns (5-8) come out unturned and scrambled in Pillow 13, so they are
+    # refused unless the loaded size shows the turn.
+    turn = im.tag_v2.get(_ORIENTATION) if im.format == "TIFF" else None
+    upright_size = im.size  # For 5-8, Pillow gives the turned size before loading.
+    im.load()
+    if turn in (5, 6, 7, 8) and im.size != upright_size:
+        raise _RefusedImage(
+            f"{path}: TIFF orientation {turn} (a quarter turn) is misread by this Pillow; "
+            "save the image upright (orientation 1)"
+        )
+    if sixteen_bit_color:
+        # Pillow keeps only the high byte of 16-bit color (floor(v / 256)); read both.
+        return _orient(_sixteen_bit_color(path, mode, rawmodes), im)
+    # Orientation before anything else, in the image's own mode (a transpose only).
+    im = ImageOps.exif_transpose(im)
+    if mode == "I" or mode in _UNSIGNED_16:
+        return _from_16bit(np.asarray(im).astype(np.int64))[..., None]
+    if mode in ("1", "L", "LA"):
+        return np.asarray(im.convert("L"))[..., None]
+    rgb = np.asarray(im.convert("RGB"))
+    if mode in ("P", "PA") and (rgb == rgb[..., :1]).all():
+        return rgb[..., :1]
+    return rgb
+
+
+_ORIENTATION = 0x0112  # The EXIF (and TIFF) orientation tag.
+# Modes mapped to 0-255 by `_decode` (besides 16-bit color, handled on its own).
+_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I")
+_UNSIGNED_16 = ("I;16", "I;16B", "I;16L", "I;16N")
+_MODES += _UNSIGNED_16
+
+
+def _from_16bit(v: np.ndarray) -> np.ndarray:
+    """round(v * 255 / 65535) = round(v / 257) in integers (v / 257 is never a half)."""
+    if v.min() < 0 or v.max() > 65535:
+        raise ValueError(f"16-bit samples out of 0..65535: {v.min()}..{v.max()}")
+    return ((2 * v + 257) // 514).astype(np.uint8)
+
+
+def _sixteen_bit_color(path: str, mode: str, rawmodes: list[str]) -> np.ndarray:
+    """Exact 16-bit color (or gray + alpha) samples, from two decodes of the same tiles:
+    Pillow's own rawmode gives the high bytes, its other-endian twin the low bytes."""
+    from PIL import Image
+
+    def decode(rawmode_of) -> np.ndarray:
+        with Image.open(path) as again:
+            again.tile = [
+                t._replace(
+                    args=rawmode_of(t.args)
+                    if isinstance(t.args, str)
+                    else (rawmode_of(t.args[0]), *t.args[1:])
+                )
+                for t in again.tile
+            ]
+            again.load()
+            return np.asarray(again).astype(np.int64)
+
+    try:
+        if all(r == "LA;16B" for r in rawmodes):
+            # As 'RGBA' bytes: gray high, gray low, alpha high, alpha low.
+            both = decode(lambda r: "RGBA")
+            return _from_16bit(both[..., :1] * 256 + both[..., 1:2])
+        if all(r[-4:] in (";16B", ";16L") for r in rawmodes):
+            twin = {"B": "L", "L": "B"}
+            high = decode(lambda r: r)
+            low = decode(lambda r: r[:-1] + twin[r[-1]])
+            return _from_16bit(high[..., :3] * 256 + low[..., :3])
+    except (OSError, ValueError) as e:
+        reason = _one_line(e)
+    else:
+        reason = "no exact decoder"
+    raise _RefusedImage(
+        f"{path}: 16-bit image (mode {mode!r}, {', '.join(rawmodes)}) cannot be read exactly "
+        f"({reason}); save it as a 16-bit PNG or as 8-bit"
+    )
+
+
+def _orient(pixels: np.ndarray, im) -> np.ndarray:
+    """`pixels` (H, W, C) turned as `im`'s EXIF orientation says (what exif_transpose does)."""
+    from PIL import Image
+
+    method = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_270,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_90,
+    }.get(im.getexif().get(_ORIENTATION))
+    if method is None:
+        return pixels
+    channels = [Image.fromarray(pixels[..., c]).transpose(method) for c in range(pixels.shape[-1])]
+    return np.stack([np.asarray(c) for c in channels], axis=-1)
+
+
 def _read_folder(path: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...] | None]:
-    """Returns (images, labels, class names or None when every subfolder is a number)."""
+    """Returns (images, labels, class names or None when every subfolder is a number).
+
+    Images are (N, H, W, 1) when every image is gray, else (N, H, W, 3) with gray images
+    repeated on three channels (`read_image` decodes each).
+    """
     from PIL import Image  # Pillow comes with matplotlib.
 
     if not os.path.isdir(path):
         raise ValueError(f"folder dataset {path!r} is not a directory")
-    classes = sorted(
-        d
-        for d in os.listdir(path)
-        if os.path.isdir(os.path.join(path, d)) and not d.startswith(".")
-    )
+    entries = sorted(d for d in os.listdir(path) if not d.startswith("."))
+    classes = [d for d in entries if os.path.isdir(os.path.join(path, d))]
+    # Images beside the class folders belong to no class: refused, not dropped. Other
+    # files (a README, a labels.csv) are skipped.
+    loose = [
+        f for f in entries if f not in classes and _looks_like_image(os.path.join(path, f), Image)
+    ]
+    if loose:
+        raise ValueError(
+            f"folder dataset {path!r}: image files {_few(loose, 3)} sit directly in it; "
+            "images must sit in class subfolders (one per class)"
+        )
     if not classes:
         raise ValueError(f"folder dataset {path!r} has no class subfolders")
     numbered = all(re.fullmatch(r"[0-9]{1,9}", name) for name in classes)
@@ -343,20 +517,32 @@ def _read_folder(path: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...] | N
         if not files:
             empty.append(name)
         for file in files:
-            file_path = os.path.join(path, name, file)
-            try:
-                with Image.open(file_path) as im:
-                    images.append(np.asarray(im.convert("RGB")))
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                raise ValueError(f"{file_path}: not a readable image ({_one_line(e)})") from e
+            images.append(read_image(os.path.join(path, name, file)))
             labels.append(label)
     if empty:
         raise ValueError(f"folder dataset {path!r}: class folders {_few(empty)} hold no images")
+    if len({im.shape[-1] for im in images}) > 1:
+        # Gray and color images together: the gray ones become RGB, as Pillow's
+        # convert("RGB") always made them.
+        images = [np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im for im in images]
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
         raise ValueError(f"{path}: images differ in shape {sorted(shapes)}; resize them first")
     images, labels = _validate(np.stack(images), np.asarray(labels), path)
     return images, labels, None if numbered else tuple(classes)
+
+
+def _looks_like_image(path: str, image_module) -> bool:
+    """Whether a file is an image: a Pillow image extension, or Pillow can open it."""
+    if not os.path.isfile(path):
+        return False
+    if os.path.splitext(path)[1].lower() in image_module.registered_extensions():
+        return True
+    try:
+        with image_module.open(path):
+            return True
+    except Exception:  # Any failure to identify it means: not an image.
+        return False
 
 
 def _split(
