@@ -9,7 +9,12 @@ Names:
                      test (the 100 before the last 100) and 1,000 validation (the last
                      100), so everything runs offline.
     npz:PATH         arrays `images` (N, H, W, C) uint8 and `labels` (N,) int.
-    folder:PATH      one subfolder per class of image files (hidden files are skipped).
+    folder:PATH      one subfolder per class of image files (hidden files are skipped;
+                     images beside the class folders are refused, other files there
+                     skipped). Each image is decoded by `read_image` to exact 0-255
+                     pixels or refused naming its mode; a folder of gray images is
+                     (N, H, W, 1), one holding any color image (N, H, W, 3).
+Images holding only 0 and 1 (masks) are refused: models take 0-255 pixels.
 For npz and folder datasets, `validation` is the same kind of class-balanced split (20%
 of each class, the last images in order), there is no `test`, and `all` is everything.
 
@@ -367,15 +372,18 @@ def _decode(im, path: str) -> np.ndarray:
     from PIL import ImageOps
 
     mode = im.mode
-    rawmodes = [t.args if isinstance(t.args, str) else t.args[0] for t in im.tile]
-    sixteen_bit_color = mode in ("RGB", "RGBA") and any(";16" in r for r in rawmodes)
+    rawmodes = [_rawmode(t.args) for t in im.tile]
+    # Pillow reads 16-bit samples of these modes as their high byte (floor(v / 256)).
+    cut_to_8bit = mode not in ("I", *_UNSIGNED_16) and any(";16" in r for r in rawmodes)
     if mode == "F":
         raise _RefusedImage(
             f"{path}: float pixels (image mode 'F') have no fixed 0-255 range, so they are "
             "not guessed; save the image as 8- or 16-bit integers (e.g. round(x * 255) for "
             "values in 0..1)"
         )
-    if mode == "I" and not (im.format == "PPM" or all(r in _UNSIGNED_16 for r in rawmodes)):
+    if mode == "I" and not (
+        im.format == "PPM" or (rawmodes and all(r in _UNSIGNED_16 for r in rawmodes))
+    ):
         # Pillow's PPM reader scales every maxval to 0..65535; others give 'I' for 32-bit.
         raise _RefusedImage(
             f"{path}: 32-bit integer pixels (image mode 'I', {', '.join(rawmodes)}) have no "
@@ -387,8 +395,8 @@ def _decode(im, path: str) -> np.ndarray:
             "8-bit gray (L) or RGB"
         )
     # Pillow turns a TIFF by its orientation tag itself, on load (and drops the tag); its
-    # quarter turns (5-8) come out unturned and scrambled in Pillow 13, so they are
-    # refused unless the loaded size shows the turn.
+    # quarter turns (5-8) of a non-square image come out unturned and scrambled in Pillow
+    # 13, so they are refused unless the loaded size shows the turn.
     turn = im.tag_v2.get(_ORIENTATION) if im.format == "TIFF" else None
     upright_size = im.size  # For 5-8, Pillow gives the turned size before loading.
     im.load()
@@ -397,9 +405,8 @@ def _decode(im, path: str) -> np.ndarray:
             f"{path}: TIFF orientation {turn} (a quarter turn) is misread by this Pillow; "
             "save the image upright (orientation 1)"
         )
-    if sixteen_bit_color:
-        # Pillow keeps only the high byte of 16-bit color (floor(v / 256)); read both.
-        return _orient(_sixteen_bit_color(path, mode, rawmodes), im)
+    if cut_to_8bit:
+        return _orient(_sixteen_bit(path, mode, rawmodes), im)
     # Orientation before anything else, in the image's own mode (a transpose only).
     im = ImageOps.exif_transpose(im)
     if mode == "I" or mode in _UNSIGNED_16:
@@ -426,9 +433,17 @@ def _from_16bit(v: np.ndarray) -> np.ndarray:
     return ((2 * v + 257) // 514).astype(np.uint8)
 
 
-def _sixteen_bit_color(path: str, mode: str, rawmodes: list[str]) -> np.ndarray:
-    """Exact 16-bit color (or gray + alpha) samples, from two decodes of the same tiles:
-    Pillow's own rawmode gives the high bytes, its other-endian twin the low bytes."""
+def _rawmode(args) -> str:
+    """The rawmode in a Pillow tile's decoder arguments ('' if it names none)."""
+    if isinstance(args, tuple) and args:
+        args = args[0]
+    return args if isinstance(args, str) else ""
+
+
+def _sixteen_bit(path: str, mode: str, rawmodes: list[str]) -> np.ndarray:
+    """Exact 0-255 pixels (H, W, 1 or 3) of a 16-bit image that Pillow cuts to 8 bits,
+    from two decodes of the same tiles: Pillow's own rawmode gives the high bytes, its
+    other-endian twin the low bytes (a 16-bit gray + alpha PNG: both, as 'RGBA')."""
     from PIL import Image
 
     def decode(rawmode_of) -> np.ndarray:
@@ -449,11 +464,12 @@ def _sixteen_bit_color(path: str, mode: str, rawmodes: list[str]) -> np.ndarray:
             # As 'RGBA' bytes: gray high, gray low, alpha high, alpha low.
             both = decode(lambda r: "RGBA")
             return _from_16bit(both[..., :1] * 256 + both[..., 1:2])
-        if all(r[-4:] in (";16B", ";16L") for r in rawmodes):
+        if mode in ("L", "LA", "RGB", "RGBA") and all(r[-4:] in (";16B", ";16L") for r in rawmodes):
             twin = {"B": "L", "L": "B"}
-            high = decode(lambda r: r)
-            low = decode(lambda r: r[:-1] + twin[r[-1]])
-            return _from_16bit(high[..., :3] * 256 + low[..., :3])
+            high = np.atleast_3d(decode(lambda r: r))
+            low = np.atleast_3d(decode(lambda r: r[:-1] + twin[r[-1]]))
+            keep = 3 if mode.startswith("RGB") else 1
+            return _from_16bit(high[..., :keep] * 256 + low[..., :keep])
     except (OSError, ValueError) as e:
         reason = _one_line(e)
     else:
