@@ -237,3 +237,20 @@ def test_loose_images_beside_class_folders_are_refused(tmp_path):
     Image.fromarray(_gray_images(1)[0]).save(tmp_path / "scan.dat", format="PNG")
     with pytest.raises(ValueError, match=r"image files 'scan.dat' sit directly in it"):
         data.load_dataset(f"folder:{tmp_path}", "all")
+
+
+def test_cmyk_converts_and_lab_is_refused_by_mode(tmp_path):
+    cmyk = np.random.default_rng(5).integers(0, 256, (4, 5, 4), dtype=np.uint8)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "x.tif")
+    c, k = cmyk[..., :3].astype(np.float64), cmyk[..., 3:].astype(np.float64)
+    expected = np.round((255 - c) * (255 - k) / 255)  # The usual CMYK -> RGB.
+    pixels = data.read_image(str(tmp_path / "x.tif"))
+    assert pixels.shape == (4, 5, 3)
+    assert np.abs(pixels - expected).max() <= 1  # Pillow's integer rounding.
+    Image.new("LAB", (3, 2), (50, 10, 20)).save(tmp_path / "lab.tif")
+    with pytest.raises(ValueError) as e:
+        data.read_image(str(tmp_path / "lab.tif"))
+    assert str(e.value) == (
+        f"{tmp_path / 'lab.tif'}: image mode 'LAB' has no 0-255 pixel meaning here; save the "
+        "image as 8-bit gray (L) or RGB"
+    )
