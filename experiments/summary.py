@@ -29,9 +29,7 @@ def main(argv):
         FLAGS.model, in_channels=int(FLAGS.in_channels), num_classes=FLAGS.num_classes
     )
     paths = conv_layers(build_model(config), config.input_shape)
-    widths = summary.parse_widths(
-        FLAGS.widths, paths, head_path(config.name), config.num_classes
-    )
+    widths = summary.parse_widths(FLAGS.widths, paths, head_path(config.name), config.num_classes)
     config = config.replace(widths=widths)
     rows = summary.summarize(config)
     model = build_model(config)
