@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -73,7 +74,7 @@ def test_keras_64x64_densenet_is_refused_naming_the_head_and_its_shapes(tmp_path
         import_keras(path, str(tmp_path / "ckpt"))
     message = str(info.value)
     assert message.startswith(f"cannot map Keras layer {pool!r} (AveragePooling2D)")
-    assert "8x8 map (64x64 images through 3 transitions)" in message
+    assert "the 8x8 map of 64x64 images after 3 transitions" in message
     assert "3x3x10 = 90 values" in message and "32x32 to 39x39" in message
     assert not os.path.exists(tmp_path / "ckpt")
 
@@ -156,6 +157,20 @@ def test_model_config_refuses_bad_input_scaling(field, value):
         ModelConfig("densenet_test", **{field: value})
     # Valid ones stay valid, a negative offset included.
     assert ModelConfig("densenet_test", input_scale=0.5, input_offset=-3.0).input_offset == -3.0
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"widths": {"stem": math.nan}}, "widths['stem'] must be an integer >= 1, got nan"),
+        ({"widths": {"stem": 5.7}}, "widths['stem'] must be an integer >= 1, got 5.7"),
+        ({"layers_per_block": [2, 1.5, 1, 1]}, "layers_per_block must be positive counts"),
+    ],
+)
+def test_model_config_refuses_widths_and_depths_that_are_not_integers(changes, message):
+    """int() used to truncate 5.7 to a width of 5 and fail on NaN naming no field."""
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        ModelConfig.from_json({"name": "densenet_test", **changes})
 
 
 def _write_checkpoint(directory, model_config_json, variables) -> str:

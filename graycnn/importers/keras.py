@@ -330,8 +330,8 @@ def _check_head_map(
     low = 4 << transitions
     raise ValueError(
         f"cannot map Keras layer {pool.name!r} (AveragePooling2D) onto the study's DenseNet: "
-        f"it reads a {side}x{side} map ({image}x{image} images through {transitions} "
-        f"transitions), so Keras's head ({pool.name!r}, then {conv.name!r}) outputs "
+        f"it reads the {side}x{side} map of {image}x{image} images after {transitions} "
+        f"transitions, so Keras's head ({pool.name!r}, then {conv.name!r}) outputs "
         f"{positions}x{positions}x{classes} = {positions * positions * classes} values per "
         f"image where graycnn's head outputs {classes}; the two agree on a 4x4 map only "
         f"({low}x{low} to {low + (1 << transitions) - 1}x{low + (1 << transitions) - 1} images)"

@@ -91,6 +91,10 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
             object.__setattr__(self, field, int(value))
+        for key, value in dict(self.widths).items():
+            # int() would truncate 5.7 to 5, and fail on NaN without naming the entry.
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"widths[{key!r}] must be an integer >= 1, got {value!r}")
         object.__setattr__(self, "widths", {str(k): int(v) for k, v in self.widths.items()})
         head = head_path(self.name)
         if head in self.widths and self.widths[head] != self.num_classes:
@@ -116,9 +120,13 @@ class ModelConfig:
         if self.layers_per_block is not None:
             if getattr(_ALL[self.name], "func", None) is not DenseNet:
                 raise ValueError(f"layers_per_block applies to DenseNet models, not {self.name!r}")
-            blocks = tuple(int(n) for n in self.layers_per_block)  # JSON gives a list.
-            if not blocks or min(blocks) < 1:
+            blocks = tuple(self.layers_per_block)  # JSON gives a list.
+            if not blocks or not all(
+                isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
+                for n in blocks
+            ):
                 raise ValueError(f"layers_per_block must be positive counts, got {blocks}")
+            blocks = tuple(int(n) for n in blocks)
             object.__setattr__(self, "layers_per_block", blocks)
         names = tuple(str(n) for n in self.class_names)
         if names and (len(names) != self.num_classes or len(set(names)) != len(names)):
