@@ -41,7 +41,9 @@ def main(argv):
     view = FLAGS.view or ("color" if model_config.in_channels == 3 else "gray")
     split_name = FLAGS.split or data.default_eval_split(FLAGS.dataset)
     split = data.load_dataset(FLAGS.dataset, split_name, FLAGS.data_dir)
-    result = evaluation.evaluate(model_config, variables, split, view, FLAGS.batch_size)
+    result = evaluation.evaluate(
+        model_config, variables, split, view, FLAGS.batch_size, f"checkpoint {FLAGS.checkpoint}"
+    )
     result.pop("correct")
     result |= {
         "params": count_params(variables),

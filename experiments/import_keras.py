@@ -18,7 +18,7 @@ import json
 from absl import flags
 
 from graycnn import runtime
-from graycnn.importers.keras import import_keras
+from graycnn.importers.keras import check_input_scaling, import_keras
 
 _MODEL_FILE = flags.DEFINE_string(
     "model_file", None, "Keras model file (.h5 or .keras) written by model.save.", required=True
@@ -31,13 +31,14 @@ _INPUT_SCALE = flags.DEFINE_float(
     1.0,
     "The Keras model was fed (pixels - input_offset) * input_scale for 0-255 pixels, "
     "outside the model (the study: raw pixels, 1). A Rescaling layer in the file is "
-    "read from the file and composed with it.",
+    "read from the file and composed with it. Must be finite and > 0.",
 )
-_INPUT_OFFSET = flags.DEFINE_float("input_offset", 0.0, "See --input_scale.")
+_INPUT_OFFSET = flags.DEFINE_float("input_offset", 0.0, "See --input_scale. Must be finite.")
 
 
 def main(argv):
     del argv
+    check_input_scaling(_INPUT_SCALE.value, _INPUT_OFFSET.value, prefix="--")
     runtime.setup()
     summary = import_keras(
         _MODEL_FILE.value, _WORKDIR.value, _INPUT_SCALE.value, _INPUT_OFFSET.value

@@ -14,7 +14,7 @@ from absl import flags
 
 from graycnn import runtime, summary
 from graycnn.layers import conv_layers
-from graycnn.models import MODELS, ModelConfig, build_model, count_params
+from graycnn.models import MODELS, ModelConfig, build_model, count_params, head_path
 
 flags.DEFINE_enum("model", "densenet_seed", sorted(MODELS), "Model.")
 flags.DEFINE_enum("in_channels", "3", ["1", "3"], "Input channels.")
@@ -29,7 +29,8 @@ def main(argv):
         FLAGS.model, in_channels=int(FLAGS.in_channels), num_classes=FLAGS.num_classes
     )
     paths = conv_layers(build_model(config), config.input_shape)
-    config = config.replace(widths=summary.parse_widths(FLAGS.widths, paths))
+    widths = summary.parse_widths(FLAGS.widths, paths, head_path(config.name), config.num_classes)
+    config = config.replace(widths=widths)
     rows = summary.summarize(config)
     model = build_model(config)
     variables = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros(config.input_shape))

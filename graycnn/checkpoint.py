@@ -233,6 +233,15 @@ def _short(e: Exception, limit: int = 400) -> str:
 
 
 def _check_finite(variables: Mapping[str, Any], where: str) -> None:
+    """Refuses NaN or inf anywhere, and a negative BatchNorm variance (`batch_stats`
+    leaves named `var`): sqrt(var + eps) of one is NaN, so every logit would be."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
-        if not np.all(np.isfinite(np.asarray(leaf))):
+        leaf = np.asarray(leaf)
+        if not np.all(np.isfinite(leaf)):
             raise ValueError(f"{where}: {jax.tree_util.keystr(path)} holds NaN or inf")
+        keys = [getattr(k, "key", None) for k in path]
+        if keys[0] == "batch_stats" and keys[-1] == "var" and np.any(leaf < 0):
+            raise ValueError(
+                f"{where}: {jax.tree_util.keystr(path)} holds {int(np.sum(leaf < 0))} negative "
+                f"BatchNorm variances (min {float(leaf.min()):g}); a variance is >= 0"
+            )

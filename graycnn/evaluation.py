@@ -43,10 +43,13 @@ def _eval_step(model: flax.linen.Module, view: str, chunk: int) -> Callable:
         logits = logits_of(variables, images)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        # argmax of an all-NaN row is class 0: such rows are counted, and refused.
+        nonfinite = 1.0 - jnp.all(jnp.isfinite(logits), -1).astype(jnp.float32)
         return {
             "correct": jnp.sum(correct * mask),
             "loss": jnp.sum(loss * mask),
             "count": jnp.sum(mask),
+            "nonfinite": jnp.sum(nonfinite * mask),
             "per_example": correct,
         }
 
@@ -59,15 +62,23 @@ def evaluate(
     split: data.Split,
     view: str,
     batch_size: int = 500,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Accuracy and mean loss of a model on a split, every example counted once.
+
+    Args:
+        batch_size: Examples per step (at most the split's); a step's rows are padded to
+            a multiple of the device count, the padding masked out.
+        name: What an error calls the model, e.g. 'checkpoint /tmp/ck'; default
+            'model NAME'.
 
     Returns:
         {'accuracy': 0..1, 'loss': float, 'examples': int, 'correct': (N,) bool, in the
         split's order: what paired statistics compare}.
 
     Raises:
-        ValueError: see `check_input`; an empty split; batch_size < 1.
+        ValueError: see `check_input`; an empty split; batch_size < 1; logits with NaN
+            or inf (counting the examples).
     """
     split = check_input(model_config, split, view)
     if len(split) == 0:
@@ -79,15 +90,30 @@ def evaluate(
     ):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     batch_sharding, replicated = parallel.mesh_shardings()
-    batch_size = parallel.round_to_devices(min(batch_size, len(split)))
+    examples = min(batch_size, len(split))
+    if batch_size % jax.device_count() == 0:
+        # As before: a multiple of the devices, down to one for a split smaller than it.
+        examples = parallel.round_to_devices(examples)
+    pad = -examples % jax.device_count()  # Masked rows, so every step has `examples`.
     step = make_eval_step(build_model(model_config, eval_step=True), view)
     variables = jax.device_put(dict(variables), replicated)
-    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0, "nonfinite": 0.0}
     correct = []
-    for images, labels, mask in data.iterate_batches(split, batch_size):
+    for images, labels, mask in data.iterate_batches(split, examples):
+        if pad:
+            images, labels, mask = (
+                np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)])
+                for a in (images, labels, mask)
+            )
         out = step(variables, *parallel.shard_batch(batch_sharding, images, labels, mask))
         totals = {k: totals[k] + float(out[k]) for k in totals}
         correct.append(_to_host(out["per_example"])[mask > 0])
+    if totals["nonfinite"]:
+        raise ValueError(
+            f"{name or f'model {model_config.name}'} gives NaN or inf logits on "
+            f"{int(totals['nonfinite'])} of {int(totals['count'])} examples of {split.source}; "
+            "its accuracy would be meaningless (broken weights or input scaling?)"
+        )
     return {
         "accuracy": totals["correct"] / totals["count"],
         "loss": totals["loss"] / totals["count"],

@@ -36,6 +36,20 @@ def shard_batch(sharding: NamedSharding, *arrays: np.ndarray) -> list[jax.Array]
     return out
 
 
+def check_batch_size(batch_size: int, flag: str = "--batch_size") -> int:
+    """Returns `batch_size` if the devices can split it evenly, else raises ValueError
+    naming `flag` and the device count. For training, where a batch's size is part of
+    the result (its gradient and BatchNorm statistics): padding would change both, and
+    rounding would train with a batch size no one asked for."""
+    n = jax.device_count()
+    if batch_size % n:
+        raise ValueError(
+            f"{flag}={batch_size} is not a multiple of the {n} devices, which split each "
+            f"batch evenly: give a multiple of {n}, e.g. {max(n, batch_size // n * n)}"
+        )
+    return batch_size
+
+
 def round_to_devices(batch_size: int) -> int:
     """The largest multiple of the device count <= batch_size (at least one per device)."""
     n = jax.device_count()

@@ -21,17 +21,30 @@ class Row:
     conv_number: int | None
 
 
-def parse_widths(spec: str, paths: list[str]) -> dict[str, int]:
+def parse_widths(
+    spec: str, paths: list[str], head: str | None = None, num_classes: int | None = None
+) -> dict[str, int]:
     """Parses '1:20,2:12' or 'stem:20,block1/layer1/conv:12' into {conv path: width}.
 
+    Args:
+        head, num_classes: The model's classifier path (`graycnn.models.head_path`) and its
+            classes: the head's width is --num_classes, never a --widths entry's.
+
     Raises:
-        ValueError: a malformed entry or an unknown layer (listing the layers).
+        ValueError: a malformed entry, an unknown layer (listing the layers), or the head
+            narrowed (naming it and --num_classes).
     """
     default, widths = parse_layer_values(
         spec, "widths", _positive_int, key=lambda layer: resolve_layer(layer, paths)
     )
     if default is not None:
         raise ValueError(f"--widths: {default} has no layer; give LAYER:WIDTH")
+    if head in widths and widths[head] != num_classes:
+        number = f"layer {paths.index(head) + 1} ({head})" if head in paths else head
+        raise ValueError(
+            f"--widths: {number} is the classifier head: its outputs are the classes, "
+            f"--num_classes={num_classes}, so it cannot be narrowed to {widths[head]}"
+        )
     return widths
 
 

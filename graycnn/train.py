@@ -216,6 +216,7 @@ def train_and_evaluate(
     Returns:
         (model config, final variables, one metrics dict per epoch of this process's run).
     """
+    batch_size = parallel.check_batch_size(config.batch_size)  # Before the workdir exists.
     workdir_lib.prepare(workdir)
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
     resumed = None
@@ -225,7 +226,6 @@ def train_and_evaluate(
     model_config, variables, train_split, val_split = _model_and_data(config, init, model_overrides)
     if resumed is not None:
         workdir_lib.check_same_model(model_config, resumed, workdir)
-    batch_size = parallel.round_to_devices(config.batch_size)
     steps_per_epoch = len(train_split) // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch_size={batch_size} exceeds the {len(train_split)} train images")

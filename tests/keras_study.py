@@ -17,6 +17,7 @@ def build_densenet(
     channels: int = 3,
     dropout_rate: float = 0.0,
     rescaling: tuple[float, float] | None = None,
+    image_size: int = 32,
 ):
     """The notebook's `add_denseblock` / `add_transition` / `output_layer`, layer for layer
     (auto-named layers, L1 on the transitions, raw 0-255 input unless `rescaling`)."""
@@ -56,7 +57,7 @@ def build_densenet(
         x = layers.Flatten()(x)
         return layers.Activation("softmax")(x)
 
-    inputs = layers.Input(shape=(32, 32, channels))
+    inputs = layers.Input(shape=(image_size, image_size, channels))
     x = inputs
     if rescaling is not None:
         x = layers.Rescaling(scale=rescaling[0], offset=rescaling[1])(x)

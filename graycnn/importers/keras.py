@@ -14,6 +14,7 @@ Example:
     ('densenet_seed', (12, 12, 12, 12), 995230)
 """
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -90,9 +91,30 @@ def _concat_problem(c: Mapping, **_) -> str | None:
 
 
 def _rescaling_problem(c: Mapping, **_) -> str | None:
-    if not all(isinstance(c.get(k, 0.0), int | float) for k in ("scale", "offset")):
+    scale, offset = c.get("scale", 1.0), c.get("offset", 0.0)
+    if not all(isinstance(v, int | float) for v in (scale, offset)):
         return "needs a scalar scale and offset"
-    return None if c.get("scale") else "scale 0"
+    if not (math.isfinite(scale) and scale > 0 and math.isfinite(offset)):
+        # graycnn's input scale is positive (a scale <= 0 inverts or erases the image).
+        return f"needs a finite scale > 0 and a finite offset, has scale {scale}, offset {offset}"
+    return None
+
+
+def check_input_scaling(input_scale: Any, input_offset: Any, prefix: str = "") -> None:
+    """Raises ValueError unless `input_scale` is a finite number > 0 and `input_offset` a
+    finite number (a scale <= 0 inverts or erases the image; NaN or inf, every logit).
+
+    Args:
+        prefix: Put before the names in the message, e.g. '--' for flags.
+    """
+    for name, value, positive in (
+        ("input_scale", input_scale, True),
+        ("input_offset", input_offset, False),
+    ):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (ok and math.isfinite(value) and (value > 0 or not positive)):
+            want = "a finite number > 0" if positive else "a finite number"
+            raise ValueError(f"{prefix}{name} must be {want}, got {value!r}")
 
 
 _RULES: dict[str, tuple[tuple[str, ...], Callable[..., str | None]]] = {
@@ -209,15 +231,24 @@ def map_densenet(
     # Longer than our usual functions on purpose: one pass over the Keras layers in
     # order, a small parser whose state (cursor, channels, block) every branch updates;
     # split into functions, that state would be threaded through all of them.
+    check_input_scaling(input_scale, input_offset)
     cur = _Cursor(layers)
     x = cur.take("input").name
-    if cur.fits("rescaling"):
+    shape = layers[0].config.get("batch_shape") or layers[0].config.get("batch_input_shape")
+    # Height and width (None where Keras left them open: the study's 32x32 is assumed).
+    size = (shape[1] or 32, shape[2] or 32) if shape and len(shape) == 4 else (32, 32)
+    if size[0] != size[1]:
+        raise ValueError(
+            f"cannot map Keras layer {layers[0].name!r} (InputLayer): its images are "
+            f"{size[0]}x{size[1]}, graycnn's models take square images"
+        )
+    spatial = int(size[0])  # The feature map's side: transitions halve it (rounding down).
+    if getattr(cur.peek(), "kind", None) in _RULES["rescaling"][0]:  # `take` says what is wrong.
         # Keras computes y * s + o on y = (p - offset) * scale, i.e. (p - offset') * scale'.
         c = cur.take("rescaling", reads=(x,))
         s, o = float(c.config.get("scale", 1.0)), float(c.config.get("offset", 0.0))
         input_offset, input_scale, x = input_offset - o / (input_scale * s), input_scale * s, c.name
     stem = cur.take("conv", reads=(x,), kernel=(3, 3), padding="same", bias=False)
-    shape = layers[0].config.get("batch_shape") or layers[0].config.get("batch_input_shape")
     in_channels = int(shape[-1]) if shape and shape[-1] else 3
     params: dict[str, Any] = {"stem": {"kernel": _kernel(stem, in_channels)}}
     stats: dict[str, Any] = {}
@@ -244,12 +275,13 @@ def map_densenet(
             x = cur.take("avgpool", reads=(y,)).name
             conv_params = {"kernel": _kernel(conv, channels)}
             channels = int(conv.config["filters"])
-            block, blocks = block + 1, [*blocks, 0]
+            block, blocks, spatial = block + 1, [*blocks, 0], spatial // 2
         elif role == "head":
             path = ("head",)
             pool = cur.take("avgpool", reads=(relu.name,))
             conv = cur.take("conv", reads=(pool.name,), kernel=(2, 2), padding="valid", bias=True)
             x = cur.take("flatten", reads=(conv.name,)).name
+            _check_head_map(pool, conv, spatial, int(size[0]), len(blocks) - 1)
             bias = _weight(conv, "bias", (int(conv.config["filters"]),))
             conv_params = {"kernel": _kernel(conv, channels), "bias": bias}
         else:
@@ -272,7 +304,7 @@ def map_densenet(
         _registry_name(tuple(blocks)),
         in_channels=in_channels,
         num_classes=int(params["head"]["conv"]["kernel"].shape[3]),
-        image_size=int(shape[1]) if shape and shape[1] else 32,
+        image_size=int(size[0]),
         input_scale=input_scale,
         input_offset=input_offset,
         layers_per_block=tuple(blocks),
@@ -281,6 +313,29 @@ def map_densenet(
         config = config.replace(layers_per_block=None)  # The registry entry says it.
     variables = {"params": params, "batch_stats": stats}
     return _fit_widths(config, variables), variables
+
+
+def _check_head_map(
+    pool: KerasLayer, conv: KerasLayer, side: int, image: int, transitions: int
+) -> None:
+    """Refuses a head that reads anything but a 4x4 map. Keras pools 2x2 and convolves
+    2x2 (valid), so a side x side map gives (side // 2 - 1)^2 positions, each with the
+    classes, while graycnn's head pools any even map down to 2x2, one position: the two
+    are the same function on a 4x4 map only (e.g. 64x64 images: 8x8, 3x3 x 10 = 90 outputs
+    in Keras, 10 in graycnn)."""
+    if side == 4:
+        return
+    classes = int(conv.config["filters"])
+    positions = max(side // 2 - 1, 0)
+    low = 4 << transitions
+    raise ValueError(
+        f"cannot map Keras layer {pool.name!r} (AveragePooling2D) onto the study's DenseNet: "
+        f"it reads the {side}x{side} map of {image}x{image} images after {transitions} "
+        f"transitions, so Keras's head ({pool.name!r}, then {conv.name!r}) outputs "
+        f"{positions}x{positions}x{classes} = {positions * positions * classes} values per "
+        f"image where graycnn's head outputs {classes}; the two agree on a 4x4 map only "
+        f"({low}x{low} to {low + (1 << transitions) - 1}x{low + (1 << transitions) - 1} images)"
+    )
 
 
 def _role_of(layer: KerasLayer | None) -> str | None:
@@ -353,7 +408,13 @@ def import_keras(
     Returns:
         {"checkpoint", "model", "layers_per_block", "params", "in_channels",
         "num_classes", "widths", "format", "keras_version", "keras_layers"}.
+
+    Raises:
+        ValueError: an input_scale that is not finite and > 0, an input_offset that is
+            not finite, a file that is not a Keras model, or a layer that does not fit
+            the DenseNet (naming it).
     """
+    check_input_scaling(input_scale, input_offset)
     layers, outputs, meta = read_keras_file(model_file)
     config, variables = map_densenet(layers, outputs, input_scale, input_offset)
     source = {"file": os.path.abspath(model_file), **meta}

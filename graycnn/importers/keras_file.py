@@ -90,8 +90,9 @@ def read_keras_file(path: str) -> tuple[list[KerasLayer], list[str], dict[str, s
                 version, file_format = f.attrs.get("keras_version", "unknown"), "h5"
         else:
             raise ValueError(f"{path} is neither a Keras .h5 (HDF5) nor a .keras (zip) file")
-    except (OSError, KeyError, TypeError, IndexError, json.JSONDecodeError) as e:
-        # h5py raises OSError on a truncated file; a hand-edited config, KeyError.
+    except (OSError, KeyError, TypeError, IndexError, AttributeError, json.JSONDecodeError) as e:
+        # h5py raises OSError on a truncated file; a hand-edited config, KeyError, or
+        # AttributeError where a list stands for an object deeper down.
         raise ValueError(f"{path} is not a readable Keras model file: {e!r}") from e
     layers = [dataclasses.replace(layer, weights=weights.get(layer.name, {})) for layer in layers]
     return layers, outputs, {"format": file_format, "keras_version": _text(version)}
@@ -101,7 +102,12 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _parse_config(config: Mapping[str, Any], path: str) -> tuple[list[KerasLayer], list[str]]:
+def _parse_config(config: Any, path: str) -> tuple[list[KerasLayer], list[str]]:
+    if not isinstance(config, Mapping):  # Valid JSON, but a list or a string is no model.
+        raise ValueError(
+            f"{path}: the model config is a JSON {type(config).__name__}, not a Keras model "
+            "(an object with class_name and config)"
+        )
     kind, body = config.get("class_name"), config.get("config")
     if kind not in ("Functional", "Model", "Sequential") or not isinstance(body, Mapping):
         raise ValueError(f"{path}: the top level is a {kind!r}, not a Functional model")

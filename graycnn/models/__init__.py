@@ -8,6 +8,7 @@ Example:
 
 import dataclasses
 import functools
+import math
 import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -47,6 +48,8 @@ TEST_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet_test": functools.partial(ResNet, stage_sizes=(1, 1), stage_features=(4, 8)),
 }
 _ALL = {**MODELS, **TEST_MODELS}
+# The path, as `widths` keys it, of each family's classifier: its outputs are the classes.
+_HEADS = {DenseNet: "head/conv", ResNet: "head"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +91,42 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
             object.__setattr__(self, field, int(value))
+        for key, value in dict(self.widths).items():
+            # int() would truncate 5.7 to 5, and fail on NaN without naming the entry.
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"widths[{key!r}] must be an integer >= 1, got {value!r}")
         object.__setattr__(self, "widths", {str(k): int(v) for k, v in self.widths.items()})
+        head = head_path(self.name)
+        if head in self.widths and self.widths[head] != self.num_classes:
+            # The head's outputs are the classes: a narrower head is another task, not a
+            # merged model, and evaluation would read labels >= its width as misses.
+            raise ValueError(
+                f"widths: {head!r} is the classifier head, its {self.num_classes} outputs "
+                f"are the classes (num_classes); it cannot be narrowed to {self.widths[head]}"
+            )
+        for field, low in (("input_scale", 0.0), ("input_offset", None)):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            # A scale <= 0 inverts or erases the image; NaN or inf make every logit NaN.
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not math.isfinite(value)
+                or (low is not None and value <= low)
+            ):
+                want = "a finite number > 0" if low is not None else "a finite number"
+                raise ValueError(f"{field} must be {want}, got {value!r}")
         if self.layers_per_block is not None:
             if getattr(_ALL[self.name], "func", None) is not DenseNet:
                 raise ValueError(f"layers_per_block applies to DenseNet models, not {self.name!r}")
-            blocks = tuple(int(n) for n in self.layers_per_block)  # JSON gives a list.
-            if not blocks or min(blocks) < 1:
+            blocks = tuple(self.layers_per_block)  # JSON gives a list.
+            if not blocks or not all(
+                isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
+                for n in blocks
+            ):
                 raise ValueError(f"layers_per_block must be positive counts, got {blocks}")
+            blocks = tuple(int(n) for n in blocks)
             object.__setattr__(self, "layers_per_block", blocks)
         names = tuple(str(n) for n in self.class_names)
         if names and (len(names) != self.num_classes or len(set(names)) != len(names)):
@@ -128,6 +160,12 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"model config has unknown keys {sorted(unknown)}")
         return cls(**data)
+
+
+def head_path(name: str) -> str | None:
+    """The `widths` key of model `name`'s classifier (its outputs are the classes), e.g.
+    'head/conv' for a DenseNet; None for a model of no known family."""
+    return _HEADS.get(getattr(_ALL.get(name), "func", None))
 
 
 def build_model(config: ModelConfig, eval_step: bool = False) -> nn.Module:
