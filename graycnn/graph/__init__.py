@@ -12,7 +12,8 @@ Example:
 """
 
 from graycnn.graph.flops import count_flops
-from graycnn.graph.rebuild import Rebuilt, rebuild, unwrap, widths_of
+from graycnn.graph.rebuild import Rebuilt, rebuild, unwrap, widths_of, with_widths
+from graycnn.graph.rules import RULE_KINDS, register_rule
 from graycnn.graph.trace import (
     ChannelGraph,
     call_kwargs,
@@ -28,6 +29,7 @@ __all__ = [
     "ChannelGraph",
     "FirstOp",
     "LayerOp",
+    "RULE_KINDS",
     "Rebuilt",
     "Segment",
     "Use",
@@ -39,8 +41,10 @@ __all__ = [
     "like_leaf",
     "module_of",
     "rebuild",
+    "register_rule",
     "shape_of",
     "trace",
     "unwrap",
     "widths_of",
+    "with_widths",
 ]
