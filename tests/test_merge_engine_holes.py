@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 from test_merge_helpers import perturb, tie_clusters
 
-from graycnn import graph, merge
+from graycnn import graph, merge, nnx_adapter
 from graycnn.tree import flatten
 
 ATOL = 1e-5
@@ -83,7 +84,9 @@ def test_grouped_conv_refuses_clusters_across_groups_and_unequal_groups():
         ValueError, match=r"gconv is a grouped conv .* the labels keep \[2, 3\] per group"
     ):
         merge.plan_merge(g, "gconv", [0, 0, 1, 2, 3, 4])
-    with pytest.raises(ValueError, match=r"the labels keep \[2, 1\] per group"):
+    with pytest.raises(
+        ValueError, match=r"cannot prune conv 'gconv': .* the kept filters are \[2, 1\] per group"
+    ):
         merge.plan_prune(g, "gconv", [0, 1, 3])
 
 
@@ -275,3 +278,31 @@ def test_register_rule_refuses_bad_arguments():
         graph.register_rule(3, "elementwise")
     with pytest.raises(TypeError, match="rule must be a rule name, a function or None"):
         graph.register_rule("graycnn_test_swish", 3)
+
+
+class _NNXGrouped(nnx.Module):
+    """Grouped, as an nnx.Module."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+        self.gconv = nnx.Conv(4, 6, (3, 3), feature_group_count=2, rngs=rngs)
+        self.conv2 = nnx.Conv(6, 3, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(3, 2, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.gconv(self.conv1(x)))
+        return self.head(self.conv2(x).mean((1, 2)))
+
+
+def test_an_nnx_grouped_conv_is_merged_exactly_within_its_groups():
+    module, labels = _NNXGrouped(nnx.Rngs(0)), [0, 2, 0, 1, 3, 1]
+    model, variables, _ = nnx_adapter.adapt(module, None)
+    tied = nnx_adapter.to_module(
+        module, tie_clusters(graph.trace(model, variables, SHAPE), variables, "gconv", labels)
+    )
+    merged = merge.merge_layer(tied, None, "gconv", labels, input_shape=SHAPE)
+    assert merged.gconv.kernel.shape == (3, 3, 2, 4)
+    x = np.random.default_rng(1).uniform(0, 1, (3, *SHAPE[1:])).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(merged(x)), np.asarray(tied(x)), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match=r"cluster 0 mixes groups \[0, 1\]"):
+        merge.merge_layer(tied, None, "gconv", [0, 1, 1, 2, 0, 3], input_shape=SHAPE)

@@ -265,7 +265,9 @@ def _steps(g: ChannelGraph, path: str) -> tuple[PlanStep, ...]:
     return tuple(steps)
 
 
-def _within_groups(g: ChannelGraph, path: str, labels: np.ndarray) -> np.ndarray:
+def _within_groups(
+    g: ChannelGraph, path: str, labels: np.ndarray, prune: bool = False
+) -> np.ndarray:
     """`labels` renumbered so that each group's clusters are contiguous, for a group
     with a grouped conv (feature_group_count > 1): output channel k of a conv of G
     groups belongs to group k // (width / G), so merged channel k must come from that
@@ -278,6 +280,7 @@ def _within_groups(g: ChannelGraph, path: str, labels: np.ndarray) -> np.ndarray
     grouped = [(m, g.layers[m].groups) for m in g.group(path) if g.layers[m].groups > 1]
     if not grouped:
         return labels
+    verb = "prune" if prune else "merge"
     width, count = len(labels), int(labels.max()) + 1
     first = np.array([np.flatnonzero(labels == k)[0] for k in range(count)], np.int64)
     for member, groups in grouped:
@@ -287,7 +290,7 @@ def _within_groups(g: ChannelGraph, path: str, labels: np.ndarray) -> np.ndarray
             found = np.unique(group_of[labels == k])
             if len(found) > 1:
                 raise ValueError(
-                    f"cannot merge conv {path!r}: {member} is a grouped conv ({groups} groups "
+                    f"cannot {verb} conv {path!r}: {member} is a grouped conv ({groups} groups "
                     f"of {size} filters) and cluster {k} mixes groups {found.tolist()} "
                     f"(filters {np.flatnonzero(labels == k).tolist()}); every cluster must "
                     "stay within one group"
@@ -295,9 +298,9 @@ def _within_groups(g: ChannelGraph, path: str, labels: np.ndarray) -> np.ndarray
         counts = np.bincount(group_of[first], minlength=groups)
         if len(set(counts.tolist())) > 1:
             raise ValueError(
-                f"cannot merge conv {path!r}: {member} is a grouped conv ({groups} groups of "
-                f"{size} filters), which needs as many channels in every group; the labels "
-                f"keep {counts.tolist()} per group"
+                f"cannot {verb} conv {path!r}: {member} is a grouped conv ({groups} groups of "
+                f"{size} filters), which needs as many channels in every group; the "
+                f"{'kept filters are' if prune else 'labels keep'} {counts.tolist()} per group"
             )
     # Interval partitions: ordering by the group under every grouping orders by all.
     key = [
@@ -391,7 +394,7 @@ def plan_prune(g: ChannelGraph, layer: LayerRef, keep: Any) -> MergePlan:
     g.check_mergeable(path)
     pruned = np.full(width, -1, np.int64)
     pruned[keep] = np.arange(keep.size)
-    pruned = _within_groups(g, path, pruned)
+    pruned = _within_groups(g, path, pruned, prune=True)
     plan = MergePlan(
         path, g.group(path), pruned, "moments", _steps(g, path), tuple(g.consumers(path)), True
     )
