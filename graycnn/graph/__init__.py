@@ -6,6 +6,10 @@ merge, the FLOP count and BN-only training read about a model's structure. See
 tree whose convs were narrowed. Every function here takes a linen module with its
 variables, or an nnx.Module with an nnx.State or None (see `graycnn.nnx_adapter`).
 
+An op the tracer does not follow is refused by name; `register_rule(primitive, rule)`
+adds it to the per-primitive rule table ('elementwise', 'channelwise' or a function),
+as Torch-Pruning's `register_customized_layer` does for a layer.
+
 Example:
     >>> g = trace(model, variables, (1, 32, 32, 3))
     >>> g.consumers("stem"), g.flops()["total"], g.conv_order[0]

@@ -8,7 +8,9 @@ a channel-carrying value in an elementwise op, the leaf axis aligned with the ch
 axis is indexed by those channels (a BatchNorm mean, a conv bias); when a conv or
 dot_general contracts the channels against a kernel leaf, the kernel's input axis is.
 An op this module does not understand marks the convs whose channels it touched as
-unmergeable, with the primitive's name, rather than guessing.
+unmergeable, with the primitive's name, rather than guessing; `register_rule` teaches
+it one. A rule is `rule(eqn, ins, shapes, rec) -> [Value, ...]`: the jaxpr equation,
+the Values of its operands, its output shapes and the `Recorder`.
 """
 
 import dataclasses

@@ -12,6 +12,14 @@ For a conv whose F filters carry labels 0..K-1, `merge_layer` returns a tree whe
 * a conv in a residual group (channels added to other convs' channels) is merged
   together with every conv of the group, with the same labels: the add needs channel i
   of each operand to stay channel i. This happens automatically.
+* a grouped conv (feature_group_count G > 1) is merged within its groups: output
+  channel k belongs to group k // (width / G), so every cluster must stay in one group
+  and every group keep as many channels; the plan renumbers the clusters group by group.
+
+Refused at plan time, naming the conv, module or leaf: a leaf axis read with other
+channels too (a module applied to its own output, conv(conv(x)), or a BatchNorm shared
+by two convs), and a tree that would not fit the model at the merged width (a variable
+whose size the module fixes itself, e.g. self.param('s', init, (C,))).
 
 If every cluster's filters and all their per-channel parameters are identical, the
 merged network computes exactly the same logits; labels all distinct give back the same
@@ -115,7 +123,8 @@ class MergePlan:
     Attributes:
         path: The conv's module path.
         group: Every conv merged with the same labels (its residual group).
-        labels: (F,) int64, 0..K-1.
+        labels: (F,) int64, 0..K-1: merged channel k is cluster k. For a grouped conv
+            the clusters are renumbered group by group (order kept within a group).
         bn_rule: How BatchNorm vectors are merged (see `merge_batchnorm`).
         steps: Every leaf axis reduced, in a fixed order.
         consumers: The convs and dense layers whose input slices are summed.
@@ -198,7 +207,10 @@ def plan_merge(
 
     Raises:
         ValueError: naming the conv: unknown layer, bad labels, channels no layer reads
-            (the classifier) or read by an op that cannot be followed.
+            (the classifier) or read by an op that cannot be followed, clusters that cross
+            a grouped conv's groups or keep unequal groups, a kernel or BatchNorm shared
+            between layers, or a leaf (named) the model makes in another shape at the
+            merged width.
     """
     if bn_rule not in BN_RULES:
         raise ValueError(f"unknown BatchNorm merge rule {bn_rule!r}; rules: {BN_RULES}")
