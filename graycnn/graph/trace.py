@@ -136,35 +136,27 @@ class ChannelGraph:
                 f"conv {path!r} does not produce traced channels (its input or kernel is not "
                 f"a plain image tensor and variable leaf); traced convs: {list(self.convs)}"
             )
-        reasons = [
-            f"{m}: {r}"
-            for m in self.group(path)
-            for r in self.problems.get(m, ())
-            if r != OUTPUT_REASON
-        ]
+        found = [(m, r) for m in self.group(path) for r in self.problems.get(m, ())]
+        output = [f"{m}: {r}" for m, r in found if r == OUTPUT_REASON]
+        reasons = [f"{m}: {r}" for m, r in found if r != OUTPUT_REASON]
         consumers = self.consumers(path)
         if reasons:
             # The op that stopped the trace comes first: a conv read only by, say, a
             # depthwise conv has no traced consumers *because* of it.
+            past = "; no conv or dense layer is traced reading its channels past that"
             raise ValueError(
                 f"cannot merge conv {path!r}: "
-                + "; ".join(reasons)
-                + (
-                    ""
-                    if consumers
-                    else "; no conv or dense layer is traced reading its channels past that"
-                )
+                + "; ".join(reasons + output)
+                + ("" if consumers else past)
             )
         if not consumers:
             raise ValueError(
                 f"conv {path!r} has no traced consumers (no conv or dense layer reads its "
                 "channels: is it the classifier?), so its channels cannot be merged"
-                + "".join(
-                    f"; {m}: {OUTPUT_REASON}"
-                    for m in self.group(path)
-                    if OUTPUT_REASON in self.problems.get(m, ())
-                )
+                + "".join(f"; {r}" for r in output)
             )
+        if output:
+            raise ValueError(f"cannot merge conv {path!r}: " + "; ".join(output))
 
 
 @functools.lru_cache(maxsize=64)
