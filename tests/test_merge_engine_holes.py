@@ -148,7 +148,7 @@ class SharedInSequence(nn.Module):
 @pytest.mark.parametrize(
     "pre, layer, inputs",
     [
-        (False, "conv", r"values no conv produced, e.g. the image; channels of conv"),
+        (False, "conv", r"values whose channels are not traced, e.g. the image; channels of conv"),
         (True, "conv", "channels of conv0; channels of conv"),
         (True, "conv0", "channels of conv0; channels of conv"),
     ],

@@ -143,8 +143,8 @@ class Recorder:
         self.parent: dict[str, str] = {}
         self.unnamed = 0
         # (kernel leaf, input axis) -> the layouts it contracts: segments, or None for
-        # values no conv produced (the image); more than one is a weight shared between
-        # different inputs (e.g. conv(conv(x)) with one module).
+        # values whose channels are not traced (the image); more than one is a weight
+        # shared between different inputs (e.g. conv(conv(x)) with one module).
         self.reads: dict[tuple[str, int], dict[Segments | None, None]] = {}
 
     def find(self, source: str) -> str:
@@ -198,8 +198,9 @@ class Recorder:
                     self.parent[rb] = ra
 
     def read(self, leaf: str, axis: int, segments: Segments | None, layer: str) -> None:
-        """Records that `layer` contracts `leaf` axis `axis` with `segments` (None: with
-        values no conv produced); a second, different layout refuses every conv read."""
+        """Records that `layer` contracts `leaf` axis `axis` with `segments` (None: values
+        whose channels are not traced); a second, different layout refuses every conv
+        read."""
         seen = self.reads.setdefault((leaf, axis), {})
         seen.setdefault(segments, None)
         if len(seen) < 2:
@@ -238,7 +239,7 @@ class Recorder:
 
 def _describe(segments: Segments | None) -> str:
     if segments is None:
-        return "values no conv produced, e.g. the image"
+        return "values whose channels are not traced, e.g. the image"
     names = list(dict.fromkeys(s.source or "no conv" for s in segments))
     return "channels of " + ", ".join(names)
 
