@@ -274,7 +274,10 @@ def test_a_registered_custom_primitive_is_merged_exactly(op, kind):
 def test_register_rule_refuses_bad_arguments():
     with pytest.raises(ValueError, match=r"rule must be one of \['channelwise', 'elementwise'\]"):
         graph.register_rule("graycnn_test_swish", "pointwise")
-    with pytest.raises(TypeError, match="primitive must be a JAX primitive or its name, got int"):
+    with pytest.raises(
+        TypeError,
+        match="primitive must be a JAX primitive, its name or a Flax module class, got int",
+    ):
         graph.register_rule(3, "elementwise")
     with pytest.raises(TypeError, match="rule must be a rule name, a function or None"):
         graph.register_rule("graycnn_test_swish", 3)
@@ -306,3 +309,54 @@ def test_an_nnx_grouped_conv_is_merged_exactly_within_its_groups():
     np.testing.assert_allclose(np.asarray(merged(x)), np.asarray(tied(x)), atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match=r"cluster 0 mixes groups \[0, 1\]"):
         merge.merge_layer(tied, None, "gconv", [0, 1, 1, 2, 0, 3], input_shape=SHAPE)
+
+
+class SortRows(nn.Module):
+    """Sorts each channel's columns along the height, keeps every other row: the
+    tracer refuses its 'sort', though channel c of the output reads channel c only."""
+
+    scaled: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        if self.scaled:  # a per-channel variable inside the module, sized off its input
+            x = x * self.param("s", nn.initializers.ones, (x.shape[-1],))
+        return jnp.sort(x, axis=1)[:, ::2]
+
+
+class WithModule(nn.Module):
+    """conv1 -> BN -> SortRows -> conv2 -> mean -> dense."""
+
+    scaled: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(4, (3, 3), use_bias=False, name="conv1")(x)
+        x = nn.BatchNorm(use_running_average=True, name="bn")(x)
+        x = SortRows(self.scaled, name="rows")(x)
+        return nn.Dense(2, name="head")(nn.Conv(3, (3, 3), name="conv2")(x).mean((1, 2)))
+
+
+def test_a_registered_module_is_merged_exactly_as_one_op():
+    model, labels = WithModule(), [0, 1, 0, 2]
+    refused = r"primitive 'sort' reads its channels and is not supported .* \(in SortRows 'rows'\)"
+    with pytest.raises(ValueError, match=refused):
+        merge.plan_merge(_setup(model)[1], "conv1", labels)
+    graph.register_rule(SortRows, "channelwise")
+    try:
+        variables, g = _setup(model)
+        assert g.consumers("conv1") == ["conv2"] and not g.problems
+        tied = tie_clusters(g, variables, "conv1", labels)
+        after = _merged_logits(model, tied, "conv1", labels)
+        np.testing.assert_allclose(after, _logits(model, tied), atol=ATOL, rtol=0)
+        moved = _merged_logits(model, variables, "conv1", labels)
+        assert np.max(np.abs(moved - _logits(model, variables))) > 1e-3
+        # Inside a registered module nothing is followed: its own per-channel variable
+        # is refused by name rather than left unmerged.
+        _, g = _setup(WithModule(scaled=True))
+        with pytest.raises(ValueError, match=r"params/rows/s would be \(4,\), but the model makes"):
+            merge.plan_merge(g, "conv1", labels)
+    finally:
+        graph.register_rule(SortRows, None)
+    with pytest.raises(ValueError, match=refused):
+        merge.plan_merge(_setup(model)[1], "conv1", labels)

@@ -17,7 +17,9 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
+import flax.linen as nn
 import numpy as np
+from flax import nnx
 from jax.extend import core as jcore
 
 from graycnn.graph.layout import (
@@ -311,15 +313,48 @@ ON_CHANGE: list[Callable[[], None]] = []
 
 RULE_KINDS: dict[str, Callable] = {"elementwise": _elementwise, "channelwise": channelwise}
 
+# Registered module classes -> rule. While tracing, a call of such a module is framed by
+# ENTER (its first argument, channels hidden from the ops inside) and EXIT (its output
+# and that argument, given the module's rule), so the module acts as one op.
+MODULES: dict[type, Callable] = {}
+ENTER = jcore.Primitive("graycnn_module_enter")
+ENTER.def_abstract_eval(lambda x: x)
+EXIT = jcore.Primitive("graycnn_module_exit")
+EXIT.def_abstract_eval(lambda out, x, **params: out)
 
-def register_rule(primitive: str | jcore.Primitive, rule: str | Callable | None) -> None:
-    """Teaches the tracer an op it does not follow (as Torch-Pruning's
+
+def module_rule(module: object) -> Callable | None:
+    """The rule registered for `module`'s class (or a base class), else None."""
+    for cls in type(module).__mro__:
+        if cls in MODULES:
+            return MODULES[cls]
+    return None
+
+
+def _enter(eqn, ins, shapes, rec):
+    (shape,) = shapes
+    return [Value(shape, data=True) if ins[0].data else derived(shape, ins)]
+
+
+def _exit(eqn, ins, shapes, rec):
+    return eqn.params["rule"](eqn, ins[1:], shapes, rec)
+
+
+_RULES.update(graycnn_module_enter=_enter, graycnn_module_exit=_exit)
+_BUILTIN.update(graycnn_module_enter=_enter, graycnn_module_exit=_exit)
+
+
+def register_rule(primitive: str | jcore.Primitive | type, rule: str | Callable | None) -> None:
+    """Teaches the tracer an op or a module it does not follow (as Torch-Pruning's
     `register_customized_layer`), by adding it to the per-primitive rule table.
 
     Args:
         primitive: A JAX primitive (e.g. a custom `jax.extend.core.Primitive`, or one
             JAX has but the tracer refuses: 'pure_callback', 'pallas_call') or its name,
-            as the refusal names it ("primitive 'my_op' reads its channels ...").
+            as the refusal names it ("primitive 'my_op' reads its channels ..."). Or a
+            Flax module class (linen or NNX, subclasses included): each call is one op
+            from its first argument to its output (a single array), and nothing inside
+            it is followed, so a per-channel variable of its own is refused by name.
         rule: 'elementwise': the op acts on each element independently, its operands
             broadcast as in `x * y` (an activation, a custom scaled add); per-channel
             variable operands are merged like a conv bias. 'channelwise': output channel
@@ -330,17 +365,21 @@ def register_rule(primitive: str | jcore.Primitive, rule: str | Callable | None)
             built-in rule if there was one.
 
     Raises:
-        TypeError: `primitive` is not a primitive or a name, or `rule` not a function.
+        TypeError: `primitive` is not a primitive, a name or a module class, or `rule`
+            not a function.
         ValueError: an unknown rule name.
 
     Example:
         >>> graph.register_rule(my_swish_p, "elementwise")  # my_swish_p.name == 'my_swish'
+        >>> graph.register_rule(MyPooling, "channelwise")  # a module class
         >>> merge.merge_layer(model, variables, "conv1", labels, input_shape=shape)
     """
+    module = isinstance(primitive, type) and issubclass(primitive, (nn.Module, nnx.Module))
     name = primitive if isinstance(primitive, str) else getattr(primitive, "name", None)
-    if not isinstance(name, str) or not name:
+    if not module and (not isinstance(name, str) or not name):
         raise TypeError(
-            f"primitive must be a JAX primitive or its name, got {type(primitive).__name__}"
+            "primitive must be a JAX primitive, its name or a Flax module class, got "
+            f"{type(primitive).__name__}"
         )
     if isinstance(rule, str):
         if rule not in RULE_KINDS:
@@ -351,7 +390,12 @@ def register_rule(primitive: str | jcore.Primitive, rule: str | Callable | None)
         rule = RULE_KINDS[rule]
     elif rule is not None and not callable(rule):
         raise TypeError(f"rule must be a rule name, a function or None, got {type(rule).__name__}")
-    if rule is None:
+    if module:
+        if rule is None:
+            MODULES.pop(primitive, None)
+        else:
+            MODULES[primitive] = rule
+    elif rule is None:
         _REGISTERED.discard(name)
         if name in _BUILTIN:
             _RULES[name] = _BUILTIN[name]

@@ -289,7 +289,19 @@ def _trace(model: nn.Module, signature: tuple, input_shape: tuple[int, ...]) -> 
             path = module_path(context)
             if path not in convs:
                 convs.append(path)
-        return next_fun(*args, **kw)
+        rule = rules.module_rule(context.module)
+        if rule is None or context.method_name != "__call__" or not args:
+            return next_fun(*args, **kw)
+        if not isinstance(args[0], jax.Array):
+            return next_fun(*args, **kw)
+        # A registered module: one op given its rule (see rules.MODULES).
+        out = next_fun(rules.ENTER.bind(args[0]), *args[1:], **kw)
+        if not isinstance(out, jax.Array):
+            raise ValueError(
+                f"module {module_path(context)!r} is registered with graph.register_rule but "
+                "returns no single array"
+            )
+        return rules.EXIT.bind(out, args[0], rule=rule)
 
     def apply(leaves, x):
         return model.apply(unflatten(dict(zip(paths, leaves, strict=True))), x, **kwargs)

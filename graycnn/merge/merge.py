@@ -336,8 +336,8 @@ def _check_shapes(g: ChannelGraph, plan: "MergePlan") -> None:
             planned[leaf][step.axis] += len(whole) * count - sum(s.length for s in whole)
     where = f"cannot {'prune' if plan.prune else 'merge'} conv {plan.path!r} to {count} filters"
     why = (
-        "(a variable whose size the module fixes itself rather than reading it off its "
-        "input does not follow the merged width)"
+        "(the merge does not follow this variable: its module fixes its size rather than "
+        "reading it off its input, or uses it inside a module registered as one op)"
     )
     try:
         expected = g.leaf_shapes_at(widths)
