@@ -8,7 +8,8 @@ variables, or an nnx.Module with an nnx.State or None (see `graycnn.nnx_adapter`
 
 An op the tracer does not follow is refused by name; `register_rule(primitive, rule)`
 adds it to the per-primitive rule table ('elementwise', 'channelwise' or a function),
-as Torch-Pruning's `register_customized_layer` does for a layer.
+as Torch-Pruning's `register_customized_layer` does for a layer; a Flax module class
+registered the same way is traced as one op.
 
 Example:
     >>> g = trace(model, variables, (1, 32, 32, 3))
