@@ -6,13 +6,19 @@ merge, the FLOP count and BN-only training read about a model's structure. See
 tree whose convs were narrowed. Every function here takes a linen module with its
 variables, or an nnx.Module with an nnx.State or None (see `graycnn.nnx_adapter`).
 
+An op the tracer does not follow is refused by name; `register_rule(primitive, rule)`
+adds it to the per-primitive rule table ('elementwise', 'channelwise' or a function),
+as Torch-Pruning's `register_customized_layer` does for a layer; a Flax module class
+registered the same way is traced as one op.
+
 Example:
     >>> g = trace(model, variables, (1, 32, 32, 3))
     >>> g.consumers("stem"), g.flops()["total"], g.conv_order[0]
 """
 
 from graycnn.graph.flops import count_flops
-from graycnn.graph.rebuild import Rebuilt, rebuild, unwrap, widths_of
+from graycnn.graph.rebuild import Rebuilt, rebuild, unwrap, widths_of, with_widths
+from graycnn.graph.rules import RULE_KINDS, register_rule
 from graycnn.graph.trace import (
     ChannelGraph,
     call_kwargs,
@@ -28,6 +34,7 @@ __all__ = [
     "ChannelGraph",
     "FirstOp",
     "LayerOp",
+    "RULE_KINDS",
     "Rebuilt",
     "Segment",
     "Use",
@@ -39,8 +46,10 @@ __all__ = [
     "like_leaf",
     "module_of",
     "rebuild",
+    "register_rule",
     "shape_of",
     "trace",
     "unwrap",
     "widths_of",
+    "with_widths",
 ]

@@ -250,3 +250,24 @@ def split(eqn, ins, shapes, rec):
         outs.append(Value(shape, channels=Channels(axis, segments, x.channels.pristine), data=True))
         start += size
     return outs
+
+
+def channelwise(eqn, ins, shapes, rec):
+    """A registered op whose output channel c depends on input channel c only (of its
+    first operand): a custom pooling, resize or per-channel filter. The channel axis
+    keeps its position and size; the other operands must not be variables or channels."""
+
+    def new_axis(a, segments, shape):
+        if len(shape) != len(ins[0].shape) or shape[a] != ins[0].shape[a]:
+            return None, "changes the size or position of the channel axis"
+        return a, segments
+
+    outs = _shift_axis(eqn, ins[:1], shapes, rec, new_axis, keep_pristine=False)
+    rec.taint(ins[1:], f"{eqn.primitive.name} reads channels as a parameter")
+    if any(v.leaves or v.opaque for v in ins[1:]):
+        rec.taint(
+            ins[:1],
+            f"{eqn.primitive.name} (registered 'channelwise') takes a variable operand, which "
+            "a merge would not follow; register it as 'elementwise' or with your own rule",
+        )
+    return outs

@@ -103,6 +103,23 @@ def widths_of(
     return widths
 
 
+def with_widths(model: nn.Module, widths: Mapping[str, int]) -> nn.Module:
+    """`model` (as `rebuild` returns it, or an NNXModel) with the convs in `widths`
+    given those output widths; the other convs keep theirs.
+
+    Example:
+        >>> with_widths(g.model, {"stem": 20}).init(key, images)  # the merged shapes
+    """
+    if isinstance(model, nnx_adapter.NNXModel):
+        features = {**dict(model.features), **widths}
+        return dataclasses.replace(model, features=tuple(sorted(features.items())))
+    base = unwrap(model)
+    if "widths" in {f.name for f in dataclasses.fields(base)}:
+        return base.clone(widths=tuple(sorted({**dict(base.widths), **widths}.items())))
+    features = {**dict(model.features if isinstance(model, Rebuilt) else ()), **widths}
+    return Rebuilt(base, tuple(sorted(features.items())))
+
+
 def rebuild(
     model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
 ) -> nn.Module:

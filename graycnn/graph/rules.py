@@ -8,18 +8,23 @@ a channel-carrying value in an elementwise op, the leaf axis aligned with the ch
 axis is indexed by those channels (a BatchNorm mean, a conv bias); when a conv or
 dot_general contracts the channels against a kernel leaf, the kernel's input axis is.
 An op this module does not understand marks the convs whose channels it touched as
-unmergeable, with the primitive's name, rather than guessing.
+unmergeable, with the primitive's name, rather than guessing; `register_rule` teaches
+it one. A rule is `rule(eqn, ins, shapes, rec) -> [Value, ...]`: the jaxpr equation,
+the Values of its operands, its output shapes and the `Recorder`.
 """
 
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
+import flax.linen as nn
 import numpy as np
+from flax import nnx
 from jax.extend import core as jcore
 
 from graycnn.graph.layout import (
     broadcast_in_dim,
+    channelwise,
     cumulative,
     pad,
     reduce,
@@ -78,7 +83,7 @@ def interpret(
 def _apply(eqn, ins: list[Value], rec: Recorder) -> list[Value]:
     name = eqn.primitive.name
     shapes = [tuple(v.aval.shape) if hasattr(v.aval, "shape") else () for v in eqn.outvars]
-    sub = _sub_jaxpr(eqn)
+    sub = None if name in _REGISTERED else _sub_jaxpr(eqn)
     if sub is not None:
         return interpret(sub, ins, rec, rec.where)
     rule = _RULES.get(name)
@@ -181,6 +186,7 @@ def _conv(eqn, ins, shapes, rec) -> list[Value]:
     in_size = rhs.shape[rhs_spec[1]] * math.prod(rhs.shape[d] for d in rhs_spec[2:])
     flops = 2 * math.prod(shape) * in_size
     leaf, amap = kernel if kernel is not None else (None, None)
+    groups = eqn.params["feature_group_count"]
     path = rec.layer(
         module_of(leaf) if leaf else None,
         "conv",
@@ -188,8 +194,12 @@ def _conv(eqn, ins, shapes, rec) -> list[Value]:
         amap[rhs_spec[1]] if amap else None,
         amap[rhs_spec[0]] if amap else None,
         flops,
+        groups,
     )
     rec.taint([rhs], "the channels are used as a conv kernel")
+    if kernel is not None and lhs.data and amap[rhs_spec[1]] is not None:
+        on_axis = lhs.channels is not None and lhs.channels.axis == lhs_spec[1]
+        rec.read(leaf, amap[rhs_spec[1]], lhs.channels.segments if on_axis else None, path)
     if lhs.channels is not None:
         grouped = eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1
         if lhs.channels.axis != lhs_spec[1]:
@@ -207,6 +217,8 @@ def _conv(eqn, ins, shapes, rec) -> list[Value]:
     width = shape[out_spec[1]]
     if rec.sources.setdefault(path, width) != width:
         rec.problem([path], f"conv {path} is applied with different widths")
+    if eqn.params["batch_group_count"] != 1:
+        rec.problem([path], f"conv {path} has batch_group_count > 1")
     segments = (Segment(path, 0, width),)
     rec.uses.append(Use(leaf, amap[rhs_spec[0]], segments, "produce", "conv"))
     channels = Channels(out_spec[1], segments, frozenset({path}))
@@ -221,7 +233,15 @@ def _dot_general(eqn, ins, shapes, rec) -> list[Value]:
     kernel_side = [v.kernel() for v in (lhs, rhs)]
     kernel = kernel_side[1] or kernel_side[0]
     if kernel is not None and (lhs.data or rhs.data):
-        rec.layer(module_of(kernel[0]), "dense", kernel[0], None, None, flops)
+        layer = rec.layer(module_of(kernel[0]), "dense", kernel[0], None, None, flops)
+        for x, other, xc, oc in ((lhs, kernel_side[1], lc, rc), (rhs, kernel_side[0], rc, lc)):
+            if not x.data or other is None:
+                continue
+            leaf, amap = other
+            for dx, do in zip(xc, oc, strict=True):
+                if amap[do] is not None:
+                    on_axis = x.channels is not None and x.channels.axis == dx
+                    rec.read(leaf, amap[do], x.channels.segments if on_axis else None, layer)
     out_channels = None
     lhs_free = [d for d in range(len(lhs.shape)) if d not in lc and d not in lb]
     rhs_free = [d for d in range(len(rhs.shape)) if d not in rc and d not in rb]
@@ -286,3 +306,103 @@ _RULES.update(
     **{k: reduce for k in "reduce_sum reduce_max reduce_min reduce_prod argmax argmin".split()},
     **{k: cumulative for k in "cumsum cumprod cummax cummin cumlogsumexp".split()},
 )
+_BUILTIN = dict(_RULES)
+_REGISTERED: set[str] = set()
+# Called after the table changes (trace.py clears its cache of traced graphs).
+ON_CHANGE: list[Callable[[], None]] = []
+
+RULE_KINDS: dict[str, Callable] = {"elementwise": _elementwise, "channelwise": channelwise}
+
+# Registered module classes -> rule. While tracing, a call of such a module is framed by
+# ENTER (its first argument, channels hidden from the ops inside) and EXIT (its output
+# and that argument, given the module's rule), so the module acts as one op.
+MODULES: dict[type, Callable] = {}
+ENTER = jcore.Primitive("graycnn_module_enter")
+ENTER.def_abstract_eval(lambda x: x)
+EXIT = jcore.Primitive("graycnn_module_exit")
+EXIT.def_abstract_eval(lambda out, x, **params: out)
+
+
+def module_rule(module: object) -> Callable | None:
+    """The rule registered for `module`'s class (or a base class), else None."""
+    for cls in type(module).__mro__:
+        if cls in MODULES:
+            return MODULES[cls]
+    return None
+
+
+def _enter(eqn, ins, shapes, rec):
+    (shape,) = shapes
+    return [Value(shape, data=True) if ins[0].data else derived(shape, ins)]
+
+
+def _exit(eqn, ins, shapes, rec):
+    return eqn.params["rule"](eqn, ins[1:], shapes, rec)
+
+
+_RULES.update(graycnn_module_enter=_enter, graycnn_module_exit=_exit)
+_BUILTIN.update(graycnn_module_enter=_enter, graycnn_module_exit=_exit)
+
+
+def register_rule(primitive: str | jcore.Primitive | type, rule: str | Callable | None) -> None:
+    """Teaches the tracer an op or a module it does not follow (as Torch-Pruning's
+    `register_customized_layer`), by adding it to the per-primitive rule table.
+
+    Args:
+        primitive: A JAX primitive (e.g. a custom `jax.extend.core.Primitive`, or one
+            JAX has but the tracer refuses: 'pure_callback', 'pallas_call') or its name,
+            as the refusal names it ("primitive 'my_op' reads its channels ..."). Or a
+            Flax module class (linen or NNX, subclasses included): each call is one op
+            from its first argument to its output (a single array), and nothing inside
+            it is followed, so a per-channel variable of its own is refused by name.
+        rule: 'elementwise': the op acts on each element independently, its operands
+            broadcast as in `x * y` (an activation, a custom scaled add); per-channel
+            variable operands are merged like a conv bias. 'channelwise': output channel
+            c depends on channel c of its first operand only (a custom pooling, resize or
+            per-channel filter; shapes may change on the other axes). Or a function
+            `rule(eqn, ins, shapes, rec) -> [Value, ...]` over the interpreter's values
+            (see this module's rules); None removes a registration, restoring the
+            built-in rule if there was one.
+
+    Raises:
+        TypeError: `primitive` is not a primitive, a name or a module class, or `rule`
+            not a function.
+        ValueError: an unknown rule name.
+
+    Example:
+        >>> graph.register_rule(my_swish_p, "elementwise")  # my_swish_p.name == 'my_swish'
+        >>> graph.register_rule(MyPooling, "channelwise")  # a module class
+        >>> merge.merge_layer(model, variables, "conv1", labels, input_shape=shape)
+    """
+    module = isinstance(primitive, type) and issubclass(primitive, (nn.Module, nnx.Module))
+    name = primitive if isinstance(primitive, str) else getattr(primitive, "name", None)
+    if not module and (not isinstance(name, str) or not name):
+        raise TypeError(
+            "primitive must be a JAX primitive, its name or a Flax module class, got "
+            f"{type(primitive).__name__}"
+        )
+    if isinstance(rule, str):
+        if rule not in RULE_KINDS:
+            raise ValueError(
+                f"rule must be one of {sorted(RULE_KINDS)}, a function (eqn, ins, shapes, rec) "
+                f"-> outputs or None; got {rule!r}"
+            )
+        rule = RULE_KINDS[rule]
+    elif rule is not None and not callable(rule):
+        raise TypeError(f"rule must be a rule name, a function or None, got {type(rule).__name__}")
+    if module:
+        if rule is None:
+            MODULES.pop(primitive, None)
+        else:
+            MODULES[primitive] = rule
+    elif rule is None:
+        _REGISTERED.discard(name)
+        if name in _BUILTIN:
+            _RULES[name] = _BUILTIN[name]
+        else:
+            _RULES.pop(name, None)
+    else:
+        _REGISTERED.add(name)
+        _RULES[name] = rule
+    for hook in ON_CHANGE:
+        hook()

@@ -35,10 +35,12 @@ import numpy as np
 
 from graycnn import nnx_adapter
 from graycnn.graph import rules
-from graycnn.graph.rebuild import rebuild, unwrap
+from graycnn.graph.rebuild import rebuild, unwrap, with_widths
 from graycnn.graph.values import FirstOp, LayerOp, Recorder, Use, Value, module_of
 from graycnn.nnx_adapter import BATCHNORMS, CONVS, NNXModel, module_path
 from graycnn.tree import flatten, unflatten
+
+OUTPUT_REASON = "its channels are part of the model's output"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +115,20 @@ class ChannelGraph:
                 seen.setdefault(module_of(u.leaf), None)
         return list(seen)
 
+    def leaf_shapes_at(self, widths: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        """Every leaf's shape as the model makes it with the convs in `widths` at those
+        output widths (the others unchanged): what a merged tree must match.
+
+        Raises:
+            ValueError: the model cannot be built at those widths, with Flax's reason.
+        """
+        key = tuple(sorted(widths.items()))
+        try:
+            hash(self.model)
+        except TypeError:
+            return _shapes_at.__wrapped__(self.model, key, self.input_shape)
+        return _shapes_at(self.model, key, self.input_shape)
+
     def check_mergeable(self, path: str) -> None:
         """Raises ValueError, naming the conv, unless `path`'s channels can be merged."""
         if path not in self.widths:
@@ -120,15 +136,40 @@ class ChannelGraph:
                 f"conv {path!r} does not produce traced channels (its input or kernel is not "
                 f"a plain image tensor and variable leaf); traced convs: {list(self.convs)}"
             )
-        reasons = [f"{m}: {r}" for m in self.group(path) for r in self.problems.get(m, ())]
-        if not self.consumers(path):
+        found = [(m, r) for m in self.group(path) for r in self.problems.get(m, ())]
+        output = [f"{m}: {r}" for m, r in found if r == OUTPUT_REASON]
+        reasons = [f"{m}: {r}" for m, r in found if r != OUTPUT_REASON]
+        consumers = self.consumers(path)
+        if reasons:
+            # The op that stopped the trace comes first: a conv read only by, say, a
+            # depthwise conv has no traced consumers *because* of it.
+            past = "; no conv or dense layer is traced reading its channels past that"
+            raise ValueError(
+                f"cannot merge conv {path!r}: "
+                + "; ".join(reasons + output)
+                + ("" if consumers else past)
+            )
+        if not consumers:
             raise ValueError(
                 f"conv {path!r} has no traced consumers (no conv or dense layer reads its "
                 "channels: is it the classifier?), so its channels cannot be merged"
-                + "".join(f"; {r}" for r in reasons)
+                + "".join(f"; {r}" for r in output)
             )
-        if reasons:
-            raise ValueError(f"cannot merge conv {path!r}: " + "; ".join(reasons))
+        if output:
+            raise ValueError(f"cannot merge conv {path!r}: " + "; ".join(output))
+
+
+@functools.lru_cache(maxsize=64)
+def _shapes_at(model, widths: tuple, input_shape: tuple) -> dict[str, tuple[int, ...]]:
+    resized = with_widths(model, dict(widths))
+    x = jnp.zeros(input_shape, jnp.float32)
+    try:
+        tree = jax.eval_shape(lambda: resized.init(jax.random.key(0), x, **call_kwargs(resized)))
+    except Exception as e:  # Flax raises many types for shapes it cannot build.
+        names = ", ".join(f"{p} at {w}" for p, w in widths)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"the model cannot be built with conv {names} filters: {first}") from e
+    return {p: tuple(leaf.shape) for p, leaf in flatten(tree).items()}
 
 
 def call_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -248,7 +289,19 @@ def _trace(model: nn.Module, signature: tuple, input_shape: tuple[int, ...]) -> 
             path = module_path(context)
             if path not in convs:
                 convs.append(path)
-        return next_fun(*args, **kw)
+        rule = rules.module_rule(context.module)
+        if rule is None or context.method_name != "__call__" or not args:
+            return next_fun(*args, **kw)
+        if not isinstance(args[0], jax.Array):
+            return next_fun(*args, **kw)
+        # A registered module: one op given its rule (see rules.MODULES).
+        out = next_fun(rules.ENTER.bind(args[0]), *args[1:], **kw)
+        if not isinstance(out, jax.Array):
+            raise ValueError(
+                f"module {module_path(context)!r} is registered with graph.register_rule but "
+                "returns no single array"
+            )
+        return rules.EXIT.bind(out, args[0], rule=rule)
 
     def apply(leaves, x):
         return model.apply(unflatten(dict(zip(paths, leaves, strict=True))), x, **kwargs)
@@ -263,7 +316,7 @@ def _trace(model: nn.Module, signature: tuple, input_shape: tuple[int, ...]) -> 
     inputs.append(Value(tuple(input_shape), data=True))
     rec = Recorder(modules)
     for out in rules.interpret(closed, inputs, rec):
-        rec.taint([out], "its channels are part of the model's output")
+        rec.taint([out], OUTPUT_REASON)
     return ChannelGraph(
         convs=tuple(rec.sources),
         widths=dict(rec.sources),
@@ -278,6 +331,10 @@ def _trace(model: nn.Module, signature: tuple, input_shape: tuple[int, ...]) -> 
         conv_order=tuple(convs),
         leaf_shapes={p: tuple(flat[p].shape) for p in paths},
     )
+
+
+# A registered rule changes what a trace finds.
+rules.ON_CHANGE.append(_trace.cache_clear)
 
 
 def shape_of(leaf: Any) -> tuple[int, ...]:

@@ -109,7 +109,11 @@ class FirstOp:
 
 @dataclasses.dataclass
 class LayerOp:
-    """A conv or dense op whose kernel is a variable leaf."""
+    """A conv or dense op whose kernel is a variable leaf.
+
+    `groups` is a conv's feature_group_count: output channel k belongs to group
+    k // (width / groups) and reads only that group's input channels.
+    """
 
     path: str
     kind: str
@@ -117,6 +121,7 @@ class LayerOp:
     in_axis: int | None
     out_axis: int | None
     flops: int
+    groups: int = 1
 
 
 class Recorder:
@@ -137,6 +142,10 @@ class Recorder:
         self.layers: dict[str, LayerOp] = {}
         self.parent: dict[str, str] = {}
         self.unnamed = 0
+        # (kernel leaf, input axis) -> the layouts it contracts: segments, or None for
+        # values whose channels are not traced (the image); more than one is a weight
+        # shared between different inputs (e.g. conv(conv(x)) with one module).
+        self.reads: dict[tuple[str, int], dict[Segments | None, None]] = {}
 
     def find(self, source: str) -> str:
         while self.parent.get(source, source) != source:
@@ -188,6 +197,23 @@ class Recorder:
                 if ra != rb:
                     self.parent[rb] = ra
 
+    def read(self, leaf: str, axis: int, segments: Segments | None, layer: str) -> None:
+        """Records that `layer` contracts `leaf` axis `axis` with `segments` (None: values
+        whose channels are not traced); a second, different layout refuses every conv
+        read."""
+        seen = self.reads.setdefault((leaf, axis), {})
+        seen.setdefault(segments, None)
+        if len(seen) < 2:
+            return
+        sources = sorted({s.source for segs in seen if segs for s in segs if s.source})
+        inputs = "; ".join(_describe(segs) for segs in seen)
+        self.problem(
+            sources,
+            f"module {layer!r} applies its kernel {leaf} to {len(seen)} different inputs "
+            f"({inputs}): weights shared in sequence (e.g. conv(conv(x)) with one module) "
+            "read channels of different layers on one input axis",
+        )
+
     def first_op(self, channels: Channels, primitive: str, operand: int, other=None) -> None:
         kernel = other.kernel() if other is not None else None
         for source in sorted(channels.pristine):
@@ -198,15 +224,24 @@ class Recorder:
                 FirstOp(source, primitive, operand, leaf, axis, channels.segments)
             )
 
-    def layer(self, path: str | None, kind: str, kernel, in_axis, out_axis, flops: int) -> str:
+    def layer(
+        self, path: str | None, kind: str, kernel, in_axis, out_axis, flops: int, groups: int = 1
+    ) -> str:
         if path is None:
             self.unnamed += 1
             path = f"<{kind} #{self.unnamed}>"
         if path in self.layers:
             self.layers[path].flops += flops
         else:
-            self.layers[path] = LayerOp(path, kind, kernel, in_axis, out_axis, flops)
+            self.layers[path] = LayerOp(path, kind, kernel, in_axis, out_axis, flops, groups)
         return path
+
+
+def _describe(segments: Segments | None) -> str:
+    if segments is None:
+        return "values whose channels are not traced, e.g. the image"
+    names = list(dict.fromkeys(s.source or "no conv" for s in segments))
+    return "channels of " + ", ".join(names)
 
 
 def module_of(leaf: str) -> str:
@@ -215,7 +250,14 @@ def module_of(leaf: str) -> str:
 
 
 def unknown(name: str, ins: list[Value], shapes, rec: Recorder) -> list[Value]:
-    rec.taint(ins, f"primitive {name!r} reads its channels and is not supported")
+    if name in ("scan", "while", "cond"):
+        reason = f"control flow {name!r} (nn.scan, lax.scan, a loop or lax.cond) is not followed"
+    else:
+        reason = (
+            f"primitive {name!r} reads its channels and is not supported (teach the tracer "
+            "with graycnn.graph.register_rule)"
+        )
+    rec.taint(ins, reason)
     return [derived(shape, ins) for shape in shapes]
 
 

@@ -12,6 +12,14 @@ For a conv whose F filters carry labels 0..K-1, `merge_layer` returns a tree whe
 * a conv in a residual group (channels added to other convs' channels) is merged
   together with every conv of the group, with the same labels: the add needs channel i
   of each operand to stay channel i. This happens automatically.
+* a grouped conv (feature_group_count G > 1) is merged within its groups: output
+  channel k belongs to group k // (width / G), so every cluster must stay in one group
+  and every group keep as many channels; the plan renumbers the clusters group by group.
+
+Refused at plan time, naming the conv, module or leaf: a leaf axis read with other
+channels too (a module applied to its own output, conv(conv(x)), or a BatchNorm shared
+by two convs), and a tree that would not fit the model at the merged width (a variable
+whose size the module fixes itself, e.g. self.param('s', init, (C,))).
 
 If every cluster's filters and all their per-channel parameters are identical, the
 merged network computes exactly the same logits; labels all distinct give back the same
@@ -32,11 +40,13 @@ Example:
 """
 
 import dataclasses
+import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import numpy as np
 from flax import nnx
 
@@ -113,7 +123,8 @@ class MergePlan:
     Attributes:
         path: The conv's module path.
         group: Every conv merged with the same labels (its residual group).
-        labels: (F,) int64, 0..K-1.
+        labels: (F,) int64, 0..K-1: merged channel k is cluster k. For a grouped conv
+            the clusters are renumbered group by group (order kept within a group).
         bn_rule: How BatchNorm vectors are merged (see `merge_batchnorm`).
         steps: Every leaf axis reduced, in a fixed order.
         consumers: The convs and dense layers whose input slices are summed.
@@ -196,22 +207,48 @@ def plan_merge(
 
     Raises:
         ValueError: naming the conv: unknown layer, bad labels, channels no layer reads
-            (the classifier) or read by an op that cannot be followed.
+            (the classifier) or read by an op that cannot be followed, clusters that cross
+            a grouped conv's groups or keep unequal groups, a kernel or BatchNorm shared
+            between layers, or a leaf (named) the model makes in another shape at the
+            merged width.
     """
     if bn_rule not in BN_RULES:
         raise ValueError(f"unknown BatchNorm merge rule {bn_rule!r}; rules: {BN_RULES}")
     path = resolve_layer(layer, g.conv_order)
     g.check_mergeable(path)
-    labels = check_labels(labels, g.widths[path], path)
+    labels = _within_groups(g, path, check_labels(labels, g.widths[path], path))
+    plan = MergePlan(
+        path, g.group(path), labels, bn_rule, _steps(g, path), tuple(g.consumers(path))
+    )
+    _check_shapes(g, plan)
+    return plan
+
+
+def _steps(g: ChannelGraph, path: str) -> tuple[PlanStep, ...]:
+    """Every leaf axis that merging `path`'s group reduces, in a fixed order."""
+    members = set(g.group(path))
     layouts: dict[str, dict[int, set]] = defaultdict(lambda: defaultdict(set))
     for use in g.uses_of(path):
         layouts[use.leaf][use.axis].add((use.segments, use.kind))
+        for seg in use.segments:
+            if seg.source in members and (seg.start, seg.length) != (0, g.widths[seg.source]):
+                raise ValueError(
+                    f"cannot merge conv {path!r}: {use.leaf} reads channels "
+                    f"{seg.start}..{seg.start + seg.length - 1} of {seg.source}, not all "
+                    f"{g.widths[seg.source]}"
+                )
+    # A leaf axis that is read with other channels elsewhere too (a BatchNorm or a
+    # kernel shared between layers) cannot follow this merge alone.
+    for use in g.uses:
+        if use.leaf in layouts and use.axis in layouts[use.leaf]:
+            layouts[use.leaf][use.axis].add((use.segments, use.kind))
     for leaf, axes in layouts.items():
         for axis, found in axes.items():
             if len(found) > 1:
                 raise ValueError(
                     f"cannot merge conv {path!r}: {leaf} axis {axis} is read with "
-                    f"{len(found)} different channel layouts"
+                    f"{len(found)} different channel layouts (module {module_of(leaf)!r} is "
+                    "shared between layers)"
                 )
     steps: list[PlanStep] = []
     done: set[str] = set()
@@ -237,7 +274,109 @@ def plan_merge(
             else:
                 how = "sum" if kind == "contract" else "mean"
                 steps.append(PlanStep((("x", leaf),), axis, segments, kind, how))
-    return MergePlan(path, g.group(path), labels, bn_rule, tuple(steps), tuple(g.consumers(path)))
+    return tuple(steps)
+
+
+def _within_groups(
+    g: ChannelGraph, path: str, labels: np.ndarray, prune: bool = False
+) -> np.ndarray:
+    """`labels` renumbered so that each group's clusters are contiguous, for a group
+    with a grouped conv (feature_group_count > 1): output channel k of a conv of G
+    groups belongs to group k // (width / G), so merged channel k must come from that
+    group. Labels -1 (pruned filters) stay -1.
+
+    Raises:
+        ValueError: naming the conv, its groups and the counts, when a cluster mixes
+            filters of two groups or the groups keep different numbers of channels.
+    """
+    grouped = [(m, g.layers[m].groups) for m in g.group(path) if g.layers[m].groups > 1]
+    if not grouped:
+        return labels
+    verb = "prune" if prune else "merge"
+    width, count = len(labels), int(labels.max()) + 1
+    first = np.array([np.flatnonzero(labels == k)[0] for k in range(count)], np.int64)
+    for member, groups in grouped:
+        size = width // groups
+        group_of = np.arange(width) // size
+        for k in range(count):
+            found = np.unique(group_of[labels == k])
+            if len(found) > 1:
+                raise ValueError(
+                    f"cannot {verb} conv {path!r}: {member} is a grouped conv ({groups} groups "
+                    f"of {size} filters) and cluster {k} mixes groups {found.tolist()} "
+                    f"(filters {np.flatnonzero(labels == k).tolist()}); every cluster must "
+                    "stay within one group"
+                )
+        counts = np.bincount(group_of[first], minlength=groups)
+        if len(set(counts.tolist())) > 1:
+            raise ValueError(
+                f"cannot {verb} conv {path!r}: {member} is a grouped conv ({groups} groups of "
+                f"{size} filters), which needs as many channels in every group; the "
+                f"{'kept filters are' if prune else 'labels keep'} {counts.tolist()} per group"
+            )
+    # Interval partitions: ordering by the group under every grouping orders by all.
+    key = [
+        tuple(first[k] // (width // groups) for _, groups in grouped) + (k,) for k in range(count)
+    ]
+    new = np.empty(count, np.int64)
+    new[sorted(range(count), key=key.__getitem__)] = np.arange(count)
+    return np.where(labels >= 0, new[np.maximum(labels, 0)], labels)
+
+
+def _check_shapes(g: ChannelGraph, plan: "MergePlan") -> None:
+    """Raises ValueError naming the leaf unless the planned tree fits the model at the
+    merged width (a variable whose size the module fixes itself, e.g. a custom
+    self.param of (C,) multiplied onto the conv's output, does not follow it)."""
+    count, members = plan.num_clusters, set(plan.group)
+    widths = {m: count for m in plan.group}
+    planned = {leaf: list(shape) for leaf, shape in g.leaf_shapes.items()}
+    for step in plan.steps:
+        whole = [s for s in step.segments if s.source in members]
+        for _, leaf in step.leaves:
+            planned[leaf][step.axis] += len(whole) * count - sum(s.length for s in whole)
+    where = f"cannot {'prune' if plan.prune else 'merge'} conv {plan.path!r} to {count} filters"
+    why = (
+        "(the merge does not follow this variable: its module fixes its size rather than "
+        "reading it off its input, or uses it inside a module registered as one op)"
+    )
+    try:
+        expected = g.leaf_shapes_at(widths)
+    except ValueError as e:
+        # Initialising at the merged width fails, e.g. on the fixed-size variable itself;
+        # whether the merged tree runs decides (an nnx.Module runs the arrays it holds).
+        if (reason := _runs(g, widths, planned)) is None:
+            return
+        raise ValueError(f"{where}: {reason} {why}") from e
+    for leaf, shape in planned.items():
+        if expected.get(leaf) != tuple(shape):
+            made = "no such leaf" if leaf not in expected else str(expected[leaf])
+            raise ValueError(
+                f"{where}: {leaf} would be {tuple(shape)}, but the model makes {made} {why}"
+            )
+    extra = sorted(set(expected) - set(planned))
+    if extra:
+        raise ValueError(f"{where}: the model then makes leaves the tree lacks: {extra[:8]}")
+
+
+def _runs(g: ChannelGraph, widths: dict[str, int], planned: dict[str, list[int]]) -> str | None:
+    """None if the model at `widths` runs a tree of the `planned` shapes, else why not,
+    naming the leaf where Flax does."""
+    dtypes = {p: np.dtype(np.float32) for p in planned}
+    shapes = unflatten({p: jax.ShapeDtypeStruct(tuple(s), dtypes[p]) for p, s in planned.items()})
+    model = graph.with_widths(g.model, widths)
+    x = jax.ShapeDtypeStruct(g.input_shape, np.float32)
+    try:
+        jax.eval_shape(lambda v, x: model.apply(v, x, **graph.call_kwargs(model)), shapes, x)
+    except Exception as e:  # Flax raises many types for trees that do not fit.
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        found = re.search(r'For parameter "([^"]+)" in "([^"]*)".*generate shape (\(.*?\))', text)
+        if found is None:
+            return f"the merged model does not run: {text}"
+        name, scope, made = found.groups()
+        leaf = "/".join(["params", *(p for p in scope.split("/") if p), name])
+        got = tuple(planned[leaf]) if leaf in planned else "changed"
+        return f"{leaf} would be {got}, but the model makes {made}"
+    return None
 
 
 def plan_prune(g: ChannelGraph, layer: LayerRef, keep: Any) -> MergePlan:
@@ -264,11 +403,15 @@ def plan_prune(g: ChannelGraph, layer: LayerRef, keep: Any) -> MergePlan:
             f"keep for conv {path!r} must be distinct filter indices in [0, {width}), "
             f"got {keep.tolist()[:20]}"
         )
-    labels = np.zeros(width, np.int64)  # a valid clustering, to plan the reductions
-    plan = plan_merge(g, path, labels)
+    g.check_mergeable(path)
     pruned = np.full(width, -1, np.int64)
     pruned[keep] = np.arange(keep.size)
-    return dataclasses.replace(plan, labels=pruned, prune=True)
+    pruned = _within_groups(g, path, pruned, prune=True)
+    plan = MergePlan(
+        path, g.group(path), pruned, "moments", _steps(g, path), tuple(g.consumers(path)), True
+    )
+    _check_shapes(g, plan)
+    return plan
 
 
 def merge_layer(
