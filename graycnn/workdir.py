@@ -148,6 +148,9 @@ def claim(workdir: str, command: str, flag: str = "--workdir") -> Iterator[str]:
         return
     _check_holds(path, command, flag)
     created = not os.path.exists(path)
+    top = path  # the outermost directory this claim makes (prepare makes the parents)
+    while not os.path.exists(os.path.dirname(top)):
+        top = os.path.dirname(top)
     fd, before = None, set()
     if jax.process_index() == 0:
         prepare(path, flag)  # the error of a file or an unwritable place, first
@@ -165,7 +168,7 @@ def claim(workdir: str, command: str, flag: str = "--workdir") -> Iterator[str]:
         yield path
     except BaseException:
         if fd is not None:
-            _remove_if_unused(path, None if created else before)
+            _remove_if_unused(path, None if created else before, top)
         raise
     finally:
         del _held[path]
@@ -240,10 +243,11 @@ def _owner(fd: int) -> str:
         return "its lock file names no process yet"
 
 
-def _remove_if_unused(path: str, before: set[str] | None) -> None:
+def _remove_if_unused(path: str, before: set[str] | None, top: str) -> None:
     """After a failed run that wrote no file: removes what it made, so the directory is
-    as it was: the directory itself, or in one that existed (`before`: its entries
-    then) the lock file and the empty directories the run added."""
+    as it was: the directory itself and its new parents up to `top`, or in one that
+    existed (`before`: its entries then) the lock file and the empty directories the run
+    added."""
     added = [n for n in os.listdir(path) if before is None or n not in before]
     for name in added:
         entry = os.path.join(path, name)
@@ -253,6 +257,13 @@ def _remove_if_unused(path: str, before: set[str] | None) -> None:
             return  # the run wrote something: keep it (a rerun resumes it)
     if before is None:
         shutil.rmtree(path, ignore_errors=True)
+        parent = os.path.dirname(path)
+        while parent.startswith(top + os.sep) or parent == top:
+            try:
+                os.rmdir(parent)  # only if empty: another run may have used it since
+            except OSError:
+                break
+            parent = os.path.dirname(parent)
         return
     for name in added:
         entry = os.path.join(path, name)
