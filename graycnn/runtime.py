@@ -30,7 +30,7 @@ import jax
 from absl import app, flags, logging
 from tqdm.auto import tqdm
 
-from graycnn import checkpoint, config
+from graycnn import checkpoint, config, workdir
 
 _ENV = {
     "coordinator_address": "JAX_COORDINATOR_ADDRESS",
@@ -305,6 +305,8 @@ def run(main: Callable[[list[str]], None], resumes: bool = False) -> None:
         try:
             main(argv)
         except BaseException as e:
+            if isinstance(e, (KeyboardInterrupt, *INPUT_ERRORS)):
+                workdir.remove_unused()  # stopped before writing anything: no debris
             if isinstance(e, KeyboardInterrupt):
                 fail(message, status=130)
             if _watch is not None and _is_collective_failure(e):

@@ -1,4 +1,5 @@
-"""A run's directory: writable before any work, and resumed only by the same run."""
+"""A run's directory: writable before any work, written by one run at a time (`claim`),
+never another command's or a model checkpoint, and resumed only by the same run."""
 
 import contextlib
 import dataclasses
@@ -16,9 +17,16 @@ import jax
 
 from graycnn.models import ModelConfig
 
+# The directories `prepare` made in this process: (directory, the outermost of the
+# parents it made with it), for `remove_unused`.
+_made: list[tuple[str, str]] = []
+
 
 def prepare(workdir: str, flag: str = "--workdir") -> None:
     """Makes `workdir` and proves it writable, so a bad one fails before any work.
+
+    A CLI that then fails on an input error removes it again if nothing was written
+    (`remove_unused`, from `runtime.run`).
 
     Args:
         flag: How the error names the directory (the flag that gave it).
@@ -30,11 +38,44 @@ def prepare(workdir: str, flag: str = "--workdir") -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a file, not a directory")
     try:
-        os.makedirs(path, exist_ok=True)
+        if not os.path.exists(path):
+            top = _outermost_missing(path)
+            os.makedirs(path, exist_ok=True)
+            _made.append((path, top))
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
         raise ValueError(f"{flag} {path} is not writable ({e.strerror or e})") from e
+
+
+def remove_unused() -> None:
+    """Removes every directory `prepare` made in this process that holds no file yet,
+    with the parents it made: an input error or Ctrl-C that stops a command before it
+    wrote anything leaves no directory behind."""
+    while _made:
+        path, top = _made.pop()
+        if os.path.isdir(path) and not any(files for _, _, files in os.walk(path)):
+            shutil.rmtree(path, ignore_errors=True)
+            _remove_parents(path, top)
+
+
+def _outermost_missing(path: str) -> str:
+    """The outermost directory that making `path` makes (`path` itself, or a parent)."""
+    top = path
+    while not os.path.exists(os.path.dirname(top)):
+        top = os.path.dirname(top)
+    return top
+
+
+def _remove_parents(path: str, top: str) -> None:
+    """Removes the parents of `path` up to `top` while they are empty."""
+    parent = os.path.dirname(path)
+    while parent.startswith(top + os.sep) or parent == top:
+        try:
+            os.rmdir(parent)  # only if empty: another run may have used it since
+        except OSError:
+            break
+        parent = os.path.dirname(parent)
 
 
 def check_resumable(
@@ -148,9 +189,7 @@ def claim(workdir: str, command: str, flag: str = "--workdir") -> Iterator[str]:
         return
     _check_holds(path, command, flag)
     created = not os.path.exists(path)
-    top = path  # the outermost directory this claim makes (prepare makes the parents)
-    while not os.path.exists(os.path.dirname(top)):
-        top = os.path.dirname(top)
+    top = _outermost_missing(path)  # prepare makes the parents too
     fd, before = None, set()
     if jax.process_index() == 0:
         prepare(path, flag)  # the error of a file or an unwritable place, first
@@ -257,13 +296,7 @@ def _remove_if_unused(path: str, before: set[str] | None, top: str) -> None:
             return  # the run wrote something: keep it (a rerun resumes it)
     if before is None:
         shutil.rmtree(path, ignore_errors=True)
-        parent = os.path.dirname(path)
-        while parent.startswith(top + os.sep) or parent == top:
-            try:
-                os.rmdir(parent)  # only if empty: another run may have used it since
-            except OSError:
-                break
-            parent = os.path.dirname(parent)
+        _remove_parents(path, top)
         return
     for name in added:
         entry = os.path.join(path, name)

@@ -249,6 +249,23 @@ def test_an_input_error_leaves_no_workdir_behind(tmp_path):
     assert os.listdir(existing) == []
 
 
+def test_a_cli_input_error_removes_the_directory_it_made(tmp_path):
+    """pool made --out's directory (and its parent) to prove it writable, then failed
+    on a missing run and left both behind."""
+    out = tmp_path / "new" / "dir" / "out.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.pool", f"--runs=x={tmp_path}/missing",
+         f"--out={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path}/missing/report.json: no such file; is {tmp_path}/missing a "
+        "finished compress run?"
+    ]
+    assert os.listdir(tmp_path) == []
+
+
 def test_resume_logs_each_epoch_once(tmp_path, sample_npz):
     """A run killed after logging epoch 2 but before saving its checkpoint trains epoch
     2 again on resume: its first line is replaced, not repeated."""
