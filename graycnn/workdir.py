@@ -34,6 +34,16 @@ def prepare(workdir: str, flag: str = "--workdir") -> None:
     Raises:
         ValueError: naming the directory: it is a file, or cannot be made or written.
     """
+    path = _make(workdir, flag)
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path} is not writable ({e.strerror or e})") from e
+
+
+def _make(workdir: str, flag: str) -> str:
+    """`prepare` without the probe: makes the directory; returns it absolute."""
     path = os.path.abspath(workdir)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a file, not a directory")
@@ -42,10 +52,9 @@ def prepare(workdir: str, flag: str = "--workdir") -> None:
             top = _outermost_missing(path)
             os.makedirs(path, exist_ok=True)
             _made.append((path, top))
-        with tempfile.TemporaryFile(dir=path):
-            pass
     except OSError as e:
         raise ValueError(f"{flag} {path} is not writable ({e.strerror or e})") from e
+    return path
 
 
 def remove_unused() -> None:
@@ -192,8 +201,11 @@ def claim(workdir: str, command: str, flag: str = "--workdir") -> Iterator[str]:
     top = _outermost_missing(path)  # prepare makes the parents too
     fd, before = None, set()
     if jax.process_index() == 0:
-        prepare(path, flag)  # the error of a file or an unwritable place, first
-        before = set(os.listdir(path))
+        _make(path, flag)  # probed below, under the lock: a failing run may remove it
+        try:
+            before = set(os.listdir(path))
+        except FileNotFoundError:  # removed meanwhile by a failing run: made again below
+            created = True
         fd, remade = _lock(path, command, flag)
         created |= remade
     try:
