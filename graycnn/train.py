@@ -368,7 +368,7 @@ def _end_epoch(config, workdir, mngr, model_config, state, val_split, record) ->
             record.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
     finally:
         if jax.process_index() == 0:
-            _write_metrics(workdir, [*read_history(workdir), record])
+            _write_metrics(workdir, [*_logged(workdir), record])
         checkpoint.save(
             mngr,
             int(state.step),
@@ -385,13 +385,35 @@ def _end_epoch(config, workdir, mngr, model_config, state, val_split, record) ->
 
 
 def _keep_metrics(workdir: str, epochs: int) -> None:
-    """Drops the metrics of epochs after the first `epochs`: a run killed after logging
+    """Drops the metrics of epochs after the first `epochs` (a run killed after logging
     an epoch but before its checkpoint was saved trains that epoch again, and logs it
-    again."""
-    history = read_history(workdir)
-    kept = [r for r in history if r.get("epoch", 0) <= epochs]
-    if len(kept) != len(history):
+    again), and any line that is not a record."""
+    path = os.path.join(workdir, _METRICS)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [r for r in _logged(workdir) if r.get("epoch", 0) <= epochs]
+    if len(kept) != len(lines):
         _write_metrics(workdir, kept)
+
+
+def _logged(workdir: str) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl; a line that is not one (half a line, appended by a
+    run killed mid-write before the file was written atomically) is dropped."""
+    path = os.path.join(workdir, _METRICS)
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
 
 
 def _write_metrics(workdir: str, records: list[dict[str, Any]]) -> None:

@@ -268,13 +268,16 @@ def test_a_cli_input_error_removes_the_directory_it_made(tmp_path):
 
 def test_resume_logs_each_epoch_once(tmp_path, sample_npz):
     """A run killed after logging epoch 2 but before saving its checkpoint trains epoch
-    2 again on resume: its first line is replaced, not repeated."""
+    2 again on resume: its first line is replaced, not repeated; half a line is
+    dropped."""
     config = train.TrainConfig(model="densenet_test", dataset=f"npz:{sample_npz}", epochs=2)
     run = tmp_path / "run"
     train.train_and_evaluate(config, str(run))
     first = train.read_history(str(run))
     assert [r["epoch"] for r in first] == [1, 2]
     shutil.rmtree(run / "checkpoints" / "4")  # epoch 2 logged, its checkpoint not saved
+    with open(run / "metrics.jsonl", "a") as f:  # and half a line, appended by an older run
+        f.write('{"epoch": 3, "st')
     _, _, history = train.train_and_evaluate(config, str(run))
     assert [r["epoch"] for r in history] == [2]
     logged = train.read_history(str(run))
