@@ -33,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    runtime.run(main)
+    runtime.run(main, resumes=True)

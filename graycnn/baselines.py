@@ -17,6 +17,7 @@ from typing import Any
 import jax
 
 from graycnn import batchnorm, checkpoint, data, evaluation, fold, io, train
+from graycnn import workdir as workdir_lib
 from graycnn.config import setting
 from graycnn.figures import report as report_figures
 from graycnn.models import build_model, count_params
@@ -69,7 +70,11 @@ def run_baselines(
         {'rows': [{'model', 'row', 'name', 'view', 'accuracy', 'params', 'seconds',
         'checkpoint', 'history'}], 'config': {...}}.
     """
-    workdir = os.path.abspath(workdir)
+    with workdir_lib.claim(workdir, "baselines") as workdir:
+        return _run_baselines(models, workdir, base, bn)
+
+
+def _run_baselines(models, workdir, base, bn):
     val = data.load_dataset(base.dataset, "validation", base.data_dir)
     rows: list[dict[str, Any]] = []
     for name in models:

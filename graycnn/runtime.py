@@ -17,10 +17,12 @@ Every experiment script that computes calls `define_distributed_flags()` at impo
 import atexit
 import dataclasses
 import os
+import signal
 import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -28,7 +30,7 @@ import jax
 from absl import app, flags, logging
 from tqdm.auto import tqdm
 
-from graycnn import checkpoint, config
+from graycnn import checkpoint, config, workdir
 
 _ENV = {
     "coordinator_address": "JAX_COORDINATOR_ADDRESS",
@@ -37,6 +39,9 @@ _ENV = {
 }
 # Input errors: shown as one `error:` line, exit status 2.
 INPUT_ERRORS = (ValueError, KeyError, OSError)
+# The line of a Ctrl-C (exit status 130); commands whose rerun resumes add RESUME.
+INTERRUPTED = "interrupted"
+RESUME = "; run the same command again to resume"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,9 +282,13 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def run(main: Callable[[list[str]], None]) -> None:
+def run(main: Callable[[list[str]], None], resumes: bool = False) -> None:
     """`absl.app.run(main)`, with the input errors graycnn raises, and bad flags, shown as
     one line `error: ...` and exit status 2, instead of a traceback.
+
+    Ctrl-C (SIGINT) is one line `error: interrupted` too, exit status 130, once the
+    workdir's lock is released (`workdir.claim`); with `resumes` (a command whose rerun
+    resumes its workdir) the line says so.
 
     OSError (a full disk, a permission denied mid-run) is shown the same way: it names
     the path, and a traceback would add nothing for the user.
@@ -291,9 +300,15 @@ def run(main: Callable[[list[str]], None]) -> None:
 
     def wrapped(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # JAX logs its TPU probe at INFO.
+        message = INTERRUPTED + (RESUME if resumes else "")
+        signal.signal(signal.SIGINT, _Interrupt(message))
         try:
             main(argv)
         except BaseException as e:
+            if isinstance(e, (KeyboardInterrupt, *INPUT_ERRORS)):
+                workdir.remove_unused()  # stopped before writing anything: no debris
+            if isinstance(e, KeyboardInterrupt):
+                fail(message, status=130)
             if _watch is not None and _is_collective_failure(e):
                 fail(
                     "a collective with the other processes failed, most likely because "
@@ -310,6 +325,32 @@ def run(main: Callable[[list[str]], None]) -> None:
             _watch.finish()
 
     app.run(wrapped, flags_parser=parse_flags)
+
+
+class _Interrupt:
+    """The SIGINT handler of a command: the first Ctrl-C raises KeyboardInterrupt, which
+    unwinds main (releasing its workdir, see `workdir.claim`) to the one line of `run`;
+    a second one leaves at once with the same line, in case a library swallowed the
+    first.
+
+    Not `signal.default_int_handler`: `asyncio.run` (orbax saves through it) replaces
+    that one with its own, which only cancels its task.
+    """
+
+    def __init__(self, message: str):
+        self.message = message
+        self.count = 0
+
+    def __call__(self, signum, frame) -> None:
+        self.count += 1
+        # The unwinding interrupts coroutines and event loops, whose complaints
+        # ("coroutine ... was never awaited", "Event loop is closed") would bury the line.
+        sys.unraisablehook = lambda _: None
+        threading.excepthook = lambda _: None
+        warnings.simplefilter("ignore")
+        if self.count > 1:
+            fail(self.message, status=130)
+        raise KeyboardInterrupt
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
-from graycnn import checkpoint, data, evaluation, graph, parallel, xla_options
+from graycnn import checkpoint, data, evaluation, graph, io, parallel, xla_options
 from graycnn import workdir as workdir_lib
 from graycnn.config import setting
 from graycnn.models import MODELS, TEST_MODELS, ModelConfig, build_model, init_variables
@@ -215,9 +215,17 @@ def train_and_evaluate(
 
     Returns:
         (model config, final variables, one metrics dict per epoch of this process's run).
+
+    Raises:
+        ValueError: `workdir` holds a model checkpoint or another command's run, or
+            another process is writing it (see `workdir.claim`); bad settings or data.
     """
-    batch_size = parallel.check_batch_size(config.batch_size)  # Before the workdir exists.
-    workdir_lib.prepare(workdir)
+    parallel.check_batch_size(config.batch_size)  # Before the workdir exists.
+    with workdir_lib.claim(workdir, "train"):
+        return _train_and_evaluate(config, workdir, init, model_overrides, teacher)
+
+
+def _train_and_evaluate(config, workdir, init, model_overrides, teacher):
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
     resumed = None
     if mngr.latest_step() is not None:
@@ -242,7 +250,10 @@ def train_and_evaluate(
     )  # fmt: skip
     base_rng = jax.random.key(config.seed + 1)
     history = []
-    for epoch in range(int(state.step) // steps_per_epoch, config.epochs):
+    first_epoch = int(state.step) // steps_per_epoch
+    if jax.process_index() == 0:
+        _keep_metrics(workdir, first_epoch)
+    for epoch in range(first_epoch, config.epochs):
         start = time.perf_counter()
         batches = data.iterate_batches(
             train_split, batch_size, seed=config.seed * 100_003 + epoch, drop_remainder=True
@@ -357,8 +368,7 @@ def _end_epoch(config, workdir, mngr, model_config, state, val_split, record) ->
             record.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
     finally:
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, _METRICS), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            _write_metrics(workdir, [*_logged(workdir), record])
         checkpoint.save(
             mngr,
             int(state.step),
@@ -372,6 +382,43 @@ def _end_epoch(config, workdir, mngr, model_config, state, val_split, record) ->
         f"train acc {record['train_accuracy']:.3f} val acc {val_text} "
         f"({record['images_per_sec']:.0f} img/s)"
     )
+
+
+def _keep_metrics(workdir: str, epochs: int) -> None:
+    """Drops the metrics of epochs after the first `epochs` (a run killed after logging
+    an epoch but before its checkpoint was saved trains that epoch again, and logs it
+    again), and any line that is not a record."""
+    path = os.path.join(workdir, _METRICS)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [r for r in _logged(workdir) if r.get("epoch", 0) <= epochs]
+    if len(kept) != len(lines):
+        _write_metrics(workdir, kept)
+
+
+def _logged(workdir: str) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl; a line that is not one (half a line, appended by a
+    run killed mid-write before the file was written atomically) is dropped."""
+    path = os.path.join(workdir, _METRICS)
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def _write_metrics(workdir: str, records: list[dict[str, Any]]) -> None:
+    # Rewritten whole and renamed into place: a kill mid-write leaves the old file.
+    io.write_text(os.path.join(workdir, _METRICS), "".join(json.dumps(r) + "\n" for r in records))
 
 
 def read_history(workdir: str) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from graycnn import config as config_lib
+from graycnn import workdir as workdir_lib
 from graycnn.compress import budget, stages
 from graycnn.compress.config import CONTROLS, CompressConfig, validate, with_preset
 from graycnn.compress.table import RowSpec, Table, color_specs, recovered_spec
@@ -27,9 +28,18 @@ def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) ->
 
     Returns:
         The report: {'rows': [...], 'config': {...}}.
+
+    Raises:
+        ValueError: a bad setting; `workdir` holds a model checkpoint or another
+            command's run, or another process is writing it (`workdir.claim`).
     """
     config = with_preset(config, given)
     validate(config)
+    with workdir_lib.claim(workdir, "compress"):
+        return _compress(config, workdir, given)
+
+
+def _compress(config: CompressConfig, workdir: str, given: Sequence[str]) -> dict[str, Any]:
     out = Writer(workdir, config_lib.to_json(config))
     color = stages.color_model(config, out.path("color_model"), "model" in given)
     splits = stages.load_splits(config, color)
