@@ -8,14 +8,16 @@ number.
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_distance import _explicit_imed
 from test_receptive_field import _random_variables
 
-from graycnn import checkpoint
+from graycnn import checkpoint, distance
 from graycnn.models import ModelConfig, build_model
 from graycnn.receptive_field import gradient_ascent
 
@@ -171,3 +173,121 @@ def test_visualize_error_mid_run_is_the_last_line(densenet, tmp_path):
     assert last.startswith("error: the gradient ascent at layer block1/layer1/conv diverged")
     assert "use a smaller step_size (now 1e+38) or fewer steps" in last
     assert not os.path.exists(tmp_path / "out")  # the empty --outdir is removed
+
+
+# distance.pairwise computed float64 input in float32 (JAX's x64 mode is off by default).
+
+
+def _float64_images(seed: int = 0, offset: float = 1000.0) -> np.ndarray:
+    """Differences of ~1e-3 on top of `offset`: float32 (ulp 6e-5 at 1000) keeps ~4
+    digits of them at best, float64 all but ~1e-13."""
+    return offset + np.random.default_rng(seed).random((4, 6, 6)) * 1e-3
+
+
+def _ssim_reference(a: np.ndarray, b: np.ndarray, data_range: float, size: int) -> float:
+    """SSIM of two (H, W) images in float64, window by window from the definition (a
+    Gaussian window of sigma 1.5, 'valid' positions, the mean of the map), with
+    centered variances: no cancellation of large means."""
+    taps = np.exp(-0.5 * ((np.arange(size) - size // 2) / 1.5) ** 2)
+    weights = np.outer(taps, taps) / np.outer(taps, taps).sum()
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    values = []
+    for i in range(a.shape[0] - size + 1):
+        for j in range(a.shape[1] - size + 1):
+            pa, pb = a[i : i + size, j : j + size], b[i : i + size, j : j + size]
+            ma, mb = (weights * pa).sum(), (weights * pb).sum()
+            va, vb = (weights * (pa - ma) ** 2).sum(), (weights * (pb - mb) ** 2).sum()
+            cov = (weights * (pa - ma) * (pb - mb)).sum()
+            values.append(
+                (2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+            )
+    return float(np.mean(values))
+
+
+def _references(images: np.ndarray) -> dict:
+    """Independent float64 formulas for mse and correlation."""
+    flat = images.reshape(len(images), -1)
+    return {
+        "mse": ((flat[:, None] - flat[None]) ** 2).mean(axis=-1),
+        "correlation": 1.0 - np.corrcoef(flat),
+    }
+
+
+@pytest.mark.parametrize("metric", ["mse", "correlation", "imed"])
+def test_float64_images_are_computed_in_float64(metric):
+    images = _float64_images()
+    if metric == "imed":
+        expected = _explicit_imed(images, 1.0)  # the dense (HW x HW) metric, float64
+    else:
+        expected = _references(images)[metric]
+    off = ~np.eye(len(images), dtype=bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "float64 is not available" truncation
+        got = distance.pairwise(images, metric)
+    assert got.dtype == np.float64 and not jax.config.jax_enable_x64  # x64 is back off
+    np.testing.assert_allclose(got[off], expected[off], rtol=1e-9)
+    # The same numbers in float32 are measurably off: what float64 input used to get.
+    in_float32 = np.asarray(distance.pairwise(images.astype(np.float32), metric))
+    assert np.max(np.abs(in_float32[off] - expected[off]) / expected[off]) > 1e-3
+
+
+def test_float64_ssim_is_computed_in_float64():
+    # dm_pix's variances are E[x^2] - E[x]^2, ~1e-7 here: at an offset of 10 (squares
+    # ~100) float64 keeps them to ~1e-6, float32 not at all.
+    images = _float64_images(1, offset=10.0)
+    options = {"data_range": 1e-3, "filter_size": 5}
+    got = distance.pairwise(images, "ssim", **options)
+    assert got.dtype == np.float64
+    expected = 1.0 - _ssim_reference(images[0], images[2], 1e-3, 5)
+    assert got[0, 2] == pytest.approx(expected, abs=1e-5)
+    in_float32 = np.asarray(distance.pairwise(images.astype(np.float32), "ssim", **options))
+    assert abs(in_float32[0, 2] - expected) > 0.05
+
+
+# Metric options that gave NaN, inf or all-zero distances, or were taken as numbers.
+OPTIONS = [
+    # inf distances (the 1/sigma scale leaves float32)
+    ("imed", {"sigma": 1e-20}, r"sigma must be a finite number in \[1e-06, 1e\+06\] \(pixels\)"),
+    # all distances exactly 0
+    ("imed", {"sigma": 1e20}, r"sigma must be a finite number in \[1e-06, 1e\+06\].*got 1e\+20"),
+    ("imed", {"sigma": True}, r"sigma must be a finite number .*got True"),
+    ("imed", {"sigma": "2"}, r"sigma must be a finite number .*got '2'"),
+    # an even window underflows to 0 / 0: NaN
+    (
+        "ssim",
+        {"filter_size": 4, "filter_sigma": 0.03},
+        "filter_sigma must be a finite number >= 0.1",
+    ),
+    ("ssim", {"filter_sigma": float("inf")}, "filter_sigma must be a finite number >= 0.1"),
+    # (k data_range)^2 overflows float32: inf / inf = NaN
+    ("ssim", {"k1": 1e30}, r"k1=1e\+30 with data_range=1 puts SSIM's constant"),
+    ("ssim", {"data_range": 1e30}, r"k1=0.01 with data_range=1e\+30 puts SSIM's constant"),
+    # (k data_range)^2 underflows to 0: flat pairs are 0 / 0 = NaN
+    ("ssim", {"k2": 1e-30}, r"k2=1e-30 with data_range=1 .* = 1e-60 outside the range of float32"),
+    ("ssim", {"k2": float("nan")}, "k2 must be a finite number > 0, got nan"),
+    ("ssim", {"data_range": -1.0}, "data_range must be a finite number > 0, got -1.0"),
+    ("ssim", {"filter_size": True}, r"filter_size must be an int in \[1, min\(H, W\) = 8\]"),
+]
+
+
+@pytest.mark.parametrize("metric, options, match", OPTIONS, ids=[f"{m}_{o}" for m, o, _ in OPTIONS])
+def test_metric_options_out_of_range_are_refused(metric, options, match):
+    images = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
+    images[1] = 0.25  # a flat image: SSIM's constants are all that keeps it finite
+    images[2] = 0.75
+    with pytest.raises(ValueError, match=match):
+        distance.pairwise(images, metric, **options)
+
+
+def test_metric_options_at_the_bounds_give_the_exact_distances():
+    images = np.random.default_rng(0).random((3, 8, 8))
+    off = ~np.eye(3, dtype=bool)
+    for sigma in (1e-6, 1e6):  # the ends of IMED's range, against the dense metric
+        got = np.asarray(distance.pairwise(images.astype(np.float32), "imed", sigma=sigma))
+        np.testing.assert_allclose(got[off], _explicit_imed(images, sigma)[off], rtol=1e-5)
+    # filter_sigma 0.1: a one-pixel window, so SSIM is its per-pixel formula.
+    got = np.asarray(distance.pairwise(images, "ssim", filter_size=3, filter_sigma=0.1))
+    a, b = images[0, 1:-1, 1:-1], images[1, 1:-1, 1:-1]  # 'valid' positions of a 3x3 window
+    c1, c2 = 0.01**2, 0.03**2
+    per_pixel = (2 * a * b + c1) * c2 / ((a**2 + b**2 + c1) * c2)  # variances are 0
+    assert got[0, 1] == pytest.approx(1.0 - per_pixel.mean(), abs=1e-9)
