@@ -17,7 +17,7 @@ import pytest
 from test_distance import _explicit_imed
 from test_receptive_field import _random_variables
 
-from graycnn import checkpoint, distance
+from graycnn import checkpoint, cluster, distance
 from graycnn.models import ModelConfig, build_model
 from graycnn.receptive_field import gradient_ascent
 
@@ -291,3 +291,17 @@ def test_metric_options_at_the_bounds_give_the_exact_distances():
     c1, c2 = 0.01**2, 0.03**2
     per_pixel = (2 * a * b + c1) * c2 / ((a**2 + b**2 + c1) * c2)  # variances are 0
     assert got[0, 1] == pytest.approx(1.0 - per_pixel.mean(), abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "rule, value, scale",
+    [("eps_std", 1e10, 1e300), ("eps_std", 0.2, 1e300), ("eps_scaled", 1e10, 1e300)],
+)
+def test_cluster_rules_that_overflow_eps_name_the_rule(rule, value, scale):
+    points = np.random.default_rng(0).random((6, 3))
+    d = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1)) * scale
+    # Was sklearn's "The 'eps' parameter of DBSCAN must be a float in the range (0.0, inf)".
+    with pytest.raises(ValueError, match=rf"{rule}={value!r} gives eps = inf for distances up to"):
+        cluster.cluster(d, "dbscan", **{rule: value})
+    # The same rule on the same distances scaled to ~1 clusters.
+    assert cluster.cluster(d / scale, "dbscan", **{rule: value}).num_clusters >= 1
