@@ -18,6 +18,7 @@ from test_distance import _explicit_imed
 from test_receptive_field import _random_variables
 
 from graycnn import checkpoint, cluster, distance
+from graycnn.figures.receptive_fields import plot_color_and_gray, plot_receptive_fields
 from graycnn.models import ModelConfig, build_model
 from graycnn.receptive_field import gradient_ascent
 
@@ -305,3 +306,21 @@ def test_cluster_rules_that_overflow_eps_name_the_rule(rule, value, scale):
         cluster.cluster(d, "dbscan", **{rule: value})
     # The same rule on the same distances scaled to ~1 clusters.
     assert cluster.cluster(d / scale, "dbscan", **{rule: value}).num_clusters >= 1
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"columns": 0}, r"columns must be an integer in 1..6, got 0"),  # was the default
+        ({"columns": -1}, r"columns must be an integer in 1..6, got -1"),  # "figure size"
+        ({"columns": 10**6}, r"columns must be an integer in 1..6, got 1000000"),  # 1e6 axes
+        ({"dpi": float("nan")}, r"dpi must be a finite number in \[1, 1200\], got nan"),
+        ({"dpi": 1e4}, r"dpi must be a finite number in \[1, 1200\], got 10000.0"),  # GBs
+    ],
+)
+def test_figure_layout_numbers_are_refused(tmp_path, options, match):
+    fields = np.random.default_rng(0).random((6, 8, 8, 3))
+    for plot in (plot_receptive_fields, plot_color_and_gray):
+        with pytest.raises(ValueError, match=match):
+            plot(fields, tmp_path / "fig.png", **options)
+    assert not os.listdir(tmp_path)
