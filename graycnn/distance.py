@@ -388,7 +388,8 @@ def pairwise_ssim(
             raise ValueError(
                 f"{name}={k:g} with data_range={data_range:g} puts SSIM's constant "
                 f"({name} * data_range)^2 = {constant:.3g} outside the range of "
-                f"{stack.dtype} for these images; pass the range they live in as data_range"
+                f"{stack.dtype} for these images; give data_range the span the images live in, "
+                "and k1, k2 near their defaults 0.01, 0.03"
             )
     device_images = _to_device(stack)
     return _ssim_core(
