@@ -122,16 +122,19 @@ def gradient_ascent(
             or for an nnx.Module an nnx.State or None (its own state).
         layer: A 1-based conv layer number or a conv path (see graycnn.layers).
         objective: 'mean' (the study's), 'center' or 'kernel' (first layer only).
-        steps, step_size: The ascent (the study: 100 steps of 0.5).
-        seed: Same seed, same images.
+        steps, step_size: The ascent (the study: 100 steps of 0.5); steps in
+            0..2**31-1, step_size > 0 (the numbers' rules: `check_options`).
+        seed: Same seed, same images; 0..2**31-1.
         noise_scale, noise_offset: The start (the study: uniform x 20 + 128).
         jitter: Regularizer: shift each image by up to this many pixels (random, per
-            image and step, wrapping around) before taking the gradient.
-        blur_sigma: Regularizer: Gaussian blur of this sigma (pixels) after each step.
+            image and step, wrapping around) before taking the gradient; 0..max(H, W).
+        blur_sigma: Regularizer: Gaussian blur of this sigma (pixels) after each step;
+            in [0, max(H, W)].
         tv_weight: Regularizer: subtract this times the mean absolute difference of
             neighboring pixels from each objective.
         input_shape: (H, W, C) of the images the model takes.
-        filters: Which filters (default all), in the order of the result's rows.
+        filters: Which filters (default all), in the order of the result's rows; at
+            least one.
         chunk_size: Images per compiled batch; default the most that fit
             `memory_bytes` per device (a rough activation count). Rounded up to a
             multiple of the device count.
