@@ -51,8 +51,22 @@ def main(argv):
     runtime.setup()
     model_config, variables, _ = checkpoint.load_model(_CHECKPOINT.value)
     model = build_model(model_config)
+    # Every flag and layer is checked before --outdir is made and the first,
+    # minutes-long ascent starts.
+    options = dict(
+        objective=_OBJECTIVE.value,
+        steps=_STEPS.value,
+        step_size=_STEP_SIZE.value,
+        seed=_SEED.value,
+        jitter=_JITTER.value,
+        blur_sigma=_BLUR.value,
+        tv_weight=_TV.value,
+        chunk_size=_CHUNK.value,
+        loop=_LOOP.value,
+    )
+    input_shape = model_config.input_shape[1:]
+    receptive_field.check_options(input_shape=input_shape, prefix="--", **options)
     paths = conv_layers(model, model_config.input_shape)
-    # Every layer is checked before the first, minutes-long ascent starts.
     if not _LAYERS.value:
         raise ValueError(f"--layers: give at least one conv layer 1..{len(paths)}")
     for layer in _LAYERS.value:
@@ -60,45 +74,46 @@ def main(argv):
             resolve_layer(layer, paths)
         except ValueError as e:
             raise ValueError(f"--layers: {e}") from None
+    made = not os.path.exists(_OUTDIR.value)
     workdir.prepare(_OUTDIR.value, flag="--outdir")
-    for layer in tqdm(_LAYERS.value, desc="layers", position=0):
-        start = time.perf_counter()
-        bar = tqdm(desc=f"layer {layer} steps", position=1, leave=False, mininterval=0.5)
+    try:
+        _visualize(model, variables, paths, input_shape, options)
+    except BaseException:
+        # An ascent that diverged leaves no empty --outdir behind.
+        if made and os.path.isdir(_OUTDIR.value) and not os.listdir(_OUTDIR.value):
+            os.rmdir(_OUTDIR.value)
+        raise
 
-        def progress(done, total, bar=bar):
-            bar.total = total
-            bar.update(done - bar.n)
 
-        result = receptive_field.gradient_ascent(
-            model,
-            variables,
-            layer,
-            objective=_OBJECTIVE.value,
-            steps=_STEPS.value,
-            step_size=_STEP_SIZE.value,
-            seed=_SEED.value,
-            jitter=_JITTER.value,
-            blur_sigma=_BLUR.value,
-            tv_weight=_TV.value,
-            input_shape=model_config.input_shape[1:],
-            chunk_size=_CHUNK.value,
-            loop=_LOOP.value,
-            progress=progress,
-        )
-        bar.close()
-        number = layer_number(result.path, paths)
-        written = write_layer(
-            result, number, _OUTDIR.value, _OBJECTIVE.value, steps=_STEPS.value, seed=_SEED.value
-        )
-        value = (
-            ""
-            if _OBJECTIVE.value == "kernel"
-            else f"mean objective {result.objective.mean():.4g}, "
-        )
-        tqdm.write(
-            f"layer {number} {result.path}: fields {result.fields.shape}, {value}"
-            f"{time.perf_counter() - start:.1f} s -> {', '.join(map(os.path.basename, written))}"
-        )
+def _visualize(model, variables, paths, input_shape, options) -> None:
+    # The bars close before an error leaves main, so the error line is printed last.
+    with tqdm(_LAYERS.value, desc="layers", position=0) as layers:
+        for layer in layers:
+            start = time.perf_counter()
+            with tqdm(desc=f"layer {layer} steps", position=1, leave=False, mininterval=0.5) as bar:
+
+                def progress(done, total, bar=bar):
+                    bar.total = total
+                    bar.update(done - bar.n)
+
+                result = receptive_field.gradient_ascent(
+                    model, variables, layer, input_shape=input_shape, progress=progress, **options
+                )
+            number = layer_number(result.path, paths)
+            written = write_layer(
+                result, number, _OUTDIR.value, _OBJECTIVE.value, steps=_STEPS.value,
+                seed=_SEED.value,
+            )  # fmt: skip
+            value = (
+                ""
+                if _OBJECTIVE.value == "kernel"
+                else f"mean objective {result.objective.mean():.4g}, "
+            )
+            tqdm.write(
+                f"layer {number} {result.path}: fields {result.fields.shape}, {value}"
+                f"{time.perf_counter() - start:.1f} s -> "
+                f"{', '.join(map(os.path.basename, written))}"
+            )
 
 
 if __name__ == "__main__":

@@ -230,7 +230,8 @@ def _dbscan(d: np.ndarray, options: dict[str, Any]) -> Clustering:
         eps = float(d.min()) + scaled * span if span > 0 else scaled
     elif rule == "eps_std":
         k = _check_positive("eps_std", value)
-        eps = k * float(np.std(off_diagonal))
+        with np.errstate(over="ignore"):  # an overflow is refused below, by name
+            eps = k * float(np.std(off_diagonal))
         if eps <= 0:
             raise ValueError(
                 "eps_std: all off-diagonal distances are equal, so their std is 0 and eps = 0"
@@ -243,6 +244,12 @@ def _dbscan(d: np.ndarray, options: dict[str, Any]) -> Clustering:
                 f"then), got min_samples={min_samples}"
             )
         eps = _eps_for_num_clusters(d, num_clusters)
+    if not np.isfinite(eps):
+        # A huge eps_scaled / eps_std, or distances near the float64 limit, overflow.
+        raise ValueError(
+            f"{rule}={value!r} gives eps = {eps} for distances up to {float(d.max()):.3g}; "
+            f"give a smaller {rule}, or an absolute eps"
+        )
     raw = sklearn.cluster.DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit(d)
     labels = raw.labels_.copy()
     # Noise (-1) only occurs with min_samples > 1; each noise filter stays unmerged.

@@ -13,9 +13,15 @@ Registered metrics (`METRICS`):
     ``d = sqrt((x - y)^T G (x - y))`` with a Gaussian metric ``G`` over pixel
     positions; for C channels the squared distances add up over channels.
 
+Precision: float32 input (and every other dtype but float64, cast to float32) is
+computed in float32 and gives a float32 jax.Array. float64 input is computed in float64
+(JAX's x64 mode is switched on for the call) and gives float64: a jax.Array when x64 is
+on, else a numpy array, since outside x64 JAX would cut a float64 jax.Array back to
+float32 at its next operation.
+
 Example:
   >>> images = np.random.default_rng(0).random((36, 32, 32))
-  >>> d = pairwise(images, "imed", sigma=1.0)  # (36, 36) jax.Array
+  >>> d = pairwise(images, "imed", sigma=1.0)  # (36, 36) float64 numpy array
 """
 
 from __future__ import annotations
@@ -30,10 +36,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from graycnn.receptive_field import check_number
+
 # The default of dm_pix.ssim; shrunk to the image size when none is given.
 _DEFAULT_SSIM_FILTER_SIZE = 11
 # Pairs per vmapped dm_pix.ssim batch: bounds memory at ~15 (chunk, H, W, C) temporaries.
 _SSIM_PAIR_CHUNK = 512
+# IMED's sigma, in pixels: the distances scale as 1/sigma at both ends (plain Euclidean
+# distance below, a difference of image sums above), and past 1e+-15 leave float32.
+_IMED_SIGMA_RANGE = (1e-6, 1e6)
+# SSIM's window sigma: at 0.1 px the window is one pixel already (two for even sizes),
+# and below ~0.04 an even window underflows to 0 / 0 = NaN.
+_SSIM_MIN_FILTER_SIGMA = 0.1
+
+
+def _keeps_float64(metric: Callable[..., jax.Array]) -> Callable[..., Any]:
+    """Computes float64 images in float64: with x64 off, JAX would silently cast them to
+    float32, so x64 is switched on for the call and the result comes back as numpy."""
+
+    @functools.wraps(metric)
+    def wrapper(images: Any, **options: Any) -> Any:
+        try:
+            dtype = np.asarray(images).dtype
+        except ValueError:  # ragged: the metric says why
+            dtype = None
+        if dtype != np.float64 or jax.config.jax_enable_x64:
+            return metric(images, **options)
+        with jax.enable_x64(True):
+            return np.asarray(metric(images, **options))
+
+    return wrapper
 
 
 def _as_image_stack(images: Any) -> np.ndarray:
@@ -145,6 +177,7 @@ def _mse_core(images: jax.Array) -> jax.Array:
     return _squared_euclidean(flat) / flat.shape[1]
 
 
+@_keeps_float64
 def pairwise_mse(images: Any) -> jax.Array:
     """Mean squared error between every pair of images.
 
@@ -152,7 +185,8 @@ def pairwise_mse(images: Any) -> jax.Array:
       images: (N, H, W) or (N, H, W, C) float.
 
     Returns:
-      (N, N) float: d_ij = mean over H, W (and C) of (x_i - x_j)^2.
+      (N, N) float32, or float64 for float64 input (see the module doc): d_ij = mean over
+      H, W (and C) of (x_i - x_j)^2.
     """
     stack, scale = _rescale(_as_image_stack(images))
     return _scale_back(_mse_core(_to_device(stack)), scale * scale, "mse")
@@ -170,6 +204,7 @@ def _correlation_core(images: jax.Array) -> jax.Array:
     return d * (1.0 - jnp.eye(d.shape[0], dtype=d.dtype))
 
 
+@_keeps_float64
 def pairwise_correlation(images: Any) -> jax.Array:
     """Correlation distance 1 - Pearson r between every pair of (flattened) images.
 
@@ -228,6 +263,7 @@ def _imed_core(images: jax.Array, sqrt_y: jax.Array, sqrt_x: jax.Array) -> jax.A
     return jnp.sqrt(_squared_euclidean(standardized.reshape(images.shape[0], -1)))
 
 
+@_keeps_float64
 def pairwise_imed(images: Any, *, sigma: float = 1.0) -> jax.Array:
     """Image Euclidean Distance (Wang, Zhang & Feng, TPAMI 2005) between every pair.
 
@@ -238,13 +274,15 @@ def pairwise_imed(images: Any, *, sigma: float = 1.0) -> jax.Array:
     Args:
       images: (N, H, W) or (N, H, W, C) float. Channels are independent: the
         squared distances of the C channels are summed.
-      sigma: width of the Gaussian metric in pixels, > 0. Default 1.
+      sigma: width of the Gaussian metric in pixels, in [1e-6, 1e6] (outside, IMED is
+        plain Euclidean distance or a difference of image sums, scaled by 1/sigma, and
+        soon leaves float32). Default 1.
 
     Returns:
       (N, N) float: the distances d_ij (not squared).
     """
-    if not (np.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
+    low, high = _IMED_SIGMA_RANGE
+    sigma = check_number("sigma", sigma, low=low, high=high, why=" (pixels)")
     stack, scale = _rescale(_as_image_stack(images))
     sqrt_y = gaussian_metric_sqrt(stack.shape[1], float(sigma))
     sqrt_x = gaussian_metric_sqrt(stack.shape[2], float(sigma))
@@ -283,6 +321,7 @@ def _ssim_core(
     return _finish(upper + upper.T)
 
 
+@_keeps_float64
 def pairwise_ssim(
     images: Any,
     *,
@@ -303,16 +342,19 @@ def pairwise_ssim(
         `data_range` raise, since SSIM would then be silently wrong.
       filter_size: Gaussian window size; must fit in the image. None uses
         min(11, H, W), so images as small as 8 x 8 work.
-      filter_sigma: Gaussian window width in pixels, > 0.
+      filter_sigma: Gaussian window width in pixels, >= 0.1 (a one-pixel window
+        already; smaller ones underflow to NaN).
       k1: SSIM luminance stabilizer constant, > 0.
-      k2: SSIM contrast stabilizer constant, > 0.
+      k2: SSIM contrast stabilizer constant, > 0. (k1 * data_range)^2 and
+        (k2 * data_range)^2 must be normal numbers of the dtype (for images rescaled
+        to a peak near 1).
 
     Returns:
-      (N, N) float: 1 - SSIM, clipped at 0 (SSIM(x, x) = 1 up to round-off), in [0, 2].
+      (N, N) float (float64 for float64 input): 1 - SSIM, clipped at 0 (SSIM(x, x) = 1
+      up to round-off), in [0, 2].
     """
     stack = _as_image_stack(images)
-    if not (np.isfinite(data_range) and data_range > 0):
-        raise ValueError(f"data_range must be a finite number > 0, got {data_range}")
+    data_range = check_number("data_range", data_range, positive=True)
     span = float(stack.max() - stack.min())
     if span > data_range * (1 + 1e-6):
         raise ValueError(
@@ -322,16 +364,33 @@ def pairwise_ssim(
     smallest = min(stack.shape[1], stack.shape[2])
     if filter_size is None:
         filter_size = min(_DEFAULT_SSIM_FILTER_SIZE, smallest)
-    if not (isinstance(filter_size, (int, np.integer)) and 1 <= filter_size <= smallest):
+    if not (
+        isinstance(filter_size, (int, np.integer))
+        and not isinstance(filter_size, bool)
+        and 1 <= filter_size <= smallest
+    ):
         raise ValueError(
             f"filter_size must be an int in [1, min(H, W) = {smallest}] for images of "
             f"shape {stack.shape[1:3]}, got {filter_size}"
         )
-    for name, value in (("filter_sigma", filter_sigma), ("k1", k1), ("k2", k2)):
-        if not (np.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    filter_sigma = check_number(
+        "filter_sigma", filter_sigma, low=_SSIM_MIN_FILTER_SIGMA, why=" (pixels)"
+    )
+    k1, k2 = (check_number(name, k, positive=True) for name, k in (("k1", k1), ("k2", k2)))
     # SSIM(x / s, y / s) with data_range / s is SSIM(x, y): its constants scale too.
     stack, scale = _rescale(stack)
+    info = np.finfo(stack.dtype)
+    for name, k in (("k1", k1), ("k2", k2)):
+        # SSIM divides by (k data_range)^2 (plus variances, 0 for flat images): it must
+        # be a normal number of the dtype, or flat pairs give inf / inf or 0 / 0 = NaN.
+        constant = (k * data_range / scale) ** 2
+        if not float(info.tiny) <= constant <= float(info.max):
+            raise ValueError(
+                f"{name}={k:g} with data_range={data_range:g} puts SSIM's constant "
+                f"({name} * data_range)^2 = {constant:.3g} outside the range of "
+                f"{stack.dtype} for these images; give data_range the span the images live in, "
+                "and k1, k2 near their defaults 0.01, 0.03"
+            )
     device_images = _to_device(stack)
     return _ssim_core(
         device_images,
@@ -361,10 +420,12 @@ def pairwise(images: Any, metric: str, **options: Any) -> jax.Array:
         `data_range` and `filter_size` for "ssim" (see `pairwise_<metric>`).
 
     Returns:
-      (N, N) float jax.Array, symmetric, zero diagonal, non-negative.
+      (N, N) float32 jax.Array, symmetric, zero diagonal, non-negative; for float64
+      input float64, computed in float64: a jax.Array under x64, else a numpy array.
 
     Raises:
-      ValueError: unknown metric (the message lists the known ones) or bad input.
+      ValueError: unknown metric (the message lists the known ones) or bad input,
+        naming the argument.
 
     Example:
       >>> d = pairwise(np.zeros((3, 8, 8)), "mse")

@@ -36,8 +36,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from graycnn import nnx_adapter
+from graycnn.graph.trace import check_variables
 from graycnn.layers import LayerRef, conv_layers, layer_output_fn, resolve_layer
-from graycnn.tree import tree_get
+from graycnn.tree import flatten, tree_get, unflatten
 
 OBJECTIVES = ("mean", "center", "kernel")
 LOOPS = ("auto", "python", "fori")
@@ -50,6 +51,8 @@ _DEFAULT_LOOP = {"cpu": "python"}
 _DEFAULT_MEMORY = {"cpu": 8 * 2**20}
 _ACCELERATOR_MEMORY = 2**30
 _RMS_EPSILON = 1e-5  # the study's (Keras example's) gradient normalization
+# Steps and seeds feed int32 loop counters and jax.random.key.
+_MAX_INT32 = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,16 +122,19 @@ def gradient_ascent(
             or for an nnx.Module an nnx.State or None (its own state).
         layer: A 1-based conv layer number or a conv path (see graycnn.layers).
         objective: 'mean' (the study's), 'center' or 'kernel' (first layer only).
-        steps, step_size: The ascent (the study: 100 steps of 0.5).
-        seed: Same seed, same images.
+        steps, step_size: The ascent (the study: 100 steps of 0.5); steps in
+            0..2**31-1, step_size > 0 (the numbers' rules: `check_options`).
+        seed: Same seed, same images; 0..2**31-1.
         noise_scale, noise_offset: The start (the study: uniform x 20 + 128).
         jitter: Regularizer: shift each image by up to this many pixels (random, per
-            image and step, wrapping around) before taking the gradient.
-        blur_sigma: Regularizer: Gaussian blur of this sigma (pixels) after each step.
+            image and step, wrapping around) before taking the gradient; 0..max(H, W).
+        blur_sigma: Regularizer: Gaussian blur of this sigma (pixels) after each step;
+            in [0, max(H, W)].
         tv_weight: Regularizer: subtract this times the mean absolute difference of
             neighboring pixels from each objective.
         input_shape: (H, W, C) of the images the model takes.
-        filters: Which filters (default all), in the order of the result's rows.
+        filters: Which filters (default all), in the order of the result's rows; at
+            least one.
         chunk_size: Images per compiled batch; default the most that fit
             `memory_bytes` per device (a rough activation count). Rounded up to a
             multiple of the device count.
@@ -143,20 +149,33 @@ def gradient_ascent(
         ReceptiveFields with (F, H, W, C) fields and images.
 
     Raises:
-        ValueError: an unknown option value or layer, or 'kernel' for a layer other
-            than the first.
+        ValueError: one line naming the argument: an unknown option value or layer,
+            'kernel' for a layer other than the first, a number out of its range (see
+            `check_options`), empty `filters` or `devices`, variables holding NaN or inf
+            (naming the leaf), an input_shape the model cannot run on with these
+            variables (e.g. one its convs and pools reduce to nothing), or an ascent
+            that diverged to NaN or inf (naming the layer and the filters).
     """
-    _check_options(objective, steps, step_size, jitter, blur_sigma, loop)
+    options = check_options(
+        input_shape=input_shape, objective=objective, loop=loop, steps=steps,
+        step_size=step_size, seed=seed, noise_scale=noise_scale, noise_offset=noise_offset,
+        jitter=jitter, blur_sigma=blur_sigma, tv_weight=tv_weight, chunk_size=chunk_size,
+        memory_bytes=memory_bytes,
+    )  # fmt: skip
+    steps, step_size, seed = options["steps"], options["step_size"], options["seed"]
+    noise_scale, noise_offset = options["noise_scale"], options["noise_offset"]
+    jitter, blur_sigma, tv_weight = options["jitter"], options["blur_sigma"], options["tv_weight"]
+    chunk_size, memory_bytes = options["chunk_size"], options["memory_bytes"]
     model, variables, _ = nnx_adapter.adapt(model, variables)
-    if len(input_shape) != 3:
-        raise ValueError(f"input_shape must be (H, W, C), got {tuple(input_shape)}")
-    h, w, c = (int(s) for s in input_shape)
+    h, w, c = options["input_shape"]
+    _check_finite(variables)
+    _check_fit(model, variables, (1, h, w, c))
     paths = _conv_paths(model, (1, h, w, c))
     path = resolve_layer(layer, paths)
     num_filters = tree_get(variables["params"], f"{path}/kernel").shape[-1]
-    filters = np.arange(num_filters) if filters is None else np.asarray(filters, np.int32)
-    if filters.ndim != 1 or not np.all((filters >= 0) & (filters < num_filters)):
-        raise ValueError(f"filters must be indices in [0, {num_filters}) of {path}: {filters}")
+    filters = (
+        np.arange(num_filters) if filters is None else _check_filters(filters, num_filters, path)
+    )
     if objective == "kernel":
         if path != paths[0]:
             raise ValueError(
@@ -168,6 +187,8 @@ def gradient_ascent(
         return ReceptiveFields(np.asarray(deprocess(kernels)), kernels, nan, filters, path)
 
     devices = tuple(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices: give at least one device (or None for all)")
     platform = devices[0].platform
     if chunk_size is None:
         if memory_bytes is None:
@@ -183,9 +204,8 @@ def gradient_ascent(
         model, path, devices, loop, int(steps) if loop == "fori" else 0, (h, w, c),
         (noise_scale, noise_offset), objective, step_size, regularizers,
     )  # fmt: skip
-    images, values = _run_chunks(
-        program, variables, filters, chunk_size, seed, int(steps), progress
-    )
+    images, values = _run_chunks(program, variables, filters, chunk_size, seed, steps, progress)
+    _check_converged(images, values, filters, path, step_size, (noise_scale, noise_offset))
     return ReceptiveFields(
         np.asarray(deprocess(images)), images, values, filters, path, chunk_size, loop
     )
@@ -381,13 +401,213 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _check_options(objective, steps, step_size, jitter, blur_sigma, loop) -> None:
-    for name, value, choices in (("objective", objective, OBJECTIVES), ("loop", loop, LOOPS)):
-        if value not in choices:
-            raise ValueError(f"unknown {name} {value!r}; choose from {choices}")
-    if int(steps) != steps or steps < 0:
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    if not step_size > 0:
-        raise ValueError(f"step_size must be positive, got {step_size}")
-    if jitter < 0 or blur_sigma < 0:
-        raise ValueError(f"jitter and blur_sigma must be >= 0, got {jitter}, {blur_sigma}")
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    positive: bool = False,
+    why: str = "",
+) -> Any:
+    """The one check of every numeric option: `value` as an int (`integer`) or float.
+
+    Args:
+        name: What the message names: the argument, or the flag ('--steps').
+        value: A real number; an integer-valued float passes as an integer.
+        integer, low, high, positive: It must be an integer, >= low, <= high, > 0.
+        why: Appended to the rule in the message, e.g. why `high` is where it is.
+
+    Raises:
+        ValueError: `name must be <rule>, got <value>`: a bool, a non-number, NaN, inf,
+            a fraction for an integer, or a value out of range.
+    """
+    kind = "an integer" if integer else "a finite number"
+    if low is not None and high is not None:
+        bound = f" in {low}..{high}" if integer else f" in [{low:g}, {high:g}]"
+    elif low is not None:
+        bound = f" >= {low}"
+    else:
+        bound = " > 0" if positive else ""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+    try:
+        ok = ok and math.isfinite(value) and (not integer or int(value) == value)
+        ok = ok and (low is None or value >= low) and (high is None or value <= high)
+        ok = ok and (not positive or value > 0)
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok:
+        shown = value.item() if isinstance(value, np.generic) else value
+        raise ValueError(f"{name} must be {kind}{bound}{why}, got {shown!r}")
+    return int(value) if integer else float(value)
+
+
+def check_options(*, input_shape: Sequence[int], prefix: str = "", **options: Any) -> dict:
+    """Checks `gradient_ascent`'s options before any work; returns them normalized.
+
+    The rules: objective and loop from their lists; steps and seed integers in
+    0..2**31-1 (int32 counters, jax.random.key); step_size > 0; noise_scale,
+    tv_weight >= 0; noise_offset any finite number; jitter an integer and blur_sigma a
+    number in [0, max(H, W)] (a longer shift wraps around the image, a wider blur
+    flattens every field, and its kernel, 4 sigma wide, would outgrow memory);
+    chunk_size and memory_bytes None or integers >= 1. Values that pass these but
+    still make the ascent overflow are caught after it (`gradient_ascent` raises).
+
+    Args:
+        input_shape: (H, W, C), each an integer >= 1.
+        prefix: Put before each option's name in the message: '--' for a CLI, whose
+            flags carry the options' names.
+        **options: Any of objective, loop, steps, step_size, seed, noise_scale,
+            noise_offset, jitter, blur_sigma, tv_weight, chunk_size, memory_bytes.
+
+    Returns:
+        The options given, numbers as int or float, and input_shape as (H, W, C) ints.
+
+    Raises:
+        ValueError: one line naming the option (with `prefix`) and its rule.
+    """
+    try:
+        shape = tuple(input_shape)
+    except TypeError:
+        shape = input_shape
+    if not isinstance(shape, tuple) or len(shape) != 3:
+        raise ValueError(f"input_shape must be (H, W, C), got {shape!r}")
+    try:
+        h, w, c = (check_number("input_shape", s, integer=True, low=1) for s in shape)
+    except ValueError:
+        raise ValueError(f"input_shape must be (H, W, C), integers >= 1, got {shape!r}") from None
+    size = max(h, w)
+    rules = {
+        "steps": dict(integer=True, low=0, high=_MAX_INT32),
+        "seed": dict(integer=True, low=0, high=_MAX_INT32),
+        "step_size": dict(positive=True),
+        "noise_scale": dict(low=0),
+        "noise_offset": {},
+        "tv_weight": dict(low=0),
+        "jitter": dict(
+            integer=True, low=0, high=size,
+            why=f" (pixels: a longer shift wraps around the {h}x{w} image)",
+        ),
+        "blur_sigma": dict(
+            low=0, high=size, why=f" (pixels: a wider blur flattens every {h}x{w} field)"
+        ),
+        "chunk_size": dict(integer=True, low=1),
+        "memory_bytes": dict(integer=True, low=1),
+    }  # fmt: skip
+    checked: dict[str, Any] = {"input_shape": (h, w, c)}
+    for name, value in options.items():
+        if name in ("objective", "loop"):
+            choices = OBJECTIVES if name == "objective" else LOOPS
+            if value not in choices:
+                raise ValueError(f"unknown {prefix}{name} {value!r}; choose from {choices}")
+            checked[name] = value
+        elif name not in rules:
+            raise TypeError(f"check_options: unknown option {name!r}")
+        elif value is None and name in ("chunk_size", "memory_bytes"):
+            checked[name] = None
+        else:
+            checked[name] = check_number(prefix + name, value, **rules[name])
+    return checked
+
+
+def _check_filters(filters: Any, num_filters: int, path: str) -> np.ndarray:
+    """(F,) int32 filter indices, F >= 1, each in [0, num_filters)."""
+    array = np.asarray(filters)
+    if array.ndim != 1 or not len(array):
+        raise ValueError(
+            f"filters must be a non-empty list of indices in [0, {num_filters}) of {path}, "
+            f"got {np.asarray(filters).tolist()!r}"
+        )
+    if not (np.issubdtype(array.dtype, np.integer) and not np.issubdtype(array.dtype, bool)):
+        raise ValueError(f"filters must be integer indices of {path}, got dtype {array.dtype}")
+    if not np.all((array >= 0) & (array < num_filters)):
+        raise ValueError(f"filters must be indices in [0, {num_filters}) of {path}: {array}")
+    return array.astype(np.int32)
+
+
+def _check_finite(variables: Any) -> None:
+    """Raises ValueError naming the first leaf that holds NaN or inf."""
+    for name, leaf in flatten(variables).items():
+        # jnp for jax.Arrays: a sharded one need not be on this host.
+        finite = (
+            jnp.isfinite(leaf).all() if isinstance(leaf, jax.Array) else np.isfinite(leaf).all()
+        )
+        if not bool(finite):
+            raise ValueError(f"variables: {name} holds NaN or inf")
+
+
+def _check_fit(model: nn.Module, variables: Any, shape: tuple[int, ...]) -> None:
+    """Raises ValueError naming input_shape unless the model runs on `shape` with these
+    variables (the same paths and shapes as its init makes)."""
+    leaves = tuple(
+        (
+            name,
+            tuple(np.shape(leaf)),
+            str(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype),
+        )
+        for name, leaf in sorted(flatten(variables).items())
+    )  # hashable: the check traces the model once per architecture, shape and tree
+    _check_fit_cached(model, leaves, shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_fit_cached(model: nn.Module, leaves: tuple, shape: tuple[int, ...]) -> None:
+    hwc = shape[1:]
+    _too_small(model, shape)
+    structs = unflatten({name: jax.ShapeDtypeStruct(s, d) for name, s, d in leaves})
+    try:
+        check_variables(model, structs, shape)
+    except ValueError as e:
+        raise ValueError(f"input_shape {hwc} does not fit the model's variables: {e}") from None
+
+
+def _too_small(model: nn.Module, shape: tuple[int, ...]) -> None:
+    """Raises ValueError if the model cannot run on `shape`, naming where it fails: most
+    often the convs and pools reduce a small image to nothing."""
+    sizes, stack = [], []
+
+    def record(next_fun, args, kwargs, context):
+        stack.append(nnx_adapter.module_path(context) or "<model>")
+        out = next_fun(*args, **kwargs)
+        stack.pop()
+        if getattr(out, "ndim", 0) == 4:
+            sizes.append((out.shape[1], out.shape[2], nnx_adapter.module_path(context)))
+        return out
+
+    try:
+        with nnx_adapter.intercept_methods(record):
+            jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32))
+    except Exception as e:  # Flax and lax raise many types for shapes they cannot build.
+        message = " ".join(str(e).split()).split(" (https://")[0]
+        reached = ""
+        if sizes:
+            hh, ww, where = min(sizes, key=lambda s: s[0] * s[1])
+            reached = (
+                f"its layers reduce the {shape[1]}x{shape[2]} image to {hh}x{ww} (at {where}), and "
+            )
+        raise ValueError(
+            f"input_shape {shape[1:]} is too small or does not fit the model: {reached}"
+            f"{stack[-1] if stack else 'the model'} fails on it ({message})"
+        ) from None
+
+
+def _check_converged(images, values, filters, path, step_size, noise) -> None:
+    """Raises ValueError naming the layer and filters whose ascent reached NaN or inf."""
+    finite = np.isfinite(images).all(axis=tuple(range(1, images.ndim))) & np.isfinite(values)
+    if finite.all():
+        return
+    bad = filters[~finite].tolist()
+    shown = ", ".join(map(str, bad[:20])) + (f" ... ({len(bad)} in all)" if len(bad) > 20 else "")
+    # The start is named only where it was changed: the defaults never overflow.
+    start = (
+        ""
+        if noise == (20.0, 128.0)
+        else f", a smaller noise_scale or noise_offset (now {noise[0]:g}, {noise[1]:g})"
+    )
+    raise ValueError(
+        f"the gradient ascent at layer {path} diverged to NaN or inf for filters {shown}; "
+        f"use a smaller step_size (now {step_size:g}){start} or fewer steps"
+    )

@@ -16,9 +16,12 @@ import numpy as np
 from matplotlib.figure import Figure, SubFigure
 
 from graycnn.io import save_figure, write_atomically
-from graycnn.receptive_field import ReceptiveFields, to_gray
+from graycnn.receptive_field import ReceptiveFields, check_number, to_gray
 
 _CELL = 0.8  # inches per tile
+# Print resolution; the canvas grows with its square (at 10,000 a 36-tile grid would
+# take gigabytes).
+_MAX_DPI = 1200
 
 
 def plot_receptive_fields(
@@ -42,13 +45,18 @@ def plot_receptive_fields(
         indices: (F,) filter index of each tile; default 0..F-1.
         cmap: Colormap of gray fields; 'cividis' is the study's blue-yellow, and stays
             readable for color-blind viewers.
-        columns: Tiles per row; default near-square.
-        dpi: Resolution.
+        columns: Tiles per row, 1..F; default near-square.
+        dpi: Resolution, in [1, 1200].
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: naming the argument: fields of another shape or not finite,
+            indices not (F,), columns or dpi out of range.
     """
     images, indices = _check(fields, indices)
+    columns, dpi = _check_layout(columns, dpi, len(images))
     columns = columns or _columns(len(images))
     rows = math.ceil(len(images) / columns)
     figure = Figure(
@@ -78,6 +86,7 @@ def plot_color_and_gray(
         The path written.
     """
     images, indices = _check(fields, indices)
+    columns, dpi = _check_layout(columns, dpi, len(images))
     if images.ndim != 4:
         raise ValueError(f"fields: side by side needs color (F, H, W, 3), got {images.shape}")
     gray = np.asarray(to_gray(images))[..., 0]
@@ -146,6 +155,14 @@ def _check(fields: Any, indices: Any) -> tuple[np.ndarray, np.ndarray]:
     if indices.shape != (len(images),):
         raise ValueError(f"indices: expected shape ({len(images)},), got {indices.shape}")
     return images, indices
+
+
+def _check_layout(columns: Any, dpi: Any, count: int) -> tuple[int | None, float]:
+    """columns None or an integer in 1..count (more would only add empty tiles, and
+    a million of them would take minutes), dpi in [1, _MAX_DPI]."""
+    if columns is not None:
+        columns = check_number("columns", columns, integer=True, low=1, high=count)
+    return columns, check_number("dpi", dpi, low=1, high=_MAX_DPI)
 
 
 def _columns(n: int) -> int:
