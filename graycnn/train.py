@@ -234,6 +234,7 @@ def _train_and_evaluate(config, workdir, init, model_overrides, teacher):
     model_config, variables, train_split, val_split = _model_and_data(config, init, model_overrides)
     if resumed is not None:
         workdir_lib.check_same_model(model_config, resumed, workdir)
+    batch_size = config.batch_size  # A multiple of the device count (checked above).
     steps_per_epoch = len(train_split) // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch_size={batch_size} exceeds the {len(train_split)} train images")
