@@ -11,7 +11,9 @@ every file.
 
 import dataclasses
 import functools
+import hashlib
 import importlib.resources
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +29,7 @@ from graycnn import train as train_lib
 from graycnn.compress.config import ACTIVATION, CompressConfig, validate
 from graycnn.layers import layer_output_fn, resolve_layer
 from graycnn.models import ModelConfig, build_model, count_params
+from graycnn.parallel import round_to_devices
 
 # Made by `python -m experiments.train --epochs=40 --seed=0 --workdir=DIR` (docs/results.md).
 PRETRAINED = {"densenet_tiny": "densenet_tiny_color"}
@@ -98,10 +101,10 @@ class Evaluation:
     held_out: np.ndarray | None
 
 
-def load_splits(config: CompressConfig, color: Model) -> Splits:
-    """The run's data (`read_splits`), checked against the color model's input and
-    classes before any work."""
-    splits = read_splits(config)
+def load_splits(config: CompressConfig, color: Model, splits: Splits | None = None) -> Splits:
+    """The run's data (`splits`, else `read_splits`), checked against the color model's
+    input and classes before any work."""
+    splits = read_splits(config) if splits is None else splits
     check = lambda split: evaluation.check_input(color.config, split, "color")  # noqa: E731
     held_out = None if splits.held_out is None else check(splits.held_out)
     return Splits(check(splits.train), check(splits.validation), held_out, splits.held_out_name)
@@ -126,6 +129,76 @@ def read_splits(config: CompressConfig) -> Splits:
     return Splits(train, validation, held_out, name)
 
 
+def check_data(config: CompressConfig, splits: Splits) -> None:
+    """Checks, before any work, that the data can do what every stage asks of it: the
+    held-out images are none of the images choices are made on (train and validation),
+    the validation and held-out splits hold images, and the training split holds a batch
+    for every training stage, whose steps fit the int32 step counter.
+
+    Raises:
+        ValueError: naming the flags (--dataset, --eval_dataset, the stage's flag).
+    """
+    if splits.held_out is not None:
+        seen = _image_hashes(splits.train) | _image_hashes(splits.validation)
+        shared = sum(h in seen for h in _image_hashes(splits.held_out, unique=False))
+        if shared:
+            raise ValueError(
+                f"--eval_dataset={config.eval_dataset}: {shared} of its {len(splits.held_out)} "
+                f"images are also in the train or validation split of "
+                f"--dataset={config.dataset}; held-out images must be ones no choice was "
+                "made on"
+            )
+        if not len(splits.held_out):
+            raise ValueError(f"--eval_dataset={config.eval_dataset} holds no images")
+    if not len(splits.validation):
+        raise ValueError(
+            f"--dataset={config.dataset}: its validation split holds no images (too few "
+            "per class), and every row is compared on it"
+        )
+    n = len(splits.train)
+    batch = round_to_devices(train_lib.TrainConfig().batch_size)
+    stages = []  # (what trains, its epochs flag or None, the batch it needs)
+    if _trains_color(config):
+        stages.append((f"training --model={config.model}", "--train_epochs", batch))
+    if config.bn == "train":
+        stages.append(("--bn=train", "--bn_epochs", batch))
+    elif config.bn == "recalibrate":
+        stages.append(("--bn=recalibrate", None, _default(batchnorm.recalibrate, "batch_size")))
+    if config.finetune_epochs:
+        stages.append(("--finetune_epochs", "--finetune_epochs", batch))
+    if config.target:
+        # budget._accuracy recalibrates BN on batches of 64 training images.
+        stages.append(("the --target_flops/--target_params search", None, 64))
+    for what, flag, need in stages:
+        if n < need:
+            raise ValueError(
+                f"--dataset={config.dataset}: its train split holds {n} images, fewer than "
+                f"the batch of {need} that {what} needs"
+            )
+        if flag is not None:
+            train_lib.check_epochs(getattr(config, flag[2:]), n // need, flag)
+
+
+def _image_hashes(split: data.Split, unique: bool = True) -> set[bytes] | list[bytes]:
+    """One digest per image (its shape and bytes): 5,000 CIFAR images take milliseconds."""
+    digests = [
+        hashlib.blake2b(str(image.shape).encode() + image.tobytes(), digest_size=16).digest()
+        for image in np.ascontiguousarray(split.images)
+    ]
+    return set(digests) if unique else digests
+
+
+def _default(fn: Any, name: str) -> Any:
+    return inspect.signature(fn).parameters[name].default
+
+
+def _trains_color(config: CompressConfig) -> bool:
+    """Whether `color_model` trains the color model (no checkpoint given or shipped)."""
+    return config.checkpoint is None and not (
+        config.model in PRETRAINED and config.dataset == "cifar10_sample"
+    )
+
+
 def color_model(config: CompressConfig, train_workdir: str, model_given: bool = False) -> Model:
     """The color model to compress: the checkpoint, the shipped pretrained model, or one
     trained in `train_workdir` (a rerun resumes it).
@@ -135,7 +208,7 @@ def color_model(config: CompressConfig, train_workdir: str, model_given: bool = 
     """
     if config.checkpoint is not None:
         path = config.checkpoint
-    elif config.model in PRETRAINED and config.dataset == "cifar10_sample":
+    elif not _trains_color(config):
         path = str(importlib.resources.files("graycnn") / "assets" / PRETRAINED[config.model])
     else:
         train_config = train_lib.TrainConfig(
