@@ -176,10 +176,9 @@ def test_unknown_model_is_refused_before_training_it(tmp_path, no_work):
 def test_epochs_past_the_int32_step_counter_name_the_flag(
     field, steps_per_epoch, tmp_path, no_model
 ):
-    # cifar10_sample: 3,085 train images, batches of 64 (62 per device on 2 devices: 62):
-    # the step counter is int32, so at most 2**31 - 1 steps.
-    batch = 64 // 2 * 2
-    assert 3085 // batch == steps_per_epoch
+    # cifar10_sample: 3,085 train images in full batches of 64 (32 per device on the
+    # tests' 2 devices); the step counter is int32, so at most 2**31 - 1 steps.
+    assert 3085 // 64 == steps_per_epoch
     epochs = 2 * 10**9
     _refused(
         CompressConfig(**{field: epochs}),
@@ -416,6 +415,10 @@ def test_cli_errors_are_one_last_line_and_leave_no_workdir(tmp_path):
             "error: --eval_dataset=cifar10_sample: 4085 of its 5085 images are also in",
         ),
         (["experiments.baselines", "--models="], "error: --models is empty"),
+        (
+            ["experiments.train", "--epochs=2000000000"],
+            "error: --epochs=2000000000 is 96000000000 steps (48 per epoch)",
+        ),
         (
             ["experiments.pool", f"--runs=x={run},{tmp_path / 'again'}"],
             f"error: {run} and {tmp_path / 'again'} are the same directory",
