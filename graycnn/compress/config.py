@@ -44,7 +44,8 @@ class CompressConfig:
         "test",
         "Held-out data every row is also evaluated on, all of it: 'test' (the dataset's "
         "own test split, if it has one), 'none', or a dataset name (e.g. npz:PATH). No "
-        "choice is ever made on it.",
+        "choice is ever made on it: one sharing images with --dataset's train or "
+        "validation split is refused.",
     )
     train_epochs: int = setting(40, "Epochs when the color model is trained.")
     layers: tuple[int, ...] = setting((1, 2), "Conv layers to merge, in order.")
