@@ -170,23 +170,24 @@ def _check_independent(workdirs: Sequence[str], reports: Sequence[dict[str, Any]
     """Refuses a run counted twice, which would narrow the interval with no new evidence:
     one directory given twice (by any path), or two runs of identical settings (the same
     color checkpoint, data, seeds and flags: the same numbers again)."""
-    seen: dict[Any, str] = {}
+    by_path: dict[str, str] = {}  # realpath -> the workdir as given
+    by_settings: dict[str, str] = {}  # the settings as JSON -> the workdir as given
     for workdir, report in zip(workdirs, reports, strict=True):
         real = os.path.realpath(workdir)
-        if real in seen:
+        if real in by_path:
             raise ValueError(
-                f"{seen[real]} and {workdir} are the same directory: a run pooled twice "
+                f"{by_path[real]} and {workdir} are the same directory: a run pooled twice "
                 "counts as two independent runs"
             )
-        seen[real] = workdir
+        by_path[real] = workdir
         settings = json.dumps(_settings(report["config"]), sort_keys=True)
-        if settings in seen:
+        if settings in by_settings:
             raise ValueError(
-                f"{seen[settings]} and {workdir} hold runs of identical settings (the same "
-                "checkpoint, data, seeds and flags), so the same results twice: pool runs of "
-                "other seeds or color models"
+                f"{by_settings[settings]} and {workdir} hold runs of identical settings (the "
+                "same checkpoint, data, seeds and flags), so the same results twice: pool "
+                "runs of other seeds or color models"
             )
-        seen[settings] = workdir
+        by_settings[settings] = workdir
 
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:

@@ -157,19 +157,19 @@ def check_data(config: CompressConfig, splits: Splits) -> None:
         )
     n = len(splits.train)
     batch = round_to_devices(train_lib.TrainConfig().batch_size)
-    stages = []  # (what trains, its epochs flag or None, the batch it needs)
+    needs = []  # (what trains, its epochs flag or None, the batch it needs)
     if _trains_color(config):
-        stages.append((f"training --model={config.model}", "--train_epochs", batch))
+        needs.append((f"training --model={config.model}", "--train_epochs", batch))
     if config.bn == "train":
-        stages.append(("--bn=train", "--bn_epochs", batch))
+        needs.append(("--bn=train", "--bn_epochs", batch))
     elif config.bn == "recalibrate":
-        stages.append(("--bn=recalibrate", None, _default(batchnorm.recalibrate, "batch_size")))
+        needs.append(("--bn=recalibrate", None, _default(batchnorm.recalibrate, "batch_size")))
     if config.finetune_epochs:
-        stages.append(("--finetune_epochs", "--finetune_epochs", batch))
+        needs.append(("--finetune_epochs", "--finetune_epochs", batch))
     if config.target:
         # budget._accuracy recalibrates BN on batches of 64 training images.
-        stages.append(("the --target_flops/--target_params search", None, 64))
-    for what, flag, need in stages:
+        needs.append(("the --target_flops/--target_params search", None, 64))
+    for what, flag, need in needs:
         if n < need:
             raise ValueError(
                 f"--dataset={config.dataset}: its train split holds {n} images, fewer than "
