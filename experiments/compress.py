@@ -14,7 +14,9 @@ experiments.train):
         --layers=1,2 --workdir=runs/seed_compress
 
 Per-layer flags take `VALUE,LAYER:VALUE,...`; a value without a layer applies to every
-layer. Every flag is a field of graycnn.compress.CompressConfig.
+layer, and the layers a value does not name keep the default (`--objective=2:mean`:
+layer 1 stays `activation`). Every flag is a field of graycnn.compress.CompressConfig,
+checked before the workdir is made.
 """
 
 from absl import flags

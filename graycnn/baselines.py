@@ -9,6 +9,7 @@ Rows, all with the same epochs, optimizer and seed:
 """
 
 import dataclasses
+import inspect
 import os
 import time
 from collections.abc import Sequence
@@ -16,11 +17,11 @@ from typing import Any
 
 import jax
 
-from graycnn import batchnorm, checkpoint, data, evaluation, fold, io, train
+from graycnn import batchnorm, checkpoint, data, evaluation, fold, io, parallel, train
 from graycnn import workdir as workdir_lib
 from graycnn.config import setting
 from graycnn.figures import report as report_figures
-from graycnn.models import build_model, count_params
+from graycnn.models import MODELS, TEST_MODELS, build_model, count_params
 
 ROWS = (
     "color_scratch",
@@ -46,6 +47,10 @@ class BaselinesConfig:
     bn: str = setting("train", "Row 5's BN re-estimation.", choices=("train", "recalibrate"))
 
 
+_BN = {f.name: f for f in dataclasses.fields(BaselinesConfig)}["bn"].metadata["choices"]
+# batchnorm.recalibrate's batch, which row 5 takes with --bn=recalibrate.
+_RECALIBRATE_BATCH = inspect.signature(batchnorm.recalibrate).parameters["batch_size"].default
+
 # The training settings the command exposes, and its own defaults for them.
 TRAIN_FLAGS = ("dataset", "epochs", "batch_size", "learning_rate", "momentum", "seed", "data_dir")
 TRAIN_DEFAULTS = {"epochs": 4}
@@ -70,12 +75,12 @@ def run_baselines(
         {'rows': [{'model', 'row', 'name', 'view', 'accuracy', 'params', 'seconds',
         'checkpoint', 'history'}], 'config': {...}}.
     """
+    val = _check(models, base, bn)  # Before the workdir exists.
     with workdir_lib.claim(workdir, "baselines") as workdir:
-        return _run_baselines(models, workdir, base, bn)
+        return _run_baselines(models, workdir, base, bn, val)
 
 
-def _run_baselines(models, workdir, base, bn):
-    val = data.load_dataset(base.dataset, "validation", base.data_dir)
+def _run_baselines(models, workdir, base, bn, val):
     rows: list[dict[str, Any]] = []
     for name in models:
         model_rows = _model_rows(dataclasses.replace(base, model=name), workdir, val, bn)
@@ -85,6 +90,47 @@ def _run_baselines(models, workdir, base, bn):
     io.write_json(os.path.join(workdir, "report.json"), report)
     io.write_text(os.path.join(workdir, "report.md"), format_report(report))
     return report
+
+
+def _check(models: Sequence[str], base: train.TrainConfig, bn: str) -> data.Split:
+    """Checks every input before the first row trains (a later model's bad name or a
+    dataset too small for a batch would otherwise fail after minutes).
+
+    Returns:
+        The validation split every row is evaluated on.
+
+    Raises:
+        ValueError: naming the flag at fault.
+    """
+    if isinstance(models, str) or not models:
+        raise ValueError("--models is empty: name at least one model, e.g. --models=resnet20")
+    twice = sorted({m for m in models if list(models).count(m) > 1})
+    if twice:
+        raise ValueError(f"--models lists {', '.join(twice)} twice")
+    for name in models:
+        if name not in {**MODELS, **TEST_MODELS}:
+            raise ValueError(f"--models: unknown model {name!r}; models: {sorted(MODELS)}")
+    if bn not in _BN:
+        raise ValueError(f"--bn: unknown value {bn!r}; choose from {', '.join(_BN)}")
+    val = data.load_dataset(base.dataset, "validation", base.data_dir)
+    if not len(val):
+        raise ValueError(
+            f"--dataset={base.dataset}: its validation split holds no images (too few per "
+            "class), and every row is evaluated on it"
+        )
+    n = len(data.load_dataset(base.dataset, "train", base.data_dir))
+    batch = parallel.check_batch_size(base.batch_size)
+    if n < batch:
+        raise ValueError(
+            f"--batch_size={batch} exceeds the {n} train images of --dataset={base.dataset}"
+        )
+    train.check_epochs(base.epochs, n // batch)
+    if bn == "recalibrate" and n < _RECALIBRATE_BATCH:
+        raise ValueError(
+            f"--bn=recalibrate needs a batch of {_RECALIBRATE_BATCH} train images; "
+            f"--dataset={base.dataset} has {n}"
+        )
+    return val
 
 
 def _model_rows(

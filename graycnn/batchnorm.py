@@ -135,6 +135,7 @@ def reestimate(
         dataset=dataset,
         view=view,
         epochs=epochs,
+        batch_size=train.stage_batch_size(),
         learning_rate=learning_rate,
         momentum=momentum,
         lr_drops=(),

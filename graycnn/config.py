@@ -7,7 +7,8 @@ parsed flags (`from_flags`), and the library checks a config made in Python the 
 way (`check`), so the command line and `compress(CompressConfig())` run the same thing.
 
 Per-layer settings are `PerLayer` values, written on the command line as
-`VALUE,LAYER:VALUE,...`: a value without a layer applies to every layer.
+`VALUE,LAYER:VALUE,...`: a value without a layer applies to every layer; a value that
+names only some layers keeps the setting's default for the others.
 
 Example:
     >>> @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,19 @@ class PerLayer:
         """
         default, values = parse_layer_values(spec, flag, cast, key=_layer_number)
         return cls.of_dict(values, default)
+
+    def over(self, base: "PerLayer") -> "PerLayer":
+        """This value given over the setting's default `base`: with a value for every
+        layer it is the whole setting (so is an empty one: no value for any layer); one
+        that names only some layers keeps `base`'s value for the others.
+
+        Example:
+            >>> PerLayer.parse("2:mean").over(PerLayer("activation")).of(1)
+            'activation'
+        """
+        if self.default is not None or not self.layers or not isinstance(base, PerLayer):
+            return self
+        return PerLayer.of_dict(dict(base.layers) | dict(self.layers), base.default)
 
     def of(self, layer: int, fallback: Any = None) -> Any:
         """The value for `layer`: its own, else the default, else `fallback`."""
@@ -220,17 +234,18 @@ def check(config: Any) -> Any:
 
 def coerce(config: Any) -> None:
     """Converts, in place (call from __post_init__), what Python callers write for a
-    PerLayer field: {layer: value} or 'VALUE,LAYER:VALUE' or one value for every layer;
-    and a list for a tuple field."""
+    PerLayer field: {layer: value} or 'VALUE,LAYER:VALUE' (the layers not named keep the
+    field's default) or one value for every layer; and a list for a tuple field."""
     hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         kind = _kind(hints[field.name])
         if kind is PerLayer and not isinstance(value, PerLayer):
             if isinstance(value, Mapping):
-                value = PerLayer.of_dict(value)
+                value = PerLayer.of_dict(value).over(field.default)
             elif isinstance(value, str):
                 value = PerLayer.parse(value, field.metadata["item"], flag=field.name)
+                value = value.over(field.default)
             else:
                 value = PerLayer(value)
         elif kind is tuple and isinstance(value, list):
@@ -295,6 +310,6 @@ def _parse(field: dataclasses.Field, raw: Any, kind: type, hint: Any) -> Any:
             return tuple(item(x.strip()) for x in raw if x.strip())
         except ValueError:
             raise ValueError(f"--{name}: expected {item.__name__} values, got {raw}") from None
-    if kind is PerLayer:
-        return PerLayer.parse(raw, field.metadata["item"], flag=name)
+    if kind is PerLayer:  # the layers the flag does not name keep their defaults
+        return PerLayer.parse(raw, field.metadata["item"], flag=name).over(field.default)
     return raw

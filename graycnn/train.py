@@ -107,6 +107,27 @@ class TrainState:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
+# The step counter (TrainState.step) and the schedule's boundaries are int32.
+MAX_STEPS = 2**31 - 1
+
+
+def stage_batch_size() -> int:
+    """The batch of a training stage that has no --batch_size flag (compress's color
+    training, BN epochs and fine-tuning): the default batch, cut to a multiple of the
+    device count (the same on 1, 2, 4 or 8 devices), which `train_and_evaluate` needs."""
+    return parallel.round_to_devices(TrainConfig().batch_size)
+
+
+def check_epochs(epochs: int, steps_per_epoch: int, flag: str = "--epochs") -> None:
+    """Raises ValueError naming `flag` if `epochs` epochs of `steps_per_epoch` steps
+    overflow the int32 step counter (jit then fails with an OverflowError)."""
+    if epochs * steps_per_epoch > MAX_STEPS:
+        raise ValueError(
+            f"{flag}={epochs} is {epochs * steps_per_epoch} steps ({steps_per_epoch} per "
+            f"epoch); the step counter holds at most {MAX_STEPS}"
+        )
+
+
 def make_optimizer(
     config: TrainConfig, steps_per_epoch: int, labels: Any = None
 ) -> optax.GradientTransformation:
@@ -238,6 +259,7 @@ def _train_and_evaluate(config, workdir, init, model_overrides, teacher):
     steps_per_epoch = len(train_split) // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch_size={batch_size} exceeds the {len(train_split)} train images")
+    check_epochs(config.epochs, steps_per_epoch)
     model = build_model(model_config)
     state, tx = _initial_state(config, model, model_config, variables, steps_per_epoch)
     if resumed is not None:

@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,7 +42,18 @@ def color_checkpoint(tmp_path_factory, sample_npz):
 
 
 @pytest.fixture(scope="module")
-def config(color_checkpoint, sample_npz):
+def held_out_npz(tmp_path_factory):
+    """160 images (16 per class) of cifar10_sample's test split: none is in sample_npz,
+    which holds training images (compress refuses held-out images it trained on)."""
+    split = data.load_dataset("cifar10_sample", "test")
+    idx = np.concatenate([np.flatnonzero(split.labels == c)[:16] for c in range(10)])
+    path = str(tmp_path_factory.mktemp("held_out") / "held_out.npz")
+    np.savez(path, images=split.images[idx], labels=split.labels[idx])
+    return path
+
+
+@pytest.fixture(scope="module")
+def config(color_checkpoint, sample_npz, held_out_npz):
     return compress.CompressConfig(
         checkpoint=color_checkpoint,
         dataset=f"npz:{sample_npz}",
@@ -49,7 +61,7 @@ def config(color_checkpoint, sample_npz):
         steps=3,
         num_clusters={1: 5, 2: 3},
         bn="recalibrate",
-        eval_dataset=f"npz:{sample_npz}",
+        eval_dataset=f"npz:{held_out_npz}",
     )
 
 
@@ -101,14 +113,22 @@ def test_report_rows_and_files(runs, config):
     assert "## Held out" in report_md and "## Verdicts" in report_md
 
 
-def test_pooled_runs_give_each_runs_paired_difference(runs, sample_npz, tmp_path):
-    """Two runs of the same seed pooled: the report's own difference (computed by the run,
-    not by the pooling), on both splits, and one interval over the stacked runs."""
+def test_pooled_runs_give_each_runs_paired_difference(runs, sample_npz, held_out_npz, tmp_path):
+    """Two runs with the same results pooled: the report's own difference (computed by
+    the run, not by the pooling), on both splits, and one interval over the stacked runs.
+    Two runs of identical settings are refused (one run counted twice), so the second
+    is a copy whose report says another seed: the same models, as if that seed had
+    drawn the same results."""
     _, first, second = runs
-    dirs = [first["config"]["workdir"], second["config"]["workdir"]]
+    copy = tmp_path / "seed1"
+    shutil.copytree(second["config"]["workdir"], copy)
+    report = json.loads((copy / "report.json").read_text())
+    report["config"]["seed"] = 1
+    (copy / "report.json").write_text(json.dumps(report))
+    dirs = [first["config"]["workdir"], str(copy)]
     result = pool.compare_runs(dirs, "merged_1+2", "gray_bn")
     rows = {r["key"]: r for r in first["rows"]}
-    assert result["runs"] == 2 and result["held_out_name"] == f"npz:{sample_npz}"
+    assert result["runs"] == 2 and result["held_out_name"] == f"npz:{held_out_npz}"
     for split, reported in (
         ("validation", rows["merged_1+2"]),
         ("held_out", rows["merged_1+2"]["eval"]),
@@ -146,9 +166,11 @@ def test_pooling_refuses_what_it_cannot_pair(runs, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"report.json: no such file"):
         pool.compare_runs([workdir, str(tmp_path)], "merged_1+2", "gray_bn")
     report = json.loads(open(os.path.join(workdir, "report.json")).read())
-    lost = tmp_path / "lost"  # its report, not its models
+    lost = tmp_path / "lost"  # its report (as another seed's: not the same run), not its models
     lost.mkdir()
-    (lost / "report.json").write_text(json.dumps(report))
+    (lost / "report.json").write_text(
+        json.dumps(report | {"config": report["config"] | {"seed": 1}})
+    )
     with pytest.raises(ValueError, match=r"lost/models/merged_1\+2: no such checkpoint"):
         pool.compare_runs([workdir, str(lost)], "merged_1+2", "gray_bn")
     other = tmp_path / "other"

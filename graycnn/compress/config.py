@@ -2,6 +2,8 @@
 the presets that set several at once."""
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,6 +12,7 @@ from graycnn import config as config_lib
 from graycnn import receptive_field as rf
 from graycnn.config import PerLayer, setting
 from graycnn.data import DATASET_HELP
+from graycnn.models import MODELS, TEST_MODELS
 
 # Besides the receptive-field objectives: cluster each filter's responses to real images.
 ACTIVATION = "activation"
@@ -41,7 +44,8 @@ class CompressConfig:
         "test",
         "Held-out data every row is also evaluated on, all of it: 'test' (the dataset's "
         "own test split, if it has one), 'none', or a dataset name (e.g. npz:PATH). No "
-        "choice is ever made on it.",
+        "choice is ever made on it: one sharing images with --dataset's train or "
+        "validation split is refused.",
     )
     train_epochs: int = setting(40, "Epochs when the color model is trained.")
     layers: tuple[int, ...] = setting((1, 2), "Conv layers to merge, in order.")
@@ -69,7 +73,7 @@ class CompressConfig:
     num_clusters: PerLayer = setting(
         PerLayer.of_dict({1: 20, 2: 12}),
         "Target clusters per layer (default: the study's counts); a layer without one "
-        "uses DBSCAN with --eps_std.",
+        "(every layer, given an empty value) uses DBSCAN with --eps_std.",
         item=int,
     )
     eps_std: float = setting(0.2, "DBSCAN eps in std of the distances (the study).")
@@ -173,14 +177,62 @@ def with_preset(config: CompressConfig, given: Sequence[str] = ()) -> CompressCo
     return dataclasses.replace(config, **{k: v for k, v in values.items() if k not in given})
 
 
+# The numeric settings, each with its lowest allowed value. Every int and float field of
+# CompressConfig is here (tests check it): an int is at most 2**31 - 1, as the seeds,
+# step counters and sizes it becomes are 32-bit; a float must be finite.
+INT32_MAX = 2**31 - 1
+INT_LOWS = {
+    "train_epochs": 1, "steps": 1, "compensate_images": 1, "bn_epochs": 1,
+    "finetune_epochs": 0, "seeds": 1, "seed": 0,
+}  # fmt: skip
+# (lowest, whether the lowest itself is allowed); target_* are also checked as fractions.
+FLOAT_LOWS = {
+    "eps_std": (0.0, False), "finetune_lr": (0.0, True),
+    "target_flops": (0.0, True), "target_params": (0.0, True),
+}  # fmt: skip
+
+
+def _check_int(flag: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{flag} must be an integer, got {value!r}")
+    if value < low:
+        raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if value > INT32_MAX:
+        raise ValueError(f"{flag} must be <= {INT32_MAX} (a 32-bit integer), got {value}")
+
+
+def _check_numbers(config: CompressConfig) -> None:
+    """Every numeric setting in its range (`INT_LOWS`, `FLOAT_LOWS`); raises ValueError
+    naming the flag. (--layers and --num_clusters are checked against the model's
+    widths, `validate(config, widths)`, which names the valid range.)"""
+    for name, low in INT_LOWS.items():
+        _check_int(f"--{name}", getattr(config, name), low)
+    for name, (low, inclusive) in FLOAT_LOWS.items():
+        value = getattr(config, name)
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value) and (value >= low if inclusive else value > low)
+        if not ok:
+            sign = ">=" if inclusive else ">"
+            raise ValueError(f"--{name} must be a finite number {sign} {low:g}, got {value!r}")
+    last = config.seed + config.seeds - 1
+    if last > INT32_MAX:
+        raise ValueError(
+            f"--seed={config.seed} with --seeds={config.seeds} runs seeds up to {last}; the "
+            f"last must be <= {INT32_MAX}: lower --seed or --seeds"
+        )
+
+
 def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) -> None:
-    """Raises ValueError naming the flag at fault.
+    """Raises ValueError naming the flag at fault, before any work.
 
     Args:
         widths: {layer number: filters} of the model to compress, once known (one
             abstract trace): checks layer ranges and cluster counts before any work.
     """
     config_lib.check(config)
+    _check_numbers(config)
+    if config.model not in {**MODELS, **TEST_MODELS}:
+        raise ValueError(f"--model: unknown model {config.model!r}; models: {sorted(MODELS)}")
     if not config.layers and not config.target:
         raise ValueError("--layers is empty: name at least one conv layer to merge")
     if len(set(config.layers)) != len(config.layers):
@@ -191,12 +243,6 @@ def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) ->
         value = getattr(config, flag)
         if value and not 0 < value < 1:
             raise ValueError(f"--{flag} must be a fraction in (0, 1), got {value}")
-    for flag, low in (
-        ("steps", 1), ("seeds", 1), ("bn_epochs", 1), ("finetune_epochs", 0),
-        ("compensate_images", 1),
-    ):  # fmt: skip
-        if getattr(config, flag) < low:
-            raise ValueError(f"--{flag} must be >= {low}, got {getattr(config, flag)}")
     per_layer = {
         "--objective": config.objective,
         "--metric": config.metric,
@@ -204,12 +250,17 @@ def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) ->
     }
     defaults = {f.name: f.default for f in dataclasses.fields(CompressConfig)}
     for flag, value in per_layer.items():
-        given = value != defaults[flag[2:]] and not config.target
+        default = defaults[flag[2:]]
         for layer in value.layer_numbers():
-            if given and layer not in config.layers:
+            # A layer the user named (its value is not the default's) must be merged.
+            named = value.of(layer) != default.of(layer)
+            if named and not config.target and layer not in config.layers:
                 raise ValueError(
                     f"{flag}: layer {layer} is not in --layers={','.join(map(str, config.layers))}"
                 )
+    for layer in config.layers:
+        if config.objective_of(layer) is None:
+            raise ValueError(f"--objective: no value for layer {layer}; give one, e.g. 'mean'")
     if widths is None:
         return
     for layer in config.layers:

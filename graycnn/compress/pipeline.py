@@ -41,8 +41,10 @@ def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) ->
 
 def _compress(config: CompressConfig, workdir: str, given: Sequence[str]) -> dict[str, Any]:
     out = Writer(workdir, config_lib.to_json(config))
+    splits = stages.read_splits(config)  # checked before the color model is trained
+    stages.check_data(config, splits)
     color = stages.color_model(config, out.path("color_model"), "model" in given)
-    splits = stages.load_splits(config, color)
+    splits = stages.load_splits(config, color, splits)
     gray = stages.fold_to_gray(config, color, splits.train)
     search = None
     if config.target:  # minutes: kept in the workdir, so a killed run does not redo it

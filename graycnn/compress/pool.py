@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from graycnn import checkpoint, stats
+from graycnn import checkpoint, data, stats
 from graycnn.compress import stages
 from graycnn.compress.config import CompressConfig
 
@@ -39,11 +39,15 @@ def check_runs(workdirs: Sequence[str], row: str, bar: str) -> list[Run]:
 
     Raises:
         ValueError: no workdirs, a missing report, row or checkpoint, runs on
-            different data, or rows of different seed counts (naming the workdir).
+            different data, rows of different seed counts (naming the workdir), or one
+            run counted twice (naming both workdirs).
     """
     if not workdirs:
         raise ValueError("no workdirs to pool")
+    if row == bar:
+        raise ValueError(f"--row and --bar are both {row!r}: a row compared with itself")
     reports = [_report(w) for w in workdirs]
+    _check_independent(workdirs, reports)
     runs = []
     for workdir, report in zip(workdirs, reports, strict=True):
         if _data(report) != _data(reports[0]):
@@ -154,9 +158,47 @@ def _report(workdir: str) -> dict[str, Any]:
         raise ValueError(f"{path}: no such file; is {workdir} a finished compress run?") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(report, dict) or "dataset" not in report.get("config", {}):
+    config = report.get("config") if isinstance(report, dict) else None
+    if not isinstance(config, dict) or not isinstance(config.get("dataset"), str):
         raise ValueError(f"{path}: not a compress report (no config.dataset)")
+    if not isinstance(report.get("rows", []), list):
+        raise ValueError(f"{path}: not a compress report ('rows' is not a list)")
     return report
+
+
+def _check_independent(workdirs: Sequence[str], reports: Sequence[dict[str, Any]]) -> None:
+    """Refuses a run counted twice, which would narrow the interval with no new evidence:
+    one directory given twice (by any path), or two runs of identical settings (the same
+    color checkpoint, data, seeds and flags: the same numbers again)."""
+    by_path: dict[str, str] = {}  # realpath -> the workdir as given
+    by_settings: dict[str, str] = {}  # the settings as JSON -> the workdir as given
+    for workdir, report in zip(workdirs, reports, strict=True):
+        real = os.path.realpath(workdir)
+        if real in by_path:
+            raise ValueError(
+                f"{by_path[real]} and {workdir} are the same directory: a run pooled twice "
+                "counts as two independent runs"
+            )
+        by_path[real] = workdir
+        settings = json.dumps(_settings(report["config"]), sort_keys=True)
+        if settings in by_settings:
+            raise ValueError(
+                f"{by_settings[settings]} and {workdir} hold runs of identical settings (the "
+                "same checkpoint, data, seeds and flags), so the same results twice: pool "
+                "runs of other seeds or color models"
+            )
+        by_settings[settings] = workdir
+
+
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A report's config without where it ran: a color model trained in the run's own
+    workdir (no --checkpoint) is the same model wherever the workdir is."""
+    settings = {k: v for k, v in config.items() if k != "workdir"}
+    own = config.get("workdir")
+    color = settings.get("color_checkpoint")
+    if own and isinstance(color, str) and color.startswith(os.path.join(own, "")):
+        settings["color_checkpoint"] = os.path.relpath(color, own)
+    return settings
 
 
 def _data(report: dict[str, Any]) -> tuple[Any, Any]:
@@ -164,11 +206,29 @@ def _data(report: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def _row(workdir: str, report: dict[str, Any], key: str) -> dict[str, Any]:
-    rows = {r.get("key"): r for r in report.get("rows", [])}
+    rows = {
+        r["key"]: r
+        for r in report.get("rows", [])
+        if isinstance(r, dict) and isinstance(r.get("key"), str)
+    }
     if key not in rows:
-        keys = ", ".join(sorted(k for k in rows if k))
+        keys = ", ".join(sorted(rows))
         raise ValueError(f"{workdir}/report.json has no row {key!r}; its rows: {keys}")
-    return rows[key]
+    row = rows[key]
+    paths = row.get("checkpoints") or [row.get("checkpoint")]
+    accuracies = row.get("accuracies") or [row.get("accuracy")]
+    fault = None
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        fault = "its checkpoint paths are not strings"
+    elif not isinstance(accuracies, list) or len(accuracies) != len(paths):
+        fault = f"it has {len(paths)} checkpoints but not as many accuracies"
+    elif not all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in accuracies):
+        fault = "its accuracies are not numbers in 0..1"
+    elif row.get("image_type") not in data.VIEWS:
+        fault = f"its image_type {row.get('image_type')!r} is not one of {', '.join(data.VIEWS)}"
+    if fault:
+        raise ValueError(f"{workdir}/report.json: row {key!r} is malformed: {fault}")
+    return row
 
 
 def _checkpoints(workdir: str, row: dict[str, Any]) -> list[str]:

@@ -11,7 +11,9 @@ every file.
 
 import dataclasses
 import functools
+import hashlib
 import importlib.resources
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -98,10 +100,10 @@ class Evaluation:
     held_out: np.ndarray | None
 
 
-def load_splits(config: CompressConfig, color: Model) -> Splits:
-    """The run's data (`read_splits`), checked against the color model's input and
-    classes before any work."""
-    splits = read_splits(config)
+def load_splits(config: CompressConfig, color: Model, splits: Splits | None = None) -> Splits:
+    """The run's data (`splits`, else `read_splits`), checked against the color model's
+    input and classes before any work."""
+    splits = read_splits(config) if splits is None else splits
     check = lambda split: evaluation.check_input(color.config, split, "color")  # noqa: E731
     held_out = None if splits.held_out is None else check(splits.held_out)
     return Splits(check(splits.train), check(splits.validation), held_out, splits.held_out_name)
@@ -126,6 +128,76 @@ def read_splits(config: CompressConfig) -> Splits:
     return Splits(train, validation, held_out, name)
 
 
+def check_data(config: CompressConfig, splits: Splits) -> None:
+    """Checks, before any work, that the data can do what every stage asks of it: the
+    held-out images are none of the images choices are made on (train and validation),
+    the validation and held-out splits hold images, and the training split holds a batch
+    for every training stage, whose steps fit the int32 step counter.
+
+    Raises:
+        ValueError: naming the flags (--dataset, --eval_dataset, the stage's flag).
+    """
+    if splits.held_out is not None:
+        seen = _image_hashes(splits.train) | _image_hashes(splits.validation)
+        shared = sum(h in seen for h in _image_hashes(splits.held_out, unique=False))
+        if shared:
+            raise ValueError(
+                f"--eval_dataset={config.eval_dataset}: {shared} of its {len(splits.held_out)} "
+                f"images are also in the train or validation split of "
+                f"--dataset={config.dataset}; held-out images must be ones no choice was "
+                "made on"
+            )
+        if not len(splits.held_out):
+            raise ValueError(f"--eval_dataset={config.eval_dataset} holds no images")
+    if not len(splits.validation):
+        raise ValueError(
+            f"--dataset={config.dataset}: its validation split holds no images (too few "
+            "per class), and every row is compared on it"
+        )
+    n = len(splits.train)
+    batch = train_lib.stage_batch_size()
+    needs = []  # (what trains, its epochs flag or None, the batch it needs)
+    if _trains_color(config):
+        needs.append((f"training --model={config.model}", "--train_epochs", batch))
+    if config.bn == "train":
+        needs.append(("--bn=train", "--bn_epochs", batch))
+    elif config.bn == "recalibrate":
+        needs.append(("--bn=recalibrate", None, _default(batchnorm.recalibrate, "batch_size")))
+    if config.finetune_epochs:
+        needs.append(("--finetune_epochs", "--finetune_epochs", batch))
+    if config.target:
+        # budget._accuracy recalibrates BN on batches of 64 training images.
+        needs.append(("the --target_flops/--target_params search", None, 64))
+    for what, flag, need in needs:
+        if n < need:
+            raise ValueError(
+                f"--dataset={config.dataset}: its train split holds {n} images, fewer than "
+                f"the batch of {need} that {what} needs"
+            )
+        if flag is not None:
+            train_lib.check_epochs(getattr(config, flag[2:]), n // need, flag)
+
+
+def _image_hashes(split: data.Split, unique: bool = True) -> set[bytes] | list[bytes]:
+    """One digest per image (its shape and bytes): 5,000 CIFAR images take milliseconds."""
+    digests = [
+        hashlib.blake2b(str(image.shape).encode() + image.tobytes(), digest_size=16).digest()
+        for image in np.ascontiguousarray(split.images)
+    ]
+    return set(digests) if unique else digests
+
+
+def _default(fn: Any, name: str) -> Any:
+    return inspect.signature(fn).parameters[name].default
+
+
+def _trains_color(config: CompressConfig) -> bool:
+    """Whether `color_model` trains the color model (no checkpoint given or shipped)."""
+    return config.checkpoint is None and not (
+        config.model in PRETRAINED and config.dataset == "cifar10_sample"
+    )
+
+
 def color_model(config: CompressConfig, train_workdir: str, model_given: bool = False) -> Model:
     """The color model to compress: the checkpoint, the shipped pretrained model, or one
     trained in `train_workdir` (a rerun resumes it).
@@ -135,13 +207,14 @@ def color_model(config: CompressConfig, train_workdir: str, model_given: bool = 
     """
     if config.checkpoint is not None:
         path = config.checkpoint
-    elif config.model in PRETRAINED and config.dataset == "cifar10_sample":
+    elif not _trains_color(config):
         path = str(importlib.resources.files("graycnn") / "assets" / PRETRAINED[config.model])
     else:
         train_config = train_lib.TrainConfig(
             model=config.model,
             dataset=config.dataset,
             epochs=config.train_epochs,
+            batch_size=train_lib.stage_batch_size(),
             seed=config.seed,
             data_dir=config.data_dir,
         )
@@ -363,6 +436,7 @@ def finetune(config: CompressConfig, model: Model, color: Model, workdir: str, s
         dataset=config.dataset,
         view="gray",
         epochs=config.finetune_epochs,
+        batch_size=train_lib.stage_batch_size(),
         learning_rate=config.finetune_lr,
         momentum=0.9,
         distill=config.finetune,
