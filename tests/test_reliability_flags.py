@@ -193,6 +193,30 @@ def test_train_epochs_past_the_step_counter_before_training(tmp_path, sample_npz
     _refused(cfg, tmp_path / "w", r"^--train_epochs=1073741824 is 2147483648 steps \(2 per")
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"layers": (1, 99)},
+            r"^--layers: layer 99 does not exist: the model has conv layers 1\.\.21",
+        ),
+        (
+            {"layers": (1,)},
+            r"^--num_clusters: layer 1 has 16 filters, so its cluster count must be",
+        ),
+    ],
+)
+def test_layers_of_a_model_to_train_are_checked_before_training_it(
+    changes, message, tmp_path, no_model
+):
+    # resnet20 has no shipped checkpoint: compress would train it first. It has 21 convs
+    # (the stem, 9 blocks of 2, 2 projection shortcuts; the head is dense) and a stem of
+    # 16 filters, so the default --num_clusters=1:20 cannot hold.
+    extra = {"num_clusters": "1:8"} if "99" in message else {}
+    cfg = CompressConfig(model="resnet20", **changes, **extra)
+    _refused(cfg, tmp_path / "w", message)
+
+
 # Data too small for a stage: refused before any work, naming --dataset and the stage.
 
 

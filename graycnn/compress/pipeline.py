@@ -43,6 +43,7 @@ def _compress(config: CompressConfig, workdir: str, given: Sequence[str]) -> dic
     out = Writer(workdir, config_lib.to_json(config))
     splits = stages.read_splits(config)  # checked before the color model is trained
     stages.check_data(config, splits)
+    stages.check_layers(config, splits)
     color = stages.color_model(config, out.path("color_model"), "model" in given)
     splits = stages.load_splits(config, color, splits)
     gray = stages.fold_to_gray(config, color, splits.train)

@@ -28,7 +28,7 @@ from graycnn import receptive_field as rf
 from graycnn import train as train_lib
 from graycnn.compress.config import ACTIVATION, CompressConfig, validate
 from graycnn.layers import layer_output_fn, resolve_layer
-from graycnn.models import ModelConfig, build_model, count_params
+from graycnn.models import ModelConfig, build_model, count_params, init_variables
 
 # Made by `python -m experiments.train --epochs=40 --seed=0 --workdir=DIR` (docs/results.md).
 PRETRAINED = {"densenet_tiny": "densenet_tiny_color"}
@@ -196,6 +196,27 @@ def _trains_color(config: CompressConfig) -> bool:
     return config.checkpoint is None and not (
         config.model in PRETRAINED and config.dataset == "cifar10_sample"
     )
+
+
+def check_layers(config: CompressConfig, splits: Splits) -> None:
+    """--layers and --num_clusters against the architecture before a color model is
+    trained for minutes: its shapes alone, from the same ModelConfig training makes. (A
+    checkpoint's or the shipped model, read in seconds, is checked by `plan_steps`.)
+
+    Raises:
+        ValueError: naming the flag, as `plan_steps` does.
+    """
+    if not _trains_color(config) or config.target:
+        return
+    model_config = ModelConfig(
+        config.model,
+        in_channels=3,
+        num_classes=splits.train.num_classes,
+        image_size=splits.train.images.shape[1],
+        class_names=splits.train.class_names or (),
+    )
+    shapes = jax.eval_shape(lambda: init_variables(model_config, jax.random.key(0)))
+    plan_steps(config, Model(model_config, shapes))
 
 
 def color_model(config: CompressConfig, train_workdir: str, model_given: bool = False) -> Model:
