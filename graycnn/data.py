@@ -340,8 +340,9 @@ def read_image(path: str) -> np.ndarray:
     image ('P', 'PA') goes through its palette, and is gray when every color it uses is.
     Alpha is dropped (pixels keep their color, as before; a palette's transparency is
     alpha too). 16-bit samples v become round(v * 255 / 65535), so v = 257 * k gives k.
-    Refused: 'F' (float: no fixed range), 'I' from a 32-bit file, and modes without a
-    0-255 meaning ('LAB', 'HSV', premultiplied 'La', 'RGBa').
+    Refused: 'F' (float: no fixed range), 'I' from a 32-bit file, modes without a
+    0-255 meaning ('LAB', 'HSV', premultiplied 'La', 'RGBa'), and files of several frames
+    (a TIFF stack, an animated GIF; a camera JPEG's preview frame is not counted).
 
     Args:
         path: An image file.
@@ -372,6 +373,13 @@ def _decode(im, path: str) -> np.ndarray:
     from PIL import ImageOps
 
     mode = im.mode
+    # A stack (a multi-page TIFF, an animated GIF) is several images, one of which would
+    # be kept silently. A camera's JPEG (MPO) holds a preview frame after the photo.
+    if getattr(im, "n_frames", 1) > 1 and im.format not in ("MPO", "JPEG"):
+        raise _RefusedImage(
+            f"{path}: holds {im.n_frames} frames ({im.format}); a dataset image is one "
+            "frame: save each frame as its own file"
+        )
     rawmodes = [_rawmode(t.args) for t in im.tile]
     # Pillow reads 16-bit samples of these modes as their high byte (floor(v / 256)).
     cut_to_8bit = mode not in ("I", *_UNSIGNED_16) and any(";16" in r for r in rawmodes)

@@ -176,6 +176,21 @@ def test_float_and_32bit_tiffs_are_refused_by_mode(tmp_path, write, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("suffix", [".tif", ".gif"])
+def test_multi_frame_files_are_refused(tmp_path, suffix):
+    frames = [Image.fromarray(im) for im in _gray_images(3, (4, 4))]
+    path = tmp_path / f"stack{suffix}"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with Image.open(path) as im:
+        assert im.n_frames == 3  # the file really is a stack
+    with pytest.raises(ValueError, match=rf"^{path}: holds 3 frames \((TIFF|GIF)\); a dataset"):
+        data.read_image(str(path))
+    frames[0].save(tmp_path / f"one{suffix}")  # one frame: read as before
+    np.testing.assert_array_equal(
+        data.read_image(str(tmp_path / f"one{suffix}"))[..., 0], frames[0]
+    )
+
+
 def test_quarter_turned_tiff_is_read_turned_or_refused(tmp_path):
     stored = _gray_images(1, (3, 4))[0]
     exif = Image.Exif()
