@@ -1,7 +1,7 @@
 """Data-aware compensation on the shipped densenet_tiny: validation accuracy and errors.
 
 Command:
-    python -m benchmarks.compensate                 # ~6 min on a shared 2-core CPU
+    python -m benchmarks.compensate
     python -m benchmarks.compensate --fit_images=256 --clusters=20
 
 What it does: the shipped color densenet_tiny (graycnn/assets/densenet_tiny_color) is
@@ -21,9 +21,7 @@ before and after the fit on the fit images and on --fit_images other training im
 and the time of each compensation (compiles included). Nothing is chosen here: the
 validation numbers are reported only.
 
-Expected result (the previously shipped model, trained on 4,085 images; shared 2-core
-CPU, load ~10; ~6 min in all, of which each compensation
-~110 s wall / ~45 s CPU, compiles included):
+Expected result (the previously shipped model, trained on 4,085 images):
     consumer (bn=relative)  D    cond   fit before  fit after  held before  held after
     block1/layer1/conv     180  2.2e4      0.0763     0.0039       0.0725      0.0039
     block1/layer2/conv     342  3.4e4      0.0737     0.0039       0.0708      0.0039

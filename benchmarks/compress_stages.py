@@ -1,6 +1,6 @@
 """Wall time of each stage of the default compress run, on its merged chain.
 
-    python -m benchmarks.compress_stages                 # layers 1 and 2, ~2 min on 2 cores
+    python -m benchmarks.compress_stages                 # layers 1 and 2
     python -m benchmarks.compress_stages --layers=1
     python -m benchmarks.compress_stages --compare_speedups   # + speed-ups on vs off
 

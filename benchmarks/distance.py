@@ -1,7 +1,7 @@
 """Benchmark of pairwise IMED and SSIM on 32 x 32 images, on whatever JAX backend is default.
 
 Command:
-  python -m benchmarks.distance            # full table, ~1-2 min on 2 CPU cores
+  python -m benchmarks.distance            # full table
   python -m benchmarks.distance --quick    # N = 36 only, a smoke run
 
 IMED is timed three ways for N = 36, 234 and 1,000:

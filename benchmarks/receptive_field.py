@@ -4,8 +4,8 @@ Command (on CPU graycnn's default 2 host devices, then 1; on a GPU machine, the 
     python -m benchmarks.receptive_field
     XLA_FLAGS=--xla_force_host_platform_device_count=1 python -m benchmarks.receptive_field
 
-Expected runtime: about 2.5 min per command on a 2-core CPU (densenet_seed, layers 1, 2
-and 13, 100 steps, each configuration compiled once and timed once more).
+Each command runs densenet_seed's layers 1, 2 and 13, 100 steps, each configuration
+compiled once and timed once more.
 Expected result: a table with one row per layer, way and loop ('python': a jitted step
 per step, 'fori': all steps in one lax.fori_loop; 'auto' picks python on CPU):
     chunk           filters per compiled batch,
@@ -13,11 +13,9 @@ per step, 'fori': all steps in one lax.fori_loop; 'auto' picks python on CPU):
     run_s           the best of --repeats calls after it: all filters, all steps,
     ms/filter-step  run_s per filter per step,
     rel_err         max |objective - the layer's first row| / max |the first row's|.
-On CPU, batching is ~3.5x faster for layer 1 (dispatch-bound), ~1.2x for layer 2 and
-no faster for layer 13, which is compute-bound; there a chunk of all 18 filters is ~1.7x
-slower than chunks of 1, as its activations fall out of the cache, so the CPU default
-chunks are cache-sized. `--steps=10 --loops=python,fori` shows fori_loop 3-13x slower
-on CPU. Numbers: benchmarks/README.md.
+On CPU, batching pays most for layer 1 (dispatch-bound); for layer 13 (compute-bound) a
+chunk's activations fall out of the cache, so the CPU default chunks are cache-sized.
+`--steps=10 --loops=python,fori` compares the loops. Numbers: benchmarks/README.md.
 
 The one-at-a-time rows run on the first device only (a batch of 1 cannot be sharded);
 the batched rows shard the filters over every device. Random weights (the timing does

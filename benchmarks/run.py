@@ -1,7 +1,7 @@
 """Every benchmark in one command, on whatever devices JAX sees; writes Markdown and JSON.
 
-    python -m benchmarks.run --out=DIR            # ~15 min on 2 CPU cores
-    python -m benchmarks.run --out=DIR --quick    # ~5 min: fewer steps, rounds, layers
+    python -m benchmarks.run --out=DIR
+    python -m benchmarks.run --out=DIR --quick    # fewer steps, rounds, layers
 
 Writes DIR/benchmarks.md and DIR/benchmarks.json with:
   - train and eval img/s of densenet_tiny and densenet_seed (benchmarks/train.py), with

@@ -1,7 +1,7 @@
 """Train and eval throughput (images/s) of the DenseNets after compile, and of the same
 network in PyTorch eager when `torch` is importable, timed in interleaved rounds.
 
-    python -m benchmarks.train --batch_size=128          # ~4 min on 2 CPU cores
+    python -m benchmarks.train --batch_size=128
     python -m benchmarks.train --models=densenet_tiny --rounds=3 --steps=2
 
 Runs what the CLIs run: the library's jitted train step (SGD, augmentation, BN in train

@@ -3,9 +3,9 @@ color weights, gray3 input vs a 1-channel first conv, per model.
 
     python -m experiments.baselines --models=resnet20,densenet_tiny
 
-Defaults: cifar10_sample, 4 epochs per row, 5 rows per model: about 8 minutes on a
-2-core CPU. Writes --workdir/report.md, report.json and accuracy_<model>.png; each row's
-checkpoint (report.json "checkpoint") loads with experiments.evaluate. A rerun resumes.
+Defaults: cifar10_sample, 4 epochs per row, 5 rows per model. Writes --workdir/report.md,
+report.json and accuracy_<model>.png; each row's checkpoint (report.json "checkpoint")
+loads with experiments.evaluate. A rerun resumes.
 The full-size study on a GPU:
 
     python -m experiments.baselines --dataset=cifar10 --epochs=50 \

@@ -2,8 +2,7 @@
 
     python -m experiments.compress --layers=1,2
 
-Defaults: the shipped pretrained densenet_tiny (color) and the embedded cifar10_sample;
-about 1-2 minutes on a 2-core CPU, longer while other jobs share the cores
+Defaults: the shipped pretrained densenet_tiny (color) and the embedded cifar10_sample
 (docs/results.md has the measured times and the expected report). Writes to --workdir:
 report.md, report.json, figures/, clusters_layer*.json, and one checkpoint per report row
 under models/ (each loads with `python -m experiments.evaluate --checkpoint=DIR

@@ -5,8 +5,7 @@
 `--checkpoint` is a checkpoint directory or a training workdir. An `npz:` or `folder:`
 dataset is evaluated on every example (the train/validation split applies to training
 only); cifar10 and cifar10_sample on their validation split. The last stdout line is one
-JSON object: {"accuracy": 0..1, "examples": N, "params": N, "loss": ..., ...}. Takes
-~10 s for densenet_tiny on the 1,000 validation images of the embedded sample.
+JSON object: {"accuracy": 0..1, "examples": N, "params": N, "loss": ..., ...}.
 """
 
 import json

@@ -7,10 +7,10 @@
 Reads Keras 2 (tf.keras) `.h5` and Keras 3 `.h5` / `.keras` files written by
 `model.save`, without TensorFlow. A model with 12 layers per block becomes
 `densenet_seed` (995,230 parameters for the study's widths); other depths keep their
-`layers_per_block` in the checkpoint's config. Expected runtime: ~2 s for densenet_seed.
-Expected result: the last stdout line is JSON {"checkpoint", "model", "layers_per_block",
-"params", ...}; a model that is not of the family stops with one line `error: cannot map
-Keras layer 'NAME' ...` naming the first layer that does not fit, exit status 2.
+`layers_per_block` in the checkpoint's config. Expected result: the last stdout line is
+JSON {"checkpoint", "model", "layers_per_block", "params", ...}; a model that is not of
+the family stops with one line `error: cannot map Keras layer 'NAME' ...` naming the
+first layer that does not fit, exit status 2.
 """
 
 import json

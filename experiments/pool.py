@@ -9,8 +9,8 @@ runs of two color models with the same flags. The label may hold '='
 (`--runs=--bn_loss=kd=A,B`). Every run's checkpoints of --row and --bar are evaluated
 again on its validation and held-out images (the runs must share them), and the
 differences, in points, get one paired bootstrap interval over images and runs
-(docs/results.md "Pooled over both color models"); --figure draws them. About 1 s per
-checkpoint for densenet_tiny. Every input error is found before the first evaluation.
+(docs/results.md "Pooled over color models"); --figure draws them. Every input error is
+found before the first evaluation.
 """
 
 import os

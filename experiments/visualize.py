@@ -4,8 +4,6 @@ Command (the trained densenet_tiny color model):
     python -m experiments.visualize --checkpoint=/tmp/graycnn_tiny_color \
         --layers=1,2,14 --outdir=/tmp/rf_figures
 
-Expected runtime: about 15 s on 2 CPU cores (36 + 18 + 18 filters, 100 steps each); for
-densenet_seed, whose layer 14 (transition1/conv) sits behind 12 dense layers, ~30 s.
 Expected result: for each layer N, in --outdir,
     layerN_color.png        the color fields, one tile per filter (the study's Figure 4),
     layerN_gray.png         their BT.601 gray versions in blue-yellow (Figure 5),

@@ -25,7 +25,7 @@ _ITEMS = ("variables", "config", "opt_state")
 def use_coordination_barriers() -> None:
     """In a multi-process run, makes orbax wait at barriers of JAX's coordination
     service: its default barrier is a jitted all-gather, compiled afresh for every
-    barrier (~4 s each on a loaded 2-core CPU, five per CheckpointManager); this one
+    barrier (five per CheckpointManager); this one
     needs no compile, and has a timeout."""
     from absl import flags
 

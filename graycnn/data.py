@@ -623,7 +623,7 @@ def _one_line(e: Exception, limit: int = 300) -> str:
 
 def _check_reachable(host: str, data_dir: str | None) -> None:
     """Raises ValueError at once if `host` cannot be reached: offline, TFDS would retry
-    its download with backoff for about 3.5 minutes before failing."""
+    its download with backoff for minutes before failing."""
     try:
         socket.create_connection((host, 443), timeout=10).close()
     except OSError as e:

@@ -16,8 +16,8 @@ from graycnn import data, parallel, xla_options
 from graycnn.models import ModelConfig, build_model
 
 # On the CPU an eval step runs each device's rows in chunks of this many images, one
-# chunk after another (parallel.map_in_chunks): 1.45x faster than whole device batches
-# on both DenseNets, 1.4x in chunks of 8, 1.2x in chunks of 16-32 (benchmarks/README.md).
+# chunk after another (parallel.map_in_chunks): the fastest chunk size on both DenseNets
+# (benchmarks/README.md).
 CPU_EVAL_CHUNK = 4
 
 

@@ -63,8 +63,7 @@ def map_in_chunks(
 
     For row-wise independent functions (inference: no batch statistics). On the CPU a
     whole device batch's activations outgrow the cache between layers, while a chunk's
-    stay in it: the DenseNets' eval steps run 1.4-1.5x faster in chunks of 4
-    (benchmarks/README.md).
+    stay in it (benchmarks/README.md).
 
     Args:
         fn: params (replicated), x (B, ...) -> y (B, ...), row i of y from row i of x.

@@ -42,9 +42,9 @@ from graycnn.tree import flatten, tree_get, unflatten
 
 OBJECTIVES = ("mean", "center", "kernel")
 LOOPS = ("auto", "python", "fori")
-# A conv's input gradient inside lax.fori_loop ran 3-5x slower on CPU than a Python loop
-# over a jitted step (benchmarks/README.md); on accelerators the loop keeps the
-# whole ascent on the device with no per-step dispatch.
+# A conv's input gradient inside lax.fori_loop runs many times slower on CPU than in a
+# Python loop over a jitted step (BUILD_NOTES.md, receptive_field); on accelerators the
+# loop keeps the whole ascent on the device with no per-step dispatch.
 _DEFAULT_LOOP = {"cpu": "python"}
 # The per-device memory bound of a chunk. On CPU the time per image grew by half once a
 # chunk's activations outgrew the cache, so chunks stay cache-sized there.
@@ -341,7 +341,7 @@ def _initial_images(key: jax.Array, filters: jax.Array, shape, scale, offset) ->
     return uniform(filters) * scale + offset
 
 
-# Tracing a deep model costs ~0.3 s; models are hashable by value, so trace once.
+# Tracing a deep model is not free; models are hashable by value, so trace once.
 @functools.lru_cache(maxsize=64)
 def _conv_paths(model: nn.Module, shape: tuple[int, ...]) -> tuple[str, ...]:
     return tuple(conv_layers(model, shape))

@@ -87,8 +87,8 @@ def define_distributed_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Non
 
 
 def enable_compilation_cache(directory: str | None = None) -> None:
-    """Caches compiled programs on disk: a DenseNet train step compiles in ~10 s on CPU,
-    and a second run of the same shapes then loads it in ~2 s."""
+    """Caches compiled programs on disk, so a second run of the same shapes loads them
+    instead of compiling them again."""
     directory = directory or os.path.join(os.path.expanduser("~"), ".cache", "graycnn", "jax")
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -35,9 +35,8 @@ _RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "validate", "data_dir")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """A training run. The defaults train densenet_tiny on the embedded sample (~4.5 min on
-    2 CPU cores, ~56% validation accuracy). Every field is also a flag of
-    `experiments.train`.
+    """A training run. The defaults train densenet_tiny on the embedded sample (~56%
+    validation accuracy). Every field is also a flag of `experiments.train`.
     """
 
     model: str = setting("densenet_tiny", "A model of graycnn.models.MODELS.")

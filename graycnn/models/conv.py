@@ -6,8 +6,7 @@ and its output narrow (18). XLA's CPU convolution handles that shape poorly in t
 places, and `conv`'s custom VJP replaces each with one `lax.dot_general`:
 
 - The forward: a convolution with a narrow output runs at less than half the speed of the
-  same FLOPs with a wide output (densenet_seed's forward convolutions took 1.5 s of a
-  6.9 s train step; the input-gradient convolutions, the same FLOPs, 0.6 s). So the
+  same FLOPs with a wide output (BUILD_NOTES.md, models). So the
   input is multiplied by all KH * KW taps side by side, (N, H, W, C) x (C, KH KW F),
   a wide output, and the taps' shifted slices are summed (`_forward_dot_pays`).
 - The kernel gradient: XLA computes it as another convolution that takes the input
@@ -91,11 +90,8 @@ def _dot_pays(taps: int, c: int, f: int) -> bool:
 
 def _forward_dot_pays(taps: int, c: int, f: int) -> bool:
     # The forward dot writes `taps` times the output's width and reads it back to sum
-    # the taps. Measured on densenet_seed's dense layers (F = 18), interleaved A/B
-    # rounds of the train step: 1.13x faster with the dot from C >= 81 (this rule;
-    # 1.06-1.07x in later runs), 1.10x from C >= 41 or from C >= 162. On densenet_tiny
-    # (dense layers of C <= 72): 1.04x with this rule, 0.99x from C >= 41, 0.97x
-    # everywhere.
+    # the taps. The threshold was measured against others on both DenseNets' train
+    # steps (benchmarks/README.md, "CPU changes tried").
     return 2 * c >= taps * f
 
 

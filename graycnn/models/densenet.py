@@ -105,7 +105,7 @@ class DenseBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         # In a one-pass train-mode forward, a channel's batch statistics are the same for
         # every later layer that normalizes it: computed once per block input and layer
-        # output, not once per layer (1.16x the densenet_seed train step on CPU).
+        # output, not once per layer (a CPU speed-up: benchmarks/README.md).
         shared = self.train and self.bn_one_pass
         moments = batch_moments(x) if shared else None
         for i, features in enumerate(self.features, start=1):
