@@ -9,10 +9,6 @@ import os
 import signal
 import sys
 
-from graycnn import xla_options
-
-xla_options.enable_cpu_defaults()
-
 
 def _interrupted(signum, frame):
     # Ctrl-C while the command is still importing (JAX takes seconds): one line, not a
@@ -23,3 +19,8 @@ def _interrupted(signum, frame):
 
 if sys.argv[:1] == ["-m"]:  # run as `python -m experiments.<name>`, not imported
     signal.signal(signal.SIGINT, _interrupted)
+
+# After the handler: importing xla_options imports JAX (seconds).
+from graycnn import xla_options  # noqa: E402
+
+xla_options.enable_cpu_defaults()
