@@ -20,12 +20,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
-from unittest import mock
 
 import jax
 from absl import flags
 
-from graycnn import runtime
+from graycnn import runtime, xla_options
 from graycnn.compress import stages
 from graycnn.compress.config import CompressConfig
 
@@ -81,7 +80,7 @@ def time_stages(
 
 def compare_speedups(rounds: int = 2) -> dict[str, list[float]]:
     """Total seconds of `time_stages` with the train step's CPU speed-ups on and off
-    (GRAYCNN_CPU_SPEEDUPS=0), alternating, `rounds` each; the first round of each warms
+    (`xla_options.set_cpu_speedups`), alternating, `rounds` each; the first round of each warms
     the compilation cache.
 
     Returns:
@@ -89,9 +88,12 @@ def compare_speedups(rounds: int = 2) -> dict[str, list[float]]:
     """
     totals: dict[str, list[float]] = {"on": [], "off": []}
     for _ in range(rounds):
-        for setting, value in (("off", "0"), ("on", "1")):
-            with mock.patch.dict(os.environ, {"GRAYCNN_CPU_SPEEDUPS": value}):
+        for setting, enabled in (("off", False), ("on", True)):
+            previous = xla_options.set_cpu_speedups(enabled)
+            try:
                 rows, _ = time_stages()
+            finally:
+                xla_options.set_cpu_speedups(previous)
             totals[setting].append(sum(r["seconds"] for r in rows))
     return totals
 

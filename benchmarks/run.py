@@ -175,7 +175,7 @@ def _compress_text(report: dict[str, Any]) -> list[str]:
         [
             "",
             "The same stages with the train step's CPU speed-ups on and off "
-            "(GRAYCNN_CPU_SPEEDUPS=0), alternating, seconds per round: on "
+            "(xla_options.set_cpu_speedups), alternating, seconds per round: on "
             + ", ".join(f"{t:.1f}" for t in c["speedups"]["on"])
             + "; off "
             + ", ".join(f"{t:.1f}" for t in c["speedups"]["off"])

@@ -6,7 +6,7 @@ network in PyTorch eager when `torch` is importable, timed in interleaved rounds
 
 Runs what the CLIs run: the library's jitted train step (SGD, augmentation, BN in train
 mode) and eval step, on every device JAX sees, with graycnn's default XLA settings
-(importing graycnn sets them; no XLA_FLAGS needed). Random uint8 batches, random
+(the benchmarks package opts in; no XLA_FLAGS needed). Random uint8 batches, random
 weights. Each round times `--steps` JAX train steps, then the same number of PyTorch
 steps (the same network, weights copied across, checked on one batch), then the eval
 steps of both, so a busy machine slows both sides of a ratio alike. Expected result: one

@@ -27,7 +27,7 @@ def make_eval_step(model: flax.linen.Module, view: str) -> Callable:
     Cached: `evaluate` runs every epoch and for every report row, and a fresh jit of a
     fresh closure would trace and compile again each time. Modules hash by value.
     """
-    # Read at every call (benchmarks switch the speed-ups off), so a key of the cache.
+    # Read at every call (xla_options.set_cpu_speedups may switch it), so a cache key.
     return _eval_step(model, view, CPU_EVAL_CHUNK if xla_options.cpu_speedups() else 0)
 
 

@@ -1,9 +1,13 @@
-"""graycnn's XLA settings for the CPU: process flags set when `graycnn` is imported, and
-the train step's compiler options. None of them changes what runs on a GPU or TPU.
+"""graycnn's CPU tuning, opt-in: `enable_cpu_defaults()` sets XLA flags for the process
+and turns on the CPU speed-ups of train and eval steps. Importing graycnn changes
+nothing; the experiment CLIs and benchmarks opt in (experiments/__init__.py,
+benchmarks/__init__.py), and a library user who wants the same speed calls
 
-XLA reads XLA_FLAGS once, when JAX starts its first backend, so `apply_xla_defaults`
-must run before that: `graycnn/__init__.py` calls it. Flags the user already set in
-XLA_FLAGS win. Measurements behind each choice: benchmarks/README.md.
+    from graycnn import xla_options
+    xla_options.enable_cpu_defaults()  # before anything starts JAX's backend
+
+None of it changes what runs on a GPU or TPU, or any result beyond float rounding.
+Measurements behind each choice: benchmarks/README.md.
 """
 
 import os
@@ -39,15 +43,42 @@ _CPU_FROZEN_CONV_OPTIONS = {
 }
 
 
-def cpu_speedups() -> bool:
-    """Whether the train step's CPU speed-ups apply: the convolution library of each
-    train step (`train_compiler_options`), one-pass BatchNorm and the dot convolutions
-    (`graycnn.models.build_model`).
+# Process state, set only by `enable_cpu_defaults` and `set_cpu_speedups`.
+_speedups_enabled = False
 
-    True on a CPU backend unless the environment sets GRAYCNN_CPU_SPEEDUPS=0 (read at
-    each call), which benchmarks use to measure what the speed-ups buy.
+
+def enable_cpu_defaults(environ: MutableMapping[str, str] = os.environ) -> list[str]:
+    """Opts this process into graycnn's CPU tuning; call it before JAX starts a backend.
+
+    (a) Adds each of `XLA_DEFAULTS` that XLA_FLAGS does not name to XLA_FLAGS (2 host
+    devices, a collective timeout): XLA reads XLA_FLAGS once, when JAX starts its first
+    backend, so after that it warns and adds nothing. Flags the user set win.
+    (b) Turns on the CPU speed-ups (`cpu_speedups`), which need no restart.
+
+    Returns:
+        The flags added, e.g. ['--xla_force_host_platform_device_count=2'].
     """
-    return jax.default_backend() == "cpu" and os.environ.get("GRAYCNN_CPU_SPEEDUPS") != "0"
+    set_cpu_speedups(True)
+    return apply_xla_defaults(environ)
+
+
+def set_cpu_speedups(enabled: bool) -> bool:
+    """Turns the CPU speed-ups on or off for models and steps built from now on (what
+    benchmarks do to measure them); returns the previous setting."""
+    global _speedups_enabled
+    previous, _speedups_enabled = _speedups_enabled, bool(enabled)
+    return previous
+
+
+def cpu_speedups() -> bool:
+    """Whether the CPU speed-ups apply: the convolution library of each train step
+    (`train_compiler_options`), one-pass BatchNorm and the dot convolutions
+    (`graycnn.models.build_model`), eval steps in chunks (`graycnn.evaluation`).
+
+    True when the process opted in (`enable_cpu_defaults` or `set_cpu_speedups(True)`)
+    and the default backend is a CPU.
+    """
+    return _speedups_enabled and jax.default_backend() == "cpu"
 
 
 def train_compiler_options(kernel_gradients: bool = True) -> dict[str, str] | None:
@@ -60,7 +91,8 @@ def train_compiler_options(kernel_gradients: bool = True) -> dict[str, str] | No
 
 
 def apply_xla_defaults(environ: MutableMapping[str, str] = os.environ) -> list[str]:
-    """Appends each of `XLA_DEFAULTS` that XLA_FLAGS does not name to XLA_FLAGS.
+    """Appends each of `XLA_DEFAULTS` that XLA_FLAGS does not name to XLA_FLAGS (part (a)
+    of `enable_cpu_defaults`).
 
     Returns:
         The flags added, e.g. ['--xla_force_host_platform_device_count=2'].
@@ -71,8 +103,8 @@ def apply_xla_defaults(environ: MutableMapping[str, str] = os.environ) -> list[s
         return []
     if _backends_started():
         warnings.warn(
-            "JAX started before graycnn was imported, so graycnn's XLA defaults "
-            f"{added} do not apply (one CPU device instead of two); import graycnn first",
+            "JAX started before graycnn.xla_options.enable_cpu_defaults() ran, so its XLA "
+            f"flags {added} do not apply (one CPU device instead of two); call it first",
             stacklevel=3,
         )
         return []

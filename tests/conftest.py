@@ -1,5 +1,6 @@
 """Test setup, once: 2 host CPU devices (so data-parallel code paths really run sharded),
-XLA's cheapest CPU optimization level, and the persistent compilation cache."""
+XLA's cheapest CPU optimization level, graycnn's CPU tuning as the CLIs run it, and the
+persistent compilation cache."""
 
 import os
 
@@ -18,8 +19,11 @@ os.environ["XLA_FLAGS"] = " ".join(_FLAGS)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from graycnn import data, runtime  # noqa: E402
+from graycnn import data, runtime, xla_options  # noqa: E402
 
+# The CLIs' setup (experiments/__init__.py): the CPU speed-ups on, and XLA's other
+# defaults (the collective timeout) after the flags above, before JAX starts.
+xla_options.enable_cpu_defaults()
 runtime.enable_compilation_cache()
 
 

@@ -11,6 +11,7 @@ from test_merge_helpers import any_model
 
 from graycnn import graph, merge
 from graycnn.graph import Segment
+from graycnn.models import ModelConfig, batchnorm, build_model, init_variables
 
 
 def _segments(g, leaf):
@@ -124,3 +125,30 @@ def test_trace_needs_shapes_only():
     assert g.widths["stem"] == 8 and g.batchnorms["block1/layer1/bn"] == 1e-3
     assert g.convs[:2] == ("stem", "block1/layer1/conv")
     assert np.isfinite(g.layers["stem"].flops)
+
+
+def test_cpu_speedups_in_a_traced_forward_are_refused_by_name():
+    model, variables, shape = any_model("densenet_test")
+    # An eval step's model takes the dot convolutions in eval mode too.
+    assert build_model(ModelConfig("densenet_test")).conv_dots == "train"  # conftest's opt-in
+    fast_eval = build_model(ModelConfig("densenet_test"), eval_step=True)
+    assert fast_eval.conv_dots == "always"
+    with pytest.raises(ValueError, match="conv 'stem' computes with graycnn.models.conv's dots"):
+        graph.trace(fast_eval, variables, shape)
+
+    class OnePass(nn.Module):  # a one-pass BatchNorm in the forward the tracer reads
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(4, (3, 3), name="conv1")(x)
+            x = batchnorm.BatchNorm(one_pass=True, use_running_average=False, name="bn")(x)
+            return nn.Conv(2, (1, 1), name="conv2")(x)
+
+    x = jnp.zeros((1, 8, 8, 3))
+    one_pass = OnePass()
+    variables = one_pass.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="BatchNorm 'bn' is one-pass"):
+        graph.trace(one_pass, variables, x.shape)
+    config = ModelConfig("densenet_test")
+    plain = build_model(config)  # the model every stage traces: speed-ups in train mode only
+    assert plain.bn_one_pass
+    assert graph.trace(plain, init_variables(config, jax.random.key(0)), shape).convs[0] == "stem"

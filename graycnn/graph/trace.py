@@ -37,6 +37,8 @@ from graycnn import nnx_adapter
 from graycnn.graph import rules
 from graycnn.graph.rebuild import rebuild, unwrap, with_widths
 from graycnn.graph.values import FirstOp, LayerOp, Recorder, Use, Value, module_of
+from graycnn.models import batchnorm as one_pass_bn
+from graycnn.models import conv as dot_conv
 from graycnn.nnx_adapter import BATCHNORMS, CONVS, NNXModel, module_path
 from graycnn.tree import flatten, unflatten
 
@@ -282,6 +284,7 @@ def _trace(model: nn.Module, signature: tuple, input_shape: tuple[int, ...]) -> 
     modules: dict[str, str] = {}
 
     def record(next_fun, args, kw, context):
+        _check_plain(context)
         modules.setdefault(module_path(context), type(context.module).__name__)
         if isinstance(context.module, BATCHNORMS):
             batchnorms[module_path(context)] = float(context.module.epsilon)
@@ -331,6 +334,26 @@ def _trace(model: nn.Module, signature: tuple, input_shape: tuple[int, ...]) -> 
         conv_order=tuple(convs),
         leaf_shapes={p: tuple(flat[p].shape) for p in paths},
     )
+
+
+def _check_plain(context) -> None:
+    # The rules follow XLA's convolution and nn.BatchNorm's two reductions. The CPU
+    # speed-ups compute the same function otherwise (dots over reshaped windows, one
+    # variadic reduction with a custom VJP), which the rules would mis-read;
+    # build_model keeps them out of eval-mode forwards, and this holds it to that.
+    module = context.module
+    if isinstance(module, nn.Conv) and module.conv_general_dilated is dot_conv.conv:
+        raise ValueError(
+            f"conv {module_path(context)!r} computes with graycnn.models.conv's dots "
+            "(conv_dots, a CPU speed-up), which the tracer cannot follow: trace the model "
+            "build_model(config) makes (plain convolutions in eval mode), not an eval step's"
+        )
+    if isinstance(module, one_pass_bn.BatchNorm) and module.one_pass:
+        raise ValueError(
+            f"BatchNorm {module_path(context)!r} is one-pass (bn_one_pass, a train-mode "
+            "CPU speed-up), which the tracer cannot follow: trace an eval-mode forward, "
+            "whose BatchNorms are nn.BatchNorm"
+        )
 
 
 # A registered rule changes what a trace finds.

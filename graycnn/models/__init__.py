@@ -172,7 +172,8 @@ def build_model(config: ModelConfig, eval_step: bool = False) -> nn.Module:
     """Returns the Flax module described by `config`.
 
     Implementation choices that leave the variables and the function unchanged (to float
-    rounding) are made here for the default backend: on CPU, DenseNets compute
+    rounding) are made here for the default backend: on CPU, when the process opted in
+    (`graycnn.xla_options.enable_cpu_defaults`), DenseNets compute
     train-mode BatchNorm statistics in one pass (`bn_one_pass`, graycnn.models.batchnorm)
     and train-mode convolutions' forwards and kernel gradients as dots where that is
     faster (`conv_dots`, graycnn.models.conv); see `graycnn.xla_options.cpu_speedups`.
