@@ -242,10 +242,10 @@ def coerce(config: Any) -> None:
         kind = _kind(hints[field.name])
         if kind is PerLayer and not isinstance(value, PerLayer):
             if isinstance(value, Mapping):
-                value = PerLayer.of_dict(value).over(field.default)
+                value = PerLayer.of_dict(value).over(typing.cast(PerLayer, field.default))
             elif isinstance(value, str):
                 value = PerLayer.parse(value, field.metadata["item"], flag=field.name)
-                value = value.over(field.default)
+                value = value.over(typing.cast(PerLayer, field.default))
             else:
                 value = PerLayer(value)
         elif kind is tuple and isinstance(value, list):
@@ -311,5 +311,6 @@ def _parse(field: dataclasses.Field, raw: Any, kind: type, hint: Any) -> Any:
         except ValueError:
             raise ValueError(f"--{name}: expected {item.__name__} values, got {raw}") from None
     if kind is PerLayer:  # the layers the flag does not name keep their defaults
-        return PerLayer.parse(raw, field.metadata["item"], flag=name).over(field.default)
+        default = typing.cast(PerLayer, field.default)
+        return PerLayer.parse(raw, field.metadata["item"], flag=name).over(default)
     return raw

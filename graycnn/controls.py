@@ -10,6 +10,7 @@ Example:
     array([1, 0, 0, 2])
 """
 
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,7 +44,7 @@ def l1_keep(g: graph.ChannelGraph, variables: Mapping[str, Any], path: str, k: i
         ValueError: k outside 1..F, naming the conv.
     """
     op = g.layers[path]
-    kernel = np.asarray(flatten(variables)[op.kernel])
+    kernel = np.asarray(flatten(variables)[typing.cast(str, op.kernel)])
     axis = op.out_axis if op.out_axis is not None else kernel.ndim - 1
     norms = np.abs(np.moveaxis(kernel, axis, -1)).reshape(-1, kernel.shape[axis]).sum(axis=0)
     if not 1 <= k <= len(norms):

@@ -43,6 +43,7 @@ import dm_pix
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 VIEWS = ("color", "gray", "gray3")
 DATASET_HELP = "cifar10, cifar10_sample (embedded), npz:PATH or folder:PATH."
@@ -196,7 +197,7 @@ def view_channels(view: str) -> int:
     return 1 if view == "gray" else 3
 
 
-def apply_view(images: jax.Array, view: str) -> jax.Array:
+def apply_view(images: ArrayLike, view: str) -> jax.Array:
     """Converts pixels to a view, keeping the 0-255 range.
 
     Args:
@@ -272,7 +273,7 @@ def _check_view(view: str) -> None:
         raise ValueError(f"unknown view {view!r}; views: {VIEWS}")
 
 
-def _validate(images: np.ndarray, labels: np.ndarray, source: str) -> tuple[np.ndarray, ...]:
+def _validate(images: np.ndarray, labels: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(
             f"{source}: images must be (N, H, W, C) with C 1 or 3, got shape {images.shape}"
@@ -429,7 +430,7 @@ def _decode(im, path: str) -> np.ndarray:
 
 _ORIENTATION = 0x0112  # The EXIF (and TIFF) orientation tag.
 # Modes mapped to 0-255 by `_decode` (besides 16-bit color, handled on its own).
-_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I")
+_MODES: tuple[str, ...] = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I")
 _UNSIGNED_16 = ("I;16", "I;16B", "I;16L", "I;16N")
 _MODES += _UNSIGNED_16
 
@@ -460,7 +461,8 @@ def _sixteen_bit(path: str, mode: str, rawmodes: list[str]) -> np.ndarray:
                 t._replace(
                     args=rawmode_of(t.args)
                     if isinstance(t.args, str)
-                    else (rawmode_of(t.args[0]), *t.args[1:])
+                    # Pillow types a tile's args as optional; a decoder tile has them.
+                    else (rawmode_of(t.args[0]), *t.args[1:])  # type: ignore[index]
                 )
                 for t in again.tile
             ]
@@ -552,8 +554,8 @@ def _read_folder(path: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...] | N
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
         raise ValueError(f"{path}: images differ in shape {sorted(shapes)}; resize them first")
-    images, labels = _validate(np.stack(images), np.asarray(labels), path)
-    return images, labels, None if numbered else tuple(classes)
+    stacked, label_array = _validate(np.stack(images), np.asarray(labels), path)
+    return stacked, label_array, None if numbered else tuple(classes)
 
 
 def _looks_like_image(path: str, image_module) -> bool:

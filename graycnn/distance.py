@@ -60,7 +60,8 @@ def _keeps_float64(metric: Callable[..., jax.Array]) -> Callable[..., Any]:
             dtype = np.asarray(images).dtype
         except ValueError:  # ragged: the metric says why
             dtype = None
-        if dtype != np.float64 or jax.config.jax_enable_x64:
+        # jax.config declares no attribute per flag (they are set dynamically).
+        if dtype != np.float64 or jax.config.jax_enable_x64:  # type: ignore[attr-defined]
             return metric(images, **options)
         with jax.enable_x64(True):
             return np.asarray(metric(images, **options))

@@ -29,6 +29,7 @@ the fitted lines everywhere a kernel sees no padding, and off by the missing tap
 of delta on the border ring (1 pixel for a 3x3 kernel). With VALID padding it is exact.
 """
 
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,7 +46,9 @@ METHODS = ("sum", "mean", "luma", "fit")
 LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
 
 
-def fit_gray_coefficients(images: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, ...]:
+def fit_gray_coefficients(
+    images: np.ndarray, batch_size: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares fit of each color channel on gray: x_c ~ a_c * g + b_c.
 
     Args:
@@ -64,9 +67,9 @@ def fit_gray_coefficients(images: np.ndarray, batch_size: int = 512) -> tuple[np
     for start in range(0, len(images), batch_size):
         x = jnp.asarray(images[start : start + batch_size], jnp.float32)
         g = np.asarray(dm_pix.rgb_to_grayscale(x), np.float64).reshape(-1)
-        x = np.asarray(x, np.float64).reshape(-1, 3)
+        x64 = np.asarray(x, np.float64).reshape(-1, 3)
         sums += [len(g), g.sum(), (g * g).sum(), 0.0]
-        cross += [x.sum(axis=0), g @ x]
+        cross += [x64.sum(axis=0), g @ x64]
     n, sg, sgg, _ = sums
     var_g = sgg / n - (sg / n) ** 2
     if var_g <= 0:
@@ -129,8 +132,8 @@ def fold_to_gray(
         a, b = (np.asarray(v, np.float64).reshape(3) for v in fit)
         weights = a
     else:
-        weights = {"sum": np.ones(3), "mean": np.full(3, 1 / 3), "luma": np.array(LUMA_WEIGHTS)}
-        weights = weights[method]
+        named = {"sum": np.ones(3), "mean": np.full(3, 1 / 3), "luma": np.array(LUMA_WEIGHTS)}
+        weights = named[method]
     folded = np.tensordot(kernel, weights, axes=([op.in_axis], [0]))
     new = dict(flat)
     new[op.kernel] = graph.like_leaf(flat[op.kernel], np.expand_dims(folded, op.in_axis))
@@ -201,16 +204,17 @@ def _absorb_constant(g: graph.ChannelGraph, new: dict[str, Any], path: str, delt
         if f.leaf in done:
             continue
         done.add(f.leaf)
+        key, axis = typing.cast(str, f.leaf), typing.cast(int, f.leaf_axis)  # checked above
         # The gray conv output is the color one minus delta: x + bias needs bias + delta;
         # x - mean and mean - x need mean - delta.
         sign = 1.0 if f.primitive == "add" else -1.0
-        leaf = np.asarray(new[f.leaf], np.float64)
-        shift = np.zeros(leaf.shape[f.leaf_axis])
+        leaf = np.asarray(new[key], np.float64)
+        shift = np.zeros(leaf.shape[axis])
         pos = 0
         for seg in f.segments:
             if seg.source == path:
                 shift[pos : pos + seg.length] = delta[seg.start : seg.start + seg.length]
             pos += seg.length
         shape = [1] * leaf.ndim
-        shape[f.leaf_axis] = -1
-        new[f.leaf] = graph.like_leaf(new[f.leaf], leaf + sign * shift.reshape(shape))
+        shape[axis] = -1
+        new[key] = graph.like_leaf(new[key], leaf + sign * shift.reshape(shape))

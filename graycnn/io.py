@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> str:
+def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> str:
     """Calls `write(file)` on a temp file beside `path`, then renames it over `path`.
 
     Returns:
@@ -37,7 +37,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> str:
     return write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def save_figure(figure: Any, path: str | os.PathLike, dpi: int = 100) -> str:
+def save_figure(figure: Any, path: str | os.PathLike, dpi: float = 100) -> str:
     """Writes a matplotlib Figure as PNG, atomically, without pyplot (no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 

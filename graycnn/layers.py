@@ -10,6 +10,7 @@ the order is that of their `__call__`s (see `graycnn.nnx_adapter`).
 """
 
 import numbers
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -76,7 +77,7 @@ def resolve_layer(layer: LayerRef, paths: Sequence[str]) -> str:
                 f"({listing})"
             )
         return paths[layer - 1]
-    path = layer.removeprefix("params/").removesuffix("/kernel")
+    path = typing.cast(str, layer).removeprefix("params/").removesuffix("/kernel")
     if path not in paths:
         raise ValueError(f"layer {layer!r} is not a conv layer of the model; layers: {listing}")
     return path

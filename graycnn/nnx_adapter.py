@@ -132,7 +132,8 @@ class NNXModel:
         for path, m in nnx.iter_modules(module):
             # The path as a static attribute: the graphdef carries it into the copies
             # that nnx.remat and other NNX transforms make inside their bodies.
-            m._graycnn_path = tuple(str(p) for p in path)
+            # An attribute of our own on a Flax module, which mypy cannot know.
+            m._graycnn_path = tuple(str(p) for p in path)  # type: ignore[attr-defined]
             cls = type(m)
             if any("__call__" in c.__dict__ for c in cls.__mro__[:-1]):
                 m.__class__ = _tapped(cls)
@@ -168,7 +169,8 @@ def from_module(module: nnx.Module) -> tuple[NNXModel, dict[str, Any]]:
     """(NNXModel, linen-style variables) of an nnx.Module; the module is not modified."""
     graphdef, state = nnx.split(module)
     flat = nnx.to_flat_state(state)
-    leaves, template, seen = [], [], {}
+    leaves, template = [], []
+    seen: dict[str, Any] = {}
     for path, var in flat:
         value = var.get_value()
         if _exposed(var):
@@ -385,7 +387,7 @@ def _name(var: nnx.Variable, path: Sequence[Any]) -> str:
     return "/".join((_collection(type(var)), *(str(p) for p in path)))
 
 
-def _collection(kind: type) -> str:
+def _collection(kind: type[nnx.Variable]) -> str:
     if issubclass(kind, nnx.Param):
         return "params"
     if issubclass(kind, nnx.BatchStat):

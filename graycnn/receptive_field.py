@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.typing import ArrayLike
 
 from graycnn import nnx_adapter
 from graycnn.graph.trace import check_variables
@@ -173,7 +174,7 @@ def gradient_ascent(
     paths = _conv_paths(model, (1, h, w, c))
     path = resolve_layer(layer, paths)
     num_filters = tree_get(variables["params"], f"{path}/kernel").shape[-1]
-    filters = (
+    chosen = (
         np.arange(num_filters) if filters is None else _check_filters(filters, num_filters, path)
     )
     if objective == "kernel":
@@ -182,9 +183,9 @@ def gradient_ascent(
                 f"objective 'kernel' needs the first layer ({paths[0]}), whose kernels "
                 f"see the image; got {path}. Use 'mean' or 'center'."
             )
-        kernels = np.asarray(kernel_fields(variables, path))[filters]
-        nan = np.full(len(filters), np.nan, np.float32)
-        return ReceptiveFields(np.asarray(deprocess(kernels)), kernels, nan, filters, path)
+        kernels = np.asarray(kernel_fields(variables, path))[chosen]
+        nan = np.full(len(chosen), np.nan, np.float32)
+        return ReceptiveFields(np.asarray(deprocess(kernels)), kernels, nan, chosen, path)
 
     devices = tuple(jax.devices() if devices is None else devices)
     if not devices:
@@ -196,18 +197,18 @@ def gradient_ascent(
         per_image = _bytes_per_image(model, path, (1, h, w, c))
         chunk_size = max(1, memory_bytes * len(devices) // per_image)
     # As few chunks as the bound allows, then as even as possible, split over devices.
-    chunks = math.ceil(len(filters) / chunk_size)
-    chunk_size = math.ceil(math.ceil(len(filters) / chunks) / len(devices)) * len(devices)
+    chunks = math.ceil(len(chosen) / chunk_size)
+    chunk_size = math.ceil(math.ceil(len(chosen) / chunks) / len(devices)) * len(devices)
     loop = _DEFAULT_LOOP.get(platform, "fori") if loop == "auto" else loop
     regularizers = (("jitter", jitter), ("blur_sigma", blur_sigma), ("tv_weight", tv_weight))
     program = _program(
         model, path, devices, loop, int(steps) if loop == "fori" else 0, (h, w, c),
         (noise_scale, noise_offset), objective, step_size, regularizers,
     )  # fmt: skip
-    images, values = _run_chunks(program, variables, filters, chunk_size, seed, steps, progress)
-    _check_converged(images, values, filters, path, step_size, (noise_scale, noise_offset))
+    images, values = _run_chunks(program, variables, chosen, chunk_size, seed, steps, progress)
+    _check_converged(images, values, chosen, path, step_size, (noise_scale, noise_offset))
     return ReceptiveFields(
-        np.asarray(deprocess(images)), images, values, filters, path, chunk_size, loop
+        np.asarray(deprocess(images)), images, values, chosen, path, chunk_size, loop
     )
 
 
@@ -244,7 +245,7 @@ def kernel_fields(variables: Any, path: str) -> jax.Array:
     return jnp.moveaxis(jnp.asarray(tree_get(variables["params"], f"{path}/kernel")), -1, 0)
 
 
-def deprocess(images: jax.Array) -> jax.Array:
+def deprocess(images: ArrayLike) -> jax.Array:
     """The study's display transform, per image: zero mean, std 0.1, plus 0.5, clipped.
     (N, H, W, C) -> (N, H, W, C) float32 in [0, 1]."""
     x = jnp.asarray(images, jnp.float32)
@@ -253,7 +254,7 @@ def deprocess(images: jax.Array) -> jax.Array:
     return jnp.clip(x * 0.1 + 0.5, 0.0, 1.0)
 
 
-def to_gray(fields: jax.Array) -> jax.Array:
+def to_gray(fields: ArrayLike) -> jax.Array:
     """BT.601 luma (0.2989, 0.587, 0.114), as the study converted its fields.
     (N, H, W, 3) -> (N, H, W, 1), same range; (N, H, W, 1) is returned as is."""
     fields = jnp.asarray(fields, jnp.float32)
@@ -469,6 +470,7 @@ def check_options(*, input_shape: Sequence[int], prefix: str = "", **options: An
     Raises:
         ValueError: one line naming the option (with `prefix`) and its rule.
     """
+    shape: object
     try:
         shape = tuple(input_shape)
     except TypeError:
@@ -480,7 +482,7 @@ def check_options(*, input_shape: Sequence[int], prefix: str = "", **options: An
     except ValueError:
         raise ValueError(f"input_shape must be (H, W, C), integers >= 1, got {shape!r}") from None
     size = max(h, w)
-    rules = {
+    rules: dict[str, dict[str, Any]] = {
         "steps": dict(integer=True, low=0, high=_MAX_INT32),
         "seed": dict(integer=True, low=0, high=_MAX_INT32),
         "step_size": dict(positive=True),

@@ -24,7 +24,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import jax
 from absl import app, flags, logging
@@ -174,7 +174,7 @@ class _PeerWatch:
         # jax 0.10 has no public handle on its coordination client.
         from jax._src import distributed
 
-        self.client = distributed.global_state.client
+        self.client: Any = distributed.global_state.client  # set by jax.distributed
         self.timeout = timeout
         self.me, self.count = jax.process_index(), jax.process_count()
         self.stopped = threading.Event()

@@ -204,7 +204,7 @@ def make_train_step(
             state.params
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(
+        new_state = state.replace(  # type: ignore[attr-defined]  # flax.struct adds it
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
             batch_stats=batch_stats,
@@ -222,7 +222,7 @@ def train_and_evaluate(
     workdir: str,
     init: tuple[ModelConfig, Variables] | None = None,
     model_overrides: Mapping[str, Any] | None = None,
-    teacher: tuple[ModelConfig, Variables] | None = None,
+    teacher: tuple[ModelConfig, Mapping[str, Any]] | None = None,
 ) -> tuple[ModelConfig, Variables, list[dict[str, Any]]]:
     """Trains, evaluating every epoch; resumes from `workdir/checkpoints` if present.
 
@@ -360,7 +360,7 @@ def _initial_state(config, model, model_config, variables, steps_per_epoch):
 def _restore(mngr, state: TrainState) -> TrainState:
     step, restored, opt_state = checkpoint.restore_training(mngr, state.variables, state.opt_state)
     tqdm.write(f"resuming from {mngr.directory} step {step}")
-    return state.replace(
+    return state.replace(  # type: ignore[attr-defined]  # flax.struct adds it
         step=jnp.asarray(step, jnp.int32),
         params=restored["params"],
         batch_stats=restored["batch_stats"],

@@ -4,6 +4,8 @@ import pytest
 
 from graycnn import baselines, checkpoint, data, evaluation, train
 
+pytestmark = pytest.mark.slow  # every baseline row trained end to end
+
 
 def test_every_row_end_to_end_on_a_tiny_model(tmp_path, sample_npz):
     base = dataclasses.replace(train.TrainConfig(), dataset=f"npz:{sample_npz}", epochs=1)

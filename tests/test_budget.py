@@ -50,6 +50,7 @@ def _with(config, **changes):
     return dataclasses.replace(config, **changes)
 
 
+@pytest.mark.slow
 def test_plan_meets_the_target_from_training_data_only(setting, run, tmp_path):
     config, color = setting
     plan = run[0]["config"]["budget_search"]
@@ -84,6 +85,7 @@ def test_an_unreachable_target_is_a_clear_error_before_the_search(setting, monke
         _plan(_with(config, target_flops=0.01), color)
 
 
+@pytest.mark.slow
 def test_compress_merges_what_the_search_planned(run):
     report, workdir = run
     planned = report["config"]["budget_search"]["steps"]
@@ -100,6 +102,7 @@ def test_compress_merges_what_the_search_planned(run):
     assert "## Budget search" in text and f"plan {plan}; reached" in text
 
 
+@pytest.mark.slow
 def test_a_rerun_reads_its_search_back(setting, run, monkeypatch):
     """The search runs before the first checkpoint: a rerun into the same workdir (as
     after a kill) takes its plan from budget_search.json instead of searching again."""

@@ -10,6 +10,8 @@ import pytest
 
 from graycnn import data, evaluation, train
 
+pytestmark = pytest.mark.slow  # every test runs a CLI in a new Python process
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

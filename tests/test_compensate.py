@@ -18,7 +18,14 @@ from graycnn.tree import flatten, unflatten
 # (model, layer): a DenseNet stem read by every layer of its block and the transition;
 # a ResNet residual group (stem + conv2) read by convs and a projection shortcut; a conv
 # read by a dense layer through a flatten; a group whose member res3 also reads it.
-CASES = [("densenet_test", 1), ("resnet_test", 1), ("vgg", "conv2"), ("residual", "res2")]
+# The tiny vgg and residual models keep each test in the fast tier; the project's test
+# models (a few seconds each to trace and refit) are in the slow one.
+CASES = [
+    pytest.param("densenet_test", 1, marks=pytest.mark.slow),
+    pytest.param("resnet_test", 1, marks=pytest.mark.slow),
+    ("vgg", "conv2"),
+    ("residual", "res2"),
+]
 
 
 @functools.cache
@@ -130,7 +137,9 @@ def test_identical_filters_stay_exact(name, layer):
     )
 
 
-@pytest.mark.parametrize("name, layer", [*CASES, ("densenet_test", "prune")])
+@pytest.mark.parametrize(
+    "name, layer", [*CASES, pytest.param("densenet_test", "prune", marks=pytest.mark.slow)]
+)
 def test_real_merge_is_refit_closer_to_the_original(name, layer):
     model, variables, shape, g, path = _setup(name, 1 if layer == "prune" else layer)
     width = g.widths[path]
@@ -193,6 +202,7 @@ def test_batchnorm_statistics_of_the_merged_channels(mode):
         np.testing.assert_array_equal(got[f"batch_stats/{bn}/mean"][k:], rest)
 
 
+@pytest.mark.slow
 def test_a_teacher_consumer_is_what_the_refit_recovers():
     """No merge, one consumer whose kernel the teacher changed: a refit to the teacher's
     outputs reproduces the teacher's (its input is the same in both), where a refit to
@@ -220,6 +230,7 @@ def test_a_teacher_consumer_is_what_the_refit_recovers():
     np.testing.assert_allclose(flatten(same)[leaf], kernel, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_color_teacher_through_an_exact_fold_keeps_identical_filters_exact():
     """The teacher reads 3 channels (color model, gray3 images); the `sum` fold of it on
     the luma images computes the same, so a tie merge refit to the teacher stays exact."""

@@ -73,6 +73,7 @@ def runs(config, color_checkpoint, tmp_path_factory):
     return before, first, second
 
 
+@pytest.mark.slow
 def test_report_rows_and_files(runs, config):
     _, report, _ = runs
     rows = {r["key"]: r for r in report["rows"]}
@@ -113,6 +114,7 @@ def test_report_rows_and_files(runs, config):
     assert "## Held out" in report_md and "## Verdicts" in report_md
 
 
+@pytest.mark.slow
 def test_pooled_runs_give_each_runs_paired_difference(runs, sample_npz, held_out_npz, tmp_path):
     """Two runs with the same results pooled: the report's own difference (computed by
     the run, not by the pooling), on both splits, and one interval over the stacked runs.
@@ -158,6 +160,7 @@ def test_pooled_runs_give_each_runs_paired_difference(runs, sample_npz, held_out
         assert matplotlib.image.imread(path).shape[:2] == size
 
 
+@pytest.mark.slow
 def test_pooling_refuses_what_it_cannot_pair(runs, tmp_path, monkeypatch):
     _, first, _ = runs
     workdir = first["config"]["workdir"]
@@ -203,6 +206,7 @@ def test_pooling_refuses_what_it_cannot_pair(runs, tmp_path, monkeypatch):
     ]
 
 
+@pytest.mark.slow
 def test_every_row_reloads_to_its_accuracy(runs, config, tmp_path_factory):
     _, report, _ = runs
     workdir = report["config"]["workdir"]
@@ -236,6 +240,7 @@ def test_every_row_reloads_to_its_accuracy(runs, config, tmp_path_factory):
     assert printed["accuracy"] == pytest.approx(last["eval"]["accuracy"], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_input_untouched_and_same_seed_same_results(runs, color_checkpoint):
     before, first, second = runs
     assert _digest(color_checkpoint) == before
@@ -274,6 +279,7 @@ def test_bad_config_is_a_clear_error_before_any_work(config, tmp_path):
         compress.compress(config, str(tmp_path / "done"))
 
 
+@pytest.mark.slow
 def test_cli_flag_errors(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "experiments.compress", "--layers=1,1", f"--workdir={tmp_path}/w"],
@@ -286,6 +292,7 @@ def test_cli_flag_errors(tmp_path):
     assert "error: --layers lists a layer twice" in result.stderr
 
 
+@pytest.mark.slow
 def test_shipped_pretrained_model_loads_and_is_trained():
     path = ROOT / "graycnn" / "assets" / compress.PRETRAINED["densenet_tiny"]
     model_config, variables, _ = checkpoint.load_model(str(path))
@@ -295,6 +302,7 @@ def test_shipped_pretrained_model_loads_and_is_trained():
     assert evaluation.evaluate(model_config, variables, val, "color")["accuracy"] > 0.55
 
 
+@pytest.mark.slow
 def test_filter_responses_are_the_conv_outputs_per_filter(sample_npz):
     from graycnn.layers import layer_output_fn
     from graycnn.models import ModelConfig, build_model, init_variables
@@ -309,6 +317,7 @@ def test_filter_responses_are_the_conv_outputs_per_filter(sample_npz):
     np.testing.assert_allclose(responses, np.moveaxis(np.asarray(direct), -1, 0), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_report(runs, config, tmp_path):
     """A compress killed mid-run, rerun with the same flags into the same workdir,
     finishes with the report an uninterrupted run writes; other flags are refused."""
@@ -363,6 +372,7 @@ def test_study_preset_sets_the_studys_method_and_explicit_flags_win():
     assert with_preset(compress.CompressConfig()) == compress.CompressConfig()
 
 
+@pytest.mark.slow
 def test_color_refit_has_its_reference_row(config, tmp_path):
     """--compensate=lstsq_color: the merged rows are refit to the color model, and the
     unmerged model given the same refit is a row of its own that every merge is also

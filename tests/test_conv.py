@@ -101,6 +101,7 @@ def test_densenet_keeps_variables_and_plain_convs_outside_training():
         model.clone(conv_dots="yes").init(jax.random.key(0), x)
 
 
+@pytest.mark.slow
 def test_eval_step_model_computes_the_same_logits():
     # densenet_seed's widths (18-channel dense layers after 36 inputs and up), where the
     # forward dot is used in its dense layers, at one block of 6 layers to stay small.

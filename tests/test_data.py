@@ -95,6 +95,7 @@ def test_folder_dataset(tmp_path):
         data.load_dataset(f"folder:{tmp_path}/nope")
 
 
+@pytest.mark.slow
 def test_tfds_cifar10_with_mock_data(monkeypatch):
     # Mock data needs no download: skip the check that the download host is reachable.
     monkeypatch.setattr(data, "_check_reachable", lambda *args: None)

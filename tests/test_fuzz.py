@@ -142,6 +142,7 @@ def _zip_bytes(members) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow
 def test_fuzz_npz_datasets(tmp_path, model, pool):
     images, labels, _ = pool
     rng = np.random.default_rng(SEED)
@@ -350,6 +351,7 @@ def fuzz_files(tmp_path_factory, pool):
     return root
 
 
+@pytest.mark.slow
 def test_fuzz_evaluate_flags(fuzz_files, model, pool):
     f = fuzz_files
     rng = random.Random(SEED)
@@ -381,6 +383,7 @@ def test_fuzz_evaluate_flags(fuzz_files, model, pool):
         assert report["examples"] == len(split), case
 
 
+@pytest.mark.slow
 def test_fuzz_train_flags(fuzz_files, tmp_path):
     f = fuzz_files
     rng = random.Random(SEED + 1)
@@ -423,6 +426,7 @@ def test_fuzz_train_flags(fuzz_files, tmp_path):
         assert model_config.in_channels == data.view_channels(settings.get("view", "color"))
 
 
+@pytest.mark.slow
 def test_fuzz_summary_flags():
     rng = random.Random(SEED + 2)
     choices = {

@@ -166,6 +166,7 @@ def test_named_folder_and_unnamed_model(tmp_path, val_images):
         evaluation.check_input(model_config, split, "color")
 
 
+@pytest.mark.slow
 def test_folder_training_stores_class_names(tmp_path, val_images):
     """A model trained on a folder knows its classes; a folder of one of them maps to it."""
     images, labels = val_images
@@ -481,6 +482,7 @@ def test_offline_cifar10_fails_at_once(tmp_path, monkeypatch):
 # The CLIs: one `error:` line, exit status 2, no traceback.
 
 
+@pytest.mark.slow
 def test_cli_huge_label_does_not_hang(tmp_path, val_images):
     images, labels = val_images
     labels = labels.astype(np.int64)
@@ -504,6 +506,7 @@ def test_cli_huge_label_does_not_hang(tmp_path, val_images):
         (["experiments.summary", "--model=densenet_tiny", "--num_classes=0"], "num_classes"),
     ],
 )
+@pytest.mark.slow
 def test_cli_bad_flags_are_one_error_line(tmp_path, args, expected):
     out = tmp_path / "out"
     result = _run(*(a.format(out=out) for a in args))

@@ -12,6 +12,8 @@ from graycnn import compress, data, evaluation, fold, graph, merge, train
 from graycnn import receptive_field as rf
 from graycnn.models import build_model
 
+pytestmark = pytest.mark.slow  # fold, fields, merge and compress end to end per size
+
 
 def _resized_npz(tmp_path, sample_npz, size: int) -> str:
     split = data.load_dataset(f"npz:{sample_npz}", "all")

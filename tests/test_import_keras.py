@@ -116,6 +116,7 @@ def test_other_widths_gray_input_rescaling_and_dropout(images, tmp_path):
     assert summary["params"] == model.count_params()
 
 
+@pytest.mark.slow
 def test_full_depth_is_densenet_seed(images, tmp_path):
     """12 layers per block: the study's own network imports as densenet_seed."""
     model = make_model(images[:16], seed=3)
@@ -210,6 +211,7 @@ def test_refuses_a_damaged_array_naming_the_layer(small_model, tmp_path, damage)
     )
 
 
+@pytest.mark.slow
 def test_cli_prints_one_error_line_and_exits_2(tmp_path):
     inputs = keras.layers.Input((32, 32, 3))
     x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)

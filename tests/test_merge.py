@@ -161,6 +161,7 @@ def test_merge_batchnorm_closed_forms():
         merge.merge_batchnorm(mean, var, scale, bias, labels, eps, rule="median")
 
 
+@pytest.mark.slow
 def test_densenet_seed_parameter_counts_of_the_study():
     config = ModelConfig("densenet_seed")
     model = build_model(config)

@@ -83,6 +83,7 @@ def _bn_case(one_pass, x, variables):
     return y, updates["batch_stats"], grads
 
 
+@pytest.mark.slow
 def test_one_pass_batchnorm_equals_flax_batchnorm():
     rng = np.random.default_rng(0)
     # Channels with an offset, as after a ReLU: the fast variance's cancellation case.
@@ -103,6 +104,7 @@ def test_one_pass_batchnorm_equals_flax_batchnorm():
     )
 
 
+@pytest.mark.slow
 def test_shared_moments_and_normalize_match_the_plain_formula():
     # Two BatchNorms of the same channels, with one batch_moments call between them (as a
     # dense block shares them), against autodiff of the textbook formula computed twice.
@@ -128,6 +130,7 @@ def test_shared_moments_and_normalize_match_the_plain_formula():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
 
 
+@pytest.mark.slow
 def test_densenet_one_pass_batchnorm_keeps_variables_and_function():
     config = ModelConfig("densenet_test")
     model = build_model(config).clone(bn_one_pass=False)

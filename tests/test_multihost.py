@@ -16,9 +16,12 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from graycnn import checkpoint, tree
 from graycnn.models import init_variables
+
+pytestmark = pytest.mark.slow  # each test starts two processes and trains in both
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import multihost_worker  # noqa: E402

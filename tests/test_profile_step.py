@@ -7,6 +7,7 @@ from benchmarks import profile_step
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="reads XLA:CPU's thread events")
+@pytest.mark.slow
 def test_profile_accounts_for_the_step():
     rows = profile_step.profile("densenet_test", 8, 2)
     total = rows[-1]

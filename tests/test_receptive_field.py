@@ -82,9 +82,9 @@ def _study_one_filter(model, variables, path, filters, steps, objective="mean", 
 @pytest.mark.parametrize(
     "name, layer, objective",
     [
-        ("densenet_test", "block1/layer2/conv", "mean"),
+        pytest.param("densenet_test", "block1/layer2/conv", "mean", marks=pytest.mark.slow),
         ("densenet_test", "transition1/conv", "center"),
-        ("resnet_test", "stage2_block1/conv1/conv", "mean"),
+        pytest.param("resnet_test", "stage2_block1/conv1/conv", "mean", marks=pytest.mark.slow),
     ],
 )
 def test_batched_matches_one_filter_at_a_time(models, name, layer, objective):
@@ -101,6 +101,7 @@ def test_batched_matches_one_filter_at_a_time(models, name, layer, objective):
     assert np.mean(result.objective - start.objective) > 1e-3
 
 
+@pytest.mark.slow
 def test_loops_chunks_devices_and_subsets_agree(models):
     model, variables = models["densenet_test"]
     full = gradient_ascent(model, variables, 2, input_shape=HWC, steps=4, loop="python")
@@ -121,6 +122,7 @@ def test_loops_chunks_devices_and_subsets_agree(models):
     np.testing.assert_allclose(subset.images, full.images[[3, 1]], rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_same_seed_same_images_with_regularizers(models):
     model, variables = models["densenet_test"]
     options = {"steps": 3, "jitter": 2, "blur_sigma": 0.7, "tv_weight": 0.05}
@@ -138,6 +140,7 @@ def test_same_seed_same_images_with_regularizers(models):
     )
 
 
+@pytest.mark.slow
 def test_layer1_mean_gradient_does_not_depend_on_the_input(models):
     """The stem is linear: the study's layer-1 fields are flat colors plus border effects."""
     model, variables = models["densenet_test"]
@@ -187,6 +190,7 @@ def test_layer1_exact_alternatives_show_the_kernel(models):
     assert np.abs(outside).max() == 0.0
 
 
+@pytest.mark.slow
 def test_densenet_seed_field_shapes():
     config = ModelConfig("densenet_seed")
     model, variables = build_model(config), _random_variables(config, 0)
@@ -220,6 +224,7 @@ def test_bad_input_names_the_fault(models):
         gradient_ascent(model, variables, 2, input_shape=HWC, filters=[4])
 
 
+@pytest.mark.slow
 def test_figures(tmp_path):
     fields = np.random.default_rng(0).uniform(size=(18, 8, 8, 3))
     paths = [
@@ -237,6 +242,7 @@ def test_figures(tmp_path):
         plot_color_and_gray(fields[..., 0], tmp_path / "bad.png")
 
 
+@pytest.mark.slow
 def test_visualize_cli_writes_figures_and_npz(models, tmp_path):
     model, variables = models["densenet_test"]
     ckpt = checkpoint.save_model(str(tmp_path / "ckpt"), ModelConfig("densenet_test"), variables)

@@ -156,6 +156,7 @@ def _visualize(tmp_path, *flags: str, checkpoint: str = CHECKPOINT) -> subproces
     ],
     ids=["chunk_size_0", "blur_sigma_1e9", "step_size_-1"],
 )
+@pytest.mark.slow
 def test_visualize_refuses_bad_flags_before_any_work(tmp_path, flag, message):
     result = _visualize(tmp_path, flag)
     assert result.returncode == 2, result.stderr
@@ -164,6 +165,7 @@ def test_visualize_refuses_bad_flags_before_any_work(tmp_path, flag, message):
     assert not os.path.exists(tmp_path / "out")  # checked before --outdir is made
 
 
+@pytest.mark.slow
 def test_visualize_error_mid_run_is_the_last_line(densenet, tmp_path):
     # A diverging ascent fails while the bars are drawn; they close before the error.
     # (densenet_test: 4 filters at layer 2 compile faster than densenet_tiny's 18.)

@@ -429,6 +429,7 @@ def test_pool_fuzzed_reports_are_one_error_naming_the_file(tmp_path):
 # once, in parallel: each is a fresh Python importing JAX.
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_last_line_and_leave_no_workdir(tmp_path):
     run = _run_dir(tmp_path, "run")
     os.symlink(run, tmp_path / "again")

@@ -79,6 +79,7 @@ def test_keras_64x64_densenet_is_refused_naming_the_head_and_its_shapes(tmp_path
     assert not os.path.exists(tmp_path / "ckpt")
 
 
+@pytest.mark.slow
 def test_keras_36x36_densenet_imports_with_keras_outputs(tmp_path):
     """36x36 images reach the head as 4x4 (36 -> 18 -> 9 -> 4), as 32x32 ones do: the
     import keeps Keras's 10 outputs and computes what Keras computes."""
@@ -124,6 +125,7 @@ def test_import_refuses_a_scale_that_is_not_positive_or_finite(
     assert not os.path.exists(tmp_path / "ckpt")
 
 
+@pytest.mark.slow
 def test_import_cli_names_the_scale_flag(keras_file, tmp_path):
     line = _cli_error(
         "experiments.import_keras",
@@ -308,6 +310,7 @@ def test_the_head_cannot_be_narrowed(name, head):
     assert ModelConfig(name, num_classes=5, widths={head: 5}).num_classes == 5
 
 
+@pytest.mark.slow
 def test_summary_widths_on_the_head_names_the_layer_and_num_classes():
     config = ModelConfig("densenet_tiny")
     paths = conv_layers(build_model(config), config.input_shape)

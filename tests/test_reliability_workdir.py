@@ -65,6 +65,7 @@ def _last_line(text: str) -> str:
     return [line for line in re.split(r"[\r\n]", text) if line.strip()][-1]
 
 
+@pytest.mark.slow
 def test_a_second_compress_is_refused_while_the_first_holds_the_workdir(tmp_path):
     """The issue's data loss: a second compress into a workdir in use exits 2 with one
     line before any work, and leaves the first run's files as they were; once the holder
@@ -149,6 +150,7 @@ while time.monotonic() < end:
 """
 
 
+@pytest.mark.slow
 def test_concurrent_writers_fuzz_one_holder_at_a_time(tmp_path):
     """Four processes race for one workdir for a few seconds: the log of holds never
     overlaps (each enter is followed by the same process's exit or death), every
@@ -249,6 +251,7 @@ def test_an_input_error_leaves_no_workdir_behind(tmp_path):
     assert os.listdir(existing) == []
 
 
+@pytest.mark.slow
 def test_a_cli_input_error_removes_the_directory_it_made(tmp_path):
     """pool made --out's directory (and its parent) to prove it writable, then failed
     on a missing run and left both behind."""
@@ -266,6 +269,7 @@ def test_a_cli_input_error_removes_the_directory_it_made(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_resume_logs_each_epoch_once(tmp_path, sample_npz):
     """A run killed after logging epoch 2 but before saving its checkpoint trains epoch
     2 again on resume: its first line is replaced, not repeated; half a line is
@@ -287,6 +291,7 @@ def test_resume_logs_each_epoch_once(tmp_path, sample_npz):
     assert logged[1]["train_loss"] == pytest.approx(first[1]["train_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_exit_130_and_the_run_resumes(tmp_path, sample_npz):
     run = tmp_path / "run"
     flags = ["--model=densenet_test", f"--dataset=npz:{sample_npz}", f"--workdir={run}"]

@@ -20,6 +20,7 @@ def _assert_trees_equal(a, b):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow
 def test_two_step_train_on_two_host_devices(config, tmp_path):
     assert jax.device_count() == 2
     model_config, variables, history = train.train_and_evaluate(config, str(tmp_path))
@@ -37,6 +38,7 @@ def test_two_step_train_on_two_host_devices(config, tmp_path):
     assert images.addressable_shards[0].data.shape == (2, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_and_resume_equals_uninterrupted(config, tmp_path):
     two = dataclasses.replace(config, epochs=2)
     _, straight, _ = train.train_and_evaluate(two, str(tmp_path / "a"))
@@ -77,6 +79,7 @@ def test_batchnorm_only_training_freezes_the_rest(config, tmp_path, monkeypatch)
     assert not np.array_equal(bn_start, bn_end)
 
 
+@pytest.mark.slow
 def test_bn_only_step_compiled_for_either_convolution_library_gives_the_same_update():
     # kernel_gradients=False only changes the CPU convolution library (YNNPACK, not Eigen).
     from graycnn import graph
@@ -156,6 +159,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         checkpoint.save_model(str(tmp_path / "nan"), model_config, bad)
 
 
+@pytest.mark.slow
 def test_distillation_loss_is_the_hinton_formula():
     """One step's loss with a teacher: w T^2 KL(softmax(t/T) || softmax(s/T)) + (1 - w)
     CE(s, labels), the student's logits s in train mode, computed here by hand."""

@@ -120,7 +120,9 @@ def batchnorm_sites(plan: MergePlan) -> list[BatchNormSite]:
     for step in plan.steps:
         if step.how != "batchnorm":
             continue
-        original, labels, merged = [], [], []
+        original: list[Any] = []
+        labels: list[Any] = []
+        merged: list[Any] = []
         old = new = 0
         for seg in step.segments:
             if seg.source in members:

@@ -205,6 +205,7 @@ def _check_numbers(config: CompressConfig) -> None:
     """Every numeric setting in its range (`INT_LOWS`, `FLOAT_LOWS`); raises ValueError
     naming the flag. (--layers and --num_clusters are checked against the model's
     widths, `validate(config, widths)`, which names the valid range.)"""
+    low: float  # an int for the integer settings
     for name, low in INT_LOWS.items():
         _check_int(f"--{name}", getattr(config, name), low)
     for name, (low, inclusive) in FLOAT_LOWS.items():
@@ -248,7 +249,7 @@ def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) ->
         "--metric": config.metric,
         "--num_clusters": config.num_clusters,
     }
-    defaults = {f.name: f.default for f in dataclasses.fields(CompressConfig)}
+    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(CompressConfig)}
     for flag, value in per_layer.items():
         default = defaults[flag[2:]]
         for layer in value.layer_numbers():

@@ -56,7 +56,7 @@ def check_runs(workdirs: Sequence[str], row: str, bar: str) -> list[Run]:
                 f"{workdirs[0]}'s {_data(reports[0])}: pooled runs must be compared on "
                 "the same images"
             )
-        entries = tuple(_row(workdir, report, k) for k in (row, bar))
+        entries = (_row(workdir, report, row), _row(workdir, report, bar))
         mine, theirs = (_checkpoints(workdir, e) for e in entries)
         if len(mine) != len(theirs):
             raise ValueError(

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import importlib.resources
 import inspect
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -75,7 +76,8 @@ class LayerResult:
         layer, path: The conv's number and module path.
         objective, metric: What was compared, and how.
         fields: The merged model's receptive fields of the layer (F, H, W, 1).
-        color_fields: The color model's fields of the same layer (F, H, W, 3).
+        color_fields: The color model's fields of the same layer (F, H, W, 3), or None
+            where they were not computed (`merge_layer`'s figures).
         distances: (F, F) between the filters.
         clustering: The clusters.
         plan: The merge to apply (`compensate` applies it).
@@ -86,7 +88,7 @@ class LayerResult:
     objective: str
     metric: str
     fields: rf.ReceptiveFields
-    color_fields: np.ndarray
+    color_fields: np.ndarray | None
     distances: np.ndarray
     clustering: cluster.Clustering
     plan: merge_lib.MergePlan
@@ -114,7 +116,8 @@ def read_splits(config: CompressConfig) -> Splits:
     dataset's own test split for --eval_dataset=test (absent if it has none)."""
     train = data.load_dataset(config.dataset, "train", config.data_dir)
     validation = data.load_dataset(config.dataset, "validation", config.data_dir)
-    name, held_out = config.eval_dataset, None
+    name: str | None = config.eval_dataset
+    held_out: data.Split | None = None
     if name == "test":
         name = f"{config.dataset}:test"
         try:
@@ -122,7 +125,7 @@ def read_splits(config: CompressConfig) -> Splits:
         except ValueError:
             name = None  # The dataset has no test split; --eval_dataset names one.
     elif name != "none":
-        held_out = data.load_dataset(name, "all", config.data_dir)
+        held_out = data.load_dataset(config.eval_dataset, "all", config.data_dir)
     else:
         name = None
     return Splits(train, validation, held_out, name)
@@ -138,8 +141,8 @@ def check_data(config: CompressConfig, splits: Splits) -> None:
         ValueError: naming the flags (--dataset, --eval_dataset, the stage's flag).
     """
     if splits.held_out is not None:
-        seen = _image_hashes(splits.train) | _image_hashes(splits.validation)
-        shared = sum(h in seen for h in _image_hashes(splits.held_out, unique=False))
+        seen = set(_image_hashes(splits.train)) | set(_image_hashes(splits.validation))
+        shared = sum(h in seen for h in _image_hashes(splits.held_out))
         if shared:
             raise ValueError(
                 f"--eval_dataset={config.eval_dataset}: {shared} of its {len(splits.held_out)} "
@@ -156,7 +159,8 @@ def check_data(config: CompressConfig, splits: Splits) -> None:
         )
     n = len(splits.train)
     batch = train_lib.stage_batch_size()
-    needs = []  # (what trains, its epochs flag or None, the batch it needs)
+    # (what trains, its epochs flag or None, the batch it needs)
+    needs: list[tuple[str, str | None, int]] = []
     if _trains_color(config):
         needs.append((f"training --model={config.model}", "--train_epochs", batch))
     if config.bn == "train":
@@ -178,13 +182,12 @@ def check_data(config: CompressConfig, splits: Splits) -> None:
             train_lib.check_epochs(getattr(config, flag[2:]), n // need, flag)
 
 
-def _image_hashes(split: data.Split, unique: bool = True) -> set[bytes] | list[bytes]:
+def _image_hashes(split: data.Split) -> list[bytes]:
     """One digest per image (its shape and bytes): 5,000 CIFAR images take milliseconds."""
-    digests = [
+    return [
         hashlib.blake2b(str(image.shape).encode() + image.tobytes(), digest_size=16).digest()
         for image in np.ascontiguousarray(split.images)
     ]
-    return set(digests) if unique else digests
 
 
 def _default(fn: Any, name: str) -> Any:
@@ -285,13 +288,13 @@ def merge_layer(
     net = build_model(model.config)
     path = resolve_layer(layer, model.graph().conv_order)
     objective = config.objective_of(layer)
-    ascent = dict(
+    ascent: dict[str, Any] = dict(
         objective="center" if objective == ACTIVATION else objective, steps=config.steps, seed=seed
     )
     fields = rf.gradient_ascent(
         net, model.variables, layer, input_shape=model.config.input_shape[1:], **ascent
     )
-    color_fields = None
+    color_fields: np.ndarray | None = None
     if figures or (config.fields == "color_luma" and objective != ACTIVATION):
         color_fields = rf.gradient_ascent(
             build_model(color.config),
@@ -303,7 +306,8 @@ def merge_layer(
     if objective == ACTIVATION:
         compared = filter_responses(net, model.variables, path, train, seed)
     elif config.fields == "color_luma":
-        compared = np.asarray(rf.to_gray(color_fields))[..., 0]
+        # Not None: computed above for color_luma.
+        compared = np.asarray(rf.to_gray(typing.cast(np.ndarray, color_fields)))[..., 0]
     else:
         compared = fields.fields[..., 0]
     distances = np.asarray(distance.pairwise(compared, config.metric_of(layer)))
@@ -370,7 +374,7 @@ def compensate(
 def refit_unmerged(
     config: CompressConfig,
     gray: Model,
-    steps: list[tuple[int, int]],
+    steps: list[tuple[int, int | None]],
     train: data.Split,
     seed: int,
     color: Model,

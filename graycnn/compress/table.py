@@ -2,6 +2,7 @@
 comparison with the baseline of its budget."""
 
 import dataclasses
+import typing
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
@@ -67,6 +68,7 @@ class Table:
             row["checkpoints"] = self.checkpoints[key]
             base = baselines.get(spec.budget or "bn")
             paired = spec.image_type != "color" and base is not None
+            base = typing.cast(str, base)  # used only where paired
             val = self._stack(key, "validation", seeds)
             row |= {"examples": val.shape[1]} | _accuracy(val)
             # A merge given the color refit is also compared with the refit alone.
@@ -95,7 +97,7 @@ class Table:
 
 
 def _describe(spec: RowSpec) -> dict[str, Any]:
-    out = {
+    out: dict[str, Any] = {
         "name": spec.name,
         "key": spec.key,
         "image_type": spec.image_type,

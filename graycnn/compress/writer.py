@@ -156,7 +156,7 @@ class Writer:
 
     def finish(self, rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
         """Writes report.json, report.md and the accuracy figure; returns the report."""
-        result = {
+        result: dict[str, Any] = {
             "rows": list(rows),
             "compensation": self.compensations,
             "config": config | {"workdir": self.workdir},

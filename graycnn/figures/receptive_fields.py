@@ -10,6 +10,7 @@ are written to a temp file in the same directory and renamed over the target.
 
 import math
 import os
+import typing
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ def plot_receptive_fields(
     indices: Any = None,
     cmap: str = "cividis",
     columns: int | None = None,
-    dpi: int = 120,
+    dpi: float = 120,
 ) -> str:
     """One tile per filter, titled with its index.
 
@@ -74,7 +75,7 @@ def plot_color_and_gray(
     indices: Any = None,
     cmap: str = "cividis",
     columns: int | None = None,
-    dpi: int = 120,
+    dpi: float = 120,
 ) -> str:
     """Color fields (left) and their BT.601 gray versions in pseudo-color (right).
 
@@ -94,7 +95,8 @@ def plot_color_and_gray(
     rows = math.ceil(len(images) / columns)
     width = 0.4 + _CELL * columns
     figure = Figure(figsize=(2 * width + 0.8, 0.8 + _CELL * 1.15 * rows), layout="constrained")
-    left, right = figure.subfigures(1, 2, width_ratios=(width, width + 0.8))
+    halves = figure.subfigures(1, 2, width_ratios=(width, width + 0.8))
+    left, right = typing.cast(np.ndarray, halves)  # (2,) SubFigures
     _draw_grid(left, images, indices, "color", cmap, columns)
     _draw_grid(right, gray, indices, "gray (BT.601 luma)", cmap, columns)
     figure.suptitle(title, fontsize=10)
@@ -194,7 +196,7 @@ def _draw_grid(
         low, high = min(images.min(), 0.0), max(images.max(), 1.0)
         images = (images - low) / (high - low)
         vmin = vmax = None
-    shown = None
+    shown: Any = None
     for k, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])

@@ -2,6 +2,7 @@
 accuracy per epoch (baselines), and pooled differences from the bar (pool)."""
 
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ def plot_color_vs_gray(images: np.ndarray, path: str | os.PathLike, columns: int
     images = images[: columns * columns]
     gray = np.asarray(data.apply_view(images, "gray"))[..., 0]
     fig = Figure(figsize=(2 * columns + 0.5, columns + 0.6))
-    grids = fig.subfigures(1, 2)
+    grids = typing.cast(np.ndarray, fig.subfigures(1, 2))  # (2,) SubFigures
     for sub, title, stack, cmap in (
         (grids[0], "color", images, None),
         (grids[1], "gray (BT.601 luma)", gray, "gray"),
@@ -63,7 +64,7 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> s
                 )
                 ax.annotate(str(i), (r[size], 100 * acc["accuracy"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")  # fmt: skip
-            for budget in sorted({r.get("budget") for r in rows if r.get("budget")}):
+            for budget in sorted({r["budget"] for r in rows if r.get("budget")}):
                 chain = sorted(
                     (r for r in rows if r.get("budget") == budget and not r.get("control")),
                     key=lambda r: r[size],

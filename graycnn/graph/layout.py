@@ -78,7 +78,8 @@ def reshape(eqn, ins, shapes, rec):
 
 def _reshape_groups(old, new) -> list[tuple[list[int], list[int]]]:
     """Splits a reshape into groups of consecutive axes with equal products."""
-    groups, i, j = [], 0, 0
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
     while i < len(old) or j < len(new):
         if i < len(old) and old[i] == 1:
             groups.append(([i], []))

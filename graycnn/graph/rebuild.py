@@ -29,6 +29,7 @@ Example:
 """
 
 import dataclasses
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -120,9 +121,17 @@ def with_widths(model: nn.Module, widths: Mapping[str, int]) -> nn.Module:
     return Rebuilt(base, tuple(sorted(features.items())))
 
 
+@typing.overload
 def rebuild(
     model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
-) -> nn.Module:
+) -> nn.Module: ...
+@typing.overload
+def rebuild(
+    model: nnx.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
+) -> nnx.Module: ...
+def rebuild(
+    model: nn.Module | nnx.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
+) -> nn.Module | nnx.Module:
     """Returns a module like `model` whose conv widths are those of `variables`.
 
     Args:

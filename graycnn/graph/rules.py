@@ -15,7 +15,9 @@ the Values of its operands, its output shapes and the `Recorder`.
 
 import dataclasses
 import math
+import typing
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import numpy as np
@@ -185,6 +187,9 @@ def _conv(eqn, ins, shapes, rec) -> list[Value]:
     kernel = rhs.kernel()
     in_size = rhs.shape[rhs_spec[1]] * math.prod(rhs.shape[d] for d in rhs_spec[2:])
     flops = 2 * math.prod(shape) * in_size
+    # amap: leaf axis -> kernel axis; used only where kernel is not None.
+    leaf: Any
+    amap: Any
     leaf, amap = kernel if kernel is not None else (None, None)
     groups = eqn.params["feature_group_count"]
     path = rec.layer(
@@ -375,7 +380,7 @@ def register_rule(primitive: str | jcore.Primitive | type, rule: str | Callable 
         >>> merge.merge_layer(model, variables, "conv1", labels, input_shape=shape)
     """
     module = isinstance(primitive, type) and issubclass(primitive, (nn.Module, nnx.Module))
-    name = primitive if isinstance(primitive, str) else getattr(primitive, "name", None)
+    name: Any = primitive if isinstance(primitive, str) else getattr(primitive, "name", None)
     if not module and (not isinstance(name, str) or not name):
         raise TypeError(
             "primitive must be a JAX primitive, its name or a Flax module class, got "
@@ -391,10 +396,11 @@ def register_rule(primitive: str | jcore.Primitive | type, rule: str | Callable 
     elif rule is not None and not callable(rule):
         raise TypeError(f"rule must be a rule name, a function or None, got {type(rule).__name__}")
     if module:
+        cls = typing.cast(type, primitive)
         if rule is None:
-            MODULES.pop(primitive, None)
+            MODULES.pop(cls, None)
         else:
-            MODULES[primitive] = rule
+            MODULES[cls] = rule
     elif rule is None:
         _REGISTERED.discard(name)
         if name in _BUILTIN:

@@ -111,7 +111,7 @@ class ChannelGraph:
 
     def consumers(self, path: str) -> list[str]:
         """Module paths of the convs and dense layers that read `path`'s group channels."""
-        seen = {}
+        seen: dict[str, None] = {}  # an ordered set
         for u in self.uses_of(path):
             if u.kind == "contract":
                 seen.setdefault(module_of(u.leaf), None)

@@ -14,8 +14,10 @@ Example:
     ('densenet_seed', (12, 12, 12, 12), 995230)
 """
 
+import functools
 import math
 import os
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -254,6 +256,7 @@ def map_densenet(
     stats: dict[str, Any] = {}
     # `channels`: what the next layer reads, e.g. 36 + 18 n inside the study's block 1.
     x, block, blocks, channels = stem.name, 1, [0], int(stem.config["filters"])
+    path: tuple[str, ...]
     while True:
         # Dense layer, transition and head all start BN -> ReLU; the layer after decides.
         bn = cur.take("bn", reads=(x,))
@@ -357,7 +360,7 @@ def _put(tree: dict, path: tuple[str, ...], value: dict) -> None:
 
 
 def _registry_blocks(name: str) -> tuple[int, ...] | None:
-    factory = MODELS[name]
+    factory = typing.cast(functools.partial, MODELS[name])  # the registry's partials
     return tuple(factory.keywords["layers_per_block"]) if factory.func is DenseNet else None
 
 

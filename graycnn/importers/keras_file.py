@@ -111,7 +111,8 @@ def _parse_config(config: Any, path: str) -> tuple[list[KerasLayer], list[str]]:
     kind, body = config.get("class_name"), config.get("config")
     if kind not in ("Functional", "Model", "Sequential") or not isinstance(body, Mapping):
         raise ValueError(f"{path}: the top level is a {kind!r}, not a Functional model")
-    layers = []
+    layers: list[KerasLayer] = []
+    inputs: tuple[str, ...]
     for entry in body["layers"]:
         name = entry.get("name") or entry["config"]["name"]
         nodes = entry.get("inbound_nodes")

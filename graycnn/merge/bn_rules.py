@@ -56,7 +56,7 @@ def merge_batchnorm(
         raise ValueError(f"unknown BatchNorm merge rule {rule!r}; rules: {BN_RULES}")
     labels = np.asarray(labels)
     avg = cluster_matrix(labels, normalize=True)
-    tensors = dict(mean=mean, var=var, scale=scale, bias=bias)
+    tensors: dict[str, Any] = dict(mean=mean, var=var, scale=scale, bias=bias)
     tensors = {k: None if v is None else np.asarray(v, np.float64) for k, v in tensors.items()}
     if rule == "mean":
         merged = {k: None if v is None else avg @ v for k, v in tensors.items()}

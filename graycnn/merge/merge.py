@@ -41,6 +41,7 @@ Example:
 
 import dataclasses
 import re
+import typing
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -158,7 +159,9 @@ class MergePlan:
             lines.append(f"  {leaves} axis {step.axis}: {step.kind} ({how})")
         return "\n".join(lines)
 
-    def apply(self, variables: Mapping[str, Any], *, keep_widths: bool = False) -> dict[str, Any]:
+    def apply(
+        self, variables: Mapping[str, Any], *, keep_widths: bool = False
+    ) -> dict[str, Any] | nnx.State:
         """Returns the merged tree (a new nnx.State for an nnx.State); `variables` is not
         modified.
 
@@ -179,11 +182,12 @@ class MergePlan:
         flat = flatten(variables)
         new = dict(flat)
         members = set(self.group)
+        reducer: Reducer
         for step in self.steps:
             if self.prune:
                 reducer = _keep
             elif step.how == "batchnorm":
-                reducer = _bn_reducer(step.epsilon, self.bn_rule)
+                reducer = _bn_reducer(typing.cast(float, step.epsilon), self.bn_rule)
             else:
                 reducer = _sum if step.how == "sum" else _mean
             if keep_widths:

@@ -49,7 +49,7 @@ TEST_MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 _ALL = {**MODELS, **TEST_MODELS}
 # The path, as `widths` keys it, of each family's classifier: its outputs are the classes.
-_HEADS = {DenseNet: "head/conv", ResNet: "head"}
+_HEADS: dict[Any, str] = {DenseNet: "head/conv", ResNet: "head"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +204,7 @@ def build_model(config: ModelConfig, eval_step: bool = False) -> nn.Module:
 
 def _fields(factory: Callable[..., nn.Module]) -> set[str]:
     cls = factory.func if isinstance(factory, functools.partial) else factory
-    return {f.name for f in dataclasses.fields(cls)}
+    return {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # a Flax module class
 
 
 def init_variables(config: ModelConfig, rng: jax.Array) -> dict[str, Any]:

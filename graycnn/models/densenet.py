@@ -6,6 +6,7 @@ BN-ReLU-Conv1x1-AvgPool2 between blocks; a head BN-ReLU-AvgPool2-Conv2x2(valid, 
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -107,13 +108,13 @@ class DenseBlock(nn.Module):
         # every later layer that normalizes it: computed once per block input and layer
         # output, not once per layer (a CPU speed-up: benchmarks/README.md).
         shared = self.train and self.bn_one_pass
-        moments = batch_moments(x) if shared else None
+        moments: tuple[jax.Array, ...] | None = batch_moments(x) if shared else None
         for i, features in enumerate(self.features, start=1):
             y = DenseLayer(
                 features, self.train, self.bn_one_pass, self.conv_dots, name=f"layer{i}"
             )(x, moments)
             x = jnp.concatenate([x, y], axis=-1)
-            if shared:
+            if moments is not None:  # shared
                 moments = tuple(
                     jnp.concatenate([a, b]) for a, b in zip(moments, batch_moments(y), strict=True)
                 )
@@ -133,7 +134,8 @@ class DenseLayer(nn.Module):
         """x (N, H, W, C) -> (N, H, W, features); `moments`: x's batch (mean, variance),
         each (C,), for a one-pass train-mode BatchNorm, or None."""
         bn = _bn(self.train, self.bn_one_pass)
-        x = bn(x) if moments is None else bn(x, moments=moments)
+        # Only the one-pass subclass (graycnn.models.batchnorm) gets moments.
+        x = bn(x) if moments is None else bn(x, moments=moments)  # type: ignore[call-arg]
         x = nn.relu(x)
         return _conv(
             _dots(self.train, self.conv_dots),
@@ -201,7 +203,7 @@ def _bn(train: bool, one_pass: bool) -> nn.BatchNorm:
     # The one-pass module only where it changes something, a train-mode forward: in
     # eval mode nn.BatchNorm itself runs, so method interceptors (compensation, the
     # tracer) see one BatchNorm call, not the subclass's and its parent's.
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="bn"
     )
     return BatchNorm(one_pass=True, **kwargs) if train and one_pass else nn.BatchNorm(**kwargs)
