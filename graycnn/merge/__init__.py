@@ -33,3 +33,38 @@ __all__ = [
     "plan_merge",
     "plan_prune",
 ]
+
+# Names that graycnn.merge exported before the channel graph and the fold left it: each
+# still works, with a DeprecationWarning naming its new home, for one release.
+_MOVED = {
+    "count_flops": ("graycnn.graph", "count_flops"),
+    "rebuild": ("graycnn.graph", "rebuild"),
+    "Rebuilt": ("graycnn.graph", "Rebuilt"),
+    "widths_of": ("graycnn.graph", "widths_of"),
+    "ChannelGraph": ("graycnn.graph", "ChannelGraph"),
+    "Segment": ("graycnn.graph", "Segment"),
+    "Use": ("graycnn.graph", "Use"),
+    "check_variables": ("graycnn.graph", "check_variables"),
+    "trace_channels": ("graycnn.graph", "trace"),
+    "fold_to_gray": ("graycnn.fold", "fold_to_gray"),
+    "fit_gray_coefficients": ("graycnn.fold", "fit_gray_coefficients"),
+    "input_transform": ("graycnn.fold", "input_transform"),
+    "FOLD_METHODS": ("graycnn.fold", "METHODS"),
+    "LUMA_WEIGHTS": ("graycnn.fold", "LUMA_WEIGHTS"),
+}
+
+
+def __getattr__(name: str):
+    """The moved names (`_MOVED`), with a DeprecationWarning naming where they live now."""
+    if name not in _MOVED:
+        raise AttributeError(f"module 'graycnn.merge' has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    module, attr = _MOVED[name]
+    warnings.warn(
+        f"graycnn.merge.{name} moved to {module}.{attr}; import it from there",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(importlib.import_module(module), attr)
