@@ -17,7 +17,7 @@ import json
 
 from absl import flags
 
-from graycnn import config, data, parallel, runtime, train
+from graycnn import config, runtime, train
 
 config.define_flags(train.TrainConfig)
 flags.DEFINE_string("workdir", None, "Checkpoints and metrics.jsonl.", required=True)
@@ -29,19 +29,8 @@ def main(argv):
     del argv
     runtime.setup()
     settings = config.from_flags(train.TrainConfig)
-    _check_steps(settings)
     _, _, history = train.train_and_evaluate(settings, FLAGS.workdir)
     print(json.dumps(history[-1] if history else {"note": "already trained"}))
-
-
-def _check_steps(settings: train.TrainConfig) -> None:
-    """--batch_size and --epochs against the training split, before the workdir is made
-    (an --epochs whose steps overflow the int32 step counter failed in jit)."""
-    n = len(data.load_dataset(settings.dataset, "train", settings.data_dir))
-    batch = parallel.check_batch_size(settings.batch_size)
-    if n < batch:
-        raise ValueError(f"--batch_size={batch} exceeds the {n} train images")
-    train.check_epochs(settings.epochs, n // batch)
 
 
 if __name__ == "__main__":

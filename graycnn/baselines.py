@@ -9,7 +9,6 @@ Rows, all with the same epochs, optimizer and seed:
 """
 
 import dataclasses
-import inspect
 import os
 import time
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from graycnn import batchnorm, checkpoint, data, evaluation, fold, io, parallel,
 from graycnn import workdir as workdir_lib
 from graycnn.config import setting
 from graycnn.figures import report as report_figures
-from graycnn.models import MODELS, TEST_MODELS, build_model, count_params
+from graycnn.models import build_model, check_name, count_params
 
 ROWS = (
     "color_scratch",
@@ -48,8 +47,6 @@ class BaselinesConfig:
 
 
 _BN = {f.name: f for f in dataclasses.fields(BaselinesConfig)}["bn"].metadata["choices"]
-# batchnorm.recalibrate's batch, which row 5 takes with --bn=recalibrate.
-_RECALIBRATE_BATCH = inspect.signature(batchnorm.recalibrate).parameters["batch_size"].default
 
 # The training settings the command exposes, and its own defaults for them.
 TRAIN_FLAGS = ("dataset", "epochs", "batch_size", "learning_rate", "momentum", "seed", "data_dir")
@@ -108,8 +105,7 @@ def _check(models: Sequence[str], base: train.TrainConfig, bn: str) -> data.Spli
     if twice:
         raise ValueError(f"--models lists {', '.join(twice)} twice")
     for name in models:
-        if name not in {**MODELS, **TEST_MODELS}:
-            raise ValueError(f"--models: unknown model {name!r}; models: {sorted(MODELS)}")
+        check_name(name, "--models")
     if bn not in _BN:
         raise ValueError(f"--bn: unknown value {bn!r}; choose from {', '.join(_BN)}")
     val = data.load_dataset(base.dataset, "validation", base.data_dir)
@@ -125,9 +121,9 @@ def _check(models: Sequence[str], base: train.TrainConfig, bn: str) -> data.Spli
             f"--batch_size={batch} exceeds the {n} train images of --dataset={base.dataset}"
         )
     train.check_epochs(base.epochs, n // batch)
-    if bn == "recalibrate" and n < _RECALIBRATE_BATCH:
+    if bn == "recalibrate" and n < batchnorm.RECALIBRATE_BATCH:
         raise ValueError(
-            f"--bn=recalibrate needs a batch of {_RECALIBRATE_BATCH} train images; "
+            f"--bn=recalibrate needs a batch of {batchnorm.RECALIBRATE_BATCH} train images; "
             f"--dataset={base.dataset} has {n}"
         )
     return val

@@ -27,6 +27,10 @@ from graycnn.models import ModelConfig, build_model
 METHODS = ("recalibrate", "train", "none")
 
 
+# recalibrate's batch: the fewest training images a recalibration needs.
+RECALIBRATE_BATCH = 128
+
+
 def recalibrate(
     model_config: ModelConfig,
     variables: Mapping[str, Any],
@@ -34,7 +38,7 @@ def recalibrate(
     view: str,
     *,
     num_batches: int = 50,
-    batch_size: int = 128,
+    batch_size: int = RECALIBRATE_BATCH,
     seed: int = 0,
     augment: bool = True,
 ) -> dict[str, Any]:

@@ -22,11 +22,13 @@ Example:
 """
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from absl import flags
 
 
@@ -314,3 +316,47 @@ def _parse(field: dataclasses.Field, raw: Any, kind: type, hint: Any) -> Any:
         default = typing.cast(PerLayer, field.default)
         return PerLayer.parse(raw, field.metadata["item"], flag=name).over(default)
     return raw
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    positive: bool = False,
+    why: str = "",
+) -> Any:
+    """The one check of every numeric option: `value` as an int (`integer`) or float.
+
+    Args:
+        name: What the message names: the argument, or the flag ('--steps').
+        value: A real number; an integer-valued float passes as an integer.
+        integer, low, high, positive: It must be an integer, >= low, <= high, > 0.
+        why: Appended to the rule in the message, e.g. why `high` is where it is.
+
+    Raises:
+        ValueError: `name must be <rule>, got <value>`: a bool, a non-number, NaN, inf,
+            a fraction for an integer, or a value out of range.
+    """
+    kind = "an integer" if integer else "a finite number"
+    if low is not None and high is not None:
+        bound = f" in {low}..{high}" if integer else f" in [{low:g}, {high:g}]"
+    elif low is not None:
+        bound = f" >= {low}"
+    else:
+        bound = " > 0" if positive else ""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+    try:
+        ok = ok and math.isfinite(value) and (not integer or int(value) == value)
+        ok = ok and (low is None or value >= low) and (high is None or value <= high)
+        ok = ok and (not positive or value > 0)
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok:
+        shown = value.item() if isinstance(value, np.generic) else value
+        raise ValueError(f"{name} must be {kind}{bound}{why}, got {shown!r}")
+    return int(value) if integer else float(value)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graycnn.receptive_field import check_number
+from graycnn.config import check_number
 
 # The default of dm_pix.ssim; shrunk to the image size when none is given.
 _DEFAULT_SSIM_FILTER_SIZE = 11

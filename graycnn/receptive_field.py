@@ -37,7 +37,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
 from graycnn import nnx_adapter
-from graycnn.graph.trace import check_variables
+from graycnn.config import check_number
+from graycnn.graph.trace import check_finite, check_variables
 from graycnn.layers import LayerRef, conv_layers, layer_output_fn, resolve_layer
 from graycnn.tree import flatten, tree_get, unflatten
 
@@ -169,7 +170,7 @@ def gradient_ascent(
     chunk_size, memory_bytes = options["chunk_size"], options["memory_bytes"]
     model, variables, _ = nnx_adapter.adapt(model, variables)
     h, w, c = options["input_shape"]
-    _check_finite(variables)
+    check_finite(variables)
     _check_fit(model, variables, (1, h, w, c))
     paths = _conv_paths(model, (1, h, w, c))
     path = resolve_layer(layer, paths)
@@ -402,50 +403,6 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def check_number(
-    name: str,
-    value: Any,
-    *,
-    integer: bool = False,
-    low: float | None = None,
-    high: float | None = None,
-    positive: bool = False,
-    why: str = "",
-) -> Any:
-    """The one check of every numeric option: `value` as an int (`integer`) or float.
-
-    Args:
-        name: What the message names: the argument, or the flag ('--steps').
-        value: A real number; an integer-valued float passes as an integer.
-        integer, low, high, positive: It must be an integer, >= low, <= high, > 0.
-        why: Appended to the rule in the message, e.g. why `high` is where it is.
-
-    Raises:
-        ValueError: `name must be <rule>, got <value>`: a bool, a non-number, NaN, inf,
-            a fraction for an integer, or a value out of range.
-    """
-    kind = "an integer" if integer else "a finite number"
-    if low is not None and high is not None:
-        bound = f" in {low}..{high}" if integer else f" in [{low:g}, {high:g}]"
-    elif low is not None:
-        bound = f" >= {low}"
-    else:
-        bound = " > 0" if positive else ""
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_)
-    )
-    try:
-        ok = ok and math.isfinite(value) and (not integer or int(value) == value)
-        ok = ok and (low is None or value >= low) and (high is None or value <= high)
-        ok = ok and (not positive or value > 0)
-    except OverflowError:  # an int too large for a float
-        ok = False
-    if not ok:
-        shown = value.item() if isinstance(value, np.generic) else value
-        raise ValueError(f"{name} must be {kind}{bound}{why}, got {shown!r}")
-    return int(value) if integer else float(value)
-
-
 def check_options(*, input_shape: Sequence[int], prefix: str = "", **options: Any) -> dict:
     """Checks `gradient_ascent`'s options before any work; returns them normalized.
 
@@ -528,17 +485,6 @@ def _check_filters(filters: Any, num_filters: int, path: str) -> np.ndarray:
     if not np.all((array >= 0) & (array < num_filters)):
         raise ValueError(f"filters must be indices in [0, {num_filters}) of {path}: {array}")
     return array.astype(np.int32)
-
-
-def _check_finite(variables: Any) -> None:
-    """Raises ValueError naming the first leaf that holds NaN or inf."""
-    for name, leaf in flatten(variables).items():
-        # jnp for jax.Arrays: a sharded one need not be on this host.
-        finite = (
-            jnp.isfinite(leaf).all() if isinstance(leaf, jax.Array) else np.isfinite(leaf).all()
-        )
-        if not bool(finite):
-            raise ValueError(f"variables: {name} holds NaN or inf")
 
 
 def _check_fit(model: nn.Module, variables: Any, shape: tuple[int, ...]) -> None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from graycnn import checkpoint, data, evaluation, graph, io, parallel, xla_options
 from graycnn import workdir as workdir_lib
 from graycnn.config import setting
-from graycnn.models import MODELS, TEST_MODELS, ModelConfig, build_model, init_variables
+from graycnn.models import ModelConfig, build_model, check_name, init_variables
 
 Variables = dict[str, Any]
 TRAINABLE = ("all", "batchnorm")
@@ -78,8 +78,7 @@ class TrainConfig:
 
     def __post_init__(self):
         """Raises ValueError naming the flag of the first invalid setting."""
-        if self.model not in {**MODELS, **TEST_MODELS}:
-            raise ValueError(f"--model: unknown model {self.model!r}; models: {sorted(MODELS)}")
+        check_name(self.model)
         for name in ("epochs", "batch_size", "eval_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -410,14 +409,8 @@ def _keep_metrics(workdir: str, epochs: int) -> None:
     """Drops the metrics of epochs after the first `epochs` (a run killed after logging
     an epoch but before its checkpoint was saved trains that epoch again, and logs it
     again), and any line that is not a record."""
-    path = os.path.join(workdir, _METRICS)
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = [r for r in _logged(workdir) if r.get("epoch", 0) <= epochs]
-    if len(kept) != len(lines):
-        _write_metrics(workdir, kept)
+    if os.path.exists(os.path.join(workdir, _METRICS)):
+        _write_metrics(workdir, [r for r in _logged(workdir) if r.get("epoch", 0) <= epochs])
 
 
 def _logged(workdir: str) -> list[dict[str, Any]]:

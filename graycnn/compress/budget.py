@@ -259,6 +259,12 @@ def _cluster(config, distances: np.ndarray, k: int) -> np.ndarray:
 def _accuracy(model_config, variables, train, selection, seed: int) -> float:
     """Selection accuracy after a short BN recalibration on training images."""
     variables = batchnorm.recalibrate(
-        model_config, variables, train, "gray", num_batches=8, batch_size=64, seed=seed
+        model_config,
+        variables,
+        train,
+        "gray",
+        num_batches=8,
+        batch_size=stages.SEARCH_BN_BATCH,
+        seed=seed,
     )
     return evaluation.evaluate(model_config, variables, selection, "gray")["accuracy"]

@@ -2,7 +2,6 @@
 the presets that set several at once."""
 
 import dataclasses
-import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -12,7 +11,7 @@ from graycnn import config as config_lib
 from graycnn import receptive_field as rf
 from graycnn.config import PerLayer, setting
 from graycnn.data import DATASET_HELP
-from graycnn.models import MODELS, TEST_MODELS
+from graycnn.models import check_name
 
 # Besides the receptive-field objectives: cluster each filter's responses to real images.
 ACTIVATION = "activation"
@@ -185,10 +184,11 @@ INT_LOWS = {
     "train_epochs": 1, "steps": 1, "compensate_images": 1, "bn_epochs": 1,
     "finetune_epochs": 0, "seeds": 1, "seed": 0,
 }  # fmt: skip
-# (lowest, whether the lowest itself is allowed); target_* are also checked as fractions.
-FLOAT_LOWS = {
-    "eps_std": (0.0, False), "finetune_lr": (0.0, True),
-    "target_flops": (0.0, True), "target_params": (0.0, True),
+# `config.check_number`'s rule of each float setting; target_* are also checked as
+# fractions.
+FLOAT_RULES: dict[str, dict[str, Any]] = {
+    "eps_std": {"positive": True}, "finetune_lr": {"low": 0},
+    "target_flops": {"low": 0}, "target_params": {"low": 0},
 }  # fmt: skip
 
 
@@ -202,19 +202,13 @@ def _check_int(flag: str, value: Any, low: int) -> None:
 
 
 def _check_numbers(config: CompressConfig) -> None:
-    """Every numeric setting in its range (`INT_LOWS`, `FLOAT_LOWS`); raises ValueError
+    """Every numeric setting in its range (`INT_LOWS`, `FLOAT_RULES`); raises ValueError
     naming the flag. (--layers and --num_clusters are checked against the model's
     widths, `validate(config, widths)`, which names the valid range.)"""
-    low: float  # an int for the integer settings
     for name, low in INT_LOWS.items():
         _check_int(f"--{name}", getattr(config, name), low)
-    for name, (low, inclusive) in FLOAT_LOWS.items():
-        value = getattr(config, name)
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-        ok = ok and math.isfinite(value) and (value >= low if inclusive else value > low)
-        if not ok:
-            sign = ">=" if inclusive else ">"
-            raise ValueError(f"--{name} must be a finite number {sign} {low:g}, got {value!r}")
+    for name, rule in FLOAT_RULES.items():
+        config_lib.check_number(f"--{name}", getattr(config, name), **rule)
     last = config.seed + config.seeds - 1
     if last > INT32_MAX:
         raise ValueError(
@@ -232,8 +226,7 @@ def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) ->
     """
     config_lib.check(config)
     _check_numbers(config)
-    if config.model not in {**MODELS, **TEST_MODELS}:
-        raise ValueError(f"--model: unknown model {config.model!r}; models: {sorted(MODELS)}")
+    check_name(config.model)
     if not config.layers and not config.target:
         raise ValueError("--layers is empty: name at least one conv layer to merge")
     if len(set(config.layers)) != len(config.layers):

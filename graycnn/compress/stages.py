@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import hashlib
 import importlib.resources
-import inspect
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -33,6 +32,8 @@ from graycnn.models import ModelConfig, build_model, count_params, init_variable
 
 # Made by `python -m experiments.train --epochs=40 --seed=0 --workdir=DIR` (docs/results.md).
 PRETRAINED = {"densenet_tiny": "densenet_tiny_color"}
+# The BN recalibration batch of the --target_* search's sensitivity measure (budget).
+SEARCH_BN_BATCH = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,12 +167,11 @@ def check_data(config: CompressConfig, splits: Splits) -> None:
     if config.bn == "train":
         needs.append(("--bn=train", "--bn_epochs", batch))
     elif config.bn == "recalibrate":
-        needs.append(("--bn=recalibrate", None, _default(batchnorm.recalibrate, "batch_size")))
+        needs.append(("--bn=recalibrate", None, batchnorm.RECALIBRATE_BATCH))
     if config.finetune_epochs:
         needs.append(("--finetune_epochs", "--finetune_epochs", batch))
     if config.target:
-        # budget._accuracy recalibrates BN on batches of 64 training images.
-        needs.append(("the --target_flops/--target_params search", None, 64))
+        needs.append(("the --target_flops/--target_params search", None, SEARCH_BN_BATCH))
     for what, flag, need in needs:
         if n < need:
             raise ValueError(
@@ -188,10 +188,6 @@ def _image_hashes(split: data.Split) -> list[bytes]:
         hashlib.blake2b(str(image.shape).encode() + image.tobytes(), digest_size=16).digest()
         for image in np.ascontiguousarray(split.images)
     ]
-
-
-def _default(fn: Any, name: str) -> Any:
-    return inspect.signature(fn).parameters[name].default
 
 
 def _trains_color(config: CompressConfig) -> bool:

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure, SubFigure
 
+from graycnn.config import check_number
 from graycnn.io import save_figure, write_atomically
-from graycnn.receptive_field import ReceptiveFields, check_number, to_gray
+from graycnn.receptive_field import ReceptiveFields, to_gray
 
 _CELL = 0.8  # inches per tile
 # Print resolution; the canvas grows with its square (at 10,000 a 36-tile grid would

@@ -204,8 +204,12 @@ def check_finite(variables: Mapping[str, Any]) -> None:
     for path, leaf in flatten(variables).items():
         if isinstance(leaf, jax.ShapeDtypeStruct):
             continue
-        if not np.all(np.isfinite(np.asarray(leaf))):
-            raise ValueError(f"variable {path} holds NaN or inf")
+        # jnp for jax.Arrays: a sharded one need not be on this host.
+        finite = (
+            jnp.isfinite(leaf).all() if isinstance(leaf, jax.Array) else np.isfinite(leaf).all()
+        )
+        if not bool(finite):
+            raise ValueError(f"variables: {path} holds NaN or inf")
 
 
 def _check_shapes(model: nn.Module, variables: Mapping[str, Any], input_shape) -> None:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from graycnn import checkpoint
+from graycnn.config import check_number
 from graycnn.importers.keras_file import KerasLayer, read_keras_file
 from graycnn.models import MODELS, ModelConfig, build_model, count_params
 from graycnn.models.common import BN_EPSILON
@@ -109,14 +110,8 @@ def check_input_scaling(input_scale: Any, input_offset: Any, prefix: str = "") -
     Args:
         prefix: Put before the names in the message, e.g. '--' for flags.
     """
-    for name, value, positive in (
-        ("input_scale", input_scale, True),
-        ("input_offset", input_offset, False),
-    ):
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        if not (ok and math.isfinite(value) and (value > 0 or not positive)):
-            want = "a finite number > 0" if positive else "a finite number"
-            raise ValueError(f"{prefix}{name} must be {want}, got {value!r}")
+    check_number(f"{prefix}input_scale", input_scale, positive=True)
+    check_number(f"{prefix}input_offset", input_offset)
 
 
 _RULES: dict[str, tuple[tuple[str, ...], Callable[..., str | None]]] = {

@@ -8,7 +8,6 @@ Example:
 
 import dataclasses
 import functools
-import math
 import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from graycnn import xla_options
+from graycnn.config import check_number
 from graycnn.models.densenet import DenseNet
 from graycnn.models.resnet import ResNet
 
@@ -104,19 +104,11 @@ class ModelConfig:
                 f"widths: {head!r} is the classifier head, its {self.num_classes} outputs "
                 f"are the classes (num_classes); it cannot be narrowed to {self.widths[head]}"
             )
-        for field, low in (("input_scale", 0.0), ("input_offset", None)):
-            value = getattr(self, field)
-            if value is None:
-                continue
-            # A scale <= 0 inverts or erases the image; NaN or inf make every logit NaN.
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, numbers.Real)
-                or not math.isfinite(value)
-                or (low is not None and value <= low)
-            ):
-                want = "a finite number > 0" if low is not None else "a finite number"
-                raise ValueError(f"{field} must be {want}, got {value!r}")
+        # A scale <= 0 inverts or erases the image; NaN or inf make every logit NaN.
+        if self.input_scale is not None:
+            check_number("input_scale", self.input_scale, positive=True)
+        if self.input_offset is not None:
+            check_number("input_offset", self.input_offset)
         if self.layers_per_block is not None:
             if getattr(_ALL[self.name], "func", None) is not DenseNet:
                 raise ValueError(f"layers_per_block applies to DenseNet models, not {self.name!r}")
@@ -160,6 +152,12 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"model config has unknown keys {sorted(unknown)}")
         return cls(**data)
+
+
+def check_name(name: str, flag: str = "--model") -> None:
+    """Raises ValueError naming `flag` unless `name` is a model (or a test-only one)."""
+    if name not in {**MODELS, **TEST_MODELS}:
+        raise ValueError(f"{flag}: unknown model {name!r}; models: {sorted(MODELS)}")
 
 
 def head_path(name: str) -> str | None:
