@@ -9,7 +9,7 @@ folded to gray ('sum'); layer 1's 36 kernels are clustered into --clusters by co
 linkage on their MSE distances and merged ('moments' BN rule); then
 
     merged                       the merge alone,
-    merged+recal                 BN recalibrated (`batchnorm.recalibrate`, the default:
+    merged+recal                 BN recalibrated (`bn_reestimate.recalibrate`, the default:
                                  50 augmented batches of 128, here every batch of train),
     merged+comp[bn]              `compensate_merge` on --fit_images shuffled training
                                  images (gray, no augmentation), BN mode bn,
@@ -38,21 +38,13 @@ import time
 import numpy as np
 from absl import app, flags
 
-from graycnn import (
-    batchnorm,
-    checkpoint,
-    cluster,
-    data,
-    distance,
-    evaluation,
-    fold,
-    graph,
-    runtime,
-    stats,
-)
+from graycnn import cluster, distance, fold, graph
 from graycnn import compensate as comp
 from graycnn import merge as merge_lib
+from graycnn.cli import runtime
 from graycnn.models import build_model
+from graycnn.study import stats
+from graycnn.training import bn_reestimate, checkpoint, data, evaluation
 
 _FIT = flags.DEFINE_integer("fit_images", 512, "Training images the consumers are fit on.")
 _CLUSTERS = flags.DEFINE_integer("clusters", 20, "Clusters of layer 1's 36 filters.")
@@ -87,7 +79,7 @@ def main(argv: list[str]) -> None:
     fit, holdout = images[: _FIT.value], images[_FIT.value :]
 
     def recal(variables):
-        return batchnorm.recalibrate(merged_config, variables, train, "gray")
+        return bn_reestimate.recalibrate(merged_config, variables, train, "gray")
 
     rows = {"gray (unmerged)": (config, gray), "merged": (merged_config, merged)}
     rows["merged+recal"] = (merged_config, recal(merged))

@@ -4,7 +4,7 @@
     python -m benchmarks.compress_stages --layers=1
     python -m benchmarks.compress_stages --compare_speedups   # + speed-ups on vs off
 
-Calls `graycnn.compress.stages` in the order `graycnn.compress.pipeline` does, on
+Calls `graycnn.study.stages` in the order `graycnn.study.pipeline` does, on
 `CompressConfig()` (the shipped densenet_tiny, cifar10_sample), and times each with its
 outputs ready: load (color model and data splits), fold, then per layer: merge (fields
 or filter responses -> distances -> clusters -> merge plan) and apply (the plan, with
@@ -24,9 +24,10 @@ from typing import Any
 import jax
 from absl import flags
 
-from graycnn import runtime, xla_options
-from graycnn.compress import stages
-from graycnn.compress.config import CompressConfig
+from graycnn import xla_options
+from graycnn.cli import runtime
+from graycnn.study import stages
+from graycnn.study.config import CompressConfig
 
 
 def time_stages(

@@ -35,7 +35,7 @@ from absl import flags
 
 from benchmarks import markdown_table
 from benchmarks import train as train_bench
-from graycnn import runtime
+from graycnn.cli import runtime
 
 _OTHER = "other (RNG, executor, ...)"
 _WAIT = "all-reduce: waiting for the other device"

@@ -31,7 +31,7 @@ from absl import flags
 
 from benchmarks import compress_stages, distance, markdown_table, profile_step, receptive_field
 from benchmarks import train as train_bench
-from graycnn import runtime
+from graycnn.cli import runtime
 
 _OUT = flags.DEFINE_string("out", None, "Directory for benchmarks.md and benchmarks.json.")
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer steps, rounds and layers (~5 min).")

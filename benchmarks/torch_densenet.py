@@ -169,7 +169,7 @@ def _lookup(tree: Mapping[str, Any], path: list[str]) -> Any:
 
 def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop after zero padding and random horizontal flip, per image, as
-    `graycnn.data.augment` does (not the same random draws). images: (N, H, W, C)."""
+    `graycnn.training.data.augment` does (not the same random draws). images: (N, H, W, C)."""
     n, h, w, _ = images.shape
     padded = nn.functional.pad(images, (0, 0, pad, pad, pad, pad))
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)

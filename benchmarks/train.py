@@ -28,8 +28,9 @@ import numpy as np
 from absl import flags
 
 from benchmarks import markdown_table
-from graycnn import evaluation, parallel, runtime, train
+from graycnn.cli import runtime
 from graycnn.models import ModelConfig, build_model, init_variables
+from graycnn.training import evaluation, parallel, train
 
 MODELS = ("densenet_tiny", "densenet_seed")
 # The train step as the library builds it, and without each of its CPU speed-ups:

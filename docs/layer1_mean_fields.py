@@ -19,9 +19,10 @@ import itertools
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from graycnn import checkpoint, cluster, distance, fold
+from graycnn import cluster, distance, fold
 from graycnn import receptive_field as rf
 from graycnn.models import build_model
+from graycnn.training import checkpoint
 
 
 def pair_sums(x: np.ndarray) -> np.ndarray:

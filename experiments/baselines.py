@@ -14,7 +14,10 @@ The full-size study on a GPU:
 
 from absl import flags
 
-from graycnn import baselines, config, runtime, train
+from graycnn import config
+from graycnn.cli import runtime
+from graycnn.study import baselines
+from graycnn.training import train
 
 config.define_flags(baselines.BaselinesConfig)
 config.define_flags(

@@ -14,15 +14,16 @@ experiments.train):
 
 Per-layer flags take `VALUE,LAYER:VALUE,...`; a value without a layer applies to every
 layer, and the layers a value does not name keep the default (`--objective=2:mean`:
-layer 1 stays `activation`). Every flag is a field of graycnn.compress.CompressConfig,
+layer 1 stays `activation`). Every flag is a field of graycnn.study.CompressConfig,
 checked before the workdir is made.
 """
 
 from absl import flags
 
-from graycnn import compress, config, runtime
+from graycnn import config, study
+from graycnn.cli import runtime
 
-config.define_flags(compress.CompressConfig)
+config.define_flags(study.CompressConfig)
 flags.DEFINE_string("workdir", "runs/compress", "Output directory (must not hold a run).")
 runtime.define_distributed_flags()
 FLAGS = flags.FLAGS
@@ -31,10 +32,10 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     runtime.setup()
-    settings = config.from_flags(compress.CompressConfig)
-    given = [name for name in config.field_names(compress.CompressConfig) if FLAGS[name].present]
-    result = compress.compress(settings, FLAGS.workdir, given=given)
-    print(compress.format_report(result))
+    settings = config.from_flags(study.CompressConfig)
+    given = [name for name in config.field_names(study.CompressConfig) if FLAGS[name].present]
+    result = study.compress(settings, FLAGS.workdir, given=given)
+    print(study.format_report(result))
 
 
 if __name__ == "__main__":

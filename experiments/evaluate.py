@@ -12,8 +12,9 @@ import json
 
 from absl import flags
 
-from graycnn import checkpoint, data, evaluation, runtime
+from graycnn.cli import runtime
 from graycnn.models import count_params
+from graycnn.training import checkpoint, data, evaluation
 
 flags.DEFINE_string("checkpoint", None, "Checkpoint directory or training workdir.", required=True)
 flags.DEFINE_string("dataset", "cifar10_sample", data.DATASET_HELP)

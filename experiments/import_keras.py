@@ -17,7 +17,7 @@ import json
 
 from absl import flags
 
-from graycnn import runtime
+from graycnn.cli import runtime
 from graycnn.importers.keras import check_input_scaling, import_keras
 
 _MODEL_FILE = flags.DEFINE_string(

@@ -17,9 +17,10 @@ import os
 
 from absl import flags
 
-from graycnn import io, runtime, workdir
-from graycnn.compress import pool
-from graycnn.figures import report as report_figures
+from graycnn import io
+from graycnn.cli import runtime, workdir
+from graycnn.study import pool
+from graycnn.study.figures import charts
 
 flags.DEFINE_multi_string(
     "runs", None, "LABEL=WORKDIR[,WORKDIR...]: compress workdirs pooled into one line; "
@@ -41,7 +42,7 @@ def main(argv):
     if FLAGS.out:
         io.write_json(FLAGS.out, dict(results))
     if FLAGS.figure:
-        print(f"figure: {report_figures.plot_pooled(results, FLAGS.figure)}")
+        print(f"figure: {charts.plot_pooled(results, FLAGS.figure)}")
     print(pool.format_table(results))
 
 

@@ -12,7 +12,8 @@ Runs in a few seconds: only shapes are traced.
 import jax
 from absl import flags
 
-from graycnn import runtime, summary
+from graycnn import summary
+from graycnn.cli import runtime
 from graycnn.layers import conv_layers
 from graycnn.models import MODELS, ModelConfig, build_model, count_params, head_path
 

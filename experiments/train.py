@@ -9,7 +9,7 @@ its accuracy). The full-size study on a GPU:
     python -m experiments.train --model=densenet_seed --dataset=cifar10 --epochs=200 \
         --learning_rate=0.01 --momentum=0.7 --workdir=/tmp/seed
 
-Every training flag is a field of graycnn.train.TrainConfig. The last stdout line is the
+Every training flag is a field of graycnn.training.train.TrainConfig. The last stdout line is the
 final epoch's metrics as JSON.
 """
 
@@ -17,7 +17,9 @@ import json
 
 from absl import flags
 
-from graycnn import config, runtime, train
+from graycnn import config
+from graycnn.cli import runtime
+from graycnn.training import train
 
 config.define_flags(train.TrainConfig)
 flags.DEFINE_string("workdir", None, "Checkpoints and metrics.jsonl.", required=True)

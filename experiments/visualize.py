@@ -22,10 +22,12 @@ import time
 from absl import flags
 from tqdm.auto import tqdm
 
-from graycnn import checkpoint, receptive_field, runtime, workdir
-from graycnn.figures.receptive_fields import write_layer
+from graycnn import receptive_field
+from graycnn.cli import runtime, workdir
 from graycnn.layers import conv_layers, layer_number, resolve_layer
 from graycnn.models import build_model
+from graycnn.study.figures.receptive_fields import write_layer
+from graycnn.training import checkpoint
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint dir or training workdir.")
 _LAYERS = flags.DEFINE_list("layers", ["1", "2"], "Conv layers: 1-based numbers or paths.")

@@ -73,7 +73,7 @@ def set_cpu_speedups(enabled: bool) -> bool:
 def cpu_speedups() -> bool:
     """Whether the CPU speed-ups apply: the convolution library of each train step
     (`train_compiler_options`), one-pass BatchNorm and the dot convolutions
-    (`graycnn.models.build_model`), eval steps in chunks (`graycnn.evaluation`).
+    (`graycnn.models.build_model`), eval steps in chunks (`graycnn.training.evaluation`).
 
     True when the process opted in (`enable_cpu_defaults` or `set_cpu_speedups(True)`)
     and the default backend is a CPU.

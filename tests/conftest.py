@@ -19,7 +19,9 @@ os.environ["XLA_FLAGS"] = " ".join(_FLAGS)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from graycnn import data, runtime, xla_options  # noqa: E402
+from graycnn import xla_options  # noqa: E402
+from graycnn.cli import runtime  # noqa: E402
+from graycnn.training import data  # noqa: E402
 
 # The CLIs' setup (experiments/__init__.py): the CPU speed-ups on, and XLA's other
 # defaults (the collective timeout) after the flags above, before JAX starts.

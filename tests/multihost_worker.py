@@ -21,18 +21,10 @@ import jax
 import numpy as np
 from absl import flags
 
-from graycnn import (
-    batchnorm,
-    checkpoint,
-    data,
-    evaluation,
-    parallel,
-    receptive_field,
-    runtime,
-    train,
-    tree,
-)
+from graycnn import receptive_field, tree
+from graycnn.cli import runtime
 from graycnn.models import ModelConfig, build_model
+from graycnn.training import bn_reestimate, checkpoint, data, evaluation, parallel, train
 
 flags.DEFINE_string("dataset", None, "npz:PATH of the training images.")
 flags.DEFINE_string("init", None, "npz of the initial variables, keys 'a/b/c'.")
@@ -58,7 +50,7 @@ def run_stages(dataset: str, workdir: str, init: dict[str, Any]) -> dict[str, np
     fields = receptive_field.gradient_ascent(
         build_model(model_config), loaded, 2, steps=3, input_shape=(32, 32, 3), chunk_size=2
     )
-    recalibrated = batchnorm.recalibrate(
+    recalibrated = bn_reestimate.recalibrate(
         model_config, loaded, data.load_dataset(dataset, "train"), "color", num_batches=2,
         batch_size=64,
     )  # fmt: skip

@@ -2,7 +2,8 @@ import dataclasses
 
 import pytest
 
-from graycnn import baselines, checkpoint, data, evaluation, train
+from graycnn.study import baselines
+from graycnn.training import checkpoint, data, evaluation, train
 
 pytestmark = pytest.mark.slow  # every baseline row trained end to end
 

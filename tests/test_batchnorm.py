@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from graycnn import batchnorm, data, models
+from graycnn import models
 from graycnn.layers import layer_output_fn
+from graycnn.training import bn_reestimate, data
 
 
 class _Net(nn.Module):
@@ -31,7 +32,7 @@ def net(monkeypatch):
 def test_recalibrate_is_the_exact_mean_of_batch_statistics(net, sample_npz):
     split = data.load_dataset(f"npz:{sample_npz}", "train")
     variables = models.init_variables(net, jax.random.key(0))
-    out = batchnorm.recalibrate(
+    out = bn_reestimate.recalibrate(
         net, variables, split, "color", num_batches=3, batch_size=32, augment=False, seed=5
     )
     conv = jax.jit(layer_output_fn(models.build_model(net), "conv"))
@@ -51,7 +52,9 @@ def test_recalibrate_is_the_exact_mean_of_batch_statistics(net, sample_npz):
 
 def test_reestimate_rejects_unknown_method(net):
     with pytest.raises(ValueError, match="unknown BN method 'adam'"):
-        batchnorm.reestimate("adam", net, {}, dataset="cifar10_sample", view="gray", workdir="x")
+        bn_reestimate.reestimate(
+            "adam", net, {}, dataset="cifar10_sample", view="gray", workdir="x"
+        )
 
 
 def test_bn_training_distills_the_teacher_and_trains_only_batchnorm(net, sample_npz, tmp_path):
@@ -65,7 +68,7 @@ def test_bn_training_distills_the_teacher_and_trains_only_batchnorm(net, sample_
     )
     out = {}
     for name, teacher in (("ce", None), ("kd", (net, teacher_vars)), ("kd5", (net, louder))):
-        out[name] = batchnorm.reestimate(
+        out[name] = bn_reestimate.reestimate(
             "train", gray, start, dataset=f"npz:{sample_npz}", view="gray",
             workdir=str(tmp_path / name), learning_rate=0.5, teacher=teacher,
         )  # fmt: skip

@@ -5,8 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from graycnn import data, train
-from graycnn.compress import CompressConfig, budget, compress, stages
+from graycnn.study import CompressConfig, budget, compress, stages
+from graycnn.training import data, train
 
 
 @pytest.fixture(scope="module")

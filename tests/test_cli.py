@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from graycnn import data, evaluation, train
+from graycnn.training import data, evaluation, train
 
 pytestmark = pytest.mark.slow  # every test runs a CLI in a new Python process
 

@@ -1,11 +1,11 @@
-"""Tests for graycnn.cluster and graycnn.figures.clusters."""
+"""Tests for graycnn.cluster and graycnn.study.figures.clusters."""
 
 import numpy as np
 import pytest
 
 from graycnn import distance
 from graycnn.cluster import cluster, renumber
-from graycnn.figures.clusters import plot_clusters, plot_distance_matrix
+from graycnn.study.figures.clusters import plot_clusters, plot_distance_matrix
 
 
 def _euclidean(points):

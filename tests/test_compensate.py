@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from test_merge_helpers import VGG, Residual, he_normal, logits, perturb, tie_clusters
 
-from graycnn import compensate, data, fold, graph, merge
+from graycnn import compensate, fold, graph, merge
 from graycnn.layers import layer_output_fn
 from graycnn.models import ModelConfig, build_model, init_variables
+from graycnn.training import data
 from graycnn.tree import flatten, unflatten
 
 # (model, layer): a DenseNet stem read by every layer of its block and the transition;

@@ -17,10 +17,11 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from graycnn import checkpoint, compress, data, evaluation, stats, train
-from graycnn.compress import pool
-from graycnn.compress.config import validate, with_preset
-from graycnn.figures import report as report_figures
+from graycnn import study
+from graycnn.study import pool, stats
+from graycnn.study.config import validate, with_preset
+from graycnn.study.figures import charts
+from graycnn.training import checkpoint, data, evaluation, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,7 @@ def held_out_npz(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def config(color_checkpoint, sample_npz, held_out_npz):
-    return compress.CompressConfig(
+    return study.CompressConfig(
         checkpoint=color_checkpoint,
         dataset=f"npz:{sample_npz}",
         layers=(1, 2),
@@ -68,8 +69,8 @@ def config(color_checkpoint, sample_npz, held_out_npz):
 @pytest.fixture(scope="module")
 def runs(config, color_checkpoint, tmp_path_factory):
     before = _digest(color_checkpoint)
-    first = compress.compress(config, str(tmp_path_factory.mktemp("a")))
-    second = compress.compress(config, str(tmp_path_factory.mktemp("b")))
+    first = study.compress(config, str(tmp_path_factory.mktemp("a")))
+    second = study.compress(config, str(tmp_path_factory.mktemp("b")))
     return before, first, second
 
 
@@ -156,7 +157,7 @@ def test_pooled_runs_give_each_runs_paired_difference(runs, sample_npz, held_out
     # One panel per split, a row per setting: 100 dpi of (5 per panel + 1.5, 1.2 + 0.45 per row).
     for held, size in ((result["held_out"], (210, 1150)), (None, (210, 650))):
         settings = [(label, dict(result, held_out=held)) for label in ("same seed", "again")]
-        path = report_figures.plot_pooled(settings, tmp_path / f"pooled_{held is None}.png")
+        path = charts.plot_pooled(settings, tmp_path / f"pooled_{held is None}.png")
         assert matplotlib.image.imread(path).shape[:2] == size
 
 
@@ -272,11 +273,11 @@ def test_bad_config_is_a_clear_error_before_any_work(config, tmp_path):
     ]:  # fmt: skip
         workdir = tmp_path / "x"
         with pytest.raises(ValueError, match=message):
-            compress.compress(dataclasses.replace(config, **changes), str(workdir))
+            study.compress(dataclasses.replace(config, **changes), str(workdir))
         assert not workdir.exists() or not os.listdir(workdir)
     os.makedirs(tmp_path / "done" / "models")
     with pytest.raises(FileExistsError, match="already holds a compress run"):
-        compress.compress(config, str(tmp_path / "done"))
+        study.compress(config, str(tmp_path / "done"))
 
 
 @pytest.mark.slow
@@ -294,7 +295,7 @@ def test_cli_flag_errors(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_pretrained_model_loads_and_is_trained():
-    path = ROOT / "graycnn" / "assets" / compress.PRETRAINED["densenet_tiny"]
+    path = ROOT / "graycnn" / "assets" / study.PRETRAINED["densenet_tiny"]
     model_config, variables, _ = checkpoint.load_model(str(path))
     assert (model_config.name, model_config.in_channels) == ("densenet_tiny", 3)
     val = data.load_dataset("cifar10_sample", "validation")
@@ -310,7 +311,7 @@ def test_filter_responses_are_the_conv_outputs_per_filter(sample_npz):
     config = ModelConfig("densenet_test", in_channels=1)
     model, variables = build_model(config), init_variables(config, jax.random.key(0))
     split = data.load_dataset(f"npz:{sample_npz}", "train")
-    responses = compress.filter_responses(model, variables, "stem", split, seed=0, count=7)
+    responses = study.filter_responses(model, variables, "stem", split, seed=0, count=7)
     assert responses.shape == (8, 7, 32, 32)  # (filters, images, H, W)
     idx = np.random.default_rng(0).permutation(len(split))[:7]
     direct = layer_output_fn(model, "stem")(variables, data.apply_view(split.images[idx], "gray"))
@@ -343,33 +344,33 @@ def test_killed_run_resumes_to_the_same_report(runs, config, tmp_path):
     assert not (workdir / "report.json").exists()
     # The rerun in this process (the CLI's flags make the same config, or the workdir's
     # run.json would refuse it), where the fixtures' programs are already compiled.
-    compress.compress(config, str(workdir))
+    study.compress(config, str(workdir))
     resumed = json.loads((workdir / "report.json").read_text())
     keep = ("key", "accuracy", "params", "flops", "clusters", "delta", "ci95")
     strip = lambda rows: [{k: r.get(k) for k in keep} for r in rows]  # noqa: E731
     assert strip(resumed["rows"]) == strip(first["rows"])
     other = "holds a compress run with other settings (bn: 'recalibrate' there, 'none' now)"
     with pytest.raises(FileExistsError, match=re.escape(other)):
-        compress.compress(dataclasses.replace(config, bn="none"), str(workdir))
+        study.compress(dataclasses.replace(config, bn="none"), str(workdir))
 
 
 def test_study_preset_sets_the_studys_method_and_explicit_flags_win():
-    study = compress.CompressConfig(preset="study", layers=(1,))
-    config = with_preset(study)
+    preset = study.CompressConfig(preset="study", layers=(1,))
+    config = with_preset(preset)
     assert (config.fields, config.objective_of(1), config.metric_of(1), config.metric_of(2)) == (
         "color_luma", "mean", "mse", "imed")  # fmt: skip
     assert (config.cluster, config.bn_rule, config.bn, config.bn_epochs) == (
         "dbscan", "mean", "train", 1)  # fmt: skip
     assert config.num_clusters.of(1) == 21  # layer 1 alone; 20 + 12 for layers 1 and 2
-    both = with_preset(dataclasses.replace(study, layers=(1, 2)))
+    both = with_preset(dataclasses.replace(preset, layers=(1, 2)))
     assert (both.num_clusters.of(1), both.num_clusters.of(2)) == (20, 12)
     assert str(both.metric) == "imed,1:mse"  # the report names what is used
-    layer2 = with_preset(dataclasses.replace(study, layers=(2,)))
+    layer2 = with_preset(dataclasses.replace(preset, layers=(2,)))
     validate(layer2)  # no value for a layer outside --layers
     assert layer2.metric_of(2) == "imed"
-    mine = with_preset(dataclasses.replace(study, bn_rule="moments"), given=["bn_rule"])
+    mine = with_preset(dataclasses.replace(preset, bn_rule="moments"), given=["bn_rule"])
     assert mine.bn_rule == "moments" and mine.fields == "color_luma"
-    assert with_preset(compress.CompressConfig()) == compress.CompressConfig()
+    assert with_preset(study.CompressConfig()) == study.CompressConfig()
 
 
 @pytest.mark.slow
@@ -379,7 +380,7 @@ def test_color_refit_has_its_reference_row(config, tmp_path):
     compared with, so the report shows what the refit buys without a merge."""
     cfg = dataclasses.replace(config, layers=(1,), num_clusters={1: 5}, controls=False,
                               compensate="lstsq_color", compensate_images=48)  # fmt: skip
-    report = compress.compress(cfg, str(tmp_path / "run"))
+    report = study.compress(cfg, str(tmp_path / "run"))
     assert {e["images"] for e in report["compensation"]} == {48}
     rows = {r["key"]: r for r in report["rows"]}
     refit, bar, merged = rows["gray_refit_bn"], rows["gray_bn"], rows["merged_1"]

@@ -6,7 +6,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from graycnn import data
+from graycnn.training import data
 
 
 def test_luma_matches_hand_computed_pixel():

@@ -43,3 +43,44 @@ def test_an_unknown_name_is_still_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'fold_to_grey'"):
         merge.fold_to_grey  # noqa: B018
     assert "fold_to_gray" not in merge.__all__  # not advertised as current API
+
+
+# Every module that left the top of graycnn for training/, study/ or cli/, and its home,
+# written out here.
+MOVED_MODULES = [
+    ("data", "graycnn.training.data"),
+    ("train", "graycnn.training.train"),
+    ("evaluation", "graycnn.training.evaluation"),
+    ("checkpoint", "graycnn.training.checkpoint"),
+    ("parallel", "graycnn.training.parallel"),
+    ("batchnorm", "graycnn.training.bn_reestimate"),
+    ("compress", "graycnn.study"),
+    ("baselines", "graycnn.study.baselines"),
+    ("controls", "graycnn.study.controls"),
+    ("stats", "graycnn.study.stats"),
+    ("figures", "graycnn.study.figures"),
+    ("runtime", "graycnn.cli.runtime"),
+    ("workdir", "graycnn.cli.workdir"),
+]
+
+
+@pytest.mark.parametrize("name, home", MOVED_MODULES)
+def test_moved_modules_import_from_graycnn_with_a_warning(name, home):
+    graycnn = importlib.import_module("graycnn")
+    with pytest.warns(DeprecationWarning, match=f"graycnn.{name} moved to {home}"):
+        module = getattr(graycnn, name)
+    assert module is importlib.import_module(home)
+    with pytest.warns(DeprecationWarning):
+        exec(f"from graycnn import {name} as _m", {})
+
+
+def test_public_api_is_the_library_and_unknown_names_fail():
+    graycnn = importlib.import_module("graycnn")
+    assert graycnn.fold_to_gray is fold.fold_to_gray
+    assert graycnn.merge_layer is merge.merge_layer
+    assert graycnn.trace is graph.trace
+    assert graycnn.cluster is importlib.import_module("graycnn.cluster")
+    for name in graycnn.__all__:
+        assert getattr(graycnn, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        graycnn.nope  # noqa: B018

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from test_merge_helpers import VGG, any_model, images, logits, perturb
 
-from graycnn import data, fold
+from graycnn import fold
 from graycnn.layers import layer_output_fn
+from graycnn.training import data
 from graycnn.tree import flatten
 
 ATOL = 1e-4

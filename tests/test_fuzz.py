@@ -6,7 +6,7 @@ naming what is wrong, within a time bound: never a traceback, a hang or a wrong 
 Datasets are fuzzed in-process through the library calls the CLIs make; flag strings run
 through the real `experiments.evaluate`, `experiments.train` and `experiments.summary`
 mains, one subprocess per command (`_DRIVER`), with the CLIs' own flag parsing and error
-handling (`graycnn.runtime`). Not fuzzed: compress (its validation is its own issue) and
+handling (`graycnn.cli.runtime`). Not fuzzed: compress (its validation is its own issue) and
 `--distributed` (it joins a cluster).
 
 GRAYCNN_FUZZ_SCALE=N multiplies the number of cases (default 1: ~50 s on 2 CPU cores).
@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graycnn import checkpoint, data, evaluation
 from graycnn.layers import conv_layers
 from graycnn.models import ModelConfig, build_model, count_params
+from graycnn.training import checkpoint, data, evaluation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CK = os.path.join(ROOT, "graycnn", "assets", "densenet_tiny_color")
@@ -244,7 +244,7 @@ def test_fuzz_folder_datasets(tmp_path, model, pool):
 _DRIVER = r"""
 import contextlib, importlib, io, json, sys, time, traceback
 from absl import flags
-from graycnn import runtime
+from graycnn.cli import runtime
 
 module = importlib.import_module(sys.argv[1])
 results = []

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graycnn import data
+from graycnn.training import data
 
 SCALE = int(os.environ.get("GRAYCNN_FUZZ_SCALE", "1"))
 SEED = 33

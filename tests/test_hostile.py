@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graycnn import checkpoint, data, distance, evaluation, merge, train
+from graycnn import distance, merge
 from graycnn.layers import resolve_layer
 from graycnn.models import ModelConfig, build_model, init_variables
+from graycnn.training import checkpoint, data, evaluation, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CK = os.path.join(ROOT, "graycnn", "assets", "densenet_tiny_color")
@@ -56,7 +57,7 @@ def val_images():
 
 
 def _predictions(model_config, variables, images) -> np.ndarray:
-    """Independent of graycnn.evaluation: one plain apply of the model."""
+    """Independent of graycnn.training.evaluation: one plain apply of the model."""
     apply = jax.jit(lambda v, x: build_model(model_config).apply(v, x, train=False))
     return np.asarray(apply(variables, images.astype(np.float32))).argmax(-1)
 

@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 from test_merge_helpers import tie_clusters
 
-from graycnn import compress, data, evaluation, fold, graph, merge, train
+from graycnn import fold, graph, merge, study
 from graycnn import receptive_field as rf
 from graycnn.models import build_model
+from graycnn.training import data, evaluation, train
 
 pytestmark = pytest.mark.slow  # fold, fields, merge and compress end to end per size
 
@@ -62,8 +63,8 @@ def test_fold_fields_merge_and_compress_at_any_size(tmp_path, sample_npz, name, 
     np.testing.assert_allclose(np.asarray(after), np.asarray(before), atol=1e-4)
 
     # The whole compress pipeline.
-    report = compress.compress(
-        compress.CompressConfig(
+    report = study.compress(
+        study.CompressConfig(
             checkpoint=str(tmp_path / "color"),
             dataset=dataset,
             layers=(1,),

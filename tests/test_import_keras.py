@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from keras_study import build_densenet, randomize
 
-from graycnn import checkpoint, data
 from graycnn.importers.keras import import_keras
 from graycnn.models import ModelConfig, build_model, count_params
+from graycnn.training import checkpoint, data
 
 keras = pytest.importorskip("keras")
 # Keras 3.15 on numpy 2 warns on every predict; not ours to fix.

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from test_merge_helpers import any_model, images, logits, project_model, tie_clusters
 
-from graycnn import controls, fold, graph, merge
+from graycnn import fold, graph, merge
 from graycnn.models import ModelConfig, build_model, count_params, init_variables
+from graycnn.study import controls
 from graycnn.tree import flatten, unflatten
 
 ATOL = 1e-4

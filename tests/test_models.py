@@ -6,7 +6,7 @@ import pytest
 
 from graycnn.layers import conv_layers, layer_output_fn, resolve_layer
 from graycnn.models import MODELS, TEST_MODELS, ModelConfig, build_model, count_params
-from graycnn.models.batchnorm import BatchNorm, batch_moments, normalize
+from graycnn.models.one_pass_bn import BatchNorm, batch_moments, normalize
 
 
 def _shapes(config):

@@ -18,8 +18,9 @@ import jax
 import numpy as np
 import pytest
 
-from graycnn import checkpoint, tree
+from graycnn import tree
 from graycnn.models import init_variables
+from graycnn.training import checkpoint
 
 pytestmark = pytest.mark.slow  # each test starts two processes and trains in both
 

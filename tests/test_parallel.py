@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from graycnn import parallel
 from graycnn.models import ModelConfig, build_model, init_variables
+from graycnn.training import parallel
 
 
 # 8 rows per device in chunks of 2; 3 rows per device padded to one chunk of 4.

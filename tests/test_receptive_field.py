@@ -9,8 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from graycnn import checkpoint
-from graycnn.figures.receptive_fields import plot_color_and_gray, plot_receptive_fields
 from graycnn.layers import layer_output_fn
 from graycnn.models import ModelConfig, build_model
 from graycnn.receptive_field import (
@@ -20,6 +18,8 @@ from graycnn.receptive_field import (
     kernel_fields,
     to_gray,
 )
+from graycnn.study.figures.receptive_fields import plot_color_and_gray, plot_receptive_fields
+from graycnn.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HWC = (32, 32, 3)  # the test models take 32x32 color images

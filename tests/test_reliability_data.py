@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graycnn import checkpoint, data, evaluation
+from graycnn.training import checkpoint, data, evaluation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CK = os.path.join(ROOT, "graycnn", "assets", "densenet_tiny_color")

@@ -17,10 +17,11 @@ import pytest
 from test_distance import _explicit_imed
 from test_receptive_field import _random_variables
 
-from graycnn import checkpoint, cluster, distance
-from graycnn.figures.receptive_fields import plot_color_and_gray, plot_receptive_fields
+from graycnn import cluster, distance
 from graycnn.models import ModelConfig, build_model
 from graycnn.receptive_field import gradient_ascent
+from graycnn.study.figures.receptive_fields import plot_color_and_gray, plot_receptive_fields
+from graycnn.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(ROOT, "graycnn", "assets", "densenet_tiny_color")

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from absl import flags
 
-from graycnn import baselines, config, data, train
-from graycnn.compress import CompressConfig, compress, pool, stages
-from graycnn.compress.config import validate
+from graycnn import config
 from graycnn.config import PerLayer
+from graycnn.study import CompressConfig, baselines, compress, pool, stages
+from graycnn.study.config import validate
+from graycnn.training import data, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CK = os.path.join(ROOT, "graycnn", "assets", "densenet_tiny_color")

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from keras_study import build_densenet, randomize
 
-from graycnn import checkpoint, data, evaluation, parallel, summary, train
+from graycnn import summary
 from graycnn.importers.keras import import_keras
 from graycnn.layers import conv_layers
 from graycnn.models import ModelConfig, build_model, head_path, init_variables
+from graycnn.training import checkpoint, data, evaluation, parallel, train
 
 keras = pytest.importorskip("keras")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

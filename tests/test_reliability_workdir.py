@@ -17,7 +17,10 @@ import time
 
 import pytest
 
-from graycnn import baselines, checkpoint, compress, runtime, train, workdir
+from graycnn import study
+from graycnn.cli import runtime, workdir
+from graycnn.study import baselines
+from graycnn.training import checkpoint, train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "graycnn" / "assets" / "densenet_tiny_color"
@@ -47,7 +50,7 @@ def _kill(p: subprocess.Popen) -> None:
 # A process that claims a workdir for `command`, says so on stdout, and holds it.
 _HOLDER = """
 import sys, time
-from graycnn import workdir
+from graycnn.cli import workdir
 with workdir.claim(sys.argv[1], sys.argv[2]):
     print("held", flush=True)
     time.sleep(600)
@@ -117,7 +120,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
 # itself: the kernel drops the lock).
 _FUZZER = """
 import os, random, signal, sys, time
-from graycnn import workdir
+from graycnn.cli import workdir
 path, log, seed, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 rng = random.Random(seed)
 print("ready", flush=True)
@@ -223,10 +226,10 @@ def test_compress_and_baselines_refuse_another_commands_run(tmp_path, sample_npz
     compressed = tmp_path / "compressed"
     compressed.mkdir()
     (compressed / "run.json").write_text("{}\n")
-    small = compress.CompressConfig(layers=(1,))
+    small = study.CompressConfig(layers=(1,))
     for path, kind, run in [
-        (ckpt, "a model checkpoint", lambda p: compress.compress(small, p)),
-        (trained, "a train run", lambda p: compress.compress(small, p)),
+        (ckpt, "a model checkpoint", lambda p: study.compress(small, p)),
+        (trained, "a train run", lambda p: study.compress(small, p)),
         (compressed, "a compress run", lambda p: baselines.run_baselines(
             ["densenet_test"], p, train.TrainConfig(dataset=f"npz:{sample_npz}"))),
     ]:  # fmt: skip

@@ -1,11 +1,11 @@
-"""graycnn.stats against closed forms, and the controls' groupings."""
+"""graycnn.study.stats against closed forms, and the controls' groupings."""
 
 import math
 
 import numpy as np
 import pytest
 
-from graycnn import controls, stats
+from graycnn.study import controls, stats
 
 
 def _pairs(n: int, better: int, worse: int, both: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ from test_merge_helpers import any_model
 
 from graycnn import graph, merge
 from graycnn.graph import Segment
-from graycnn.models import ModelConfig, batchnorm, build_model, init_variables
+from graycnn.models import ModelConfig, build_model, init_variables, one_pass_bn
 
 
 def _segments(g, leaf):
@@ -140,7 +140,7 @@ def test_cpu_speedups_in_a_traced_forward_are_refused_by_name():
         @nn.compact
         def __call__(self, x):
             x = nn.Conv(4, (3, 3), name="conv1")(x)
-            x = batchnorm.BatchNorm(one_pass=True, use_running_average=False, name="bn")(x)
+            x = one_pass_bn.BatchNorm(one_pass=True, use_running_average=False, name="bn")(x)
             return nn.Conv(2, (1, 1), name="conv2")(x)
 
     x = jnp.zeros((1, 8, 8, 3))

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from graycnn import checkpoint, data, evaluation, parallel, train
 from graycnn.models import ModelConfig, init_variables
+from graycnn.training import checkpoint, data, evaluation, parallel, train
 
 
 @pytest.fixture()

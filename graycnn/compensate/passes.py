@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graycnn import graph, parallel
+from graycnn import graph
 from graycnn.compensate.layer import HIGHEST, LayerSpec, layer_spec, patches
+from graycnn.training import parallel
 
 
 @dataclasses.dataclass(frozen=True)

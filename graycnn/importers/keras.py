@@ -25,12 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graycnn import checkpoint
 from graycnn.config import check_number
 from graycnn.importers.keras_file import KerasLayer, read_keras_file
 from graycnn.models import MODELS, ModelConfig, build_model, count_params
 from graycnn.models.common import BN_EPSILON
 from graycnn.models.densenet import DenseNet
+from graycnn.training import checkpoint
 
 # Each rule: the Keras classes it accepts and a check of the config that says what is
 # wrong, or None. Dropout is accepted as the identity it is at inference.

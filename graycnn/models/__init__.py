@@ -68,7 +68,7 @@ class ModelConfig:
             has; None keeps the registry's (and is left out of the JSON, so checkpoints
             without it read and write as before).
         class_names: The name of each output class, () if only indexed. A dataset that
-            names its classes is matched to them by name (`graycnn.data.match_classes`).
+            names its classes is matched to them by name (`graycnn.training.data.match_classes`).
     """
 
     name: str
@@ -172,12 +172,12 @@ def build_model(config: ModelConfig, eval_step: bool = False) -> nn.Module:
     Implementation choices that leave the variables and the function unchanged (to float
     rounding) are made here for the default backend: on CPU, when the process opted in
     (`graycnn.xla_options.enable_cpu_defaults`), DenseNets compute
-    train-mode BatchNorm statistics in one pass (`bn_one_pass`, graycnn.models.batchnorm)
+    train-mode BatchNorm statistics in one pass (`bn_one_pass`, graycnn.models.one_pass_bn)
     and train-mode convolutions' forwards and kernel gradients as dots where that is
     faster (`conv_dots`, graycnn.models.conv); see `graycnn.xla_options.cpu_speedups`.
 
     Args:
-        eval_step: The model of an evaluation step (graycnn.evaluation), whose eval-mode
+        eval_step: The model of an evaluation step (graycnn.training.evaluation), whose eval-mode
             convolutions take the forward dot too. Other eval-mode forwards keep plain
             convolutions: the tracer and compensation read each one.
     """

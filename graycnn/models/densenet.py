@@ -12,9 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from graycnn.models.batchnorm import BatchNorm, batch_moments
 from graycnn.models.common import BN_EPSILON, BN_MOMENTUM, Widths, scale_input, width_of
 from graycnn.models.conv import conv as conv_with_dots
+from graycnn.models.one_pass_bn import BatchNorm, batch_moments
 
 
 class DenseNet(nn.Module):
@@ -134,7 +134,7 @@ class DenseLayer(nn.Module):
         """x (N, H, W, C) -> (N, H, W, features); `moments`: x's batch (mean, variance),
         each (C,), for a one-pass train-mode BatchNorm, or None."""
         bn = _bn(self.train, self.bn_one_pass)
-        # Only the one-pass subclass (graycnn.models.batchnorm) gets moments.
+        # Only the one-pass subclass (graycnn.models.one_pass_bn) gets moments.
         x = bn(x) if moments is None else bn(x, moments=moments)  # type: ignore[call-arg]
         x = nn.relu(x)
         return _conv(

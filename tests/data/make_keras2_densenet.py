@@ -14,7 +14,7 @@ import numpy as np
 import tf_keras
 from keras_study import build_densenet, randomize
 
-from graycnn import data
+from graycnn.training import data
 
 NUM_IMAGES = 64
 HERE = os.path.dirname(os.path.abspath(__file__))

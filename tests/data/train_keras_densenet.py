@@ -22,7 +22,7 @@ TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # keras_study, and graycnn from this checkout.
 from keras_study import build_densenet  # noqa: E402
 
-from graycnn import data  # noqa: E402
+from graycnn.training import data  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--layers_per_block", type=int, default=12)

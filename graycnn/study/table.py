@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from graycnn import stats
-from graycnn.compress.stages import Evaluation
+from graycnn.study import stats
+from graycnn.study.stages import Evaluation
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -6,12 +6,13 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from graycnn import batchnorm, cluster, distance, fold, merge, train
+from graycnn import cluster, distance, fold, merge
 from graycnn import config as config_lib
 from graycnn import receptive_field as rf
 from graycnn.config import PerLayer, setting
-from graycnn.data import DATASET_HELP
 from graycnn.models import check_name
+from graycnn.training import bn_reestimate, train
+from graycnn.training.data import DATASET_HELP
 
 # Besides the receptive-field objectives: cluster each filter's responses to real images.
 ACTIVATION = "activation"
@@ -90,7 +91,7 @@ class CompressConfig:
     compensate_images: int = setting(
         512, "Training images (seeded, gray) each --compensate refit is fit on.",
     )  # fmt: skip
-    bn: str = setting("train", "BN re-estimation of every gray row.", choices=batchnorm.METHODS)
+    bn: str = setting("train", "BN re-estimation of every gray row.", choices=bn_reestimate.METHODS)
     bn_epochs: int = setting(1, "Epochs of BN-only training for --bn=train.")
     bn_loss: str = setting(
         "ce", "Loss of --bn=train: 'ce' the labels (the study); 'kd' distills the color "

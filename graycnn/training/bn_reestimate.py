@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from graycnn import data, evaluation, parallel, train
 from graycnn.models import ModelConfig, build_model
+from graycnn.training import data, evaluation, parallel, train
 
 METHODS = ("recalibrate", "train", "none")
 

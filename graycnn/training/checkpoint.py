@@ -16,8 +16,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from graycnn import data, graph
+from graycnn import graph
 from graycnn.models import ModelConfig, build_model
+from graycnn.training import data
 
 _ITEMS = ("variables", "config", "opt_state")
 

@@ -30,7 +30,9 @@ import jax
 from absl import app, flags, logging
 from tqdm.auto import tqdm
 
-from graycnn import checkpoint, config, workdir
+from graycnn import config
+from graycnn.cli import workdir
+from graycnn.training import checkpoint
 
 _ENV = {
     "coordinator_address": "JAX_COORDINATOR_ADDRESS",

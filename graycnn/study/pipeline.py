@@ -13,11 +13,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from graycnn import config as config_lib
-from graycnn import workdir as workdir_lib
-from graycnn.compress import budget, stages
-from graycnn.compress.config import CONTROLS, CompressConfig, validate, with_preset
-from graycnn.compress.table import RowSpec, Table, color_specs, recovered_spec
-from graycnn.compress.writer import Writer
+from graycnn.cli import workdir as workdir_lib
+from graycnn.study import budget, stages
+from graycnn.study.config import CONTROLS, CompressConfig, validate, with_preset
+from graycnn.study.table import RowSpec, Table, color_specs, recovered_spec
+from graycnn.study.writer import Writer
 
 
 def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) -> dict[str, Any]:

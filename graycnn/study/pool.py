@@ -16,9 +16,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from graycnn import checkpoint, data, stats
-from graycnn.compress import stages
-from graycnn.compress.config import CompressConfig
+from graycnn.study import stages, stats
+from graycnn.study.config import CompressConfig
+from graycnn.training import checkpoint, data
 
 
 class Run(NamedTuple):

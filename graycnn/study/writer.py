@@ -13,13 +13,14 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from graycnn import checkpoint, io
-from graycnn.compress import report
-from graycnn.compress.stages import LayerResult, Model, Splits
-from graycnn.compress.table import RowSpec
-from graycnn.figures import clusters as cluster_figures
-from graycnn.figures import receptive_fields as rf_figures
-from graycnn.figures import report as report_figures
+from graycnn import io
+from graycnn.study import report
+from graycnn.study.figures import charts
+from graycnn.study.figures import clusters as cluster_figures
+from graycnn.study.figures import receptive_fields as rf_figures
+from graycnn.study.stages import LayerResult, Model, Splits
+from graycnn.study.table import RowSpec
+from graycnn.training import checkpoint
 
 
 class Writer:
@@ -90,7 +91,7 @@ class Writer:
         return os.path.join(self.workdir, *parts)
 
     def data_figure(self, splits: Splits) -> None:
-        report_figures.plot_color_vs_gray(
+        charts.plot_color_vs_gray(
             splits.validation.images, os.path.join(self.figures, "color_vs_gray.png")
         )
 
@@ -163,5 +164,5 @@ class Writer:
         }
         io.write_json(self.path("report.json"), result)
         io.write_text(self.path("report.md"), report.format_report(result))
-        report_figures.plot_pareto(result["rows"], os.path.join(self.figures, "pareto.png"))
+        charts.plot_pareto(result["rows"], os.path.join(self.figures, "pareto.png"))
         return result

@@ -19,11 +19,12 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from graycnn import batchnorm, cluster, data, distance, evaluation, graph, merge
+from graycnn import cluster, distance, graph, merge
 from graycnn import receptive_field as rf
-from graycnn.compress import stages
-from graycnn.compress.config import ACTIVATION, CompressConfig
 from graycnn.models import build_model, count_params
+from graycnn.study import stages
+from graycnn.study.config import ACTIVATION, CompressConfig
+from graycnn.training import bn_reestimate, data, evaluation
 
 FRACTIONS = (0.75, 0.5, 0.25)
 SELECTION_PER_CLASS = 50
@@ -258,7 +259,7 @@ def _cluster(config, distances: np.ndarray, k: int) -> np.ndarray:
 
 def _accuracy(model_config, variables, train, selection, seed: int) -> float:
     """Selection accuracy after a short BN recalibration on training images."""
-    variables = batchnorm.recalibrate(
+    variables = bn_reestimate.recalibrate(
         model_config,
         variables,
         train,

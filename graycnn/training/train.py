@@ -1,6 +1,6 @@
 """A jitted train step and a resumable training loop, data parallel over all devices.
 
-The batch is sharded over a 1-D mesh of every device (`graycnn.parallel`), parameters
+The batch is sharded over a 1-D mesh of every device (`graycnn.training.parallel`), parameters
 are replicated, and XLA inserts the gradient and BatchNorm all-reduces.
 """
 
@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
-from graycnn import checkpoint, data, evaluation, graph, io, parallel, xla_options
-from graycnn import workdir as workdir_lib
+from graycnn import graph, io, xla_options
+from graycnn.cli import workdir as workdir_lib
 from graycnn.config import setting
 from graycnn.models import ModelConfig, build_model, check_name, init_variables
+from graycnn.training import checkpoint, data, evaluation, parallel
 
 Variables = dict[str, Any]
 TRAINABLE = ("all", "batchnorm")

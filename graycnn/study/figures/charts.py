@@ -10,8 +10,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from graycnn import data
 from graycnn.io import save_figure
+from graycnn.training import data
 
 
 def plot_color_vs_gray(images: np.ndarray, path: str | os.PathLike, columns: int = 3) -> str:

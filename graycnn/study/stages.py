@@ -5,7 +5,7 @@
     -> recovery (compensation, BN re-estimation, fine-tuning) -> evaluation
 
 Each stage takes and returns `Model`s, arrays and small result types, so a new stage is
-one function here and one line in `pipeline.compress`. `graycnn.compress.writer` owns
+one function here and one line in `pipeline.compress`. `graycnn.study.writer` owns
 every file.
 """
 
@@ -20,15 +20,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from graycnn import batchnorm, checkpoint, cluster, controls, data, distance, evaluation, fold
+from graycnn import cluster, distance, fold
 from graycnn import compensate as compensation
 from graycnn import graph as graph_lib
 from graycnn import merge as merge_lib
 from graycnn import receptive_field as rf
-from graycnn import train as train_lib
-from graycnn.compress.config import ACTIVATION, CompressConfig, validate
 from graycnn.layers import layer_output_fn, resolve_layer
 from graycnn.models import ModelConfig, build_model, count_params, init_variables
+from graycnn.study import controls
+from graycnn.study.config import ACTIVATION, CompressConfig, validate
+from graycnn.training import bn_reestimate, checkpoint, data, evaluation
+from graycnn.training import train as train_lib
 
 # Made by `python -m experiments.train --epochs=40 --seed=0 --workdir=DIR` (docs/results.md).
 PRETRAINED = {"densenet_tiny": "densenet_tiny_color"}
@@ -167,7 +169,7 @@ def check_data(config: CompressConfig, splits: Splits) -> None:
     if config.bn == "train":
         needs.append(("--bn=train", "--bn_epochs", batch))
     elif config.bn == "recalibrate":
-        needs.append(("--bn=recalibrate", None, batchnorm.RECALIBRATE_BATCH))
+        needs.append(("--bn=recalibrate", None, bn_reestimate.RECALIBRATE_BATCH))
     if config.finetune_epochs:
         needs.append(("--finetune_epochs", "--finetune_epochs", batch))
     if config.target:
@@ -434,7 +436,7 @@ def reestimate_bn(
     """BatchNorm re-estimated on gray training images by `config.bn`, the same budget
     for every row (`workdir` holds BN training checkpoints; a rerun reuses them);
     with `config.bn_loss='kd'`, BN training distills `color`."""
-    variables = batchnorm.reestimate(
+    variables = bn_reestimate.reestimate(
         config.bn,
         model.config,
         model.variables,

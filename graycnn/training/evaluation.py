@@ -12,8 +12,9 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from graycnn import data, parallel, xla_options
+from graycnn import xla_options
 from graycnn.models import ModelConfig, build_model
+from graycnn.training import data, parallel
 
 # On the CPU an eval step runs each device's rows in chunks of this many images, one
 # chunk after another (parallel.map_in_chunks): the fastest chunk size on both DenseNets

@@ -16,11 +16,12 @@ from typing import Any
 
 import jax
 
-from graycnn import batchnorm, checkpoint, data, evaluation, fold, io, parallel, train
-from graycnn import workdir as workdir_lib
+from graycnn import fold, io
+from graycnn.cli import workdir as workdir_lib
 from graycnn.config import setting
-from graycnn.figures import report as report_figures
 from graycnn.models import build_model, check_name, count_params
+from graycnn.study.figures import charts
+from graycnn.training import bn_reestimate, checkpoint, data, evaluation, parallel, train
 
 ROWS = (
     "color_scratch",
@@ -81,7 +82,7 @@ def _run_baselines(models, workdir, base, bn, val):
     rows: list[dict[str, Any]] = []
     for name in models:
         model_rows = _model_rows(dataclasses.replace(base, model=name), workdir, val, bn)
-        report_figures.plot_histories(model_rows, os.path.join(workdir, f"accuracy_{name}.png"))
+        charts.plot_histories(model_rows, os.path.join(workdir, f"accuracy_{name}.png"))
         rows += model_rows
     report = {"rows": rows, "config": dataclasses.asdict(base) | {"models": list(models), "bn": bn}}
     io.write_json(os.path.join(workdir, "report.json"), report)
@@ -121,9 +122,9 @@ def _check(models: Sequence[str], base: train.TrainConfig, bn: str) -> data.Spli
             f"--batch_size={batch} exceeds the {n} train images of --dataset={base.dataset}"
         )
     train.check_epochs(base.epochs, n // batch)
-    if bn == "recalibrate" and n < batchnorm.RECALIBRATE_BATCH:
+    if bn == "recalibrate" and n < bn_reestimate.RECALIBRATE_BATCH:
         raise ValueError(
-            f"--bn=recalibrate needs a batch of {batchnorm.RECALIBRATE_BATCH} train images; "
+            f"--bn=recalibrate needs a batch of {bn_reestimate.RECALIBRATE_BATCH} train images; "
             f"--dataset={base.dataset} has {n}"
         )
     return val
@@ -156,7 +157,7 @@ def _model_rows(
     start = time.perf_counter()
     directory = os.path.join(workdir, name, "gray_folded_bn")
     reestimated = jax.device_get(
-        batchnorm.reestimate(
+        bn_reestimate.reestimate(
             bn,
             gray_config,
             folded,

@@ -1,0 +1,32 @@
+"""The study application: compress a color CNN into a smaller gray one, with the
+study's baselines, controls and statistics.
+
+config.py    the settings (flags are made from them)
+stages.py    the stages, as functions of plain data
+pipeline.py  `compress`: the stages in order
+writer.py    figures, JSON, checkpoints
+report.py    report.md
+pool.py      one row of several runs against its bar, pooled
+budget.py    the plan for a FLOPs or parameter target
+table.py     the report's rows
+controls.py  random and prune_l1 groupings at the same widths
+stats.py     paired bootstrap intervals and McNemar
+baselines.py the study's Tables 1 and 2
+figures/     every figure of a report
+"""
+
+from graycnn.study.config import ACTIVATION, OBJECTIVES, CompressConfig, validate
+from graycnn.study.pipeline import compress
+from graycnn.study.report import format_report
+from graycnn.study.stages import PRETRAINED, filter_responses
+
+__all__ = [
+    "ACTIVATION",
+    "OBJECTIVES",
+    "PRETRAINED",
+    "CompressConfig",
+    "compress",
+    "filter_responses",
+    "format_report",
+    "validate",
+]
