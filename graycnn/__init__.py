@@ -16,6 +16,8 @@ Example:
     >>> merged = graycnn.merge_layer(model, gray, 1, labels, input_shape=(1, 32, 32, 1))
 """
 
+__version__ = "0.1.0"
+
 import importlib as _importlib
 import warnings as _warnings
 

@@ -37,8 +37,8 @@ from graycnn import nnx_adapter
 from graycnn.graph import rules
 from graycnn.graph.rebuild import rebuild, unwrap, with_widths
 from graycnn.graph.values import FirstOp, LayerOp, Recorder, Use, Value, module_of
-from graycnn.models import one_pass_bn
 from graycnn.models import conv as dot_conv
+from graycnn.models import one_pass_bn
 from graycnn.nnx_adapter import BATCHNORMS, CONVS, NNXModel, module_path
 from graycnn.tree import flatten, unflatten
 
