@@ -75,7 +75,7 @@ def sections(text: str) -> list[tuple[int, str, list[str]]]:
 
 
 def _prose(lines: list[str]) -> tuple[str, bool]:
-    """The lines' text without code (blocks, spans) and comments; whether code ran."""
+    """The lines' text without code (blocks, spans) and comments; whether they name a command."""
     text, command, fenced = [], False, False
     for line in lines:
         if line.startswith("```"):
