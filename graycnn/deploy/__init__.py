@@ -20,16 +20,19 @@ from graycnn.deploy.export import (
     signature,
     view_of,
 )
+from graycnn.deploy.speed import Timed, measure_speed
 
 __all__ = [
     "FILES",
     "FORMATS",
     "TOLERANCE",
     "Exported",
+    "Timed",
     "export_model",
     "export_stablehlo",
     "export_tflite",
     "inference_function",
+    "measure_speed",
     "run_stablehlo",
     "run_tflite",
     "signature",
