@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -176,12 +177,9 @@ def _eps_for_num_clusters(d: np.ndarray, num_clusters: int) -> float:
             return 2.0 * lower[k] if lower[k] > 0 else 1.0
         return 0.5 * (lower[k] + upper[k])
 
-    counts: dict[int, int] = {}
-
+    @functools.cache  # Each interval's count is computed once.
     def count(k: int) -> int:
-        if k not in counts:
-            counts[k] = _count_components(d, eps_in(k))
-        return counts[k]
+        return _count_components(d, eps_in(k))
 
     # Smallest interval index whose count is <= the target.
     lo, hi = 0, len(lower) - 1

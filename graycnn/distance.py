@@ -90,9 +90,7 @@ def _as_image_stack(images: Any) -> np.ndarray:
             raise ValueError(f"images: all images must have the same shape, got {sorted(shapes)}")
     # np.asarray on a jax.Array copies to host; validation needs concrete values anyway.
     array = np.asarray(images)
-    if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"images: expected real numbers, got dtype {array.dtype}")
-    if np.issubdtype(array.dtype, np.complexfloating):
+    if array.dtype == bool or array.dtype.kind == "c" or not np.issubdtype(array.dtype, np.number):
         raise ValueError(f"images: expected real numbers, got dtype {array.dtype}")
     if array.ndim not in (3, 4):
         raise ValueError(f"images: expected shape (N, H, W) or (N, H, W, C), got {array.shape}")
@@ -200,9 +198,7 @@ def _correlation_core(images: jax.Array) -> jax.Array:
     norms = jnp.sqrt(jnp.sum(flat * flat, axis=1))
     flat = flat / jnp.where(norms > 0, norms, 1.0)[:, None]
     corr = jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST)
-    d = jnp.clip(1.0 - corr, 0.0, 2.0)
-    d = 0.5 * (d + d.T)
-    return d * (1.0 - jnp.eye(d.shape[0], dtype=d.dtype))
+    return _finish(jnp.clip(1.0 - corr, 0.0, 2.0))
 
 
 @_keeps_float64
@@ -291,30 +287,14 @@ def pairwise_imed(images: Any, *, sigma: float = 1.0) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("filter_size", "filter_sigma", "k1", "k2"))
-def _ssim_core(
-    images: jax.Array,
-    data_range: jax.Array,
-    *,
-    filter_size: int,
-    filter_sigma: float,
-    k1: float,
-    k2: float,
-) -> jax.Array:
+def _ssim_core(images: jax.Array, data_range: jax.Array, **window: Any) -> jax.Array:
+    """1 - dm_pix.ssim of every pair; `window`: its filter_size, filter_sigma, k1, k2."""
     n = images.shape[0]
     # SSIM is symmetric in its arguments, so only the upper triangle is computed.
     rows, cols = jnp.triu_indices(n, k=1)
 
     def ssim_of_pair(pair):
-        i, j = pair
-        return dm_pix.ssim(
-            images[i],
-            images[j],
-            max_val=data_range,
-            filter_size=filter_size,
-            filter_sigma=filter_sigma,
-            k1=k1,
-            k2=k2,
-        )
+        return dm_pix.ssim(images[pair[0]], images[pair[1]], max_val=data_range, **window)
 
     # lax.map with batch_size vmaps over chunks of pairs: vectorized, bounded memory.
     values = jax.lax.map(ssim_of_pair, (rows, cols), batch_size=_SSIM_PAIR_CHUNK)
@@ -362,24 +342,30 @@ def pairwise_ssim(
             f"data_range={data_range} is smaller than the span of the images "
             f"[{stack.min():.6g}, {stack.max():.6g}]; pass data_range explicitly"
         )
-    smallest = min(stack.shape[1], stack.shape[2])
-    if filter_size is None:
-        filter_size = min(_DEFAULT_SSIM_FILTER_SIZE, smallest)
-    if not (
-        isinstance(filter_size, (int, np.integer))
-        and not isinstance(filter_size, bool)
-        and 1 <= filter_size <= smallest
-    ):
-        raise ValueError(
-            f"filter_size must be an int in [1, min(H, W) = {smallest}] for images of "
-            f"shape {stack.shape[1:3]}, got {filter_size}"
-        )
-    filter_sigma = check_number(
-        "filter_sigma", filter_sigma, low=_SSIM_MIN_FILTER_SIGMA, why=" (pixels)"
-    )
-    k1, k2 = (check_number(name, k, positive=True) for name, k in (("k1", k1), ("k2", k2)))
     # SSIM(x / s, y / s) with data_range / s is SSIM(x, y): its constants scale too.
     stack, scale = _rescale(stack)
+    window = _ssim_window(stack, data_range, scale, filter_size, filter_sigma, k1, k2)
+    device_images = _to_device(stack)
+    return _ssim_core(device_images, jnp.asarray(data_range / scale, device_images.dtype), **window)
+
+
+def _ssim_window(
+    stack: np.ndarray, data_range: float, scale: float, size: Any, sigma: Any, k1: Any, k2: Any
+) -> dict[str, Any]:
+    """Checks pairwise_ssim's filter_size, filter_sigma, k1 and k2 for the (N, H, W, C)
+    `stack` rescaled by `scale`; returns them as _ssim_core's keywords."""
+    shape = stack.shape[1:3]
+    smallest = min(shape)
+    if size is None:
+        size = min(_DEFAULT_SSIM_FILTER_SIZE, smallest)
+    is_int = isinstance(size, (int, np.integer)) and not isinstance(size, bool)
+    if not (is_int and 1 <= size <= smallest):
+        raise ValueError(
+            f"filter_size must be an int in [1, min(H, W) = {smallest}] for images of "
+            f"shape {shape}, got {size}"
+        )
+    sigma = check_number("filter_sigma", sigma, low=_SSIM_MIN_FILTER_SIGMA, why=" (pixels)")
+    k1, k2 = (check_number(name, k, positive=True) for name, k in (("k1", k1), ("k2", k2)))
     info = np.finfo(stack.dtype)
     for name, k in (("k1", k1), ("k2", k2)):
         # SSIM divides by (k data_range)^2 (plus variances, 0 for flat images): it must
@@ -392,15 +378,7 @@ def pairwise_ssim(
                 f"{stack.dtype} for these images; give data_range the span the images live in, "
                 "and k1, k2 near their defaults 0.01, 0.03"
             )
-    device_images = _to_device(stack)
-    return _ssim_core(
-        device_images,
-        jnp.asarray(data_range / scale, device_images.dtype),
-        filter_size=int(filter_size),
-        filter_sigma=float(filter_sigma),
-        k1=float(k1),
-        k2=float(k2),
-    )
+    return dict(filter_size=int(size), filter_sigma=float(sigma), k1=k1, k2=k2)
 
 
 METRICS: dict[str, Callable[..., jax.Array]] = {

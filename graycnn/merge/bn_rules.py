@@ -61,23 +61,34 @@ def merge_batchnorm(
     if rule == "mean":
         merged = {k: None if v is None else avg @ v for k, v in tensors.items()}
     else:
-        std = np.sqrt(tensors["var"] + epsilon)
-        std_new = avg @ std
-        merged = {
-            "mean": avg @ tensors["mean"],
-            # A mean of numbers >= sqrt(eps) is >= sqrt(eps): var stays >= 0.
-            "var": np.maximum(std_new**2 - epsilon, 0.0),
-            "scale": None if scale is None else avg @ tensors["scale"],
-            "bias": None if bias is None else avg @ tensors["bias"],
-        }
-        if rule == "affine":
-            merged = _affine_average(tensors, std, std_new, merged["mean"], avg, epsilon)
-    # The float64 round trips above are not bit-exact for clusters of one.
+        merged = _moments_average(tensors, avg, epsilon, affine=rule == "affine")
+    return _keep_singles(merged, tensors, labels)
+
+
+def _keep_singles(merged: dict, tensors: dict, labels: np.ndarray) -> dict[str, Any]:
+    """`merged` with each cluster of one given its member's tensors back, bit for bit
+    (the float64 round trips of the rules are not exact for them); modified in place."""
     single = np.flatnonzero(np.bincount(labels) == 1)
     member = np.array([np.flatnonzero(labels == k)[0] for k in single], np.int64)
     for key, value in merged.items():
         if value is not None and len(single):
             value[single] = tensors[key][member]
+    return merged
+
+
+def _moments_average(tensors, avg, epsilon, affine: bool) -> dict[str, Any]:
+    """BN tensors of rule 'moments' (the mean std), or 'affine' when `affine`."""
+    std = np.sqrt(tensors["var"] + epsilon)
+    std_new = avg @ std
+    merged = {
+        "mean": avg @ tensors["mean"],
+        # A mean of numbers >= sqrt(eps) is >= sqrt(eps): var stays >= 0.
+        "var": np.maximum(std_new**2 - epsilon, 0.0),
+        "scale": None if tensors["scale"] is None else avg @ tensors["scale"],
+        "bias": None if tensors["bias"] is None else avg @ tensors["bias"],
+    }
+    if affine:
+        return _affine_average(tensors, std, std_new, merged["mean"], avg, epsilon)
     return merged
 
 
