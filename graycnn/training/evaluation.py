@@ -115,7 +115,8 @@ def evaluate(
 
 
 def _examples_per_step(batch_size: int, examples: int) -> int:
-    """`batch_size`, at most `examples` (the split's), or ValueError if not an integer >= 1."""
+    """Examples per step: `batch_size`, at most the split's `examples`, and a multiple of
+    the devices when `batch_size` is one. Raises ValueError unless an integer >= 1."""
     if (
         isinstance(batch_size, bool)
         or not isinstance(batch_size, numbers.Integral)
