@@ -51,26 +51,26 @@ def time_stages(
     with tempfile.TemporaryDirectory() as workdir:
         color = timed("load", lambda: stages.color_model(config, os.path.join(workdir, "c")))
         splits = timed("load", lambda: stages.load_splits(config, color))
-        model = timed("fold", lambda: stages.fold_to_gray(config, color, splits.train))
+        model = timed("fold", lambda: stages.fold_color_model(config, color, splits.train))
         clusters = {}
         for layer in layers:
             count = config.num_clusters.of(layer)
             result = timed(
                 f"merge {layer}",
-                lambda m=model, layer=layer, count=count: stages.merge_layer(
+                lambda m=model, layer=layer, count=count: stages.plan_layer_merge(
                     config, m, layer, count, splits.train, color, config.seed, figures=False
                 ),
             )
             clusters[layer] = result.clustering.num_clusters
             model, _ = timed(
                 f"apply {layer}",
-                lambda m=model, r=result: stages.compensate(
+                lambda m=model, r=result: stages.merge_and_compensate(
                     config, m, r.plan, splits.train, config.seed, color
                 ),
             )
         bn_dir = os.path.join(workdir, "bn")
         model = timed("bn", lambda: stages.reestimate_bn(config, model, color, bn_dir, config.seed))
-        result = timed("evaluate", lambda: stages.evaluate(model, "gray", splits))
+        result = timed("evaluate", lambda: stages.evaluate_model(model, "gray", splits))
     summary = {
         "accuracy": float(result.validation.mean()),
         "flops": stages.size(model)["flops"],

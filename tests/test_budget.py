@@ -42,7 +42,7 @@ def _run_config(config):
 
 def _plan(config, color):
     train_split = data.load_dataset(config.dataset, "train")
-    gray = stages.fold_to_gray(config, color, train_split)
+    gray = stages.fold_color_model(config, color, train_split)
     return budget.search(config, gray, color, train_split)
 
 

@@ -2,7 +2,8 @@
 study's baselines, controls and statistics.
 
 config.py    the settings (flags are made from them)
-stages.py    the stages, as functions of plain data
+inputs.py    the data, the color model and the checks before any long work
+stages.py    the stages, as functions of plain data (inputs.py's re-exported)
 pipeline.py  `compress`: the stages in order
 writer.py    figures, JSON, checkpoints
 report.py    report.md

@@ -46,7 +46,7 @@ def _compress(config: CompressConfig, workdir: str, given: Sequence[str]) -> dic
     stages.check_layers(config, splits)
     color = stages.color_model(config, out.path("color_model"), "model" in given)
     splits = stages.load_splits(config, color, splits)
-    gray = stages.fold_to_gray(config, color, splits.train)
+    gray = stages.fold_color_model(config, color, splits.train)
     search = None
     if config.target:  # minutes: kept in the workdir, so a killed run does not redo it
         search = budget.Plan.from_json(
@@ -70,7 +70,7 @@ def _compress(config: CompressConfig, workdir: str, given: Sequence[str]) -> dic
         chains = {None: gray} | (dict.fromkeys(CONTROLS, gray) if config.controls else {})
         clusters: dict[int, int] = {}
         for k, (layer, count) in enumerate(tqdm(steps, desc="layers", leave=False)):
-            result = stages.merge_layer(
+            result = stages.plan_layer_merge(
                 config, chains[None], layer, count, splits.train, color, seed, figures=i == 0
             )
             if i == 0:
@@ -79,7 +79,7 @@ def _compress(config: CompressConfig, workdir: str, given: Sequence[str]) -> dic
             for c, before in chains.items():
                 plan = result.plan if c is None else stages.control_plan(
                     config, c, before, layer, result.clustering.labels, seed)  # fmt: skip
-                chains[c], errors = stages.compensate(
+                chains[c], errors = stages.merge_and_compensate(
                     config, before, plan, splits.train, seed, color
                 )
                 out.compensation(layer, c, seed, errors)
@@ -99,7 +99,7 @@ class _Run:
         self.table = Table(splits.held_out_name)
 
     def add(self, spec: RowSpec, model: stages.Model, seed_index: int = 0) -> None:
-        result = stages.evaluate(model, spec.image_type, self.splits)
+        result = stages.evaluate_model(model, spec.image_type, self.splits)
         checkpoint = self.out.model(spec.model_dir, seed_index, spec, model)
         self.table.add(spec, result, stages.size(model), checkpoint)
         tqdm.write(f"{spec.name}: validation accuracy {100 * result.validation.mean():.2f}%")

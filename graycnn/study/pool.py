@@ -241,7 +241,7 @@ def _evaluate(
     """The checkpoint's per-image correctness; a note where its validation accuracy is
     not the one report.json gives (the workdir changed, or another machine's rounding)."""
     config, variables, _ = checkpoint.load_model(path)
-    result = stages.evaluate(stages.Model(config, variables), row["image_type"], splits)
+    result = stages.evaluate_model(stages.Model(config, variables), row["image_type"], splits)
     reported = (row.get("accuracies") or [row["accuracy"]])[seed]
     if abs(result.validation.mean() - reported) > 1e-9:
         tqdm.write(

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from graycnn.models import ModelConfig, build_model
-from graycnn.training import data, evaluation, parallel, train
+from graycnn.training import data, evaluation, parallel, train, transforms
 
 METHODS = ("recalibrate", "train", "none")
 
@@ -92,9 +92,9 @@ def _stats_step(model: Any, view: str, augment: bool) -> Callable:
     every model (each merge, control and seed)."""
 
     def step(params, batch_stats, images, rng):
-        x = data.apply_view(images, view)
+        x = transforms.apply_view(images, view)
         if augment:
-            x = data.augment(rng, x)
+            x = transforms.augment(rng, x)
         _, state = model.apply(
             {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
         )

@@ -14,7 +14,7 @@ from jax.experimental import multihost_utils
 
 from graycnn import xla_options
 from graycnn.models import ModelConfig, build_model
-from graycnn.training import data, parallel
+from graycnn.training import data, parallel, transforms
 
 # On the CPU an eval step runs each device's rows in chunks of this many images, one
 # chunk after another (parallel.map_in_chunks): the fastest chunk size on both DenseNets
@@ -35,7 +35,7 @@ def make_eval_step(model: flax.linen.Module, view: str) -> Callable:
 @functools.lru_cache(maxsize=32)
 def _eval_step(model: flax.linen.Module, view: str, chunk: int) -> Callable:
     def logits_of(variables, images):
-        return model.apply(variables, data.apply_view(images, view), train=False)
+        return model.apply(variables, transforms.apply_view(images, view), train=False)
 
     if chunk:
         logits_of = parallel.map_in_chunks(logits_of, chunk)
@@ -84,17 +84,8 @@ def evaluate(
     split = check_input(model_config, split, view)
     if len(split) == 0:
         raise ValueError(f"{split.source}: nothing to evaluate, the split holds no examples")
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, numbers.Integral)
-        or batch_size < 1
-    ):
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    examples = _examples_per_step(batch_size, len(split))
     batch_sharding, replicated = parallel.mesh_shardings()
-    examples = min(batch_size, len(split))
-    if batch_size % jax.device_count() == 0:
-        # As before: a multiple of the devices, down to one for a split smaller than it.
-        examples = parallel.round_to_devices(examples)
     pad = -examples % jax.device_count()  # Masked rows, so every step has `examples`.
     step = make_eval_step(build_model(model_config, eval_step=True), view)
     variables = jax.device_put(dict(variables), replicated)
@@ -123,6 +114,21 @@ def evaluate(
     }
 
 
+def _examples_per_step(batch_size: int, examples: int) -> int:
+    """Examples per step: `batch_size`, at most the split's `examples`, and a multiple of
+    the devices when `batch_size` is one. Raises ValueError unless an integer >= 1."""
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, numbers.Integral)
+        or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if batch_size % jax.device_count() == 0:
+        # As before: a multiple of the devices, down to one for a split smaller than it.
+        return parallel.round_to_devices(min(batch_size, examples))
+    return min(batch_size, examples)
+
+
 def _to_host(x: jax.Array) -> np.ndarray:
     # Rows of a batch live on every host's devices; each host needs all of them.
     if x.is_fully_addressable:
@@ -141,9 +147,9 @@ def check_input(model_config: ModelConfig, split: data.Split, view: str) -> data
         ValueError: wrong channels or image size, or labels or class names the model does
             not have (naming them and the dataset).
     """
-    if model_config.in_channels != data.view_channels(view):
+    if model_config.in_channels != transforms.view_channels(view):
         raise ValueError(
-            f"view {view!r} gives {data.view_channels(view)}-channel input but the model "
+            f"view {view!r} gives {transforms.view_channels(view)}-channel input but the model "
             f"takes {model_config.in_channels} channels"
         )
     if view == "color" and split.images.shape[-1] != 3:

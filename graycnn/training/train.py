@@ -5,7 +5,6 @@ are replicated, and XLA inserts the gradient and BatchNorm all-reduces.
 """
 
 import dataclasses
-import json
 import math
 import numbers
 import os
@@ -19,16 +18,16 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
-from graycnn import graph, io, xla_options
+from graycnn import graph, xla_options
 from graycnn.cli import workdir as workdir_lib
 from graycnn.config import setting
 from graycnn.models import ModelConfig, build_model, check_name, init_variables
-from graycnn.training import checkpoint, data, evaluation, parallel
+from graycnn.training import checkpoint, data, evaluation, metrics_log, parallel, transforms
+from graycnn.training.metrics_log import read_history as read_history  # re-exported
 
 Variables = dict[str, Any]
 TRAINABLE = ("all", "batchnorm")
 LOSSES = ("ce", "kd")  # the labels; a color teacher distilled (plus the labels)
-_METRICS = "metrics.jsonl"
 # Settings a resumed run may change: the others must match the run being resumed, or the
 # resumed run would silently be a different run (or fail to restore).
 _RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "validate", "data_dir")
@@ -42,7 +41,7 @@ class TrainConfig:
 
     model: str = setting("densenet_tiny", "A model of graycnn.models.MODELS.")
     dataset: str = setting("cifar10_sample", data.DATASET_HELP)
-    view: str = setting("color", "Input view.", choices=data.VIEWS)
+    view: str = setting("color", "Input view.", choices=transforms.VIEWS)
     epochs: int = setting(15, "Epochs.")
     batch_size: int = setting(64, "Global batch size.")
     learning_rate: float = setting(0.05, "Initial SGD learning rate.")
@@ -165,22 +164,20 @@ def make_train_step(
         teacher: For distillation, f(teacher_vars, images (B,H,W,C) float) -> logits
             (B, classes) on the color view; it sees the same crops and flips as the
             student (the same rng), so its targets match the student's images.
-        temperature, distill_weight: The loss is distill_weight * T^2 *
-            KL(softmax(teacher / T) || softmax(student / T)) + (1 - distill_weight) *
-            cross-entropy with the labels (Hinton et al. 2015).
+        temperature, distill_weight: Of the distillation loss (`_loss`).
         kernel_gradients: False when `tx` freezes every conv (BN-only training): the
             step then compiles for convolutions without kernel gradients, which on CPU
             run faster on YNNPACK (`xla_options.train_compiler_options`).
     """
 
     def step(state: TrainState, images, labels, rng, teacher_vars=None):
-        x = data.apply_view(images, view)
+        x = transforms.apply_view(images, view)
         if augment:
-            x = data.augment(rng, x)
+            x = transforms.augment(rng, x)
         targets = None
         if teacher is not None:
-            color = data.apply_view(images, "color")
-            targets = teacher(teacher_vars, data.augment(rng, color) if augment else color)
+            color = transforms.apply_view(images, "color")
+            targets = teacher(teacher_vars, transforms.augment(rng, color) if augment else color)
 
         def loss_fn(params):
             logits, updates = model.apply(
@@ -189,15 +186,7 @@ def make_train_step(
                 train=True,
                 mutable=["batch_stats"],
             )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            if targets is not None:
-                soft = optax.softmax_cross_entropy(
-                    logits / temperature, jax.nn.softmax(targets / temperature)
-                ) - optax.softmax_cross_entropy(
-                    targets / temperature, jax.nn.softmax(targets / temperature)
-                )  # KL = cross-entropy - the teacher's entropy
-                kd = temperature**2 * soft.mean()
-                loss = distill_weight * kd + (1 - distill_weight) * loss
+            loss = _loss(logits, labels, targets, temperature, distill_weight)
             return loss, (logits, updates["batch_stats"])
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -215,6 +204,22 @@ def make_train_step(
 
     options = xla_options.train_compiler_options(kernel_gradients)
     return jax.jit(step, donate_argnums=0, compiler_options=options)
+
+
+def _loss(logits, labels, targets, temperature: float, distill_weight: float) -> jax.Array:
+    """Mean cross-entropy with the labels; with the teacher's logits `targets`,
+    distill_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T)) +
+    (1 - distill_weight) * that cross-entropy (Hinton et al. 2015)."""
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    if targets is not None:
+        soft = optax.softmax_cross_entropy(
+            logits / temperature, jax.nn.softmax(targets / temperature)
+        ) - optax.softmax_cross_entropy(
+            targets / temperature, jax.nn.softmax(targets / temperature)
+        )  # KL = cross-entropy - the teacher's entropy
+        kd = temperature**2 * soft.mean()
+        loss = distill_weight * kd + (1 - distill_weight) * loss
+    return loss
 
 
 def train_and_evaluate(
@@ -271,45 +276,54 @@ def _train_and_evaluate(config, workdir, init, model_overrides, teacher):
         config.distill_weight, kernel_gradients=config.trainable == "all",
     )  # fmt: skip
     base_rng = jax.random.key(config.seed + 1)
+
+    def run_step(state, step, images, labels):
+        batch = parallel.shard_batch(batch_sharding, images, labels)
+        return train_step(state, *batch, jax.random.fold_in(base_rng, step), teacher_vars)
+
     history = []
     first_epoch = int(state.step) // steps_per_epoch
     if jax.process_index() == 0:
-        _keep_metrics(workdir, first_epoch)
+        metrics_log.keep_epochs(workdir, first_epoch)
     for epoch in range(first_epoch, config.epochs):
-        start = time.perf_counter()
         batches = data.iterate_batches(
             train_split, batch_size, seed=config.seed * 100_003 + epoch, drop_remainder=True
         )
-        sums = {"loss": 0.0, "accuracy": 0.0}
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   mininterval=1.0, leave=False)  # fmt: skip
-        for i, (images, labels, _) in enumerate(bar):
-            rng = jax.random.fold_in(base_rng, epoch * steps_per_epoch + i)
-            state, metrics = train_step(
-                state, *parallel.shard_batch(batch_sharding, images, labels), rng, teacher_vars
-            )
-            if i % 10 == 0 or i == steps_per_epoch - 1:
-                metrics = jax.device_get(metrics)
-                rate = (i + 1) * batch_size / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}",
-                                img_s=f"{rate:.0f}")  # fmt: skip
-            # Summing device scalars keeps the host from waiting on every step.
-            sums = {k: sums[k] + metrics[k] for k in sums}
-        seconds = time.perf_counter() - start
-        record = {
-            "epoch": epoch + 1,
-            "step": int(state.step),
-            "train_loss": float(sums["loss"]) / steps_per_epoch,
-            "train_accuracy": float(sums["accuracy"]) / steps_per_epoch,
-            "val_accuracy": None,
-            "val_loss": None,
-            "images_per_sec": steps_per_epoch * batch_size / seconds,
-            "epoch_seconds": seconds,
-        }
+        state, record = _train_epoch(config, epoch, state, run_step, batches, steps_per_epoch)
         _end_epoch(config, workdir, mngr, model_config, state, val_split, record)
         history.append(record)
     mngr.close()
     return model_config, jax.device_get(state.variables), history
+
+
+def _train_epoch(config, epoch, state, run_step, batches, steps_per_epoch):
+    """(state, the epoch's metrics record) after `run_step(state, global step, images,
+    labels) -> (state, metrics)` on each of `batches`; validation is left to `_end_epoch`."""
+    start = time.perf_counter()
+    sums = {"loss": 0.0, "accuracy": 0.0}
+    bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+               mininterval=1.0, leave=False)  # fmt: skip
+    for i, (images, labels, _) in enumerate(bar):
+        state, metrics = run_step(state, epoch * steps_per_epoch + i, images, labels)
+        if i % 10 == 0 or i == steps_per_epoch - 1:
+            metrics = jax.device_get(metrics)
+            rate = (i + 1) * config.batch_size / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}",
+                            img_s=f"{rate:.0f}")  # fmt: skip
+        # Summing device scalars keeps the host from waiting on every step.
+        sums = {k: sums[k] + metrics[k] for k in sums}
+    seconds = time.perf_counter() - start
+    record = {
+        "epoch": epoch + 1,
+        "step": int(state.step),
+        "train_loss": float(sums["loss"]) / steps_per_epoch,
+        "train_accuracy": float(sums["accuracy"]) / steps_per_epoch,
+        "val_accuracy": None,
+        "val_loss": None,
+        "images_per_sec": steps_per_epoch * config.batch_size / seconds,
+        "epoch_seconds": seconds,
+    }
+    return state, record
 
 
 def _model_and_data(config: TrainConfig, init, model_overrides):
@@ -390,7 +404,7 @@ def _end_epoch(config, workdir, mngr, model_config, state, val_split, record) ->
             record.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
     finally:
         if jax.process_index() == 0:
-            _write_metrics(workdir, [*_logged(workdir), record])
+            metrics_log.append(workdir, record)
         checkpoint.save(
             mngr,
             int(state.step),
@@ -404,43 +418,3 @@ def _end_epoch(config, workdir, mngr, model_config, state, val_split, record) ->
         f"train acc {record['train_accuracy']:.3f} val acc {val_text} "
         f"({record['images_per_sec']:.0f} img/s)"
     )
-
-
-def _keep_metrics(workdir: str, epochs: int) -> None:
-    """Drops the metrics of epochs after the first `epochs` (a run killed after logging
-    an epoch but before its checkpoint was saved trains that epoch again, and logs it
-    again), and any line that is not a record."""
-    if os.path.exists(os.path.join(workdir, _METRICS)):
-        _write_metrics(workdir, [r for r in _logged(workdir) if r.get("epoch", 0) <= epochs])
-
-
-def _logged(workdir: str) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl; a line that is not one (half a line, appended by a
-    run killed mid-write before the file was written atomically) is dropped."""
-    path = os.path.join(workdir, _METRICS)
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
-
-
-def _write_metrics(workdir: str, records: list[dict[str, Any]]) -> None:
-    # Rewritten whole and renamed into place: a kill mid-write leaves the old file.
-    io.write_text(os.path.join(workdir, _METRICS), "".join(json.dumps(r) + "\n" for r in records))
-
-
-def read_history(workdir: str) -> list[dict[str, Any]]:
-    """Every epoch's metrics of the run in `workdir`, resumed parts included."""
-    path = os.path.join(workdir, _METRICS)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
