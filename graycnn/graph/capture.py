@@ -268,7 +268,9 @@ def _select(select: Select) -> Callable[[str, Any], bool]:
 
 
 def _record(model, variables, x, select: Select, stop: str | None) -> dict[str, Call]:
-    keep, calls, counts = _select(select), {}, {}
+    keep = _select(select)
+    calls: dict[str, tuple[Any, tuple, dict, Any]] = {}
+    counts: dict[str, int] = {}
 
     def record(next_fun, args, kwargs, context):
         if context.method_name != "__call__":
@@ -290,7 +292,7 @@ def _record(model, variables, x, select: Select, stop: str | None) -> dict[str, 
             run(model, variables, x)
     except _Stop:
         pass
-    return {p: Call(p, *entry, count=counts[p]) for p, entry in calls.items()}
+    return {p: Call(p, m, a, k, out, counts[p]) for p, (m, a, k, out) in calls.items()}
 
 
 def _abstract(call: Call) -> dict[str, Any]:
