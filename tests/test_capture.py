@@ -180,3 +180,21 @@ class _TrainDropout(nnx.Module):
 def test_the_tracer_refuses_a_training_mode_forward_naming_the_module(cls, message):
     with pytest.raises(ValueError, match=message):
         graph.trace(cls(nnx.Rngs(0)), None, SHAPE)
+
+
+def test_compensate_takes_an_nnx_module_and_its_merged_state():
+    model, linen, variables = _twins()
+    plan = merge.plan_merge(graph.trace(model, None, SHAPE), "conv1", _labels(6))
+    images, options = _images(seed=3), dict(input_shape=SHAPE, bn="none")
+    want, report_linen = compensate.compensate(
+        linen, variables, plan.apply(variables), ["conv2"], images, **options
+    )
+    state = nnx.state(model)
+    got, report = compensate.compensate(
+        model, state, plan.apply(state), ["conv2"], images, **options
+    )
+    assert isinstance(got, nnx.State)
+    np.testing.assert_allclose(report[0]["error_after"], report_linen[0]["error_after"], rtol=1e-4)
+    flat, want = flatten(nnx_adapter.to_variables(got)), flatten(want)
+    for key in want:
+        np.testing.assert_allclose(flat[key], want[key], rtol=1e-4, atol=1e-5, err_msg=key)
