@@ -39,11 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from graycnn import graph, nnx_adapter
+from graycnn.graph import capture
 from graycnn.tree import flatten, unflatten
 
 METHODS = ("sum", "mean", "luma", "fit")
 # dm-pix's rgb_to_grayscale weights, which data.apply_view uses for the gray view.
 LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
+_WEIGHTS = {"sum": np.ones(3), "mean": np.full(3, 1 / 3), "luma": np.array(LUMA_WEIGHTS)}
 
 
 def fit_gray_coefficients(
@@ -126,18 +128,12 @@ def fold_to_gray(
         raise ValueError(
             f"{op.kernel} has {kernel.shape[op.in_axis]} input channels; folding needs 3"
         )
-    if method == "fit":
-        if fit is None:
-            raise ValueError("method 'fit' needs fit=fit_gray_coefficients(train_images)")
-        a, b = (np.asarray(v, np.float64).reshape(3) for v in fit)
-        weights = a
-    else:
-        named = {"sum": np.ones(3), "mean": np.full(3, 1 / 3), "luma": np.array(LUMA_WEIGHTS)}
-        weights = named[method]
+    weights = _fit_coefficients(fit)[0] if method == "fit" else _WEIGHTS[method]
     folded = np.tensordot(kernel, weights, axes=([op.in_axis], [0]))
     new = dict(flat)
     new[op.kernel] = graph.like_leaf(flat[op.kernel], np.expand_dims(folded, op.in_axis))
     if method == "fit":
+        a, b = _fit_coefficients(fit)
         t0, t255 = input_transform(model, variables, input_shape, path)
         slope = (t255 - t0) / 255.0
         const = (t0 + slope * b) - a * t0  # T(b_c) - a_c T(0)
@@ -145,6 +141,12 @@ def fold_to_gray(
         delta = delta.sum(axis=tuple(range(delta.ndim - 1)))  # over the spatial taps
         _absorb_constant(g, new, path, delta)
     return back(unflatten(new))
+
+
+def _fit_coefficients(fit: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, ...]:
+    if fit is None:
+        raise ValueError("method 'fit' needs fit=fit_gray_coefficients(train_images)")
+    return tuple(np.asarray(v, np.float64).reshape(3) for v in fit)
 
 
 def input_transform(
@@ -156,30 +158,13 @@ def input_transform(
     sees the same value (a per-channel normalization cannot be folded into one gray
     channel by `fit`).
     """
-    model, variables, _ = nnx_adapter.adapt(model, variables)
-
-    class _Captured(Exception):
-        pass
-
-    seen: dict[str, np.ndarray] = {}
-
-    def capture(next_fun, args, kwargs, context):
-        if nnx_adapter.module_path(context) == path and context.method_name == "__call__":
-            seen["x"] = np.asarray(args[0], np.float64)
-            raise _Captured
-        return next_fun(*args, **kwargs)
-
     values = []
     for pixel in (0.0, 255.0):
         image = jnp.full((1, *input_shape[1:]), pixel, jnp.float32)
-        try:
-            with nnx_adapter.intercept_methods(capture):
-                model.apply(variables, image, **graph.call_kwargs(model))
-        except _Captured:
-            pass
-        if "x" not in seen:
+        calls = capture.capture(model, variables, image, {path}, stop=path)
+        if path not in calls:
             raise ValueError(f"layer 1 ({path!r}) is never called on the images")
-        x = seen.pop("x")
+        x = np.asarray(calls[path].input, np.float64)
         center = x[0, x.shape[1] // 2, x.shape[2] // 2]
         if not np.allclose(center, center[0], rtol=1e-6, atol=1e-6):
             raise ValueError(

@@ -3,26 +3,28 @@
 Layer 1 of the DenseNet is the stem, layer 2 the first dense layer's conv, layer 14 the
 first conv of block 2. A layer is addressed by that number or by its module path, the
 path of its kernel without the `params/` prefix and `/kernel` suffix (e.g.
-`block1/layer1/conv`). The order is read by intercepting every `nn.Conv` call during an
-abstract trace, so it works for any Flax model, not only the project's. For an
-`nnx.Module` the path is the attribute path of each `nnx.Conv` (`blocks/0/conv`), and
-the order is that of their `__call__`s (see `graycnn.nnx_adapter`).
+`block1/layer1/conv`). The order is read by capturing every `nn.Conv` call during an
+abstract run (`graycnn.graph.capture`), so it works for any Flax model, not only the
+project's. For an `nnx.Module` the path is the attribute path of each `nnx.Conv`
+(`blocks/0/conv`), and the order is that of their `__call__`s. `conv_layers` is the one
+source of these numbers: the tracer's `ChannelGraph.conv_order` is its result.
 """
 
+import functools
 import numbers
 import typing
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from graycnn import nnx_adapter
+from graycnn.graph import capture
 
 LayerRef = int | str
+layer_output_fn = capture.layer_output_fn
 
 
 def conv_layers(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
@@ -33,19 +35,19 @@ def conv_layers(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
             nnx.Convs, in eval mode).
         input_shape: (N, H, W, C) of a dummy input; only shapes are traced.
     """
-    model = nnx_adapter.adapt_model(model)
-    paths: list[str] = []
+    model, shape = nnx_adapter.adapt_model(model), tuple(int(s) for s in input_shape)
+    try:
+        hash(model)
+    except TypeError:  # A module with unhashable attributes: run without the cache.
+        return list(_conv_order.__wrapped__(model, shape))
+    return list(_conv_order(model, shape))
 
-    def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, nnx_adapter.CONVS) and context.method_name == "__call__":
-            path = nnx_adapter.module_path(context)
-            if path not in paths:
-                paths.append(path)
-        return next_fun(*args, **kwargs)
 
-    with nnx_adapter.intercept_methods(record):
-        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(input_shape, jnp.float32))
-    return paths
+# Models are hashable by value: the tracer, rebuild and the ascent ask once per shape.
+@functools.lru_cache(maxsize=64)
+def _conv_order(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[str, ...]:
+    x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+    return tuple(capture.capture(model, None, x, select=nnx_adapter.CONVS))
 
 
 def resolve_layer(layer: LayerRef, paths: Sequence[str]) -> str:
@@ -86,29 +88,3 @@ def resolve_layer(layer: LayerRef, paths: Sequence[str]) -> str:
 def layer_number(path: str, paths: Sequence[str]) -> int:
     """The 1-based number of the conv at `path`."""
     return list(paths).index(resolve_layer(path, paths)) + 1
-
-
-def layer_output_fn(model: nn.Module, path: str) -> Callable[[Any, jax.Array], jax.Array]:
-    """Returns f(variables, images) -> the conv's output (N, H', W', F), inference mode.
-
-    Under jit, XLA drops everything after the captured conv, so the rest of the network
-    costs nothing. For an nnx.Module, `variables` is an nnx.State (or linen-style).
-    """
-    if isinstance(model, nnx_adapter.NNXModel | nnx.Module):
-        return nnx_adapter.layer_output_fn(nnx_adapter.adapt_model(model), path)
-
-    def output(variables: Any, images: jax.Array) -> jax.Array:
-        _, state = model.apply(
-            variables,
-            images,
-            capture_intermediates=lambda mdl, method: (
-                method == "__call__" and "/".join(mdl.path) == path
-            ),
-            mutable=["intermediates"],
-        )
-        node = state["intermediates"]
-        for key in path.split("/"):
-            node = node[key]
-        return node["__call__"][0]
-
-    return output

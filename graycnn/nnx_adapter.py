@@ -20,14 +20,10 @@ was given, a new `nnx.Module` (`to_module`, with `in_features`, `out_features`,
 is never modified: every run merges a private copy (`NNXModel.module`), in eval mode
 (`module.eval()`, and `train=False` if `__call__` takes `train`).
 
-Linen's `nn.intercept_methods` does not see NNX modules. `intercept_methods` here calls
-one interceptor, with linen's signature `(next_fun, args, kwargs, context)`, around
-every linen module method and every `__call__` of an NNX module run by
-`NNXModel.apply`; `module_path(context)` names the module either way. NNX calls are
-seen by giving each module of the private copy a subclass whose `__call__` runs the
-active interceptors (a copy only: the user's classes and objects are not patched).
-Modules run by nnx transforms inside the model (nnx.jit, nnx.remat) are new objects
-and are not seen.
+Module calls inside a model, linen or NNX, are seen through `graycnn.graph.capture`,
+the library's one interception: `NNXModel.module` taps its private copy there
+(`capture.tap_modules`). `intercept_methods`, `module_path`, `CallContext` and
+`layer_output_fn` are importable from here as before; they live in `capture`.
 
 Example:
     >>> model, variables, back = adapt(nnx_module, None)
@@ -35,12 +31,9 @@ Example:
     >>> new_module = back(merged_variables)
 """
 
-import contextlib
-import contextvars
 import dataclasses
-import functools
 import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -52,48 +45,6 @@ from graycnn.tree import flatten, unflatten
 
 CONVS = (nn.Conv, nnx.Conv)
 BATCHNORMS = (nn.BatchNorm, nnx.BatchNorm)
-
-# Interceptors active in this context (outermost first); a contextvar so that threads
-# do not see each other's.
-_INTERCEPTORS: contextvars.ContextVar[tuple[Callable, ...]] = contextvars.ContextVar(
-    "graycnn_nnx_interceptors", default=()
-)
-_CALLER: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
-    "graycnn_nnx_caller", default=()
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class CallContext:
-    """What an interceptor is told about an NNX call (as linen's InterceptorContext).
-
-    Attributes:
-        module: The module of the private copy being called.
-        method_name: Always '__call__'.
-        path: Attribute path from the root, e.g. ('blocks', '0', 'conv').
-    """
-
-    module: nnx.Module
-    method_name: str
-    path: tuple[str, ...]
-
-
-def module_path(context: Any) -> str:
-    """'a/b/c' of the module an interceptor was called for (linen or NNX)."""
-    if isinstance(context, CallContext):
-        return "/".join(context.path)
-    return "/".join(context.module.path)
-
-
-@contextlib.contextmanager
-def intercept_methods(interceptor: Callable) -> Iterator[None]:
-    """`nn.intercept_methods(interceptor)` that also sees NNX `__call__`s (see module doc)."""
-    token = _INTERCEPTORS.set((*_INTERCEPTORS.get(), interceptor))
-    try:
-        with nn.intercept_methods(interceptor):
-            yield
-    finally:
-        _INTERCEPTORS.reset(token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,14 +80,7 @@ class NNXModel:
         module = nnx.merge(self.graphdef, nnx.from_flat_state(items))
         sync_widths(module)
         module.eval()
-        for path, m in nnx.iter_modules(module):
-            # The path as a static attribute: the graphdef carries it into the copies
-            # that nnx.remat and other NNX transforms make inside their bodies.
-            # An attribute of our own on a Flax module, which mypy cannot know.
-            m._graycnn_path = tuple(str(p) for p in path)  # type: ignore[attr-defined]
-            cls = type(m)
-            if any("__call__" in c.__dict__ for c in cls.__mro__[:-1]):
-                m.__class__ = _tapped(cls)
+        _capture().tap_modules(module)
         return module
 
     def apply(self, variables: Mapping[str, Any], x: jax.Array, **kwargs: Any) -> jax.Array:
@@ -152,11 +96,13 @@ class NNXModel:
         module = self.module(zeros)
         widths = dict(self.features)
 
+        capture = _capture()
+
         def resize(next_fun, args, kw, context):
-            _resize(context.module, args[0], widths.get(module_path(context)))
+            _resize(context.module, args[0], widths.get(capture.module_path(context)))
             return next_fun(*args, **kw)
 
-        with _only_nnx(resize):
+        with capture.intercept(resize, linen=False):
             self._run(module, x, **kwargs)
         state = dict(nnx.to_flat_state(nnx.state(module)))
         return unflatten({name: state[path].get_value() for name, path, _, _ in self.leaves})
@@ -274,75 +220,21 @@ def sync_widths(module: nnx.Module) -> None:
             m.num_features = _shape(m.mean)[0]
 
 
-def layer_output_fn(model: NNXModel, path: str) -> Callable[[Any, jax.Array], jax.Array]:
-    """f(variables, images) -> output of the module at `path` (its first call), eval mode.
+def _capture() -> Any:
+    # capture runs NNXModels, so it imports this module; this one reaches it lazily.
+    from graycnn.graph import capture
 
-    `variables` are linen-style or an nnx.State. Under jit, XLA drops the rest of the
-    network.
-    """
-
-    def output(variables: Any, images: jax.Array) -> jax.Array:
-        if isinstance(variables, nnx.State):
-            variables = to_variables(variables)
-        seen: list[jax.Array] = []
-
-        def capture(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            if not seen and module_path(context) == path:
-                seen.append(out)
-            return out
-
-        with _only_nnx(capture):
-            model.apply(variables, images)
-        if not seen:
-            raise ValueError(f"module {path!r} is never called")
-        return seen[0]
-
-    return output
+    return capture
 
 
-@contextlib.contextmanager
-def _only_nnx(interceptor: Callable) -> Iterator[None]:
-    token = _INTERCEPTORS.set((*_INTERCEPTORS.get(), interceptor))
-    try:
-        yield
-    finally:
-        _INTERCEPTORS.reset(token)
+_MOVED = ("CallContext", "intercept_methods", "layer_output_fn", "module_path")
 
 
-@functools.cache
-def _tapped(cls: type) -> type:
-    """A subclass of `cls` whose __call__ runs the active interceptors around it."""
-
-    def __call__(self, *args, **kwargs):
-        call = functools.partial(cls.__call__, self)
-        path = getattr(self, "_graycnn_path", None)
-        if path is None:
-            return call(*args, **kwargs)
-        context = CallContext(self, "__call__", path)
-        for interceptor in reversed(_INTERCEPTORS.get()):
-            call = functools.partial(_intercepted, interceptor, call, context)
-        # Name the module's ops in the jaxpr as linen does (the tracer's error messages
-        # name the module): the path relative to the enclosing call.
-        outer = _CALLER.get()
-        name = "/".join(path[len(outer) :] if path[: len(outer)] == outer else path)
-        token = _CALLER.set(path)
-        try:
-            with jax.named_scope(name) if name else contextlib.nullcontext():
-                return call(*args, **kwargs)
-        finally:
-            _CALLER.reset(token)
-
-    namespace = {
-        "__call__": __call__,
-        "__module__": cls.__module__,
-        "__qualname__": cls.__qualname__,
-    }
-    return type(cls)(cls.__name__, (cls,), namespace)
-
-
-def _intercepted(interceptor, next_fun, context, *args, **kwargs):
-    return interceptor(next_fun, args, kwargs, context)
+def __getattr__(name: str) -> Any:
+    """The interception names that moved to `graycnn.graph.capture`, importable here."""
+    if name in _MOVED:
+        return getattr(_capture(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _resize(module: nnx.Module, x: jax.Array, width: int | None) -> None:

@@ -37,13 +37,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
 from graycnn import nnx_adapter
-from graycnn.config import check_number
-from graycnn.graph.trace import check_finite, check_variables
-from graycnn.layers import LayerRef, conv_layers, layer_output_fn, resolve_layer
-from graycnn.tree import flatten, tree_get, unflatten
+from graycnn.fields.options import LOOPS as LOOPS  # re-exported: the CLI's choices
+from graycnn.fields.options import OBJECTIVES as OBJECTIVES
+from graycnn.fields.options import check_filters, check_fit, check_options
+from graycnn.graph import capture
+from graycnn.graph.trace import check_finite
+from graycnn.layers import LayerRef, conv_layers, resolve_layer
+from graycnn.tree import tree_get
 
-OBJECTIVES = ("mean", "center", "kernel")
-LOOPS = ("auto", "python", "fori")
 # A conv's input gradient inside lax.fori_loop runs many times slower on CPU than in a
 # Python loop over a jitted step (BUILD_NOTES.md, receptive_field); on accelerators the
 # loop keeps the whole ascent on the device with no per-step dispatch.
@@ -53,8 +54,6 @@ _DEFAULT_LOOP = {"cpu": "python"}
 _DEFAULT_MEMORY = {"cpu": 8 * 2**20}
 _ACCELERATOR_MEMORY = 2**30
 _RMS_EPSILON = 1e-5  # the study's (Keras example's) gradient normalization
-# Steps and seeds feed int32 loop counters and jax.random.key.
-_MAX_INT32 = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,12 +170,12 @@ def gradient_ascent(
     model, variables, _ = nnx_adapter.adapt(model, variables)
     h, w, c = options["input_shape"]
     check_finite(variables)
-    _check_fit(model, variables, (1, h, w, c))
-    paths = _conv_paths(model, (1, h, w, c))
+    check_fit(model, variables, (1, h, w, c))
+    paths = conv_layers(model, (1, h, w, c))
     path = resolve_layer(layer, paths)
     num_filters = tree_get(variables["params"], f"{path}/kernel").shape[-1]
     chosen = (
-        np.arange(num_filters) if filters is None else _check_filters(filters, num_filters, path)
+        np.arange(num_filters) if filters is None else check_filters(filters, num_filters, path)
     )
     if objective == "kernel":
         if path != paths[0]:
@@ -282,7 +281,7 @@ def _program(model, path, devices, loop, steps, shape, noise, objective, step_si
         NamedSharding(mesh, PartitionSpec("filters")),
         NamedSharding(mesh, PartitionSpec()),
     )
-    response = layer_output_fn(model, path)
+    response = capture.layer_output_fn(model, path)
     step = functools.partial(
         _ascent_step, response, objective=objective, step_size=step_size, **dict(regularizers)
     )
@@ -343,12 +342,6 @@ def _initial_images(key: jax.Array, filters: jax.Array, shape, scale, offset) ->
     return uniform(filters) * scale + offset
 
 
-# Tracing a deep model is not free; models are hashable by value, so trace once.
-@functools.lru_cache(maxsize=64)
-def _conv_paths(model: nn.Module, shape: tuple[int, ...]) -> tuple[str, ...]:
-    return tuple(conv_layers(model, shape))
-
-
 @functools.lru_cache(maxsize=64)
 def _bytes_per_image(model: nn.Module, path: str, shape: tuple[int, ...]) -> int:
     """A rough bound on the memory one image's ascent step needs at `path`.
@@ -356,18 +349,7 @@ def _bytes_per_image(model: nn.Module, path: str, shape: tuple[int, ...]) -> int
     Sums the outputs of every module called up to the target conv (XLA drops the rest)
     and allows 4x for the values kept for the backward pass and their gradients.
     """
-    elements, done = [0], [False]
-
-    def record(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if not done[0] and context.method_name == "__call__":
-            elements[0] += sum(x.size for x in jax.tree.leaves(out))
-            done[0] = nnx_adapter.module_path(context) == path
-        return out
-
-    with nnx_adapter.intercept_methods(record):
-        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32))
-    return max(1, 4 * 4 * elements[0])
+    return max(1, 4 * 4 * capture.elements_until(model, path, shape))
 
 
 def _run_chunks(program, variables, filters, chunk_size, seed, steps, progress):
@@ -401,145 +383,6 @@ def _to_host(x: jax.Array) -> np.ndarray:
     if x.is_fully_addressable:
         return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def check_options(*, input_shape: Sequence[int], prefix: str = "", **options: Any) -> dict:
-    """Checks `gradient_ascent`'s options before any work; returns them normalized.
-
-    The rules: objective and loop from their lists; steps and seed integers in
-    0..2**31-1 (int32 counters, jax.random.key); step_size > 0; noise_scale,
-    tv_weight >= 0; noise_offset any finite number; jitter an integer and blur_sigma a
-    number in [0, max(H, W)] (a longer shift wraps around the image, a wider blur
-    flattens every field, and its kernel, 4 sigma wide, would outgrow memory);
-    chunk_size and memory_bytes None or integers >= 1. Values that pass these but
-    still make the ascent overflow are caught after it (`gradient_ascent` raises).
-
-    Args:
-        input_shape: (H, W, C), each an integer >= 1.
-        prefix: Put before each option's name in the message: '--' for a CLI, whose
-            flags carry the options' names.
-        **options: Any of objective, loop, steps, step_size, seed, noise_scale,
-            noise_offset, jitter, blur_sigma, tv_weight, chunk_size, memory_bytes.
-
-    Returns:
-        The options given, numbers as int or float, and input_shape as (H, W, C) ints.
-
-    Raises:
-        ValueError: one line naming the option (with `prefix`) and its rule.
-    """
-    shape: object
-    try:
-        shape = tuple(input_shape)
-    except TypeError:
-        shape = input_shape
-    if not isinstance(shape, tuple) or len(shape) != 3:
-        raise ValueError(f"input_shape must be (H, W, C), got {shape!r}")
-    try:
-        h, w, c = (check_number("input_shape", s, integer=True, low=1) for s in shape)
-    except ValueError:
-        raise ValueError(f"input_shape must be (H, W, C), integers >= 1, got {shape!r}") from None
-    size = max(h, w)
-    rules: dict[str, dict[str, Any]] = {
-        "steps": dict(integer=True, low=0, high=_MAX_INT32),
-        "seed": dict(integer=True, low=0, high=_MAX_INT32),
-        "step_size": dict(positive=True),
-        "noise_scale": dict(low=0),
-        "noise_offset": {},
-        "tv_weight": dict(low=0),
-        "jitter": dict(
-            integer=True, low=0, high=size,
-            why=f" (pixels: a longer shift wraps around the {h}x{w} image)",
-        ),
-        "blur_sigma": dict(
-            low=0, high=size, why=f" (pixels: a wider blur flattens every {h}x{w} field)"
-        ),
-        "chunk_size": dict(integer=True, low=1),
-        "memory_bytes": dict(integer=True, low=1),
-    }  # fmt: skip
-    checked: dict[str, Any] = {"input_shape": (h, w, c)}
-    for name, value in options.items():
-        if name in ("objective", "loop"):
-            choices = OBJECTIVES if name == "objective" else LOOPS
-            if value not in choices:
-                raise ValueError(f"unknown {prefix}{name} {value!r}; choose from {choices}")
-            checked[name] = value
-        elif name not in rules:
-            raise TypeError(f"check_options: unknown option {name!r}")
-        elif value is None and name in ("chunk_size", "memory_bytes"):
-            checked[name] = None
-        else:
-            checked[name] = check_number(prefix + name, value, **rules[name])
-    return checked
-
-
-def _check_filters(filters: Any, num_filters: int, path: str) -> np.ndarray:
-    """(F,) int32 filter indices, F >= 1, each in [0, num_filters)."""
-    array = np.asarray(filters)
-    if array.ndim != 1 or not len(array):
-        raise ValueError(
-            f"filters must be a non-empty list of indices in [0, {num_filters}) of {path}, "
-            f"got {np.asarray(filters).tolist()!r}"
-        )
-    if not (np.issubdtype(array.dtype, np.integer) and not np.issubdtype(array.dtype, bool)):
-        raise ValueError(f"filters must be integer indices of {path}, got dtype {array.dtype}")
-    if not np.all((array >= 0) & (array < num_filters)):
-        raise ValueError(f"filters must be indices in [0, {num_filters}) of {path}: {array}")
-    return array.astype(np.int32)
-
-
-def _check_fit(model: nn.Module, variables: Any, shape: tuple[int, ...]) -> None:
-    """Raises ValueError naming input_shape unless the model runs on `shape` with these
-    variables (the same paths and shapes as its init makes)."""
-    leaves = tuple(
-        (
-            name,
-            tuple(np.shape(leaf)),
-            str(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype),
-        )
-        for name, leaf in sorted(flatten(variables).items())
-    )  # hashable: the check traces the model once per architecture, shape and tree
-    _check_fit_cached(model, leaves, shape)
-
-
-@functools.lru_cache(maxsize=64)
-def _check_fit_cached(model: nn.Module, leaves: tuple, shape: tuple[int, ...]) -> None:
-    hwc = shape[1:]
-    _too_small(model, shape)
-    structs = unflatten({name: jax.ShapeDtypeStruct(s, d) for name, s, d in leaves})
-    try:
-        check_variables(model, structs, shape)
-    except ValueError as e:
-        raise ValueError(f"input_shape {hwc} does not fit the model's variables: {e}") from None
-
-
-def _too_small(model: nn.Module, shape: tuple[int, ...]) -> None:
-    """Raises ValueError if the model cannot run on `shape`, naming where it fails: most
-    often the convs and pools reduce a small image to nothing."""
-    sizes, stack = [], []
-
-    def record(next_fun, args, kwargs, context):
-        stack.append(nnx_adapter.module_path(context) or "<model>")
-        out = next_fun(*args, **kwargs)
-        stack.pop()
-        if getattr(out, "ndim", 0) == 4:
-            sizes.append((out.shape[1], out.shape[2], nnx_adapter.module_path(context)))
-        return out
-
-    try:
-        with nnx_adapter.intercept_methods(record):
-            jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32))
-    except Exception as e:  # Flax and lax raise many types for shapes they cannot build.
-        message = " ".join(str(e).split()).split(" (https://")[0]
-        reached = ""
-        if sizes:
-            hh, ww, where = min(sizes, key=lambda s: s[0] * s[1])
-            reached = (
-                f"its layers reduce the {shape[1]}x{shape[2]} image to {hh}x{ww} (at {where}), and "
-            )
-        raise ValueError(
-            f"input_shape {shape[1:]} is too small or does not fit the model: {reached}"
-            f"{stack[-1] if stack else 'the model'} fails on it ({message})"
-        ) from None
 
 
 def _check_converged(images, values, filters, path, step_size, noise) -> None:

@@ -1,15 +1,21 @@
 """A Keras-style per-layer table: every module that owns variables, in forward order."""
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from graycnn import tree
+from graycnn import nnx_adapter, tree
 from graycnn.config import parse_layer_values
+from graycnn.graph import capture
 from graycnn.layers import conv_layers, resolve_layer
 from graycnn.models import ModelConfig, build_model
+
+_OWNERS = (nn.Conv, nn.BatchNorm, nn.Dense, nnx.Conv, nnx.BatchNorm, nnx.Linear)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,30 +64,26 @@ def summarize(config: ModelConfig) -> list[Row]:
     """One row per variable-owning module (conv, BatchNorm, dense), in call order."""
     model = build_model(config)
     x = jnp.zeros(config.input_shape, jnp.float32)
-    variables = jax.eval_shape(model.init, jax.random.key(0), x)
-    convs = conv_layers(model, config.input_shape)
-    calls: list[tuple[str, str, tuple[int, ...]]] = []
+    return summarize_model(model, jax.eval_shape(model.init, jax.random.key(0), x), x.shape)
 
-    def record(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and isinstance(
-            context.module, (nn.Conv, nn.BatchNorm, nn.Dense)
-        ):
-            calls.append(("/".join(context.module.path), type(context.module).__name__, out.shape))
-        return out
 
-    with nn.intercept_methods(record):
-        jax.eval_shape(model.apply, variables, x)
+def summarize_model(model: Any, variables: Any, input_shape: Sequence[int]) -> list[Row]:
+    """`summarize` of any model: a linen module and its variables (arrays or shapes), or
+    an nnx.Module and an nnx.State or None (its own). NNX's dense layer is 'Linear'."""
+    model, variables, _ = nnx_adapter.adapt(model, variables)
+    convs = conv_layers(model, input_shape)
+    x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+    calls = capture.capture(model, variables, x, select=_OWNERS)
     flat = tree.flatten(variables)
     rows = []
-    for path, kind, shape in calls:
+    for path, call in calls.items():
         params = sum(
             leaf.size
             for key, leaf in flat.items()
             if key.split("/", 1)[1].rpartition("/")[0] == path
         )
         number = convs.index(path) + 1 if path in convs else None
-        rows.append(Row(path, kind, tuple(shape), int(params), number))
+        rows.append(Row(path, type(call.module).__name__, call.output.shape, int(params), number))
     return rows
 
 

@@ -71,8 +71,9 @@ from typing import Any
 
 import flax.linen as nn
 import numpy as np
+from flax import nnx
 
-from graycnn import graph
+from graycnn import graph, nnx_adapter
 from graycnn.compensate.layer import (
     kernel_from_matrix,
     kernel_matrix,
@@ -155,10 +156,12 @@ def compensate_merge(
 
     A consumer that is also a merged conv (it reads and feeds a residual group) is fit
     to its original outputs merged per cluster (`output_map`). Options: `compensate`'s.
+    An nnx.Module takes an nnx.State or None, and gets back what `compensate` returns.
     """
+    model, original_variables, back = nnx_adapter.adapt(model, original_variables)
     merged = plan.apply(original_variables)
     targets = {c: output_map(plan.labels) for c in plan.consumers if c in plan.group}
-    return compensate(
+    new, report = compensate(
         model,
         original_variables,
         merged,
@@ -169,6 +172,7 @@ def compensate_merge(
         batchnorms=batchnorm_sites(plan),
         **options,
     )
+    return back(new), report
 
 
 def compensate(
@@ -192,9 +196,11 @@ def compensate(
     teacher's).
 
     Args:
-        model: The architecture (original or merged: widths are read off each tree).
-        original_variables: The unmerged tree; not modified.
-        merged_variables: The merged tree; not modified.
+        model: The architecture (original or merged: widths are read off each tree),
+            linen or NNX.
+        original_variables: The unmerged tree; not modified. For an nnx.Module an
+            nnx.State or None (the module's own).
+        merged_variables: The merged tree (or nnx.State); not modified.
         consumers: Module paths of the flax nn.Conv / nn.Dense layers to refit (none:
             only the BatchNorm statistics are re-estimated).
         images: (N, H, W, C) what the model takes (e.g. `data.apply_view(x, "gray")`),
@@ -215,7 +221,9 @@ def compensate(
             against the teacher too.
 
     Returns:
-        (new tree, report): one entry per consumer, in forward order: {'consumer',
+        (new tree, report): the tree as `original_variables` came (for an nnx.Module
+        a new nnx.State, or a new nnx.Module for None); one report entry per consumer,
+        in forward order: {'consumer',
         'images', 'rows' (patches M), 'features' (D, bias column included), 'lam',
         'condition' (of P^T P + lam I), 'error_before', 'error_after'} and, with
         `holdout`, 'holdout_images', 'holdout_before', 'holdout_after'. An error is
@@ -236,6 +244,9 @@ def compensate(
     if not ridge >= 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     input_shape = tuple(int(s) for s in input_shape)
+    model, original_variables, back = nnx_adapter.adapt(model, original_variables)
+    if isinstance(merged_variables, nnx.State):
+        merged_variables = nnx_adapter.to_variables(merged_variables)
     images = _check_images(images, input_shape, "images")
     holdout = None if holdout is None else _check_images(holdout, input_shape, "holdout")
     original = graph.rebuild(model, original_variables, input_shape)
@@ -290,7 +301,7 @@ def compensate(
             entry[f"{name}_before"], entry[f"{name}_after"] = errors[entry["consumer"]]
             if name == "holdout":
                 entry["holdout_images"] = len(x)
-    return unflatten(flat), report
+    return back(unflatten(flat)), report
 
 
 def _refit(passes, flat, path, spec, target, images, ridge) -> Fit:
@@ -359,9 +370,10 @@ def _check_teacher(teacher: Teacher, images, holdout, consumers) -> tuple[Teache
             f"count and size; got shape {x.shape}"
         )
     shape = (1, *x.shape[1:])
-    model = graph.rebuild(teacher.model, teacher.variables, shape)
-    _, shapes = probe(model, teacher.variables, shape, consumers)
-    return dataclasses.replace(teacher, model=model, images=x), shapes
+    model, variables, _ = nnx_adapter.adapt(teacher.model, teacher.variables)
+    model = graph.rebuild(model, variables, shape)
+    _, shapes = probe(model, variables, shape, consumers)
+    return dataclasses.replace(teacher, model=model, variables=variables, images=x), shapes
 
 
 def _check_images(images: Any, input_shape: tuple[int, ...], name: str) -> np.ndarray:

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import scipy.linalg
+from flax import nnx
 
 HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 or bf16 passes on GPUs
 # lax dimension numbers of a channels-last conv of 1, 2 or 3 spatial dimensions.
@@ -49,20 +50,25 @@ class LayerSpec:
     use_bias: bool = False
 
 
-def layer_spec(module: nn.Module) -> LayerSpec:
-    """The LayerSpec of a flax nn.Conv or nn.Dense.
+def layer_spec(module: Any, path: str | None = None) -> LayerSpec:
+    """The LayerSpec of a flax Conv or Dense (linen's nn.Conv, nn.Dense; NNX's nnx.Conv,
+    nnx.Linear), at module path `path` (linen modules know theirs).
 
     Raises:
         ValueError: naming the module, for any other module, a grouped or masked conv,
             or padding done outside lax (CIRCULAR, REFLECT, CAUSAL).
     """
-    name = "/".join(module.path) if module.scope is not None else type(module).__name__
-    if isinstance(module, nn.Dense):
+    name = path or (
+        "/".join(module.path)
+        if getattr(module, "scope", None) is not None
+        else type(module).__name__
+    )
+    if isinstance(module, nn.Dense | nnx.Linear):
         return LayerSpec("dense", use_bias=bool(module.use_bias))
-    if not isinstance(module, nn.Conv):
+    if not isinstance(module, nn.Conv | nnx.Conv):
         raise ValueError(
             f"consumer {name!r} is a {type(module).__name__}: compensation refits flax "
-            "nn.Conv and nn.Dense layers only"
+            "nn.Conv and nn.Dense (nnx.Conv, nnx.Linear) layers only"
         )
     size = module.kernel_size
     window = (int(size),) if isinstance(size, int) else tuple(int(k) for k in size)

@@ -1,6 +1,6 @@
 """Jitted passes over images that capture layers' inputs and outputs (internal).
 
-A module's input and output are captured with `nn.intercept_methods` while the whole
+A module's input and output are captured (`graph.capture`, linen or NNX) while the whole
 model runs; under jit, XLA drops everything after the last captured module, so a pass
 costs the forward pass up to that module. Each pass runs the original model and the
 current (merged, partly compensated) tree on the same batch and returns sums: per batch
@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graycnn import graph
 from graycnn.compensate.layer import HIGHEST, LayerSpec, layer_spec, patches
+from graycnn.graph import capture
+from graycnn.nnx_adapter import BATCHNORMS
 from graycnn.training import parallel
 
 
@@ -227,33 +228,18 @@ def mean_var(sums: Mapping[str, np.ndarray], shift: np.ndarray) -> tuple[np.ndar
     return shift + centered, np.maximum(sums["sumsq"] / sums["rows"] - centered**2, 0.0)
 
 
-def tap(model: nn.Module, paths: Sequence[str]) -> Callable:
+def tap(model: Any, paths: Sequence[str]) -> Callable:
     """f(variables, images) -> {path: (module, input, output)}, in call order, of the
     modules at `paths` (inference mode).
 
     Raises:
         ValueError: a module is not called, or called more than once (shared weights).
     """
-    kwargs, wanted = graph.call_kwargs(model), set(paths)
 
     def run(variables, images):
-        found = {}
-
-        def record(next_fun, args, kw, context):
-            out = next_fun(*args, **kw)
-            path = "/".join(context.module.path)
-            if context.method_name == "__call__" and path in wanted:
-                if path in found:
-                    raise ValueError(f"module {path!r} is called more than once per forward pass")
-                found[path] = (context.module, args[0] if args else next(iter(kw.values())), out)
-            return out
-
-        with nn.intercept_methods(record):
-            model.apply(variables, images, **kwargs)
-        missing = sorted(wanted - set(found))
-        if missing:
-            raise ValueError(f"modules {missing} are not called by the model's forward pass")
-        return found
+        return {
+            p: (c.module, c.input, c.output) for p, c in _calls(model, variables, images, paths)
+        }
 
     return run
 
@@ -263,25 +249,29 @@ def probe(model, variables, input_shape, paths) -> tuple[dict[str, Any], dict[st
     ShapeDtypeStructs}), both in the order the forward pass calls the modules.
 
     Raises:
-        ValueError: naming the module: not called, called twice, not a flax nn.Conv,
-            nn.Dense or nn.BatchNorm over the last axis.
+        ValueError: naming the module: not called, called twice, not a flax Conv,
+            Dense (nnx.Linear) or BatchNorm over the last axis.
     """
-    info = {}
-    capture = tap(model, paths)
+    x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+    calls = _calls(model, variables, x, paths)
+    info = {
+        p: _batchnorm_epsilon(c.module, c.input, p)
+        if isinstance(c.module, BATCHNORMS)
+        else layer_spec(c.module, p)
+        for p, c in calls
+    }
+    return info, {p: (c.input, c.output) for p, c in calls}
 
-    def run(variables, images):
-        found = capture(variables, images)
-        for path, (module, x, _) in found.items():
-            info[path] = (
-                _batchnorm_epsilon(module, x)
-                if isinstance(module, nn.BatchNorm)
-                else layer_spec(module)
-            )
-        return {path: (x, out) for path, (_, x, out) in found.items()}
 
-    shapes = jax.eval_shape(run, variables, jax.ShapeDtypeStruct(input_shape, jnp.float32))
-    order = list(info)  # eval_shape returns dicts with sorted keys; `info` kept the calls'
-    return {p: info[p] for p in order}, {p: shapes[p] for p in order}
+def _calls(model, variables, images, paths: Sequence[str]) -> list[tuple[str, Any]]:
+    calls = capture.capture(model, variables, images, set(paths))
+    for path, call in calls.items():
+        if call.count > 1:
+            raise ValueError(f"module {path!r} is called more than once per forward pass")
+    missing = sorted(set(paths) - set(calls))
+    if missing:
+        raise ValueError(f"modules {missing} are not called by the model's forward pass")
+    return list(calls.items())
 
 
 def bytes_per_image(spec: LayerSpec, inputs: Any, outputs: Any) -> int:
@@ -296,8 +286,8 @@ def bytes_per_image(spec: LayerSpec, inputs: Any, outputs: Any) -> int:
     return 4 * (rows * (2 * (features + 1) + 4 * outputs.shape[-1]) + 4 * activations)
 
 
-def _batchnorm_epsilon(module: nn.BatchNorm, x: Any) -> float:
+def _batchnorm_epsilon(module: Any, x: Any, path: str) -> float:
     axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
     if axis not in ((-1,), (x.ndim - 1,)):
-        raise ValueError(f"BatchNorm {'/'.join(module.path)!r} must normalize the last axis")
+        raise ValueError(f"BatchNorm {path!r} must normalize the last axis")
     return float(module.epsilon)

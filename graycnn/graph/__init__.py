@@ -2,9 +2,11 @@
 
 Traced once per architecture from the model's jaxpr (`trace`), it is what the fold, the
 merge, the FLOP count and BN-only training read about a model's structure. See
-`graycnn.graph.trace` for what is followed and `graycnn.graph.rebuild` for running a
-tree whose convs were narrowed. Every function here takes a linen module with its
-variables, or an nnx.Module with an nnx.State or None (see `graycnn.nnx_adapter`).
+`graycnn.graph.trace` for what is followed, `graycnn.graph.rebuild` for running a
+tree whose convs were narrowed, and `graycnn.graph.capture` for how module calls are
+seen (the library's one interception, linen and NNX). Every function here takes a linen
+module with its variables, or an nnx.Module with an nnx.State or None (see
+`graycnn.nnx_adapter`).
 
 An op the tracer does not follow is refused by name; `register_rule(primitive, rule)`
 adds it to the per-primitive rule table ('elementwise', 'channelwise' or a function),

@@ -15,7 +15,7 @@ longer matches it. Two ways back:
 
 How `Rebuilt` works, and its limits: the wrapper shares its scope with the wrapped
 module (`nn.share_scope`), so variable paths are unchanged, and runs it under
-`nn.intercept_methods`; the interceptor sets `features` on each `nn.Conv` instance just
+`capture.intercept`; the interceptor sets `features` on each `nn.Conv` instance just
 before its `__call__` (instances are created afresh for every init/apply, so this never
 leaks into the user's module object). Only `nn.Conv` (and subclasses) widths are
 rewritten: a module that sizes a variable from its own attribute (e.g. a custom
@@ -36,8 +36,8 @@ from typing import Any
 import flax.linen as nn
 from flax import nnx
 
-from graycnn import nnx_adapter
-from graycnn.layers import conv_layers
+from graycnn import layers, nnx_adapter
+from graycnn.graph import capture
 from graycnn.tree import tree_get
 
 
@@ -61,13 +61,13 @@ class Rebuilt(nn.Module):
         def rewrite(next_fun, args, kwargs, context):
             module = context.module
             if isinstance(module, nn.Conv) and context.method_name == "__call__":
-                width = widths.get("/".join(module.path))
+                width = widths.get(capture.module_path(context))
                 if width is not None and width != module.features:
                     # A per-call bound instance, so mutating it cannot leak (see module doc).
                     object.__setattr__(module, "features", width)
             return next_fun(*args, **kwargs)
 
-        with nn.intercept_methods(rewrite):
+        with capture.intercept(rewrite):
             return self.module(*args, **kwargs)
 
 
@@ -95,7 +95,7 @@ def widths_of(
     """
     model, variables, _ = nnx_adapter.adapt(model, variables)
     widths = {}
-    for path in conv_layers(unwrap(model), input_shape):
+    for path in layers.conv_layers(unwrap(model), input_shape):
         try:
             kernel = tree_get(variables, f"params/{path}/kernel")
         except KeyError as e:

@@ -386,15 +386,7 @@ def register_rule(primitive: str | jcore.Primitive | type, rule: str | Callable 
             "primitive must be a JAX primitive, its name or a Flax module class, got "
             f"{type(primitive).__name__}"
         )
-    if isinstance(rule, str):
-        if rule not in RULE_KINDS:
-            raise ValueError(
-                f"rule must be one of {sorted(RULE_KINDS)}, a function (eqn, ins, shapes, rec) "
-                f"-> outputs or None; got {rule!r}"
-            )
-        rule = RULE_KINDS[rule]
-    elif rule is not None and not callable(rule):
-        raise TypeError(f"rule must be a rule name, a function or None, got {type(rule).__name__}")
+    rule = _rule_function(rule)
     if module:
         cls = typing.cast(type, primitive)
         if rule is None:
@@ -412,3 +404,17 @@ def register_rule(primitive: str | jcore.Primitive | type, rule: str | Callable 
         _RULES[name] = rule
     for hook in ON_CHANGE:
         hook()
+
+
+def _rule_function(rule: str | Callable | None) -> Callable | None:
+    """A rule name's function (RULE_KINDS), or the function or None as given."""
+    if isinstance(rule, str):
+        if rule not in RULE_KINDS:
+            raise ValueError(
+                f"rule must be one of {sorted(RULE_KINDS)}, a function (eqn, ins, shapes, rec) "
+                f"-> outputs or None; got {rule!r}"
+            )
+        return RULE_KINDS[rule]
+    if rule is not None and not callable(rule):
+        raise TypeError(f"rule must be a rule name, a function or None, got {type(rule).__name__}")
+    return rule

@@ -24,7 +24,6 @@ Example:
 
 import dataclasses
 import functools
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,16 +31,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from graycnn import nnx_adapter
-from graycnn.graph import rules
+from graycnn import layers, nnx_adapter
+from graycnn.graph import capture, rules
+from graycnn.graph.capture import call_kwargs, module_path
 from graycnn.graph.rebuild import rebuild, unwrap, with_widths
 from graycnn.graph.values import FirstOp, LayerOp, Recorder, Use, Value, module_of
 from graycnn.models import conv as dot_conv
 from graycnn.models import one_pass_bn
-from graycnn.nnx_adapter import BATCHNORMS, CONVS, NNXModel, module_path
+from graycnn.nnx_adapter import BATCHNORMS
 from graycnn.tree import flatten, unflatten
 
+DROPOUTS = (nn.Dropout, nnx.Dropout)
 OUTPUT_REASON = "its channels are part of the model's output"
 
 
@@ -174,17 +176,6 @@ def _shapes_at(model, widths: tuple, input_shape: tuple) -> dict[str, tuple[int,
     return {p: tuple(leaf.shape) for p, leaf in flatten(tree).items()}
 
 
-def call_kwargs(model: nn.Module) -> dict[str, Any]:
-    """{'train': False} if the module's __call__ takes `train`, else {}."""
-    if isinstance(model, NNXModel):
-        return {}  # NNXModel.apply runs in eval mode, with train=False where taken.
-    try:
-        params = inspect.signature(type(unwrap(model)).__call__).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"train": False} if "train" in params else {}
-
-
 def check_variables(
     model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
 ) -> None:
@@ -276,45 +267,21 @@ def trace(
 def _trace(model: nn.Module, signature: tuple, input_shape: tuple[int, ...]) -> ChannelGraph:
     shapes = unflatten({p: jax.ShapeDtypeStruct(s, d) for p, s, d in signature})
     try:
-        model = rebuild(model, shapes, input_shape)
+        rebuilt = rebuild(model, shapes, input_shape)
     except ValueError:
-        pass  # _check_shapes names what is wrong.
-    _check_shapes(model, shapes, input_shape)
+        rebuilt = model  # _check_shapes names what is wrong.
+    _check_shapes(rebuilt, shapes, input_shape)
     flat = flatten(shapes)
     paths = sorted(flat)
-    kwargs = call_kwargs(model)
+    kwargs = call_kwargs(rebuilt)
     batchnorms: dict[str, float] = {}
-    convs: list[str] = []
     modules: dict[str, str] = {}
 
-    def record(next_fun, args, kw, context):
-        _check_plain(context)
-        modules.setdefault(module_path(context), type(context.module).__name__)
-        if isinstance(context.module, BATCHNORMS):
-            batchnorms[module_path(context)] = float(context.module.epsilon)
-        if isinstance(context.module, CONVS) and context.method_name == "__call__":
-            path = module_path(context)
-            if path not in convs:
-                convs.append(path)
-        rule = rules.module_rule(context.module)
-        if rule is None or context.method_name != "__call__" or not args:
-            return next_fun(*args, **kw)
-        if not isinstance(args[0], jax.Array):
-            return next_fun(*args, **kw)
-        # A registered module: one op given its rule (see rules.MODULES).
-        out = next_fun(rules.ENTER.bind(args[0]), *args[1:], **kw)
-        if not isinstance(out, jax.Array):
-            raise ValueError(
-                f"module {module_path(context)!r} is registered with graph.register_rule but "
-                "returns no single array"
-            )
-        return rules.EXIT.bind(out, args[0], rule=rule)
-
     def apply(leaves, x):
-        return model.apply(unflatten(dict(zip(paths, leaves, strict=True))), x, **kwargs)
+        return rebuilt.apply(unflatten(dict(zip(paths, leaves, strict=True))), x, **kwargs)
 
     leaves = [flat[p] for p in paths]
-    with nnx_adapter.intercept_methods(record):
+    with capture.intercept(functools.partial(_record, modules, batchnorms)):
         closed = jax.make_jaxpr(apply)(leaves, jax.ShapeDtypeStruct(input_shape, jnp.float32))
     inputs = [
         Value(s.shape, leaves={p: tuple(range(len(s.shape)))}, exact=True)
@@ -333,31 +300,81 @@ def _trace(model: nn.Module, signature: tuple, input_shape: tuple[int, ...]) -> 
         batchnorms=batchnorms,
         layers=dict(rec.layers),
         roots={c: rec.find(c) for c in rec.sources},
-        model=model,
+        model=rebuilt,
         input_shape=input_shape,
-        conv_order=tuple(convs),
+        # The one source of layer numbers (cached: rebuild has just asked for them).
+        conv_order=tuple(layers.conv_layers(unwrap(model), input_shape)),
         leaf_shapes={p: tuple(flat[p].shape) for p in paths},
     )
 
 
-def _check_plain(context) -> None:
+def _record(modules: dict, batchnorms: dict, next_fun, args, kw, context):
+    """The tracer's interceptor: names every module, keeps each BatchNorm's epsilon, and
+    binds each call of a registered module class as one op (see rules.MODULES)."""
+    path = module_path(context)
+    _check_plain(context, args, kw)
+    modules.setdefault(path, type(context.module).__name__)
+    if isinstance(context.module, BATCHNORMS):
+        batchnorms[path] = float(context.module.epsilon)
+    rule = rules.module_rule(context.module)
+    if rule is None or context.method_name != "__call__" or not args:
+        return next_fun(*args, **kw)
+    if not isinstance(args[0], jax.Array):
+        return next_fun(*args, **kw)
+    out = next_fun(rules.ENTER.bind(args[0]), *args[1:], **kw)
+    if not isinstance(out, jax.Array):
+        raise ValueError(
+            f"module {path!r} is registered with graph.register_rule but returns no single array"
+        )
+    return rules.EXIT.bind(out, args[0], rule=rule)
+
+
+def _check_plain(context, args: tuple, kw: Mapping[str, Any]) -> None:
+    """Refuses, naming the module, what the rules would mis-read instead of following."""
     # The rules follow XLA's convolution and nn.BatchNorm's two reductions. The CPU
     # speed-ups compute the same function otherwise (dots over reshaped windows, one
     # variadic reduction with a custom VJP), which the rules would mis-read;
     # build_model keeps them out of eval-mode forwards, and this holds it to that.
-    module = context.module
+    module, path = context.module, module_path(context)
     if isinstance(module, nn.Conv) and module.conv_general_dilated is dot_conv.conv:
         raise ValueError(
-            f"conv {module_path(context)!r} computes with graycnn.models.conv's dots "
+            f"conv {path!r} computes with graycnn.models.conv's dots "
             "(conv_dots, a CPU speed-up), which the tracer cannot follow: trace the model "
             "build_model(config) makes (plain convolutions in eval mode), not an eval step's"
         )
     if isinstance(module, one_pass_bn.BatchNorm) and module.one_pass:
         raise ValueError(
-            f"BatchNorm {module_path(context)!r} is one-pass (bn_one_pass, a train-mode "
+            f"BatchNorm {path!r} is one-pass (bn_one_pass, a train-mode "
             "CPU speed-up), which the tracer cannot follow: trace an eval-mode forward, "
             "whose BatchNorms are nn.BatchNorm"
         )
+    if context.method_name != "__call__":
+        return
+    # A BatchNorm's running statistics are per-channel leaves the merge rewrites; batch
+    # statistics would make each image's output depend on the others', and dropout
+    # draws random masks: the traced function would not be the model's inference.
+    if isinstance(module, BATCHNORMS) and not _called_with(module, args, kw, "use_running_average"):
+        raise ValueError(
+            f"BatchNorm {path!r} runs in training mode (use_running_average is not True) "
+            "in the traced forward: the tracer follows inference, with running statistics; "
+            "pass train=False or use_running_average=True there"
+        )
+    if (
+        isinstance(module, DROPOUTS)
+        and module.rate
+        and not _called_with(module, args, kw, "deterministic")
+    ):
+        raise ValueError(
+            f"Dropout {path!r} is not deterministic in the traced forward: the tracer "
+            "follows inference; pass deterministic=True there (or train=False)"
+        )
+
+
+def _called_with(module: Any, args: tuple, kw: Mapping[str, Any], name: str) -> bool:
+    """The flag `name` as the call sees it: its argument (second positional or keyword)
+    where given, else the module's attribute, as linen's merge_param and NNX do."""
+    value = kw.get(name, args[1] if len(args) > 1 else None)
+    return bool(getattr(module, name, None) if value is None else value)
 
 
 # A registered rule changes what a trace finds.
