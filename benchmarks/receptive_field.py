@@ -91,7 +91,7 @@ def run_table(
         for way in ways:
             for loop in loops:
                 options = {"steps": steps, "loop": loop, "seed": 0}
-                options |= {"input_shape": config.input_shape[1:]}
+                options |= {"image_shape": config.input_shape[1:]}
                 if way == "one_at_a_time":
                     options |= {"chunk_size": 1, "devices": devices[:1]}
                 elif way == "one_chunk":

@@ -41,7 +41,7 @@ def main() -> None:
     matrices = []
     for seed in range(5):
         fields = rf.gradient_ascent(
-            model, gray, 1, objective="mean", steps=100, seed=seed, input_shape=(32, 32, 1)
+            model, gray, 1, objective="mean", steps=100, seed=seed, image_shape=(32, 32, 1)
         )
         x = np.asarray(fields.fields[..., 0], np.float64)
         total = pair_sums(x.reshape(len(x), -1)).sum()

@@ -64,8 +64,8 @@ def main(argv):
         chunk_size=_CHUNK.value,
         loop=_LOOP.value,
     )
-    input_shape = model_config.input_shape[1:]
-    receptive_field.check_options(input_shape=input_shape, prefix="--", **options)
+    image_shape = model_config.input_shape[1:]
+    receptive_field.check_options(image_shape=image_shape, prefix="--", **options)
     paths = conv_layers(model, model_config.input_shape)
     if not _LAYERS.value:
         raise ValueError(f"--layers: give at least one conv layer 1..{len(paths)}")
@@ -77,7 +77,7 @@ def main(argv):
     made = not os.path.exists(_OUTDIR.value)
     workdir.prepare(_OUTDIR.value, flag="--outdir")
     try:
-        _visualize(model, variables, paths, input_shape, options)
+        _visualize(model, variables, paths, image_shape, options)
     except BaseException:
         # An ascent that diverged leaves no empty --outdir behind.
         if made and os.path.isdir(_OUTDIR.value) and not os.listdir(_OUTDIR.value):
@@ -85,7 +85,7 @@ def main(argv):
         raise
 
 
-def _visualize(model, variables, paths, input_shape, options) -> None:
+def _visualize(model, variables, paths, image_shape, options) -> None:
     # The bars close before an error leaves main, so the error line is printed last.
     with tqdm(_LAYERS.value, desc="layers", position=0) as layers:
         for layer in layers:
@@ -97,7 +97,7 @@ def _visualize(model, variables, paths, input_shape, options) -> None:
                     bar.update(done - bar.n)
 
                 result = receptive_field.gradient_ascent(
-                    model, variables, layer, input_shape=input_shape, progress=progress, **options
+                    model, variables, layer, image_shape=image_shape, progress=progress, **options
                 )
             number = layer_number(result.path, paths)
             written = write_layer(

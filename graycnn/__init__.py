@@ -11,7 +11,7 @@ Importing it changes no process state; CPU tuning is opt-in:
 
 Example:
     >>> gray = graycnn.fold_to_gray(model, variables)
-    >>> fields = graycnn.compute_receptive_fields(model, gray, "stem", (32, 32, 1))
+    >>> fields = graycnn.compute_receptive_fields(model, gray, 1, image_shape=(32, 32, 1))
     >>> labels = graycnn.cluster.cluster(graycnn.pairwise(fields, "ssim"), "dbscan").labels
     >>> merged = graycnn.merge_layer(model, gray, 1, labels, input_shape=(1, 32, 32, 1))
 """

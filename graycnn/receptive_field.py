@@ -17,7 +17,7 @@ Objectives:
 Example:
     >>> config = ModelConfig("densenet_seed")
     >>> model, variables = build_model(config), init_variables(config, jax.random.key(0))
-    >>> compute_receptive_fields(model, variables, 2, input_shape=(32, 32, 3)).shape
+    >>> compute_receptive_fields(model, variables, 2, image_shape=(32, 32, 3)).shape
     (18, 32, 32, 3)
 """
 
@@ -39,7 +39,7 @@ from jax.typing import ArrayLike
 from graycnn import nnx_adapter
 from graycnn.fields.options import LOOPS as LOOPS  # re-exported: the CLI's choices
 from graycnn.fields.options import OBJECTIVES as OBJECTIVES
-from graycnn.fields.options import check_filters, check_fit, check_options
+from graycnn.fields.options import check_filters, check_fit, check_options, renamed_image_shape
 from graycnn.graph import capture
 from graycnn.graph.trace import check_finite
 from graycnn.layers import LayerRef, conv_layers, resolve_layer
@@ -103,13 +103,14 @@ def gradient_ascent(
     jitter: int = 0,
     blur_sigma: float = 0.0,
     tv_weight: float = 0.0,
-    input_shape: Sequence[int],
+    image_shape: Sequence[int] | None = None,
     filters: Sequence[int] | None = None,
     chunk_size: int | None = None,
     memory_bytes: int | None = None,
     devices: Sequence[jax.Device] | None = None,
     loop: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> ReceptiveFields:
     """Gradient ascent on the input of every filter of a conv layer, batched and jitted.
 
@@ -133,7 +134,9 @@ def gradient_ascent(
             in [0, max(H, W)].
         tv_weight: Regularizer: subtract this times the mean absolute difference of
             neighboring pixels from each objective.
-        input_shape: (H, W, C) of the images the model takes.
+        image_shape: (H, W, C) of the images the model takes (required). `input_shape`,
+            its old name, is accepted with a DeprecationWarning: elsewhere in graycnn
+            input_shape is (N, H, W, C).
         filters: Which filters (default all), in the order of the result's rows; at
             least one.
         chunk_size: Images per compiled batch; default the most that fit
@@ -153,12 +156,13 @@ def gradient_ascent(
         ValueError: one line naming the argument: an unknown option value or layer,
             'kernel' for a layer other than the first, a number out of its range (see
             `check_options`), empty `filters` or `devices`, variables holding NaN or inf
-            (naming the leaf), an input_shape the model cannot run on with these
+            (naming the leaf), an image_shape the model cannot run on with these
             variables (e.g. one its convs and pools reduce to nothing), or an ascent
             that diverged to NaN or inf (naming the layer and the filters).
     """
     options = check_options(
-        input_shape=input_shape, objective=objective, loop=loop, steps=steps,
+        image_shape=renamed_image_shape(image_shape, input_shape), objective=objective,
+        loop=loop, steps=steps,
         step_size=step_size, seed=seed, noise_scale=noise_scale, noise_offset=noise_offset,
         jitter=jitter, blur_sigma=blur_sigma, tv_weight=tv_weight, chunk_size=chunk_size,
         memory_bytes=memory_bytes,
@@ -168,7 +172,7 @@ def gradient_ascent(
     jitter, blur_sigma, tv_weight = options["jitter"], options["blur_sigma"], options["tv_weight"]
     chunk_size, memory_bytes = options["chunk_size"], options["memory_bytes"]
     model, variables, _ = nnx_adapter.adapt(model, variables)
-    h, w, c = options["input_shape"]
+    h, w, c = options["image_shape"]
     check_finite(variables)
     check_fit(model, variables, (1, h, w, c))
     paths = conv_layers(model, (1, h, w, c))

@@ -48,7 +48,7 @@ def run_stages(dataset: str, workdir: str, init: dict[str, Any]) -> dict[str, np
     _, trained, history = train.train_and_evaluate(config, f"{workdir}/train", init=(MODEL, init))
     model_config, loaded, _ = checkpoint.load_model(f"{workdir}/train")
     fields = receptive_field.gradient_ascent(
-        build_model(model_config), loaded, 2, steps=3, input_shape=(32, 32, 3), chunk_size=2
+        build_model(model_config), loaded, 2, steps=3, image_shape=(32, 32, 3), chunk_size=2
     )
     recalibrated = bn_reestimate.recalibrate(
         model_config, loaded, data.load_dataset(dataset, "train"), "color", num_batches=2,

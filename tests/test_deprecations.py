@@ -2,6 +2,8 @@
 
 import importlib
 
+import jax
+import numpy as np
 import pytest
 
 from graycnn import fold, graph, merge
@@ -84,3 +86,17 @@ def test_public_api_is_the_library_and_unknown_names_fail():
         assert getattr(graycnn, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         graycnn.nope  # noqa: B018
+
+
+def test_gradient_ascents_old_input_shape_still_works_with_a_warning():
+    from graycnn.models import ModelConfig, build_model, init_variables
+    from graycnn.receptive_field import gradient_ascent
+
+    config = ModelConfig("densenet_test")
+    model, variables = build_model(config), init_variables(config, jax.random.key(0))
+    new = gradient_ascent(model, variables, 2, image_shape=(32, 32, 3), steps=1, filters=[0])
+    with pytest.warns(DeprecationWarning, match="input_shape=\\(H, W, C\\)\\) is now image_shape"):
+        old = gradient_ascent(model, variables, 2, input_shape=(32, 32, 3), steps=1, filters=[0])
+    np.testing.assert_array_equal(old.fields, new.fields)
+    with pytest.raises(ValueError, match="image_shape \\(H, W, C\\) .* is required"):
+        gradient_ascent(model, variables, 2, steps=1)

@@ -47,7 +47,7 @@ def test_fold_fields_merge_and_compress_at_any_size(tmp_path, sample_npz, name, 
     np.testing.assert_array_equal(on_gray["correct"], on_gray3["correct"])
 
     # Fields have the model's image size.
-    fields = rf.gradient_ascent(model, variables, 2, input_shape=(size, size, 3), steps=2)
+    fields = rf.gradient_ascent(model, variables, 2, image_shape=(size, size, 3), steps=2)
     assert fields.fields.shape[1:] == (size, size, 3)
 
     # Merging identical filters keeps the logits.

@@ -311,7 +311,7 @@ def test_flops_by_hand_before_and_after_a_merge():
 
 def test_gradient_ascent_matches_a_direct_grad_of_one_filter():
     model = _model("vgg")
-    result = gradient_ascent(model, None, 2, input_shape=(8, 8, 3), steps=5, filters=[4, 1])
+    result = gradient_ascent(model, None, 2, image_shape=(8, 8, 3), steps=5, filters=[4, 1])
     assert result.path == "conv2" and result.images.shape == (2, 8, 8, 3)
     model.eval()
 

@@ -89,14 +89,14 @@ def _study_one_filter(model, variables, path, filters, steps, objective="mean", 
 )
 def test_batched_matches_one_filter_at_a_time(models, name, layer, objective):
     model, variables = models[name]
-    result = gradient_ascent(model, variables, layer, input_shape=HWC, objective=objective, steps=6)
+    result = gradient_ascent(model, variables, layer, image_shape=HWC, objective=objective, steps=6)
     # All filters in one chunk, sharded over the 2 test devices.
     assert result.chunk_size >= len(result.filters)
     values, images = _study_one_filter(model, variables, layer, range(4), 6, objective)
     np.testing.assert_allclose(result.objective[:4], values, rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(result.images[:4], images, rtol=0, atol=1e-3)
     # The ascent did climb: the objective grew from the starting noise.
-    start = gradient_ascent(model, variables, layer, input_shape=HWC, objective=objective, steps=0)
+    start = gradient_ascent(model, variables, layer, image_shape=HWC, objective=objective, steps=0)
     assert np.all(result.objective >= start.objective)
     assert np.mean(result.objective - start.objective) > 1e-3
 
@@ -104,20 +104,20 @@ def test_batched_matches_one_filter_at_a_time(models, name, layer, objective):
 @pytest.mark.slow
 def test_loops_chunks_devices_and_subsets_agree(models):
     model, variables = models["densenet_test"]
-    full = gradient_ascent(model, variables, 2, input_shape=HWC, steps=4, loop="python")
+    full = gradient_ascent(model, variables, 2, image_shape=HWC, steps=4, loop="python")
     others = [
-        gradient_ascent(model, variables, 2, input_shape=HWC, steps=4, loop="fori"),
+        gradient_ascent(model, variables, 2, image_shape=HWC, steps=4, loop="fori"),
         gradient_ascent(
-            model, variables, 2, input_shape=HWC, steps=4, chunk_size=1, devices=jax.devices()[:1]
+            model, variables, 2, image_shape=HWC, steps=4, chunk_size=1, devices=jax.devices()[:1]
         ),
         gradient_ascent(
-            model, variables, 2, input_shape=HWC, steps=4, chunk_size=3
+            model, variables, 2, image_shape=HWC, steps=4, chunk_size=3
         ),  # 4 filters padded to 6
     ]
     for other in others:
         np.testing.assert_allclose(other.objective, full.objective, rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(other.images, full.images, rtol=0, atol=1e-4)
-    subset = gradient_ascent(model, variables, 2, input_shape=HWC, steps=4, filters=[3, 1])
+    subset = gradient_ascent(model, variables, 2, image_shape=HWC, steps=4, filters=[3, 1])
     np.testing.assert_array_equal(subset.filters, [3, 1])
     np.testing.assert_allclose(subset.images, full.images[[3, 1]], rtol=0, atol=1e-4)
 
@@ -126,14 +126,14 @@ def test_loops_chunks_devices_and_subsets_agree(models):
 def test_same_seed_same_images_with_regularizers(models):
     model, variables = models["densenet_test"]
     options = {"steps": 3, "jitter": 2, "blur_sigma": 0.7, "tv_weight": 0.05}
-    a = gradient_ascent(model, variables, 3, input_shape=HWC, seed=1, **options)
-    b = gradient_ascent(model, variables, 3, input_shape=HWC, seed=1, **options)
-    c = gradient_ascent(model, variables, 3, input_shape=HWC, seed=2, **options)
+    a = gradient_ascent(model, variables, 3, image_shape=HWC, seed=1, **options)
+    b = gradient_ascent(model, variables, 3, image_shape=HWC, seed=1, **options)
+    c = gradient_ascent(model, variables, 3, image_shape=HWC, seed=2, **options)
     np.testing.assert_array_equal(a.images, b.images)
     assert np.abs(a.images - c.images).max() > 1.0
     assert np.all(np.isfinite(a.images))
     # Blur smooths: neighbouring pixels differ less than without it.
-    plain = gradient_ascent(model, variables, 3, input_shape=HWC, seed=1, steps=3)
+    plain = gradient_ascent(model, variables, 3, image_shape=HWC, seed=1, steps=3)
     assert (
         np.abs(np.diff(a.images, axis=1)).mean()
         < 0.5 * np.abs(np.diff(plain.images, axis=1)).mean()
@@ -162,8 +162,8 @@ def test_layer1_mean_gradient_does_not_depend_on_the_input(models):
     # Border pixels miss taps: the only structure in the field.
     assert np.abs(g1[:, 0, 1:-1] - interior[:, None, :]).max() > 1e-3 * np.abs(interior).max()
     # So the ascent adds one fixed image to the noise, whatever the noise.
-    result = gradient_ascent(model, variables, 1, input_shape=HWC, steps=10)
-    start = gradient_ascent(model, variables, 1, input_shape=HWC, steps=0)
+    result = gradient_ascent(model, variables, 1, image_shape=HWC, steps=10)
+    start = gradient_ascent(model, variables, 1, image_shape=HWC, steps=0)
     inner = (result.images - start.images)[:, 1:-1, 1:-1]
     np.testing.assert_allclose(inner, np.broadcast_to(inner[:, :1, :1], inner.shape), atol=1e-3)
 
@@ -171,13 +171,13 @@ def test_layer1_mean_gradient_does_not_depend_on_the_input(models):
 def test_layer1_exact_alternatives_show_the_kernel(models):
     model, variables = models["densenet_test"]
     kernel = np.moveaxis(np.asarray(variables["params"]["stem"]["kernel"]), -1, 0)
-    result = gradient_ascent(model, variables, 1, input_shape=HWC, objective="kernel")
+    result = gradient_ascent(model, variables, 1, image_shape=HWC, objective="kernel")
     np.testing.assert_array_equal(result.images, kernel)
     assert result.fields.shape == (8, 3, 3, 3) and np.all(np.isnan(result.objective))
     np.testing.assert_array_equal(kernel_fields(variables, "stem"), kernel)
     # 'center' from a flat start: one step adds the kernel at the center, nothing elsewhere.
     center = gradient_ascent(
-        model, variables, 1, input_shape=HWC, objective="center", steps=1, noise_scale=0.0
+        model, variables, 1, image_shape=HWC, objective="center", steps=1, noise_scale=0.0
     )
     added = center.images - 128.0
     patch = added[:, 15:18, 15:18]
@@ -194,8 +194,8 @@ def test_layer1_exact_alternatives_show_the_kernel(models):
 def test_densenet_seed_field_shapes():
     config = ModelConfig("densenet_seed")
     model, variables = build_model(config), _random_variables(config, 0)
-    fields1 = gradient_ascent(model, variables, 1, input_shape=HWC, steps=2).fields
-    fields2 = gradient_ascent(model, variables, 2, input_shape=HWC, steps=2).fields
+    fields1 = gradient_ascent(model, variables, 1, image_shape=HWC, steps=2).fields
+    fields2 = gradient_ascent(model, variables, 2, image_shape=HWC, steps=2).fields
     assert fields1.shape == (36, 32, 32, 3) and fields2.shape == (18, 32, 32, 3)
     assert fields1.dtype == np.float32 and 0 <= fields2.min() and fields2.max() <= 1
 
@@ -215,13 +215,13 @@ def test_deprocess_and_to_gray():
 def test_bad_input_names_the_fault(models):
     model, variables = models["densenet_test"]
     with pytest.raises(ValueError, match="layer 99 does not exist"):
-        gradient_ascent(model, variables, 99, input_shape=HWC)
+        gradient_ascent(model, variables, 99, image_shape=HWC)
     with pytest.raises(ValueError, match="unknown objective 'max'"):
-        gradient_ascent(model, variables, 1, input_shape=HWC, objective="max")
+        gradient_ascent(model, variables, 1, image_shape=HWC, objective="max")
     with pytest.raises(ValueError, match="objective 'kernel' needs the first layer"):
-        gradient_ascent(model, variables, 2, input_shape=HWC, objective="kernel")
+        gradient_ascent(model, variables, 2, image_shape=HWC, objective="kernel")
     with pytest.raises(ValueError, match="filters must be indices in"):
-        gradient_ascent(model, variables, 2, input_shape=HWC, filters=[4])
+        gradient_ascent(model, variables, 2, image_shape=HWC, filters=[4])
 
 
 @pytest.mark.slow
@@ -260,5 +260,5 @@ def test_visualize_cli_writes_figures_and_npz(models, tmp_path):
     with np.load(outdir / "layer2.npz") as saved:
         assert saved["fields"].shape == (4, 32, 32, 3) and saved["gray"].shape == (4, 32, 32, 1)
         assert str(saved["path"]) == "block1/layer1/conv"
-        expected = gradient_ascent(model, variables, 2, input_shape=HWC, steps=3)
+        expected = gradient_ascent(model, variables, 2, image_shape=HWC, steps=3)
         np.testing.assert_allclose(saved["objective"], expected.objective, rtol=1e-5)

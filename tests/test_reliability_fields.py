@@ -64,7 +64,7 @@ NUMBERS = [
 def test_bad_numbers_are_refused_naming_the_argument(densenet, name, value, match):
     model, variables = densenet
     with pytest.raises(ValueError, match=match):
-        gradient_ascent(model, variables, 2, input_shape=HWC, **{"steps": 2, name: value})
+        gradient_ascent(model, variables, 2, image_shape=HWC, **{"steps": 2, name: value})
 
 
 def test_empty_filters_and_devices_are_refused(densenet):
@@ -72,11 +72,11 @@ def test_empty_filters_and_devices_are_refused(densenet):
     with pytest.raises(
         ValueError, match=r"filters must be a non-empty list of indices in \[0, 4\)"
     ):
-        gradient_ascent(model, variables, 2, input_shape=HWC, filters=[])
+        gradient_ascent(model, variables, 2, image_shape=HWC, filters=[])
     with pytest.raises(ValueError, match="filters must be integer indices of block1/layer1/conv"):
-        gradient_ascent(model, variables, 2, input_shape=HWC, filters=[1.7])  # was filter 1
+        gradient_ascent(model, variables, 2, image_shape=HWC, filters=[1.7])  # was filter 1
     with pytest.raises(ValueError, match="devices: give at least one device"):
-        gradient_ascent(model, variables, 2, input_shape=HWC, devices=[])
+        gradient_ascent(model, variables, 2, image_shape=HWC, devices=[])
 
 
 def test_nan_weights_are_refused_naming_the_leaf(densenet):
@@ -84,12 +84,12 @@ def test_nan_weights_are_refused_naming_the_leaf(densenet):
     bad = jax.tree.map(np.array, variables)
     bad["params"]["block1"]["layer1"]["conv"]["kernel"][0, 0, 0, 2] = np.nan
     with pytest.raises(ValueError, match="variables: params/block1/layer1/conv/kernel holds NaN"):
-        gradient_ascent(model, bad, 2, input_shape=HWC, steps=1)
+        gradient_ascent(model, bad, 2, image_shape=HWC, steps=1)
     bad = jax.tree.map(jnp.asarray, variables)  # jax.Arrays too
     bn = bad["batch_stats"]["block1"]["layer1"]["bn"]
     bn["var"] = bn["var"].at[0].set(jnp.inf)
     with pytest.raises(ValueError, match="variables: batch_stats/block1/layer1/bn/var holds NaN"):
-        gradient_ascent(model, bad, 2, input_shape=HWC, steps=1)
+        gradient_ascent(model, bad, 2, image_shape=HWC, steps=1)
 
 
 def test_a_diverging_ascent_names_the_layer_and_filters(densenet):
@@ -101,35 +101,35 @@ def test_a_diverging_ascent_names_the_layer_and_filters(densenet):
         r"use a smaller step_size \(now 1e\+38\) or fewer steps",
     ):
         gradient_ascent(
-            model, variables, 2, input_shape=HWC, steps=3, step_size=1e38, filters=[3, 1]
+            model, variables, 2, image_shape=HWC, steps=3, step_size=1e38, filters=[3, 1]
         )
     # The same start climbs with the default step: finite, so no error.
-    result = gradient_ascent(model, variables, 2, input_shape=HWC, steps=3, filters=[3, 1])
+    result = gradient_ascent(model, variables, 2, image_shape=HWC, steps=3, filters=[3, 1])
     assert np.all(np.isfinite(result.images)) and np.all(np.isfinite(result.objective))
 
 
-def test_input_shapes_the_model_cannot_take_name_input_shape(densenet):
+def test_image_shapes_the_model_cannot_take_name_image_shape(densenet):
     model, variables = densenet
     # densenet_test halves the image in 3 transitions: 4x4 -> 2 -> 1 -> 0 (was a TypeError
     # from lax.reduce_window).
     with pytest.raises(
         ValueError,
-        match=r"input_shape \(4, 4, 3\) is too small .* reduce the 4x4 image to 0x0 \(at "
+        match=r"image_shape \(4, 4, 3\) is too small .* reduce the 4x4 image to 0x0 \(at "
         r"transition3\), and head fails",
     ):
-        gradient_ascent(model, variables, 2, input_shape=(4, 4, 3), steps=1)
+        gradient_ascent(model, variables, 2, image_shape=(4, 4, 3), steps=1)
     # 1 channel for 3-channel kernels (was flax's ScopeParamShapeError).
     with pytest.raises(
         ValueError,
-        match=r"input_shape \(32, 32, 1\) does not fit the model's variables: .* "
+        match=r"image_shape \(32, 32, 1\) does not fit the model's variables: .* "
         r"params/stem/kernel is \(3, 3, 3, 8\), the model makes \(3, 3, 1, 8\)",
     ):
-        gradient_ascent(model, variables, 2, input_shape=(32, 32, 1), steps=1)
+        gradient_ascent(model, variables, 2, image_shape=(32, 32, 1), steps=1)
     for shape in [(0, 32, 3), (32, 32), (32.5, 32, 3)]:
-        with pytest.raises(ValueError, match=r"input_shape must be \(H, W, C\)"):
-            gradient_ascent(model, variables, 2, input_shape=shape, steps=1)
+        with pytest.raises(ValueError, match=r"image_shape must be \(H, W, C\)"):
+            gradient_ascent(model, variables, 2, image_shape=shape, steps=1)
     # The smallest size the head takes (16 -> 2x2) still works.
-    small = gradient_ascent(model, variables, 2, input_shape=(16, 16, 3), steps=1, filters=[0])
+    small = gradient_ascent(model, variables, 2, image_shape=(16, 16, 3), steps=1, filters=[0])
     assert small.fields.shape == (1, 16, 16, 3) and np.isfinite(small.objective).all()
 
 

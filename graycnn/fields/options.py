@@ -6,6 +6,7 @@ fail at once, with one line that says which argument and what its rule is.
 """
 
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +24,22 @@ LOOPS = ("auto", "python", "fori")
 _MAX_INT32 = 2**31 - 1
 
 
-def check_options(*, input_shape: Sequence[int], prefix: str = "", **options: Any) -> dict:
+def renamed_image_shape(image_shape: Any, input_shape: Any) -> Any:
+    """`image_shape`, or the deprecated `input_shape` (H, W, C) with a warning."""
+    if input_shape is None:
+        if image_shape is None:
+            raise ValueError("image_shape (H, W, C) of the images the model takes is required")
+        return image_shape
+    warnings.warn(
+        "gradient_ascent(input_shape=(H, W, C)) is now image_shape=; elsewhere in graycnn "
+        "input_shape is (N, H, W, C)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return input_shape if image_shape is None else image_shape
+
+
+def check_options(*, image_shape: Sequence[int], prefix: str = "", **options: Any) -> dict:
     """Checks `gradient_ascent`'s options before any work; returns them normalized.
 
     The rules: objective and loop from their lists; steps and seed integers in
@@ -35,21 +51,21 @@ def check_options(*, input_shape: Sequence[int], prefix: str = "", **options: An
     still make the ascent overflow are caught after it (`gradient_ascent` raises).
 
     Args:
-        input_shape: (H, W, C), each an integer >= 1.
+        image_shape: (H, W, C), each an integer >= 1.
         prefix: Put before each option's name in the message: '--' for a CLI, whose
             flags carry the options' names.
         **options: Any of objective, loop, steps, step_size, seed, noise_scale,
             noise_offset, jitter, blur_sigma, tv_weight, chunk_size, memory_bytes.
 
     Returns:
-        The options given, numbers as int or float, and input_shape as (H, W, C) ints.
+        The options given, numbers as int or float, and image_shape as (H, W, C) ints.
 
     Raises:
         ValueError: one line naming the option (with `prefix`) and its rule.
     """
-    h, w, c = _check_input_shape(input_shape)
+    h, w, c = _check_image_shape(image_shape)
     rules = _rules(h, w)
-    checked: dict[str, Any] = {"input_shape": (h, w, c)}
+    checked: dict[str, Any] = {"image_shape": (h, w, c)}
     for name, value in options.items():
         if name in ("objective", "loop"):
             choices = OBJECTIVES if name == "objective" else LOOPS
@@ -65,18 +81,18 @@ def check_options(*, input_shape: Sequence[int], prefix: str = "", **options: An
     return checked
 
 
-def _check_input_shape(input_shape: Any) -> tuple[int, int, int]:
+def _check_image_shape(image_shape: Any) -> tuple[int, int, int]:
     shape: object
     try:
-        shape = tuple(input_shape)
+        shape = tuple(image_shape)
     except TypeError:
-        shape = input_shape
+        shape = image_shape
     if not isinstance(shape, tuple) or len(shape) != 3:
-        raise ValueError(f"input_shape must be (H, W, C), got {shape!r}")
+        raise ValueError(f"image_shape must be (H, W, C), got {shape!r}")
     try:
-        h, w, c = (check_number("input_shape", s, integer=True, low=1) for s in shape)
+        h, w, c = (check_number("image_shape", s, integer=True, low=1) for s in shape)
     except ValueError:
-        raise ValueError(f"input_shape must be (H, W, C), integers >= 1, got {shape!r}") from None
+        raise ValueError(f"image_shape must be (H, W, C), integers >= 1, got {shape!r}") from None
     return h, w, c
 
 
@@ -118,7 +134,7 @@ def check_filters(filters: Any, num_filters: int, path: str) -> np.ndarray:
 
 
 def check_fit(model: Any, variables: Any, shape: tuple[int, ...]) -> None:
-    """Raises ValueError naming input_shape unless the model runs on `shape` with these
+    """Raises ValueError naming image_shape unless the model runs on `shape` with these
     variables (the same paths and shapes as its init makes)."""
     leaves = tuple(
         (
@@ -139,4 +155,4 @@ def _check_fit_cached(model: Any, leaves: tuple, shape: tuple[int, ...]) -> None
     try:
         check_variables(model, structs, shape)
     except ValueError as e:
-        raise ValueError(f"input_shape {hwc} does not fit the model's variables: {e}") from None
+        raise ValueError(f"image_shape {hwc} does not fit the model's variables: {e}") from None

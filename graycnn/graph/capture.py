@@ -202,8 +202,9 @@ def elements_until(model: Any, path: str, input_shape: tuple[int, ...]) -> int:
 
 
 def check_runs(model: Any, input_shape: tuple[int, ...]) -> None:
-    """Raises ValueError if the model cannot run on images of `input_shape`, naming where
-    it fails: most often the convs and pools reduce a small image to nothing."""
+    """Raises ValueError if the model cannot run on images of `input_shape` (1, H, W, C),
+    naming the image_shape (H, W, C) and where it fails: most often the convs and pools
+    reduce a small image to nothing."""
     sizes, stack = [], []
 
     def record(next_fun, args, kwargs, context):
@@ -225,7 +226,7 @@ def check_runs(model: Any, input_shape: tuple[int, ...]) -> None:
             hh, ww, where = min(sizes, key=lambda s: s[0] * s[1])
             reached = f"its layers reduce the {h}x{w} image to {hh}x{ww} (at {where}), and "
         raise ValueError(
-            f"input_shape {input_shape[1:]} is too small or does not fit the model: {reached}"
+            f"image_shape {input_shape[1:]} is too small or does not fit the model: {reached}"
             f"{stack[-1] if stack else 'the model'} fails on it ({message})"
         ) from None
 

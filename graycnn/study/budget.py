@@ -244,7 +244,7 @@ def _distances(config, gray, layer: int, path: str, train: data.Split) -> np.nda
     else:
         compared = rf.gradient_ascent(
             build_model(gray.config), gray.variables, layer, objective=objective,
-            steps=config.steps, seed=config.seed, input_shape=gray.config.input_shape[1:],
+            steps=config.steps, seed=config.seed, image_shape=gray.config.input_shape[1:],
         ).fields[..., 0]  # fmt: skip
     return np.asarray(distance.pairwise(compared, config.metric_of(layer)))
 

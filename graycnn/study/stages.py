@@ -141,7 +141,7 @@ def plan_layer_merge(
         objective="center" if objective == ACTIVATION else objective, steps=config.steps, seed=seed
     )
     fields = rf.gradient_ascent(
-        net, model.variables, layer, input_shape=model.config.input_shape[1:], **ascent
+        net, model.variables, layer, image_shape=model.config.input_shape[1:], **ascent
     )
     color_fields: np.ndarray | None = None
     if figures or (config.fields == "color_luma" and objective != ACTIVATION):
@@ -149,7 +149,7 @@ def plan_layer_merge(
             build_model(color.config),
             color.variables,
             layer,
-            input_shape=color.config.input_shape[1:],
+            image_shape=color.config.input_shape[1:],
             **ascent,
         ).fields
     if objective == ACTIVATION:
