@@ -14,12 +14,14 @@ import json
 import os
 import sys
 
+from graycnn.study.schema import Comparison, Report, Row
 
-def _delta(entry: dict | None) -> str:
-    if not entry:
+
+def _delta(c: Comparison | None) -> str:
+    if c is None:
         return "-"
-    lo, hi = entry["ci95"]
-    return f"{entry['delta']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+    lo, hi = c.ci95
+    return f"{c.delta:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
 
 def table(runs: list[tuple[str, str]]) -> str:
@@ -29,37 +31,37 @@ def table(runs: list[tuple[str, str]]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for label, workdir in runs:
-        with open(os.path.join(workdir, "report.json")) as f:
-            rows = json.load(f)["rows"]
-        color = rows[0]
+        path = os.path.join(workdir, "report.json")
+        with open(path) as f:
+            rows = Report.from_json(json.load(f), path).rows
         for row in rows:
-            if not row.get("budget"):
-                continue
-            size = (
-                f"{-100 * (1 - row['params'] / color['params']):+.1f}%",
-                f"{-100 * (1 - row['flops'] / color['flops']):+.1f}%",
-            )
-            if row.get("baseline"):
-                held = row.get("eval")
-                cells = (
-                    "bar (no merge)",
-                    *size,
-                    f"{100 * row['accuracy']:.1f}%",
-                    f"{100 * held['accuracy']:.1f}%" if held else "-",
-                )
-            elif not row["clusters"]:
-                cells = (f"{row['control']} (no merge)", *size, _delta(row),
-                         _delta(row.get("eval")))  # fmt: skip
-            else:
-                layers = "+".join(f"L{k}:{v}" for k, v in row["clusters"].items())
-                what = f"{row['control']} control" if row["control"] else "merged"
-                cells = (f"{what} {layers}", *size, _delta(row), _delta(row.get("eval")))
-            lines.append(f"| {label} | {row['budget']} | " + " | ".join(cells) + " |")
-            if "vs_refit" in row:
-                held = row.get("eval", {}).get("vs_refit")
-                cells = (f"merged {layers} vs refit", *size, _delta(row["vs_refit"]), _delta(held))
-                lines.append(f"| {label} | {row['budget']} | " + " | ".join(cells) + " |")
+            if row.budget:
+                lines += [f"| {label} | {row.budget} | " + " | ".join(c) + " |"
+                          for c in _cells(row, rows[0])]  # fmt: skip
     return "\n".join(lines)
+
+
+def _cells(row: Row, color: Row) -> list[tuple[str, ...]]:
+    """The row's line (the bar as accuracies, the others as differences from it), and
+    a merge's difference from the refit without a merge, where it has one."""
+    size = (
+        f"{-100 * (1 - row.params / color.params):+.1f}%",
+        f"{-100 * (1 - row.flops / color.flops):+.1f}%",
+    )
+    held = row.held_out
+    if row.is_bar:
+        return [("bar (no merge)", *size, f"{100 * row.validation.accuracy:.1f}%",
+                 f"{100 * held.accuracy:.1f}%" if held else "-")]  # fmt: skip
+    if not row.clusters:
+        return [(f"{row.control} (no merge)", *size, _delta(row.validation.vs_bar),
+                 _delta(held and held.vs_bar))]  # fmt: skip
+    layers = "+".join(f"L{k}:{v}" for k, v in row.clusters.items())
+    what = f"{row.control} control" if row.control else "merged"
+    out = [(f"{what} {layers}", *size, _delta(row.validation.vs_bar), _delta(held and held.vs_bar))]
+    if row.validation.vs_refit is not None:
+        out.append((f"merged {layers} vs refit", *size, _delta(row.validation.vs_refit),
+                    _delta(held and held.vs_refit)))  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

@@ -341,8 +341,10 @@ def _run_dir(root, name: str, **config) -> str:
                    "checkpoint": None, "color_checkpoint": str(workdir / "color_model"),
                    "workdir": str(workdir)} | config,
         "rows": [
-            {"key": key, "image_type": "gray", "accuracy": 0.5, "accuracies": [0.5],
-             "checkpoint": f"models/{key}", "checkpoints": [f"models/{key}"]}
+            {"name": key, "key": key, "image_type": "gray", "clusters": {}, "bn": "train",
+             "control": None, "budget": "bn", "params": 100, "flops": 1000,
+             "checkpoint": f"models/{key}", "checkpoints": [f"models/{key}"],
+             "examples": 10, "accuracy": 0.5, "accuracies": [0.5]}
             for key in ("merged_1+2", "gray_bn")
         ],
     }  # fmt: skip

@@ -10,6 +10,7 @@ report.py    report.md
 pool.py      one row of several runs against its bar, pooled
 budget.py    the plan for a FLOPs or parameter target
 table.py     the report's rows
+schema.py    report.json, typed and versioned (rows, comparisons, from_json)
 controls.py  random and prune_l1 groupings at the same widths
 stats.py     paired bootstrap intervals and McNemar
 baselines.py the study's Tables 1 and 2

@@ -27,7 +27,8 @@ def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) ->
         given: Fields the user set explicitly; the preset does not override them.
 
     Returns:
-        The report: {'rows': [...], 'config': {...}}.
+        The report as report.json holds it (`schema.Report.to_json()`): {'schema_version',
+        'rows': [...], 'compensation': [...], 'config': {...}}.
 
     Raises:
         ValueError: a bad setting; `workdir` holds a model checkpoint or another
@@ -88,7 +89,7 @@ def _compress(config: CompressConfig, workdir: str, given: Sequence[str]) -> dic
             run.add(recovered_spec(config, clusters, None, None), chains[None], i)
             for c, model in chains.items():
                 run.recover(model, clusters, c, i)
-    return out.finish(run.table.rows(), _settings(config, color, steps, search))
+    return out.finish(run.table.rows(), _settings(config, color, steps, search)).to_json()
 
 
 class _Run:

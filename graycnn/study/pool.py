@@ -10,7 +10,7 @@ bootstrap over images and runs).
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -18,16 +18,17 @@ from tqdm.auto import tqdm
 
 from graycnn.study import stages, stats
 from graycnn.study.config import CompressConfig
+from graycnn.study.schema import Report, Row
 from graycnn.training import checkpoint, data
 
 
 class Run(NamedTuple):
     """One workdir, checked: its report's config, and per compared row (row, bar) the
-    report entry and the checkpoint paths, one per seed."""
+    report's row and the checkpoint paths, one per seed."""
 
     workdir: str
-    config: dict[str, Any]
-    entries: tuple[dict[str, Any], dict[str, Any]]
+    config: Mapping[str, Any]
+    entries: tuple[Row, Row]
     paths: tuple[list[str], list[str]]
 
 
@@ -66,7 +67,7 @@ def check_runs(workdirs: Sequence[str], row: str, bar: str) -> list[Run]:
         missing = [p for p in mine + theirs if not os.path.isdir(p)]
         if missing:
             raise ValueError(f"{missing[0]}: no such checkpoint; {workdir}/report.json names it")
-        runs.append(Run(workdir, report["config"], entries, (mine, theirs)))
+        runs.append(Run(workdir, report.config, entries, (mine, theirs)))
     return runs
 
 
@@ -149,7 +150,8 @@ def format_table(results: Sequence[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def _report(workdir: str) -> dict[str, Any]:
+def _report(workdir: str) -> Report:
+    """The workdir's report.json, of any version (`Report.from_json` checks it)."""
     path = os.path.join(workdir, "report.json")
     try:
         with open(path) as f:
@@ -158,15 +160,10 @@ def _report(workdir: str) -> dict[str, Any]:
         raise ValueError(f"{path}: no such file; is {workdir} a finished compress run?") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    config = report.get("config") if isinstance(report, dict) else None
-    if not isinstance(config, dict) or not isinstance(config.get("dataset"), str):
-        raise ValueError(f"{path}: not a compress report (no config.dataset)")
-    if not isinstance(report.get("rows", []), list):
-        raise ValueError(f"{path}: not a compress report ('rows' is not a list)")
-    return report
+    return Report.from_json(report, path)
 
 
-def _check_independent(workdirs: Sequence[str], reports: Sequence[dict[str, Any]]) -> None:
+def _check_independent(workdirs: Sequence[str], reports: Sequence[Report]) -> None:
     """Refuses a run counted twice, which would narrow the interval with no new evidence:
     one directory given twice (by any path), or two runs of identical settings (the same
     color checkpoint, data, seeds and flags: the same numbers again)."""
@@ -180,7 +177,7 @@ def _check_independent(workdirs: Sequence[str], reports: Sequence[dict[str, Any]
                 "counts as two independent runs"
             )
         by_path[real] = workdir
-        settings = json.dumps(_settings(report["config"]), sort_keys=True)
+        settings = json.dumps(_settings(report.config), sort_keys=True)
         if settings in by_settings:
             raise ValueError(
                 f"{by_settings[settings]} and {workdir} hold runs of identical settings (the "
@@ -190,7 +187,7 @@ def _check_independent(workdirs: Sequence[str], reports: Sequence[dict[str, Any]
         by_settings[settings] = workdir
 
 
-def _settings(config: dict[str, Any]) -> dict[str, Any]:
+def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """A report's config without where it ran: a color model trained in the run's own
     workdir (no --checkpoint) is the same model wherever the workdir is."""
     settings = {k: v for k, v in config.items() if k != "workdir"}
@@ -201,48 +198,38 @@ def _settings(config: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def _data(report: dict[str, Any]) -> tuple[Any, Any]:
-    return tuple(report["config"].get(k) for k in ("dataset", "eval_dataset"))
+def _data(report: Report) -> tuple[Any, Any]:
+    return report.config.get("dataset"), report.config.get("eval_dataset")
 
 
-def _row(workdir: str, report: dict[str, Any], key: str) -> dict[str, Any]:
-    rows = {
-        r["key"]: r
-        for r in report.get("rows", [])
-        if isinstance(r, dict) and isinstance(r.get("key"), str)
-    }
-    if key not in rows:
-        keys = ", ".join(sorted(rows))
-        raise ValueError(f"{workdir}/report.json has no row {key!r}; its rows: {keys}")
-    row = rows[key]
-    paths = row.get("checkpoints") or [row.get("checkpoint")]
-    accuracies = row.get("accuracies") or [row.get("accuracy")]
+def _row(workdir: str, report: Report, key: str) -> Row:
+    """The row of `key`, checked for pooling: one accuracy per checkpoint (a row
+    evaluated once for several seeds has one checkpoint, and cannot be paired seed by
+    seed) and an image type to evaluate it on."""
+    try:
+        row = report.row(key)
+    except KeyError as e:
+        raise ValueError(f"{workdir}/report.json has {e.args[0]}") from None
     fault = None
-    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
-        fault = "its checkpoint paths are not strings"
-    elif not isinstance(accuracies, list) or len(accuracies) != len(paths):
-        fault = f"it has {len(paths)} checkpoints but not as many accuracies"
-    elif not all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in accuracies):
-        fault = "its accuracies are not numbers in 0..1"
-    elif row.get("image_type") not in data.VIEWS:
-        fault = f"its image_type {row.get('image_type')!r} is not one of {', '.join(data.VIEWS)}"
+    if len(row.validation.accuracies) != len(row.checkpoints):
+        fault = f"it has {len(row.checkpoints)} checkpoints but not as many accuracies"
+    elif row.image_type not in data.VIEWS:
+        fault = f"its image_type {row.image_type!r} is not one of {', '.join(data.VIEWS)}"
     if fault:
         raise ValueError(f"{workdir}/report.json: row {key!r} is malformed: {fault}")
     return row
 
 
-def _checkpoints(workdir: str, row: dict[str, Any]) -> list[str]:
-    return [os.path.join(workdir, c) for c in row.get("checkpoints") or [row["checkpoint"]]]
+def _checkpoints(workdir: str, row: Row) -> list[str]:
+    return [os.path.join(workdir, c) for c in row.checkpoints]
 
 
-def _evaluate(
-    path: str, row: dict[str, Any], seed: int, splits: stages.Splits
-) -> stages.Evaluation:
+def _evaluate(path: str, row: Row, seed: int, splits: stages.Splits) -> stages.Evaluation:
     """The checkpoint's per-image correctness; a note where its validation accuracy is
     not the one report.json gives (the workdir changed, or another machine's rounding)."""
     config, variables, _ = checkpoint.load_model(path)
-    result = stages.evaluate_model(stages.Model(config, variables), row["image_type"], splits)
-    reported = (row.get("accuracies") or [row["accuracy"]])[seed]
+    result = stages.evaluate_model(stages.Model(config, variables), row.image_type, splits)
+    reported = row.validation.accuracies[seed]
     if abs(result.validation.mean() - reported) > 1e-9:
         tqdm.write(
             f"note: {path} gives {100 * result.validation.mean():.2f}% on validation; "

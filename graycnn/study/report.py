@@ -3,68 +3,27 @@
 from collections.abc import Mapping
 from typing import Any
 
+from graycnn.study.schema import Comparison, Report, Row, SplitResult
 
-def format_report(report: Mapping[str, Any]) -> str:
+
+def format_report(report: Report | Mapping[str, Any]) -> str:
     """report.md: every row on the validation images, then on the held-out images, and
-    one verdict line per merged model."""
-    rows = report["rows"]
-    config = report["config"]
-    color = rows[0]
-    seeds = config.get("seeds", 1)
-    lines = [
-        "# graycnn compress report",
-        "",
-        _settings(config),
-        "",
-        f"## Validation ({color['examples']} images; levers are chosen here)",
-        "",
-        "Δ: accuracy points against the baseline of the row's budget (the unmerged gray "
-        f"model with the same recovery), on the same images{' and seeds' if seeds > 1 else ''}"
-        "; 95% CI: paired bootstrap; p: exact McNemar.",
-        "",
-        "| model | input | accuracy | Δ | 95% CI | p | params | vs color | FLOPs | clusters | BN |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        clusters = ", ".join(f"L{k}: {v}" for k, v in r["clusters"].items()) or "-"
-        smaller = 100 * (1 - r["params"] / color["params"])
-        lines.append(
-            f"| {r['name']} | {r['image_type']} | {_acc(r)} | {_delta(r)} | "
-            f"{r['params']:,} | -{smaller:.1f}% | {r['flops']:,} | {clusters} | {r['bn']} |"
-        )
-    held = [r for r in rows if "eval" in r]
-    if held:
-        e = held[0]["eval"]
-        lines += [
-            "",
-            f"## Held out: {e['dataset']} ({e['examples']} images; no choice was made on them)",
-            "",
-            "| model | accuracy | Δ | 95% CI | p |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [f"| {r['name']} | {_acc(r['eval'])} | {_delta(r['eval'])} |" for r in held]
+    one verdict line per merged model.
+
+    Args:
+        report: The report, or report.json's content.
+    """
+    if not isinstance(report, Report):
+        report = Report.from_json(report)
+    config = report.config
+    lines = ["# graycnn compress report", "", _settings(config), ""]
+    lines += _validation(report.rows, config.get("seeds", 1))
+    lines += _held_out(report.rows)
     if config.get("budget_search"):
         lines += ["", *_budget_search(config["budget_search"])]
-    if report.get("compensation"):
-        against = (
-            "the color model's on the same images in color"
-            if config.get("compensate") == "lstsq_color"
-            else "the unmerged model's"
-        )
-        lines += [
-            "",
-            "## Compensation: each consumer's reconstruction error (1 - R^2 of its outputs "
-            f"against {against}, on the fit images)",
-            "",
-            "| layer merged | chain | seed | consumer | before | after |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {c['layer']} | {c['chain']} | {c['seed']} | {c['consumer']} | "
-            f"{c['error_before']:.4f} | {c['error_after']:.4f} |"
-            for c in report["compensation"]
-        ]
-    lines += ["", "## Verdicts", ""] + _verdicts(rows, color)
+    if report.compensation:
+        lines += _compensation(report)
+    lines += ["", "## Verdicts", ""] + _verdicts(report.rows, report.color)
     lines += [
         "",
         "Figures: `figures/` (pareto.png: accuracy against parameters and FLOPs). Every "
@@ -75,25 +34,86 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _verdicts(rows: list[dict[str, Any]], color: Mapping[str, Any]) -> list[str]:
+def _validation(rows: tuple[Row, ...], seeds: int) -> list[str]:
+    """The table of every row on the validation images, sizes against the color model's."""
+    color = rows[0]
+    lines = [
+        f"## Validation ({color.validation.examples} images; levers are chosen here)",
+        "",
+        "Δ: accuracy points against the baseline of the row's budget (the unmerged gray "
+        f"model with the same recovery), on the same images{' and seeds' if seeds > 1 else ''}"
+        "; 95% CI: paired bootstrap; p: exact McNemar.",
+        "",
+        "| model | input | accuracy | Δ | 95% CI | p | params | vs color | FLOPs | clusters | BN |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        clusters = ", ".join(f"L{k}: {v}" for k, v in r.clusters.items()) or "-"
+        smaller = 100 * (1 - r.params / color.params)
+        lines.append(
+            f"| {r.name} | {r.image_type} | {_acc(r.validation)} | {_delta(r.validation)} | "
+            f"{r.params:,} | -{smaller:.1f}% | {r.flops:,} | {clusters} | {r.bn} |"
+        )
+    return lines
+
+
+def _held_out(rows: tuple[Row, ...]) -> list[str]:
+    """The table of every row on the held-out images; nothing without them."""
+    held = [(r, r.held_out) for r in rows if r.held_out is not None]
+    if not held:
+        return []
+    first = held[0][1]
+    return [
+        "",
+        f"## Held out: {first.dataset} ({first.examples} images; no choice was made on them)",
+        "",
+        "| model | accuracy | Δ | 95% CI | p |",
+        "|---|---|---|---|---|",
+        *(f"| {r.name} | {_acc(h)} | {_delta(h)} |" for r, h in held),
+    ]
+
+
+def _compensation(report: Report) -> list[str]:
+    """Each refit consumer's reconstruction error before and after."""
+    against = (
+        "the color model's on the same images in color"
+        if report.config.get("compensate") == "lstsq_color"
+        else "the unmerged model's"
+    )
+    return [
+        "",
+        "## Compensation: each consumer's reconstruction error (1 - R^2 of its outputs "
+        f"against {against}, on the fit images)",
+        "",
+        "| layer merged | chain | seed | consumer | before | after |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {c.layer} | {c.chain} | {c.seed} | {c.consumer} | "
+            f"{c.error_before:.4f} | {c.error_after:.4f} |"
+            for c in report.compensation
+        ),
+    ]
+
+
+def _verdicts(rows: tuple[Row, ...], color: Row) -> list[str]:
     """One line per merged (non-control) recovered row: above / below / tied."""
     out = []
     for r in rows:
-        if not r["clusters"] or r.get("control") or r.get("budget") is None:
+        if not r.merged or r.validation.vs_bar is None:
             continue
-        smaller = 100 * (1 - r["params"] / color["params"])
-        fewer = 100 * (1 - r["flops"] / color["flops"])
-        where = [f"validation {r['verdict']} ({_ci(r)})"]
-        if "eval" in r and "verdict" in r["eval"]:
-            where.append(f"held out {r['eval']['verdict']} ({_ci(r['eval'])})")
-        if "vs_refit" in r:
-            refit = [f"validation {r['vs_refit']['verdict']} ({_ci(r['vs_refit'])})"]
-            if "vs_refit" in r.get("eval", {}):
-                held = r["eval"]["vs_refit"]
-                refit.append(f"held out {held['verdict']} ({_ci(held)})")
+        smaller = 100 * (1 - r.params / color.params)
+        fewer = 100 * (1 - r.flops / color.flops)
+        held = r.held_out
+        where = [f"validation {_verdict(r.validation.vs_bar)}"]
+        if held is not None and held.vs_bar is not None:
+            where.append(f"held out {_verdict(held.vs_bar)}")
+        if r.validation.vs_refit is not None:
+            refit = [f"validation {_verdict(r.validation.vs_refit)}"]
+            if held is not None and held.vs_refit is not None:
+                refit.append(f"held out {_verdict(held.vs_refit)}")
             where.append(f"against the same refit without a merge: {'; '.join(refit)}")
         out.append(
-            f"- {r['name']} ({smaller:.1f}% fewer parameters, {fewer:.1f}% fewer FLOPs than "
+            f"- {r.name} ({smaller:.1f}% fewer parameters, {fewer:.1f}% fewer FLOPs than "
             f"the color model), against its budget's baseline: {'; '.join(where)}."
         )
     return out or ["- no merged row."]
@@ -133,19 +153,24 @@ def _settings(config: Mapping[str, Any]) -> str:
     return f"Settings ({preset}): {shown}. Color model: `{config.get('color_checkpoint')}`."
 
 
-def _acc(r: Mapping[str, Any]) -> str:
-    text = f"{100 * r['accuracy']:.2f}%"
-    if "accuracy_sd" in r:
-        text += f" ± {100 * r['accuracy_sd']:.2f}"
+def _acc(split: SplitResult) -> str:
+    text = f"{100 * split.accuracy:.2f}%"
+    if split.accuracy_sd is not None:
+        text += f" ± {100 * split.accuracy_sd:.2f}"
     return text
 
 
-def _delta(r: Mapping[str, Any]) -> str:
-    if "delta" not in r:
+def _delta(split: SplitResult) -> str:
+    c = split.vs_bar
+    if c is None:
         return "- | - | -"
-    return f"{r['delta']:+.2f} | {_ci(r)} | {r['p_value']:.3g}"
+    return f"{c.delta:+.2f} | {_ci(c)} | {c.p_value:.3g}"
 
 
-def _ci(r: Mapping[str, Any]) -> str:
-    lo, hi = r["ci95"]
+def _verdict(c: Comparison) -> str:
+    return f"{c.verdict} ({_ci(c)})"
+
+
+def _ci(c: Comparison) -> str:
+    lo, hi = c.ci95
     return f"[{lo:+.2f}, {hi:+.2f}]"

@@ -1,8 +1,7 @@
 """The rows of the compress report: what each is, its per-seed results, and its paired
-comparison with the baseline of its budget."""
+comparison with the bar of its budget, built as `schema.Row`s."""
 
 import dataclasses
-import typing
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from graycnn.study import stats
+from graycnn.study.schema import Comparison, Row, SplitResult
 from graycnn.study.stages import Evaluation
 
 
@@ -24,9 +24,9 @@ class RowSpec:
         control: None for a merge, 'random' or 'prune_l1' for a control; 'refit' for
             the unmerged model given the merge's color refit (`--compensate=
             lstsq_color`), what the refit buys without a merge.
-        budget: None (no recovery), 'bn' or 'finetune': which baseline it is compared
+        budget: None (no recovery), 'bn' or 'finetune': which bar it is compared
             with, and what recovery it had.
-        baseline: The unmerged gray model of its budget.
+        bar: The unmerged gray model of its budget.
     """
 
     key: str
@@ -38,7 +38,7 @@ class RowSpec:
     control: str | None = None
     budget: str | None = None
     finetune_epochs: int = 0
-    baseline: bool = False
+    bar: bool = False
 
 
 class Table:
@@ -57,66 +57,56 @@ class Table:
         self.sizes[spec.key] = size
         self.checkpoints[spec.key].append(ckpt)
 
-    def rows(self) -> list[dict[str, Any]]:
-        """Every row as report.json has it, with its paired comparison."""
-        seeds = max(len(r) for r in self.results.values())
-        baselines = {s.budget: k for k, s in self.specs.items() if s.baseline}
+    def rows(self) -> list[Row]:
+        """Every row with its paired comparisons: a gray row against the bar of its
+        budget (the rows before recovery: the 'bn' bar's), a merge given the color refit
+        also against the refit alone."""
+        bars = {s.budget: k for k, s in self.specs.items() if s.bar}
         refits = {s.budget: k for k, s in self.specs.items() if s.control == "refit"}
         out = []
         for key, spec in self.specs.items():
-            row = _describe(spec) | self.sizes[key] | {"checkpoint": self.checkpoints[key][0]}
-            row["checkpoints"] = self.checkpoints[key]
-            base = baselines.get(spec.budget or "bn")
-            paired = spec.image_type != "color" and base is not None
-            base = typing.cast(str, base)  # used only where paired
-            val = self._stack(key, "validation", seeds)
-            row |= {"examples": val.shape[1]} | _accuracy(val)
-            # A merge given the color refit is also compared with the refit alone.
+            bar = bars.get(spec.budget or "bn") if spec.image_type != "color" else None
             refit = refits.get(spec.budget) if spec.clusters and not spec.control else None
-            if paired:
-                row |= stats.compare(val, self._stack(base, "validation", seeds))
-            if refit:
-                row["vs_refit"] = stats.compare(val, self._stack(refit, "validation", seeds))
+            held = None
             if self.held_out_name is not None:
-                held = self._stack(key, "held_out", seeds)
-                row["eval"] = {"dataset": self.held_out_name, "examples": held.shape[1]}
-                row["eval"] |= _accuracy(held)
-                if paired:
-                    row["eval"] |= stats.compare(held, self._stack(base, "held_out", seeds))
-                if refit:
-                    row["eval"]["vs_refit"] = stats.compare(
-                        held, self._stack(refit, "held_out", seeds)
-                    )
-            out.append(row)
+                held = self._split(key, "held_out", bar, refit, self.held_out_name)
+            out.append(Row(
+                key=key, name=spec.name, image_type=spec.image_type,
+                clusters=dict(spec.clusters), bn=spec.bn, control=spec.control,
+                budget=spec.budget, finetune_epochs=spec.finetune_epochs, is_bar=spec.bar,
+                params=self.sizes[key]["params"], flops=self.sizes[key]["flops"],
+                checkpoints=tuple(self.checkpoints[key]),
+                validation=self._split(key, "validation", bar, refit),
+                held_out=held,
+            ))  # fmt: skip
         return out
 
-    def _stack(self, key: str, split: str, seeds: int) -> np.ndarray:
+    def _split(
+        self, key: str, split: str, bar: str | None, refit: str | None, dataset: str | None = None
+    ) -> SplitResult:
+        """`key`'s results on `split`, compared with `bar` and `refit` where given."""
+        correct = self._stack(key, split)
+        per_seed = correct.mean(axis=1)
+        return SplitResult(
+            dataset=dataset,
+            examples=correct.shape[1],
+            accuracy=float(per_seed.mean()),
+            accuracies=tuple(per_seed.tolist()),
+            accuracy_sd=float(per_seed.std(ddof=1)) if len(per_seed) > 1 else None,
+            vs_bar=self._compare(correct, bar, split),
+            vs_refit=self._compare(correct, refit, split),
+        )
+
+    def _compare(self, correct: np.ndarray, against: str | None, split: str):
+        if against is None:
+            return None
+        return Comparison.of(against, stats.compare(correct, self._stack(against, split)))
+
+    def _stack(self, key: str, split: str) -> np.ndarray:
         """(seeds, N) bool; a deterministic row evaluated once stands for every seed."""
+        seeds = max(len(r) for r in self.results.values())
         results = np.stack([getattr(r, split) for r in self.results[key]])
         return np.repeat(results, seeds, axis=0) if len(results) == 1 else results
-
-
-def _describe(spec: RowSpec) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "name": spec.name,
-        "key": spec.key,
-        "image_type": spec.image_type,
-        "clusters": {str(k): v for k, v in spec.clusters.items()},
-        "bn": spec.bn,
-        "control": spec.control,
-        "budget": spec.budget,
-    }
-    if spec.budget == "finetune":
-        out["finetune_epochs"] = spec.finetune_epochs
-    return out | ({"baseline": True} if spec.baseline else {})
-
-
-def _accuracy(correct: np.ndarray) -> dict[str, Any]:
-    per_seed = correct.mean(axis=1)
-    out = {"accuracy": float(per_seed.mean()), "accuracies": per_seed.tolist()}
-    if len(per_seed) > 1:
-        out["accuracy_sd"] = float(per_seed.std(ddof=1))
-    return out
 
 
 def color_specs(config: Any) -> list[RowSpec]:
@@ -134,7 +124,7 @@ def color_specs(config: Any) -> list[RowSpec]:
 def recovered_spec(
     config: Any, clusters: Mapping[int, int], control: str | None, budget: str | None
 ) -> RowSpec:
-    """A gray model after `budget`'s recovery (None: none): the unmerged baseline when
+    """A gray model after `budget`'s recovery (None: none): the unmerged bar when
     `clusters` is empty (or, with control 'refit', the unmerged model refit to the
     color model as the merges are), else the merge of those layers (or its `control`)."""
     names = "+".join(map(str, clusters))
@@ -172,5 +162,5 @@ def recovered_spec(
         control=control,
         budget=budget,
         finetune_epochs=config.finetune_epochs if budget == "finetune" else 0,
-        baseline=budget is not None and not clusters and control is None,
+        bar=budget is not None and not clusters and control is None,
     )

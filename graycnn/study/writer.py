@@ -18,6 +18,7 @@ from graycnn.study import report
 from graycnn.study.figures import charts
 from graycnn.study.figures import clusters as cluster_figures
 from graycnn.study.figures import receptive_fields as rf_figures
+from graycnn.study.schema import Compensation, Report, Row
 from graycnn.study.stages import LayerResult, Model, Splits
 from graycnn.study.table import RowSpec
 from graycnn.training import checkpoint
@@ -38,7 +39,7 @@ class Writer:
     def __init__(self, workdir: str, settings: Mapping[str, Any]):
         self.workdir = os.path.abspath(workdir)
         self.figures = os.path.join(self.workdir, "figures")
-        self.compensations: list[dict[str, Any]] = []
+        self.compensations: list[Compensation] = []
         if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
             raise FileExistsError(f"--workdir {self.workdir} is a file, not a directory")
         run = self.path("run.json")
@@ -139,8 +140,12 @@ class Writer:
         report.json and report.md."""
         for e in errors:
             self.compensations.append(
-                {"layer": layer, "chain": control or "merged", "seed": seed}
-                | {k: e[k] for k in ("consumer", "images", "error_before", "error_after")}
+                Compensation(
+                    layer=layer,
+                    chain=control or "merged",
+                    seed=seed,
+                    **{k: e[k] for k in ("consumer", "images", "error_before", "error_after")},
+                )
             )
 
     def model(self, model_dir: str, seed_index: int, spec: RowSpec, model: Model) -> str:
@@ -155,14 +160,14 @@ class Writer:
             )
         return os.path.relpath(directory, self.workdir)
 
-    def finish(self, rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+    def finish(self, rows: Sequence[Row], config: dict[str, Any]) -> Report:
         """Writes report.json, report.md and the accuracy figure; returns the report."""
-        result: dict[str, Any] = {
-            "rows": list(rows),
-            "compensation": self.compensations,
-            "config": config | {"workdir": self.workdir},
-        }
-        io.write_json(self.path("report.json"), result)
+        result = Report(
+            rows=tuple(rows),
+            compensation=tuple(self.compensations),
+            config=config | {"workdir": self.workdir},
+        )
+        io.write_json(self.path("report.json"), result.to_json())
         io.write_text(self.path("report.md"), report.format_report(result))
-        charts.plot_pareto(result["rows"], os.path.join(self.figures, "pareto.png"))
+        charts.plot_pareto(result.rows, os.path.join(self.figures, "pareto.png"))
         return result

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from graycnn.io import save_figure
+from graycnn.study.schema import Row
 from graycnn.training import data
 
 
@@ -36,43 +37,43 @@ def plot_color_vs_gray(images: np.ndarray, path: str | os.PathLike, columns: int
     return save_figure(fig, path)
 
 
-def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:
+def plot_pareto(rows: Sequence[Row], path: str | os.PathLike) -> str:
     """Accuracy (%) against parameters (left) and FLOPs (right), validation and, where
     the rows have it, held-out accuracy (second row of panels): every row a point
     (color rows squares, controls open markers), one line per budget through its
-    baseline and merged rows, in order of size."""
-    held = any("eval" in r for r in rows)
+    bar and merged rows, in order of size."""
+    held = any(r.held_out is not None for r in rows)
     fig = Figure(figsize=(12, 4.6 * (2 if held else 1)))
     axes = fig.subplots(2 if held else 1, 2, squeeze=False)
     markers = {None: "o", "random": "x", "prune_l1": "^", "refit": "D"}
     for line, (split, title) in enumerate(
-        [("validation", "validation"), ("eval", "held out")][: 2 if held else 1]
+        [("validation", "validation"), ("held_out", "held out")][: 2 if held else 1]
     ):
         for col, (size, label) in enumerate((("params", "parameters"), ("flops", "FLOPs"))):
             ax = axes[line, col]
             for i, r in enumerate(rows, start=1):
-                acc = r if split == "validation" else r.get("eval", {})
-                if "accuracy" not in acc:
+                result = getattr(r, split)
+                if result is None:
                     continue
-                marker = "s" if r["image_type"] == "color" else markers[r.get("control")]
+                marker = "s" if r.image_type == "color" else markers[r.control]
                 ax.scatter(
-                    r[size],
-                    100 * acc["accuracy"],
+                    getattr(r, size),
+                    100 * result.accuracy,
                     marker=marker,
                     s=36,
-                    label=f"{i}. {r['name']}" if (line, col) == (0, 0) else None,
+                    label=f"{i}. {r.name}" if (line, col) == (0, 0) else None,
                 )
-                ax.annotate(str(i), (r[size], 100 * acc["accuracy"]), fontsize=7,
+                ax.annotate(str(i), (getattr(r, size), 100 * result.accuracy), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")  # fmt: skip
-            for budget in sorted({r["budget"] for r in rows if r.get("budget")}):
+            for budget in sorted({r.budget for r in rows if r.budget}):
                 chain = sorted(
-                    (r for r in rows if r.get("budget") == budget and not r.get("control")),
-                    key=lambda r: r[size],
+                    (r for r in rows if r.budget == budget and not r.control),
+                    key=lambda r: getattr(r, size),
                 )
                 points = [
-                    (r[size], 100 * (r if split == "validation" else r["eval"])["accuracy"])
+                    (getattr(r, size), 100 * getattr(r, split).accuracy)
                     for r in chain
-                    if split == "validation" or "eval" in r
+                    if getattr(r, split) is not None
                 ]
                 if points:
                     ax.plot(*zip(*points, strict=True), lw=1, alpha=0.7, label=(

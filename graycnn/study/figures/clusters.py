@@ -138,31 +138,32 @@ def plot_clusters(
     cell = 0.9
     figure = Figure(figsize=(1.2 + cell * columns, 0.6 + cell * 1.15 * rows))
     axes = figure.subplots(rows, columns, squeeze=False)
-    vmin, vmax = (array.min(), array.max()) if gray else (None, None)
+    # Gray images share one color scale so that intensities compare across filters.
+    scale = {"cmap": cmap, "vmin": array.min(), "vmax": array.max()} if gray else {}
     for row, members in enumerate(clusters):
-        shown = members if len(members) <= columns else members[: columns - 1]
-        for col in range(columns):
-            ax = axes[row, col]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col < len(shown):
-                ax.imshow(array[shown[col]], cmap=cmap if gray else None, vmin=vmin, vmax=vmax)
-                ax.set_title(str(shown[col]), fontsize=7, pad=2)
-            elif col == len(shown) and len(shown) < len(members):
-                ax.text(
-                    0.5,
-                    0.5,
-                    f"+{len(members) - len(shown)}\nmore",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                )
-                ax.set_frame_on(False)
-            else:
-                ax.set_axis_off()
+        _draw_cluster(axes[row], array, members, scale)
         axes[row, 0].set_ylabel(
             f"c{row} ({len(members)})", fontsize=7, rotation=0, ha="right", va="center"
         )
     figure.suptitle(f"{title}: {array.shape[0]} filters, {rows} clusters", fontsize=9)
     figure.tight_layout()
     return save_figure(figure, path, dpi)
+
+
+def _draw_cluster(axes: Any, array: np.ndarray, members: np.ndarray, scale: dict) -> None:
+    """One cluster's row of cells: its filters (each titled with its index), and where
+    it has more than the row holds, its first ones and a "+k more" cell."""
+    columns = len(axes)
+    shown = members if len(members) <= columns else members[: columns - 1]
+    for col, ax in enumerate(axes):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if col < len(shown):
+            ax.imshow(array[shown[col]], **scale)
+            ax.set_title(str(shown[col]), fontsize=7, pad=2)
+        elif col == len(shown) and len(shown) < len(members):
+            more = f"+{len(members) - len(shown)}\nmore"
+            ax.text(0.5, 0.5, more, ha="center", va="center", fontsize=7)
+            ax.set_frame_on(False)
+        else:
+            ax.set_axis_off()
