@@ -111,6 +111,7 @@ def tiny_run(tmp_path_factory, sample_npz):
         num_clusters={1: 5},
         bn="recalibrate",
         controls=False,
+        speed_rounds=0,
     )
     workdir = str(tmp_path_factory.mktemp("run"))
     study.compress(config, workdir)

@@ -123,6 +123,11 @@ class CompressConfig:
         "this many times; rows report the mean, and the CIs cover the seeds.",
     )  # fmt: skip
     seed: int = setting(0, "Seed of every random choice (the first of --seeds).")
+    speed_rounds: int = setting(
+        5, "Interleaved rounds timing every row's model on one device (their median is "
+        "reported); 0: no speed table.",
+    )  # fmt: skip
+    speed_batch: int = setting(128, "Batch size of the timed throughput, besides batch 1.")
     data_dir: str | None = setting(None, "TFDS data directory.")
 
     def __post_init__(self):
@@ -183,7 +188,7 @@ def with_preset(config: CompressConfig, given: Sequence[str] = ()) -> CompressCo
 INT32_MAX = 2**31 - 1
 INT_LOWS = {
     "train_epochs": 1, "steps": 1, "compensate_images": 1, "bn_epochs": 1,
-    "finetune_epochs": 0, "seeds": 1, "seed": 0,
+    "finetune_epochs": 0, "seeds": 1, "seed": 0, "speed_rounds": 0, "speed_batch": 1,
 }  # fmt: skip
 # `config.check_number`'s rule of each float setting; target_* are also checked as
 # fractions.

@@ -7,6 +7,7 @@ Every row of the report is a model saved under `workdir/models/`, loadable by
 `experiments.evaluate` with no further flags. The input checkpoint is only read.
 """
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 
 from graycnn import config as config_lib
 from graycnn.cli import workdir as workdir_lib
-from graycnn.study import budget, stages
+from graycnn.study import budget, speed, stages
 from graycnn.study.config import CONTROLS, CompressConfig, validate, with_preset
 from graycnn.study.table import RowSpec, Table, color_specs, recovered_spec
 from graycnn.study.writer import Writer
@@ -89,7 +90,34 @@ def _compress(config: CompressConfig, workdir: str, given: Sequence[str]) -> dic
             run.add(recovered_spec(config, clusters, None, None), chains[None], i)
             for c, model in chains.items():
                 run.recover(model, clusters, c, i)
-    return out.finish(run.table.rows(), _settings(config, color, steps, search)).to_json()
+    rows = run.table.rows()
+    settings = _settings(config, color, steps, search)
+    if config.speed_rounds:
+        rows, settings["speed"] = _timed(config, rows, run.models, out)
+    return out.finish(rows, settings).to_json()
+
+
+def _timed(config, rows, models, out) -> tuple[list, dict[str, Any]]:
+    """`rows` with their measured speed, and how it was measured. Kept in the workdir:
+    a rerun of a finished run reports the same figures instead of timing again."""
+    batch_sizes = sorted({1, config.speed_batch})
+    bars = {r.key: r.validation.vs_bar.against if r.validation.vs_bar else None for r in rows}
+    measured = out.computed_once(
+        "speed.json",
+        lambda: {
+            "device": speed.device_name(),
+            "batch_sizes": batch_sizes,
+            "rounds": config.speed_rounds,
+            "rows": {
+                key: s.to_json()
+                for key, s in speed.measure_rows(
+                    models, bars, batch_sizes, config.speed_rounds
+                ).items()
+            },
+        },
+    )
+    timed = {k: speed.RowSpeed.from_json(v) for k, v in measured.pop("rows").items()}
+    return [dataclasses.replace(r, speed=timed.get(r.key)) for r in rows], measured
 
 
 class _Run:
@@ -98,10 +126,12 @@ class _Run:
     def __init__(self, config, color, splits, out):
         self.config, self.color, self.splits, self.out = config, color, splits, out
         self.table = Table(splits.held_out_name)
+        self.models: dict[str, stages.Model] = {}  # each row's first seed's model
 
     def add(self, spec: RowSpec, model: stages.Model, seed_index: int = 0) -> None:
         result = stages.evaluate_model(model, spec.image_type, self.splits)
         checkpoint = self.out.model(spec.model_dir, seed_index, spec, model)
+        self.models.setdefault(spec.key, model)
         self.table.add(spec, result, stages.size(model), checkpoint)
         tqdm.write(f"{spec.name}: validation accuracy {100 * result.validation.mean():.2f}%")
 

@@ -19,6 +19,7 @@ def format_report(report: Report | Mapping[str, Any]) -> str:
     lines = ["# graycnn compress report", "", _settings(config), ""]
     lines += _validation(report.rows, config.get("seeds", 1))
     lines += _held_out(report.rows)
+    lines += _speed(report.rows, config.get("speed"))
     if config.get("budget_search"):
         lines += ["", *_budget_search(config["budget_search"])]
     if report.compensation:
@@ -70,6 +71,41 @@ def _held_out(rows: tuple[Row, ...]) -> list[str]:
         "| model | accuracy | Δ | 95% CI | p |",
         "|---|---|---|---|---|",
         *(f"| {r.name} | {_acc(h)} | {_delta(h)} |" for r, h in held),
+    ]
+
+
+def _speed(rows: tuple[Row, ...], measured: Mapping[str, Any] | None) -> list[str]:
+    """Every row's measured throughput and speed-up over its bar, beside its FLOPs cut."""
+    timed = [r for r in rows if r.speed is not None]
+    if not timed or not measured:
+        return []
+    b = max(measured["batch_sizes"])
+    flops = {r.key: r.flops for r in rows}
+
+    def cut(r: Row) -> str:
+        against = r.speed.against if r.speed else None
+        return f"{flops[against] / r.flops:.2f}x" if against in flops else "-"
+
+    def up(r: Row, batch: int) -> str:
+        return f"{r.speed.speedup[batch]:.2f}x" if r.speed and r.speed.speedup else "-"
+
+    return [
+        "",
+        f"## Speed (measured on {measured['device']}, one device)",
+        "",
+        f"Images per second of each row's model, the median of {measured['rounds']} "
+        "interleaved rounds (it moves with the machine's load); speed-up: the bar of the "
+        "row's budget's time over the row's, round by round, beside the FLOPs it cuts.",
+        "",
+        f"| model | img/s (batch 1) | img/s (batch {b}) | speed-up (batch 1) | "
+        f"speed-up (batch {b}) | FLOPs cut |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {r.name} | {r.speed.images_per_second[1]:,.0f} | "
+            f"{r.speed.images_per_second[b]:,.0f} | {up(r, 1)} | {up(r, b)} | {cut(r)} |"
+            for r in timed
+            if r.speed
+        ),
     ]
 
 

@@ -19,6 +19,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from graycnn.study.speed import RowSpeed
+
 SCHEMA_VERSION = 1
 VERDICTS = ("above", "below", "tied")
 
@@ -111,6 +113,7 @@ class Row:
             deterministic row).
         validation: Its results on the validation images.
         held_out: On the held-out images; None without --eval_dataset.
+        speed: Its measured inference speed; None without --speed_rounds.
     """
 
     key: str
@@ -127,6 +130,7 @@ class Row:
     checkpoints: tuple[str, ...]
     validation: SplitResult
     held_out: SplitResult | None = None
+    speed: RowSpeed | None = None
 
     @property
     def checkpoint(self) -> str:
@@ -157,6 +161,8 @@ class Row:
         out |= self.validation.to_json()
         if self.held_out is not None:
             out["eval"] = self.held_out.to_json()
+        if self.speed is not None:
+            out["speed"] = self.speed.to_json()
         return out
 
 
@@ -336,7 +342,14 @@ class _At:
             checkpoints=tuple(checkpoints),
             validation=at.split(raw),
             held_out=None if held is None else _At(at.source, f"{at.where}.eval").split(held),
+            speed=at.speed(raw["speed"]) if "speed" in raw else None,
         )
+
+    def speed(self, raw: Any) -> RowSpeed:
+        try:
+            return RowSpeed.from_json(raw)
+        except ValueError as e:
+            raise self.error("speed", raw, str(e)) from None
 
     def split(self, raw: Any) -> SplitResult:
         if not isinstance(raw, dict):

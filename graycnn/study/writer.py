@@ -170,4 +170,7 @@ class Writer:
         io.write_json(self.path("report.json"), result.to_json())
         io.write_text(self.path("report.md"), report.format_report(result))
         charts.plot_pareto(result.rows, os.path.join(self.figures, "pareto.png"))
+        if config.get("speed"):
+            batch = max(config["speed"]["batch_sizes"])
+            charts.plot_speed(result.rows, batch, os.path.join(self.figures, "speed.png"))
         return result

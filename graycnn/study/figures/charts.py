@@ -87,6 +87,27 @@ def plot_pareto(rows: Sequence[Row], path: str | os.PathLike) -> str:
     return save_figure(fig, path)
 
 
+def plot_speed(rows: Sequence[Row], batch_size: int, path: str | os.PathLike) -> str:
+    """Validation accuracy (%) against measured images per second at `batch_size`: every
+    timed row a point, numbered as in report.md, controls open markers."""
+    fig = Figure(figsize=(8, 4.6))
+    ax = fig.subplots()
+    markers = {None: "o", "random": "x", "prune_l1": "^", "refit": "D"}
+    for i, r in enumerate(rows, start=1):
+        if r.speed is None:
+            continue
+        point = (r.speed.images_per_second[batch_size], 100 * r.validation.accuracy)
+        marker = "s" if r.image_type == "color" else markers[r.control]
+        ax.scatter(*point, marker=marker, s=36, label=f"{i}. {r.name}")
+        ax.annotate(str(i), point, fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(f"measured images per second (batch {batch_size}, one device)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="center left", bbox_to_anchor=(0.62, 0.5), fontsize=7, frameon=False)
+    fig.subplots_adjust(right=0.6)
+    return save_figure(fig, path)
+
+
 def plot_histories(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:
     """Validation accuracy vs epoch, every row of one model overlaid."""
     fig = Figure(figsize=(7, 4.5))

@@ -1,0 +1,83 @@
+"""Measured speed in the compress report: every row timed in the same interleaved rounds,
+kept in the workdir, typed in report.json and tabulated in report.md."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from graycnn import study
+from graycnn.study.schema import Report
+from graycnn.study.speed import RowSpeed
+
+
+@pytest.fixture(scope="module")
+def timed_run(tmp_path_factory, sample_npz):
+    """densenet_test trained 1 epoch, layer 1 merged to 5 clusters, 2 rounds of timing."""
+    config = study.CompressConfig(
+        model="densenet_test", dataset=f"npz:{sample_npz}", eval_dataset="none",
+        train_epochs=1, layers=(1,), steps=3, num_clusters={1: 5}, bn="recalibrate",
+        speed_rounds=2, speed_batch=8,
+    )  # fmt: skip
+    workdir = str(tmp_path_factory.mktemp("run"))
+    report = study.compress(config, workdir)
+    return config, workdir, report
+
+
+@pytest.mark.slow
+def test_every_row_is_timed_and_merged_rows_name_their_bar(timed_run):
+    config, workdir, raw = timed_run
+    report = Report.from_json(raw)
+    assert raw["config"]["speed"]["batch_sizes"] == [1, 8]
+    assert raw["config"]["speed"]["rounds"] == 2
+    for row in report.rows:
+        assert row.speed is not None and set(row.speed.images_per_second) == {1, 8}
+        assert all(v > 0 and np.isfinite(v) for v in row.speed.images_per_second.values())
+    merged = report.row("merged_1")
+    assert merged.speed.against == "gray_bn" == merged.validation.vs_bar.against
+    assert set(merged.speed.speedup) == {1, 8}
+    # The bar is its own bar: a speed-up of exactly 1; the color rows have none.
+    assert report.row("gray_bn").speed.speedup in (None, {1: 1.0, 8: 1.0})
+    assert report.color.speed.speedup is None
+    # Rows of one model are timed once: the color model on color and on gray3 images.
+    assert report.rows[0].speed.images_per_second == report.rows[1].speed.images_per_second
+    # report.md's table, one line per row, from the same numbers.
+    md = open(os.path.join(workdir, "report.md")).read()
+    table = md.split("## Speed (measured on ")[1].split("\n\n## ")[0]
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(lines) == 1 + len(report.rows)
+    merged_line = next(line for line in lines if line.startswith(f"| {merged.name} |"))
+    expected = f"{report.row('gray_bn').flops / merged.flops:.2f}x |"
+    assert merged_line.endswith(expected)
+    assert f"| {merged.speed.speedup[8]:.2f}x |" in merged_line
+    assert os.path.getsize(os.path.join(workdir, "figures", "speed.png")) > 0
+
+
+@pytest.mark.slow
+def test_a_rerun_reports_the_kept_figures(timed_run):
+    config, workdir, first = timed_run
+    again = study.compress(config, workdir)  # the same settings: read back, not re-timed
+    assert [r["speed"] for r in again["rows"]] == [r["speed"] for r in first["rows"]]
+
+
+def test_row_speed_round_trips_and_refuses_malformed_entries():
+    speed = RowSpeed(images_per_second={1: 10.0, 8: 50.0}, against="gray_bn",
+                     speedup={1: 1.5, 8: 1.25})  # fmt: skip
+    assert RowSpeed.from_json(json.loads(json.dumps(speed.to_json()))) == speed
+    for bad in [{"images_per_second": {"1": -1}}, {"images_per_second": {"x": 1}}, [], None]:
+        with pytest.raises(ValueError):
+            RowSpeed.from_json(bad)
+    row = {"key": "k", "name": "n", "image_type": "gray", "clusters": {}, "bn": "none",
+           "control": None, "budget": None, "params": 1, "flops": 1, "checkpoint": "m",
+           "accuracy": 0.5, "examples": 2}  # fmt: skip
+    row["speed"] = {"images_per_second": {"1": "fast"}}
+    with pytest.raises(ValueError, match=r"rows\[0\] \('k'\)\.speed is .*batch size: positive"):
+        Report.from_json({"rows": [row], "config": {"dataset": "d"}}, "r.json")
+
+
+def test_the_speed_flags_are_checked():
+    for changes, message in [({"speed_rounds": -1}, "--speed_rounds"),
+                             ({"speed_batch": 0}, "--speed_batch")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            study.validate(study.CompressConfig(**changes))
