@@ -1,5 +1,6 @@
 """Measured speed in the compress report: every row timed in the same interleaved rounds,
-kept in the workdir, typed in report.json and tabulated in report.md."""
+kept in the workdir, typed in report.json and tabulated in report.md; and --export of
+the last merged row."""
 
 import json
 import os
@@ -8,8 +9,11 @@ import numpy as np
 import pytest
 
 from graycnn import study
+from graycnn.deploy import run_stablehlo
+from graycnn.models import build_model
 from graycnn.study.schema import Report
 from graycnn.study.speed import RowSpeed
+from graycnn.training import checkpoint, data
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +22,7 @@ def timed_run(tmp_path_factory, sample_npz):
     config = study.CompressConfig(
         model="densenet_test", dataset=f"npz:{sample_npz}", eval_dataset="none",
         train_epochs=1, layers=(1,), steps=3, num_clusters={1: 5}, bn="recalibrate",
-        speed_rounds=2, speed_batch=8,
+        speed_rounds=2, speed_batch=8, export=True,
     )  # fmt: skip
     workdir = str(tmp_path_factory.mktemp("run"))
     report = study.compress(config, workdir)
@@ -52,6 +56,22 @@ def test_every_row_is_timed_and_merged_rows_name_their_bar(timed_run):
     assert merged_line.endswith(expected)
     assert f"| {merged.speed.speedup[8]:.2f}x |" in merged_line
     assert os.path.getsize(os.path.join(workdir, "figures", "speed.png")) > 0
+
+
+@pytest.mark.slow
+def test_export_writes_the_last_merged_rows_model(timed_run, sample_npz):
+    _, workdir, raw = timed_run
+    row = Report.from_json(raw).row("merged_1")
+    export = os.path.join(workdir, "export")
+    assert sorted(os.listdir(export)) == ["model.stablehlo", "model.tflite", "signature.json"]
+    signature = json.load(open(os.path.join(export, "signature.json")))
+    assert signature["model"]["widths"]["stem"] == 5 and signature["input"]["view"] == "gray"
+    # The artifact against the row's checkpoint, run by Flax here (an independent path).
+    config, variables, _ = checkpoint.load_model(os.path.join(workdir, row.checkpoint))
+    images = np.asarray(data.apply_view(np.load(sample_npz)["images"][:16], "gray"))
+    flax_logits = build_model(config).apply(variables, images, train=False)
+    blob = open(os.path.join(export, "model.stablehlo"), "rb").read()
+    np.testing.assert_allclose(run_stablehlo(blob, images), flax_logits, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -128,6 +128,11 @@ class CompressConfig:
         "reported); 0: no speed table.",
     )  # fmt: skip
     speed_batch: int = setting(128, "Batch size of the timed throughput, besides batch 1.")
+    export: bool = setting(
+        False, "Also export the last merged row's model (StableHLO, TFLite, signature.json), "
+        "each checked on 256 validation images, to WORKDIR/export/ (python -m "
+        "experiments.export does any checkpoint).",
+    )  # fmt: skip
     data_dir: str | None = setting(None, "TFDS data directory.")
 
     def __post_init__(self):

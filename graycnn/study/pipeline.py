@@ -14,11 +14,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from graycnn import config as config_lib
+from graycnn import deploy
 from graycnn.cli import workdir as workdir_lib
 from graycnn.study import budget, speed, stages
 from graycnn.study.config import CONTROLS, CompressConfig, validate, with_preset
 from graycnn.study.table import RowSpec, Table, color_specs, recovered_spec
 from graycnn.study.writer import Writer
+from graycnn.training import data
 
 
 def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) -> dict[str, Any]:
@@ -94,7 +96,20 @@ def _compress(config: CompressConfig, workdir: str, given: Sequence[str]) -> dic
     settings = _settings(config, color, steps, search)
     if config.speed_rounds:
         rows, settings["speed"] = _timed(config, rows, run.models, out)
-    return out.finish(rows, settings).to_json()
+    report = out.finish(rows, settings)
+    if config.export:
+        _export(report, run.models, splits, out.path("export"))
+    return report.to_json()
+
+
+def _export(report, models, splits, directory: str) -> None:
+    """The last merged row's model as deployable files (`graycnn.deploy`)."""
+    row = [r for r in report.rows if r.merged][-1]
+    model = models[row.key]
+    images = data.apply_view(splits.validation.images[:256], row.image_type)
+    result = deploy.export_model(model.config, model.variables, directory, images)
+    diffs = ", ".join(f"{k} {v:.1g}" for k, v in result.max_abs_diff.items())
+    tqdm.write(f"export: {row.name} to {directory} (largest logit difference: {diffs})")
 
 
 def _timed(config, rows, models, out) -> tuple[list, dict[str, Any]]:
