@@ -20,21 +20,33 @@ __version__ = "0.1.0"
 
 import importlib as _importlib
 import warnings as _warnings
+from typing import TYPE_CHECKING
 
-from graycnn import cluster, compensate, graph, merge, models
-from graycnn.compensate import compensate_merge
-from graycnn.distance import pairwise
-from graycnn.fold import fit_gray_coefficients, fold_to_gray
-from graycnn.graph import count_flops, rebuild, register_rule, trace
-from graycnn.merge import merge_layer, merge_layers, plan_merge, plan_prune
-from graycnn.receptive_field import compute_receptive_fields
-
+# The public API, name -> the module it lives in. Loaded on first use (PEP 562), so a
+# script that imports one part of graycnn does not pay for the others' imports.
+_API = {
+    "compute_receptive_fields": "graycnn.receptive_field",
+    "count_flops": "graycnn.graph",
+    "fit_gray_coefficients": "graycnn.fold",
+    "fold_to_gray": "graycnn.fold",
+    "compensate_merge": "graycnn.compensate",
+    "merge_layer": "graycnn.merge",
+    "merge_layers": "graycnn.merge",
+    "pairwise": "graycnn.distance",
+    "plan_merge": "graycnn.merge",
+    "plan_prune": "graycnn.merge",
+    "rebuild": "graycnn.graph",
+    "register_rule": "graycnn.graph",
+    "trace": "graycnn.graph",
+}
+_PACKAGES = ("cluster", "compensate", "deploy", "graph", "merge", "models")
 __all__ = [
     "cluster",
     "compensate",
     "compensate_merge",
     "compute_receptive_fields",
     "count_flops",
+    "deploy",
     "fit_gray_coefficients",
     "fold_to_gray",
     "graph",
@@ -49,6 +61,17 @@ __all__ = [
     "register_rule",
     "trace",
 ]
+
+if TYPE_CHECKING:
+    from graycnn import cluster, compensate, deploy, graph, merge, models
+    from graycnn.compensate import compensate_merge
+    from graycnn.distance import pairwise
+    from graycnn.fold import fit_gray_coefficients, fold_to_gray
+    from graycnn.graph import count_flops, register_rule
+    from graycnn.graph.rebuild import rebuild
+    from graycnn.graph.trace import trace
+    from graycnn.merge import merge_layer, merge_layers, plan_merge, plan_prune
+    from graycnn.receptive_field import compute_receptive_fields
 
 # Modules that moved into graycnn.training, graycnn.study and graycnn.cli: `from
 # graycnn import data` keeps working for a release, with a DeprecationWarning.
@@ -70,7 +93,14 @@ _MOVED = {
 
 
 def __getattr__(name: str):
-    """The moved modules (`_MOVED`), with a DeprecationWarning naming where they live now."""
+    """The public API (`_API`, `_PACKAGES`), imported on first use; the moved modules
+    (`_MOVED`), with a DeprecationWarning naming where they live now."""
+    if name in _API:
+        value = getattr(_importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    if name in _PACKAGES:
+        return _importlib.import_module(f"graycnn.{name}")
     if name not in _MOVED:
         raise AttributeError(f"module 'graycnn' has no attribute {name!r}")
     _warnings.warn(

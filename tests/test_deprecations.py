@@ -100,3 +100,12 @@ def test_gradient_ascents_old_input_shape_still_works_with_a_warning():
     np.testing.assert_array_equal(old.fields, new.fields)
     with pytest.raises(ValueError, match="image_shape \\(H, W, C\\) .* is required"):
         gradient_ascent(model, variables, 2, steps=1)
+
+
+def test_the_public_api_loads_on_first_use_and_lists_every_name():
+    graycnn = importlib.import_module("graycnn")
+    assert sorted(graycnn.__all__) == sorted([*graycnn._API, *graycnn._PACKAGES])
+    assert graycnn.deploy is importlib.import_module("graycnn.deploy")
+    assert (
+        graycnn.compensate_merge is importlib.import_module("graycnn.compensate").compensate_merge
+    )
