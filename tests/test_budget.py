@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from graycnn.study import CompressConfig, budget, compress, stages
+from graycnn.study import CompressConfig, budget, compress, stages, validate
 from graycnn.training import data, train
 
 
@@ -116,3 +116,19 @@ def test_a_rerun_reads_its_search_back(setting, run, monkeypatch):
     again = compress(_run_config(config), str(workdir))
     assert again["config"]["budget_search"] == report["config"]["budget_search"]
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in report["rows"]]
+
+
+def test_round_to_makes_every_tried_count_a_multiple_narrower_than_the_layer():
+    # Written out: each of 3/4, 1/2, 1/4 of the width, to the nearest multiple.
+    assert budget._counts(20) == [15, 10, 5]
+    assert budget._counts(24, 8) == [16, 8]  # 18 -> 16, 12 -> 16, 6 -> 8
+    assert budget._counts(48, 16) == [32, 16]  # 36 -> 32, 24 -> 32, 12 -> 16
+    assert budget._counts(8, 8) == [] and budget._counts(2) == []  # nothing narrower
+
+
+def test_round_to_needs_a_target():
+    with pytest.raises(ValueError, match="--round_to rounds the counts a --target_flops"):
+        validate(CompressConfig(round_to=8))
+    with pytest.raises(ValueError, match="--round_to must be >= 1"):
+        validate(CompressConfig(round_to=0, target_flops=0.5))
+    validate(CompressConfig(round_to=8, target_flops=0.5))

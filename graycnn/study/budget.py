@@ -109,17 +109,17 @@ def search(
     options = []
     candidates = [
         (i, p) for i, p in enumerate(g.conv_order, start=1)
-        if p in g.widths and g.widths[p] > 2 and _mergeable(g, p)
+        if p in g.widths and _counts(g.widths[p], config.round_to) and _mergeable(g, p)
     ]  # fmt: skip
     # Every candidate at its narrowest option is the smallest plan: refuse a target it
     # misses before measuring any sensitivity (minutes), not after.
-    smallest = {layer: _counts(g.widths[path])[-1] for layer, path in candidates}
+    smallest = {layer: _counts(g.widths[path], config.round_to)[-1] for layer, path in candidates}
     if _size_of_plan(gray, smallest)[kind] > size_budget:
         raise ValueError(_unreachable(kind, size_budget))
     base_accuracy = _accuracy(gray.config, gray.variables, train, selection, config.seed)
     for layer, path in tqdm(candidates, desc="budget: sensitivity", leave=False):
         distances = _distances(config, gray, layer, path, train)
-        for k in _counts(g.widths[path]):
+        for k in _counts(g.widths[path], config.round_to):
             plan = merge.plan_merge(g, layer, _cluster(config, distances, k), config.bn_rule)
             # The merged function in the gray model's shapes: every option then runs on
             # the programs compiled for the base accuracy, instead of compiling its own.
@@ -197,9 +197,14 @@ def _relax(gray, by_layer, chosen: dict, kind: str, budget: float) -> dict[int, 
     return {layer: o.clusters for layer, o in chosen.items()}
 
 
-def _counts(width: int) -> list[int]:
-    """The cluster counts tried for a layer of `width` filters, widest first."""
-    return sorted({max(1, round(width * f)) for f in FRACTIONS}, reverse=True)
+def _counts(width: int, multiple: int = 1) -> list[int]:
+    """The cluster counts tried for a layer of `width` filters, widest first: each of
+    FRACTIONS of the width, rounded to a multiple of `multiple` (--round_to), narrower
+    than the layer; none for a layer of 2 filters or fewer."""
+    if width <= 2:
+        return []
+    counts = {max(multiple, multiple * round(width * f / multiple)) for f in FRACTIONS}
+    return sorted((k for k in counts if k < width), reverse=True)
 
 
 def _unreachable(kind: str, budget: float) -> str:

@@ -114,6 +114,10 @@ class CompressConfig:
     target_params: float = setting(
         0.0, "As --target_flops, for the fraction of the color model's parameters.",
     )  # fmt: skip
+    round_to: int = setting(
+        1, "With --target_*: the cluster counts the search tries are multiples of this "
+        "(widths the hardware's vector units divide); 1: any count.",
+    )  # fmt: skip
     controls: bool = setting(
         True, "Add a random-partition and an L1-pruning row at the same widths for every "
         "merged row.",
@@ -194,6 +198,7 @@ INT32_MAX = 2**31 - 1
 INT_LOWS = {
     "train_epochs": 1, "steps": 1, "compensate_images": 1, "bn_epochs": 1,
     "finetune_epochs": 0, "seeds": 1, "seed": 0, "speed_rounds": 0, "speed_batch": 1,
+    "round_to": 1,
 }  # fmt: skip
 # `config.check_number`'s rule of each float setting; target_* are also checked as
 # fractions.
@@ -244,6 +249,11 @@ def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) ->
         raise ValueError(f"--layers lists a layer twice: {list(config.layers)}")
     if config.target_flops and config.target_params:
         raise ValueError("give --target_flops or --target_params, not both")
+    if config.round_to > 1 and not config.target:
+        raise ValueError(
+            "--round_to rounds the counts a --target_flops or --target_params "
+            "search tries; give one, or --num_clusters in multiples yourself"
+        )
     for flag in ("target_flops", "target_params"):
         value = getattr(config, flag)
         if value and not 0 < value < 1:
