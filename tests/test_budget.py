@@ -132,3 +132,43 @@ def test_round_to_needs_a_target():
     with pytest.raises(ValueError, match="--round_to must be >= 1"):
         validate(CompressConfig(round_to=0, target_flops=0.5))
     validate(CompressConfig(round_to=8, target_flops=0.5))
+
+
+def _flops_time(calls):
+    """A stand-in for timing (no timed asserts): a plan's latency is its FLOPs fraction,
+    which is not the sum of its layers' savings (a conv's input narrows with its producer)."""
+
+    def time_plans(gray, plans):
+        calls.append(plans)
+        full = budget._size_of_plan(gray, {})["flops"]
+        return {
+            name: budget._size_of_plan(gray, steps)["flops"] / full for name, steps in plans.items()
+        }
+
+    return time_plans
+
+
+@pytest.mark.slow
+def test_latency_target_is_met_as_measured_on_the_planned_model(setting):
+    config, color = setting
+    config = _with(config, target_flops=0.0, target_latency=0.6)
+    train_split = data.load_dataset(config.dataset, "train")
+    gray = stages.fold_color_model(config, color, train_split)
+    calls = []
+    plan = budget.search(config, gray, color, train_split, time_plans=_flops_time(calls))
+    assert plan.target == ("latency", 0.6)
+    # Every option was timed (with the narrowest plan) before any sensitivity, and the
+    # plan itself was timed after: what it reached is that measurement, not a sum.
+    assert "smallest" in calls[0] and all(":" in n for n in calls[0] if n != "smallest")
+    assert list(calls[-1]) == ["plan"] and calls[-1]["plan"] == dict(plan.steps)
+    measured = _flops_time([])(gray, {"p": dict(plan.steps)})["p"]
+    assert plan.achieved["latency"] == pytest.approx(measured) and measured <= 0.6
+    for o in plan.options:
+        assert o.latency == pytest.approx(_flops_time([])(gray, {"o": {o.layer: o.clusters}})["o"])
+    assert budget.Plan.from_json(plan.to_json()) == plan
+    # The real timing: one fraction per plan (its size is the machine's, not asserted).
+    real = budget.measure_plans(gray, {"plan": dict(plan.steps)}, config)
+    assert set(real) == {"plan"} and 0 < real["plan"] < 10
+    with pytest.raises(ValueError, match="--target_latency: cannot reach 0.01 of the gray"):
+        budget.search(_with(config, target_latency=0.01), gray, color, train_split,
+                      time_plans=_flops_time([]))  # fmt: skip

@@ -13,6 +13,8 @@ The plan is [(layer, clusters)] in forward order, with the measurements behind i
 """
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,7 +23,8 @@ from tqdm.auto import tqdm
 
 from graycnn import cluster, distance, graph, merge
 from graycnn import receptive_field as rf
-from graycnn.models import build_model, count_params
+from graycnn.deploy import measure_speed
+from graycnn.models import ModelConfig, build_model, count_params, init_variables
 from graycnn.study import stages
 from graycnn.study.config import ACTIVATION, CompressConfig
 from graycnn.training import bn_reestimate, data, evaluation
@@ -40,6 +43,7 @@ class Option:
     drop: float
     params: int
     flops: int
+    latency: float = 0.0  # measured, a fraction of the gray model's; --target_latency only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,63 +95,126 @@ def selection_split(train: data.Split, per_class: int = SELECTION_PER_CLASS) -> 
 
 
 def search(
-    config: CompressConfig, gray: stages.Model, color: stages.Model, train: data.Split
+    config: CompressConfig,
+    gray: stages.Model,
+    color: stages.Model,
+    train: data.Split,
+    time_plans: Callable[[Any, dict[str, dict[int, int]]], dict[str, float]] | None = None,
 ) -> Plan:
-    """Picks layers and cluster counts to reach config.target_flops / target_params.
+    """Picks layers and cluster counts to reach config.target_flops / target_params /
+    target_latency.
 
     Args:
         gray: The gray model; color: the color model, for the size fractions.
         train: The training split; the selection split is carved from it. Nothing else
             is read: the search cannot see the validation or held-out data.
+        time_plans: For --target_latency: (gray, {name: steps}) -> {name: the planned
+            model's measured latency as a fraction of the gray model's}; default
+            `measure_plans` (tests replace it).
     """
-    kind, target = ("flops", config.target_flops) if config.target_flops else (
-        "params", config.target_params)  # fmt: skip
+    kind, target = config.target_of()
     selection = selection_split(train)
     g = gray.graph()
-    color_size = _size(color.config, color.variables)
-    size_budget = target * color_size[kind]
-    options = []
     candidates = [
         (i, p) for i, p in enumerate(g.conv_order, start=1)
         if p in g.widths and _counts(g.widths[p], config.round_to) and _mergeable(g, p)
     ]  # fmt: skip
+    counts = {layer: _counts(g.widths[path], config.round_to) for layer, path in candidates}
+    narrowest = {layer: c[-1] for layer, c in counts.items()}
+    time_plans = time_plans or functools.partial(measure_plans, config=config)
+    full, size_of, timed = _measure(kind, gray, color, counts, narrowest, time_plans)
+    size_budget = target * full
     # Every candidate at its narrowest option is the smallest plan: refuse a target it
     # misses before measuring any sensitivity (minutes), not after.
-    smallest = {layer: _counts(g.widths[path], config.round_to)[-1] for layer, path in candidates}
-    if _size_of_plan(gray, smallest)[kind] > size_budget:
+    smallest = timed["smallest"] if kind == "latency" else size_of(narrowest)
+    if smallest > size_budget:
         raise ValueError(_unreachable(kind, size_budget))
     base_accuracy = _accuracy(gray.config, gray.variables, train, selection, config.seed)
+    options = []
     for layer, path in tqdm(candidates, desc="budget: sensitivity", leave=False):
         distances = _distances(config, gray, layer, path, train)
-        for k in _counts(g.widths[path], config.round_to):
+        for k in counts[layer]:
             plan = merge.plan_merge(g, layer, _cluster(config, distances, k), config.bn_rule)
             # The merged function in the gray model's shapes: every option then runs on
             # the programs compiled for the base accuracy, instead of compiling its own.
             merged = plan.apply(gray.variables, keep_widths=True)
             acc = _accuracy(gray.config, merged, train, selection, config.seed)
             size = _size_of_plan(gray, {layer: k})
-            options.append(Option(layer, k, 100 * (base_accuracy - acc), **size))
-    steps = _allocate(gray, options, kind, size_budget)
-    achieved = _size_of_plan(gray, steps)
-    return Plan(
-        sorted(steps.items()),
-        (kind, target),
-        {k: v / color_size[k] for k, v in achieved.items()},
-        options,
-        base_accuracy,
-    )
+            latency = timed.get(f"{layer}:{k}", 0.0)
+            options.append(Option(layer, k, 100 * (base_accuracy - acc), **size, latency=latency))
+    steps = _allocate(options, kind, size_budget, full, size_of)
+    achieved = {k: v / c for k, v, c in _fractions(gray, color, steps)}
+    if kind == "latency":
+        steps, achieved["latency"] = _meet_latency(
+            gray, options, steps, target, size_of, time_plans
+        )
+        achieved |= {k: v / c for k, v, c in _fractions(gray, color, steps)}
+    return Plan(sorted(steps.items()), (kind, target), achieved, options, base_accuracy)
 
 
-def _allocate(gray, options: list[Option], kind: str, budget: float) -> dict[int, int]:
-    """Greedy: cheapest accuracy per unit of size saved, until the plan fits `budget`."""
-    full = _size(gray.config, gray.variables)[kind]
+def _measure(kind, gray, color, counts, narrowest, time_plans) -> tuple[float, Callable, dict]:
+    """The unmerged size, a plan's size (`size_of(steps)`) and, for latency, every
+    option's and the narrowest plan's measured latency fraction (`timed`)."""
+    if kind != "latency":
+        full = _size(color.config, color.variables)[kind]
+        return full, lambda steps: _size_of_plan(gray, steps)[kind], {}
+    plans = {f"{layer}:{k}": {layer: k} for layer in counts for k in counts[layer]}
+    timed = time_plans(gray, plans | {"smallest": narrowest})
+    return 1.0, functools.partial(_latency_of_plan, timed), timed
+
+
+def measure_plans(gray: Any, plans: dict[str, dict[int, int]], config: Any) -> dict[str, float]:
+    """Each plan's model (random weights: time depends only on the widths) timed against
+    the gray model in interleaved rounds at --speed_batch: its latency as a fraction of
+    the gray model's (the median of per-round ratios)."""
+    models = {"gray": (gray.config, gray.variables)}
+    for name, steps in plans.items():
+        model_config = _config_of_plan(gray, steps)
+        models[name] = (model_config, init_variables(model_config, jax.random.key(0)))
+    timed = measure_speed(models, (config.speed_batch,), max(config.speed_rounds, 3))
+    return {name: 1 / timed[name].speedup_over("gray", config.speed_batch) for name in plans}
+
+
+def _latency_of_plan(timed: dict[str, float], steps: dict[int, int]) -> float:
+    """Predicted: each layer's measured saving, added (checked by measuring the plan)."""
+    return 1.0 - sum(1.0 - timed[f"{layer}:{k}"] for layer, k in steps.items())
+
+
+def _meet_latency(gray, options, steps, target, size_of, time_plans) -> tuple[dict, float]:
+    """Measures the plan; while it misses the target, plans again to a budget cut by the
+    miss (savings do not add exactly). Returns the plan and its measured fraction."""
+    budget = target
+    for _ in range(3):
+        measured = time_plans(gray, {"plan": steps})["plan"]
+        if measured <= target:
+            break
+        budget *= target / measured
+        steps = _allocate(options, "latency", budget, 1.0, size_of)
+    else:
+        measured = time_plans(gray, {"plan": steps})["plan"]
+    return steps, measured
+
+
+def _fractions(gray, color, steps) -> list[tuple[str, float, float]]:
+    color_size = _size(color.config, color.variables)
+    return [(k, v, color_size[k]) for k, v in _size_of_plan(gray, steps).items()]
+
+
+def _allocate(
+    options: list[Option], kind: str, budget: float, full: float, size_of: Callable
+) -> dict[int, int]:
+    """Greedy: cheapest accuracy per unit of size saved, until the plan fits `budget`.
+
+    Args:
+        full: The unmerged size (latency: 1.0); size_of(steps): a plan's size.
+    """
     by_layer: dict[int, list[Option]] = {}
     for o in options:
         by_layer.setdefault(o.layer, []).append(o)
     for layer in by_layer:
         by_layer[layer].sort(key=lambda o: -o.clusters)  # widest first
     chosen: dict[int, Option] = {}
-    while _size_of_plan(gray, {k: o.clusters for k, o in chosen.items()})[kind] > budget:
+    while size_of({k: o.clusters for k, o in chosen.items()}) > budget:
         best, best_cost = None, np.inf
         for layer, opts in by_layer.items():
             current = chosen.get(layer)
@@ -165,10 +232,10 @@ def _allocate(gray, options: list[Option], kind: str, budget: float) -> dict[int
         if best is None:
             raise ValueError(_unreachable(kind, budget))
         chosen[best.layer] = best
-    return _relax(gray, by_layer, chosen, kind, budget)
+    return _relax(by_layer, chosen, budget, size_of)
 
 
-def _relax(gray, by_layer, chosen: dict, kind: str, budget: float) -> dict[int, int]:
+def _relax(by_layer, chosen: dict, budget: float, size_of: Callable) -> dict[int, int]:
     """Greedy steps are coarse and can overshoot the target: widen the costliest
     choices again (or drop them) while the plan still fits."""
     improved = True
@@ -185,7 +252,7 @@ def _relax(gray, by_layer, chosen: dict, kind: str, budget: float) -> dict[int, 
                     if o.drop >= current.drop:
                         continue
                     trial[layer] = o.clusters
-                if _size_of_plan(gray, trial)[kind] <= budget:
+                if size_of(trial) <= budget:
                     if o is None:
                         del chosen[layer]
                     else:
@@ -208,20 +275,27 @@ def _counts(width: int, multiple: int = 1) -> list[int]:
 
 
 def _unreachable(kind: str, budget: float) -> str:
+    amount = f"{budget:.2f} of the gray model's latency" if kind == "latency" else (
+        f"{budget:,.0f} {kind}")  # fmt: skip
     return (
-        f"--target_{kind}: cannot reach {budget:,.0f} {kind} by merging the mergeable "
+        f"--target_{kind}: cannot reach {amount} by merging the mergeable "
         f"layers to {min(FRACTIONS):g} of their widths; ask for a larger fraction"
     )
+
+
+def _config_of_plan(gray, steps: dict[int, int]) -> ModelConfig:
+    """`gray`'s config with each planned layer at its cluster count."""
+    g = gray.graph()
+    widths = dict(gray.config.widths)
+    for layer, k in steps.items():
+        widths |= dict.fromkeys(g.group(g.conv_order[layer - 1]), k)  # a residual group too
+    return gray.config.replace(widths=widths)
 
 
 def _size_of_plan(gray, steps: dict[int, int]) -> dict[str, int]:
     """The exact size of `gray` with each planned layer at its cluster count: counted on
     abstract shapes, nothing merged."""
-    g = gray.graph()
-    widths = dict(gray.config.widths)
-    for layer, k in steps.items():
-        widths |= dict.fromkeys(g.group(g.conv_order[layer - 1]), k)  # a residual group too
-    config = gray.config.replace(widths=widths)
+    config = _config_of_plan(gray, steps)
     model = build_model(config)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros(config.input_shape))
     return _size(config, shapes)

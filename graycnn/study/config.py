@@ -114,6 +114,11 @@ class CompressConfig:
     target_params: float = setting(
         0.0, "As --target_flops, for the fraction of the color model's parameters.",
     )  # fmt: skip
+    target_latency: float = setting(
+        0.0, "As --target_flops, for this fraction of the gray model's latency at "
+        "--speed_batch, measured on this device (each layer's option timed, the plan "
+        "measured again).",
+    )  # fmt: skip
     round_to: int = setting(
         1, "With --target_*: the cluster counts the search tries are multiples of this "
         "(widths the hardware's vector units divide); 1: any count.",
@@ -151,8 +156,15 @@ class CompressConfig:
 
     @property
     def target(self) -> bool:
-        """Whether a budget search picks the layers (--target_flops/--target_params)."""
-        return bool(self.target_flops or self.target_params)
+        """Whether a budget search picks the layers (a --target_* flag)."""
+        return bool(self.target_flops or self.target_params or self.target_latency)
+
+    def target_of(self) -> tuple[str, float]:
+        """('flops', 'params' or 'latency', the fraction) of the run's --target_* flag."""
+        for kind in ("flops", "params", "latency"):
+            if getattr(self, f"target_{kind}"):
+                return kind, getattr(self, f"target_{kind}")
+        raise ValueError("no --target_flops, --target_params or --target_latency given")
 
     @property
     def budgets(self) -> tuple[str, ...]:
@@ -204,7 +216,7 @@ INT_LOWS = {
 # fractions.
 FLOAT_RULES: dict[str, dict[str, Any]] = {
     "eps_std": {"positive": True}, "finetune_lr": {"low": 0},
-    "target_flops": {"low": 0}, "target_params": {"low": 0},
+    "target_flops": {"low": 0}, "target_params": {"low": 0}, "target_latency": {"low": 0},
 }  # fmt: skip
 
 
@@ -233,6 +245,26 @@ def _check_numbers(config: CompressConfig) -> None:
         )
 
 
+def _check_targets(config: CompressConfig) -> None:
+    """At most one --target_*, each a fraction; --round_to only with one."""
+    kinds = ("flops", "params", "latency")
+    given = [f"--target_{k}" for k in kinds if getattr(config, f"target_{k}")]
+    if len(given) > 1:
+        raise ValueError(
+            "give one of --target_flops, --target_params, --target_latency, not "
+            + " and ".join(given)
+        )
+    if config.round_to > 1 and not config.target:
+        raise ValueError(
+            "--round_to rounds the counts a --target_flops, --target_params or "
+            "--target_latency search tries; give one, or --num_clusters in multiples yourself"
+        )
+    for kind in kinds:
+        value = getattr(config, f"target_{kind}")
+        if value and not 0 < value < 1:
+            raise ValueError(f"--target_{kind} must be a fraction in (0, 1), got {value}")
+
+
 def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) -> None:
     """Raises ValueError naming the flag at fault, before any work.
 
@@ -247,17 +279,7 @@ def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) ->
         raise ValueError("--layers is empty: name at least one conv layer to merge")
     if len(set(config.layers)) != len(config.layers):
         raise ValueError(f"--layers lists a layer twice: {list(config.layers)}")
-    if config.target_flops and config.target_params:
-        raise ValueError("give --target_flops or --target_params, not both")
-    if config.round_to > 1 and not config.target:
-        raise ValueError(
-            "--round_to rounds the counts a --target_flops or --target_params "
-            "search tries; give one, or --num_clusters in multiples yourself"
-        )
-    for flag in ("target_flops", "target_params"):
-        value = getattr(config, flag)
-        if value and not 0 < value < 1:
-            raise ValueError(f"--{flag} must be a fraction in (0, 1), got {value}")
+    _check_targets(config)
     per_layer = {
         "--objective": config.objective,
         "--metric": config.metric,

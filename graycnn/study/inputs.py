@@ -130,7 +130,7 @@ def check_data(config: CompressConfig, splits: Splits) -> None:
     if config.finetune_epochs:
         needs.append(("--finetune_epochs", "--finetune_epochs", batch))
     if config.target:
-        needs.append(("the --target_flops/--target_params search", None, SEARCH_BN_BATCH))
+        needs.append(("the --target_* search", None, SEARCH_BN_BATCH))
     for what, flag, need in needs:
         if n < need:
             raise ValueError(

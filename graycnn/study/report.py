@@ -156,23 +156,31 @@ def _verdicts(rows: tuple[Row, ...], color: Row) -> list[str]:
 
 
 def _budget_search(search: Mapping[str, Any]) -> list[str]:
-    """The plan a --target_flops/--target_params run chose, and the measurements behind it."""
+    """The plan a --target_* run chose, and the measurements behind it."""
     target = ", ".join(f"{k} {v:.2f}" for k, v in search["target"].items())
     achieved = ", ".join(f"{k} {v:.3f}" for k, v in search["achieved"].items())
     plan = ", ".join(f"L{s['layer']}: {s['clusters']}" for s in search["steps"]) or "no merge"
+    latency = "latency" in search["target"]
+    whose = (
+        "the gray model's (latency measured on this device; sizes: of the color model's)"
+        if latency
+        else "the color model's"
+    )
     lines = [
         "## Budget search (replaces --layers and --num_clusters)",
         "",
-        f"Target: {target} of the color model's; plan {plan}; reached {achieved}. "
+        f"Target: {target} of {whose}; plan {plan}; reached {achieved}. "
         "Sensitivity: each layer merged alone, BN recalibrated, accuracy lost (points) "
         "on the selection split carved from the training images (unmerged: "
         f"{100 * search['selection_accuracy']:.1f}%).",
         "",
-        "| layer | clusters | points lost | model params | model FLOPs |",
-        "|---|---|---|---|---|",
+        "| layer | clusters | points lost | model params | model FLOPs |"
+        + (" model latency |" if latency else ""),
+        "|---|---|---|---|---|" + ("---|" if latency else ""),
     ]
     lines += [
         f"| {o['layer']} | {o['clusters']} | {o['drop']:+.1f} | {o['params']:,} | {o['flops']:,} |"
+        + (f" {o['latency']:.3f} |" if latency else "")
         for o in search["options"]
     ]
     return lines
