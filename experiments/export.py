@@ -15,7 +15,7 @@ import json
 
 from absl import flags
 
-from graycnn.cli import runtime
+from graycnn.cli import runtime, workdir
 from graycnn.deploy import FORMATS, export_model, view_of
 from graycnn.training import checkpoint, data, evaluation
 
@@ -39,6 +39,7 @@ def main(argv):
     unknown = [f for f in FLAGS.formats if f not in FORMATS]
     if unknown or not FLAGS.formats:
         raise ValueError(f"--formats: unknown {unknown}; formats: {', '.join(FORMATS)}")
+    workdir.prepare(FLAGS.out, "--out")  # a bad --out fails before the conversions
     model_config, variables, _ = checkpoint.load_model(FLAGS.checkpoint)
     view = view_of(model_config)
     split_name = FLAGS.split or data.default_eval_split(FLAGS.dataset)
