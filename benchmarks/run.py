@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --out=DIR
     python -m benchmarks.run --out=DIR --quick    # fewer steps, rounds, layers
+    python -m benchmarks.run --out=DIR --runs=default=runs/compress,target=runs/target
 
 Writes DIR/benchmarks.md and DIR/benchmarks.json with:
   - train and eval img/s of densenet_tiny and densenet_seed (benchmarks/train.py), with
@@ -12,6 +13,8 @@ Writes DIR/benchmarks.md and DIR/benchmarks.json with:
     kind (benchmarks/receptive_field.py);
   - pairwise IMED and SSIM for N = 36, 234 and 1,000 (benchmarks/distance.py);
   - the compress stages on the default (benchmarks/compress_stages.py);
+  - with --runs, each compress row's measured speed-up against its FLOPs cut
+    (benchmarks/compress_speed.py);
   - on CPU, where a train step's time goes by op category, for both models
     (benchmarks/profile_step.py).
 No XLA_FLAGS are needed: it runs with graycnn's defaults, as the CLIs do.
@@ -29,7 +32,14 @@ from typing import Any
 import jax
 from absl import flags
 
-from benchmarks import compress_stages, distance, markdown_table, profile_step, receptive_field
+from benchmarks import (
+    compress_speed,
+    compress_stages,
+    distance,
+    markdown_table,
+    profile_step,
+    receptive_field,
+)
 from benchmarks import train as train_bench
 from graycnn.cli import runtime
 
@@ -40,6 +50,12 @@ _ROUNDS = flags.DEFINE_integer("rounds", None, "Interleaved rounds (default 5, q
 _ALL_SECTIONS = ["train", "variants", "fields", "distances", "compress", "profile"]
 _SECTIONS = flags.DEFINE_list("sections", _ALL_SECTIONS, "Which benchmarks to run.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Train/eval batch size.")
+_RUNS = flags.DEFINE_list(
+    "runs",
+    [],
+    "NAME=DIR of finished compress runs (e.g. the default and a --target_flops "
+    "run): their rows' measured speed-up against FLOPs cut (benchmarks/compress_speed.py).",
+)
 
 
 def _machine() -> dict[str, Any]:
@@ -200,6 +216,18 @@ def _profile_text(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _rows_text(report: dict[str, Any]) -> list[str]:
+    r = report["rows"]
+    return [
+        f"## Compress rows: measured speed-up against FLOPs cut ({r['device']}, one device)",
+        "",
+        f"Each row's speed-up over its bar, the median of {r['rounds']} interleaved rounds; "
+        "efficiency = speed-up / FLOPs cut (benchmarks/compress_speed.py).",
+        "",
+        *compress_speed.format_table(r),
+    ]
+
+
 # Markdown of each section, in the order the tables appear.
 _SECTION_TEXT = {
     "train": _train_text,
@@ -207,6 +235,7 @@ _SECTION_TEXT = {
     "fields": _fields_text,
     "distances": _distances_text,
     "compress": _compress_text,
+    "rows": _rows_text,
     "profile": _profile_text,
 }
 
@@ -251,6 +280,11 @@ def main(argv):
         report["compress"] = {"layers": "1, 2", "stages": stages, "summary": summary}
         if jax.default_backend() == "cpu":
             report["compress"]["speedups"] = compress_stages.compare_speedups(1 if quick else 2)
+    if _RUNS.value:
+        print("compress rows: measured speed-up", flush=True)
+        report["rows"] = compress_speed.run_table(
+            compress_speed.parse_runs(_RUNS.value), _BATCH.value, rounds
+        )
     # The profile reads XLA:CPU's thread-pool events; other backends trace differently.
     if "profile" in _SECTIONS.value and jax.default_backend() == "cpu":
         report["profile"] = []

@@ -101,3 +101,23 @@ def test_the_speed_flags_are_checked():
                              ({"speed_batch": 0}, "--speed_batch")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             study.validate(study.CompressConfig(**changes))
+
+
+@pytest.mark.slow
+def test_the_benchmark_times_a_finished_runs_rows_against_their_bar(timed_run):
+    from benchmarks import compress_speed
+
+    _, workdir, raw = timed_run
+    report = Report.from_json(raw)
+    table = compress_speed.run_table(compress_speed.parse_runs([f"x={workdir}"]), 4, 1)
+    assert table["batch_sizes"] == [1, 4]
+    timed = {r["row"]: r for r in table["rows"]}
+    assert set(timed) == {"merged_1", "random_1", "prune_l1_1"}  # the BN budget's gray rows
+    bar = report.row("gray_bn")
+    for key, r in timed.items():
+        assert r["flops_cut"] == pytest.approx(bar.flops / report.row(key).flops)
+        assert r["efficiency"] == pytest.approx(r["speedup"][4] / r["flops_cut"])
+    lines = compress_speed.format_table(table)
+    assert lines[0].startswith("| run | row | FLOPs cut | speed-up (batch 4) |")
+    with pytest.raises(ValueError, match="--runs: 'x=/nope' is not NAME=DIR"):
+        compress_speed.parse_runs(["x=/nope"])
