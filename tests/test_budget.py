@@ -172,3 +172,25 @@ def test_latency_target_is_met_as_measured_on_the_planned_model(setting):
     with pytest.raises(ValueError, match="--target_latency: cannot reach 0.01 of the gray"):
         budget.search(_with(config, target_latency=0.01), gray, color, train_split,
                       time_plans=_flops_time([]))  # fmt: skip
+
+
+def test_a_latency_plan_that_misses_is_replanned_and_one_that_cannot_reports_its_time():
+    timed = {"1:8": 0.74, "1:4": 0.6, "2:8": 0.9}  # fractions of the gray model's latency
+    drops = {"1:8": 0.5, "1:4": 3.0, "2:8": 0.2}  # accuracy lost, points
+    options = [budget.Option(int(k[0]), int(k[2:]), drop=drops[k], params=0, flops=0,
+                             latency=v) for k, v in timed.items()]  # fmt: skip
+    size_of = lambda steps: budget._latency_of_plan(timed, steps)  # noqa: E731
+    steps = budget._allocate(options, "latency", 0.75, 1.0, size_of)
+    # Measured 0.1 slower than predicted: the re-plan to a tighter budget meets it.
+    slow = lambda gray, plans: {n: size_of(s) + 0.1 for n, s in plans.items()}  # noqa: E731
+    final, measured = budget._meet_latency(None, options, steps, 0.75, size_of, slow)
+    assert steps == {1: 8} and final == {1: 8, 2: 8}
+    assert measured == pytest.approx(size_of(final) + 0.1) and measured <= 0.75
+    # Never under 0.8 as measured: no exception, the last plan and what it measured.
+    floor = lambda gray, plans: {n: max(size_of(s), 0.8) for n, s in plans.items()}  # noqa: E731
+    final, measured = budget._meet_latency(None, options, steps, 0.75, size_of, floor)
+    assert measured == 0.8
+    # Measured as predicted: the first plan stands.
+    exact = lambda gray, plans: {n: size_of(s) for n, s in plans.items()}  # noqa: E731
+    assert budget._meet_latency(None, options, steps, 0.75, size_of, exact) == (
+        steps, pytest.approx(size_of(steps)))  # fmt: skip

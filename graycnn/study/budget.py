@@ -187,12 +187,13 @@ def _meet_latency(gray, options, steps, target, size_of, time_plans) -> tuple[di
     for _ in range(3):
         measured = time_plans(gray, {"plan": steps})["plan"]
         if measured <= target:
-            break
+            return steps, measured
         budget *= target / measured
-        steps = _allocate(options, "latency", budget, 1.0, size_of)
-    else:
-        measured = time_plans(gray, {"plan": steps})["plan"]
-    return steps, measured
+        try:
+            steps = _allocate(options, "latency", budget, 1.0, size_of)
+        except ValueError:  # no plan is predicted that fast: report the closest measured
+            return steps, measured
+    return steps, time_plans(gray, {"plan": steps})["plan"]
 
 
 def _fractions(gray, color, steps) -> list[tuple[str, float, float]]:
