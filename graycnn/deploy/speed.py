@@ -66,6 +66,7 @@ def measure_speed(
     rounds: int = 5,
     clock: Callable[[], float] = time.perf_counter,
     forward: Callable[[ModelConfig, Mapping[str, Any], int], Callable[[], Any]] = _forward,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Timed]:
     """Times each model's eval-mode forward (`inference_function`) at each batch size.
 
@@ -75,6 +76,8 @@ def measure_speed(
         rounds: Interleaved rounds (>= 1); each times every model once.
         clock, forward: The timer and the callable made for a model and batch size;
             tests replace them.
+        progress: Called as progress(models compiled, models in all) over every batch
+            size (compiling is most of the time).
 
     Returns:
         name -> Timed, with `rounds_against` for every other name.
@@ -86,9 +89,13 @@ def measure_speed(
         )
     names = list(models)
     seconds: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batch_sizes} for n in names}
-    for batch in batch_sizes:
-        calls = {n: forward(*models[n], batch) for n in names}
-        repeats = {n: _calibrate(calls[n], clock) for n in names}
+    for b, batch in enumerate(batch_sizes):
+        calls, repeats = {}, {}
+        for i, n in enumerate(names):
+            calls[n] = forward(*models[n], batch)
+            repeats[n] = _calibrate(calls[n], clock)
+            if progress:
+                progress(b * len(names) + i + 1, len(batch_sizes) * len(names))
         for r in range(rounds):
             for n in names[r % len(names) :] + names[: r % len(names)]:
                 start = clock()

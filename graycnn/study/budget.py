@@ -171,7 +171,11 @@ def measure_plans(gray: Any, plans: dict[str, dict[int, int]], config: Any) -> d
     for name, steps in plans.items():
         model_config = _config_of_plan(gray, steps)
         models[name] = (model_config, init_variables(model_config, jax.random.key(0)))
-    timed = measure_speed(models, (config.speed_batch,), max(config.speed_rounds, 3))
+    with tqdm(total=len(models), desc="budget: timing each option", leave=False) as bar:
+        timed = measure_speed(
+            models, (config.speed_batch,), max(config.speed_rounds, 3),
+            progress=lambda done, total: bar.update(done - bar.n),
+        )  # fmt: skip
     return {name: 1 / timed[name].speedup_over("gray", config.speed_batch) for name in plans}
 
 

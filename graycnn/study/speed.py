@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+from tqdm.auto import tqdm
 
 from graycnn.deploy import measure_speed
 
@@ -80,11 +81,12 @@ def measure_rows(
     first: dict[int, str] = {}  # one timing per distinct model
     for key, model in models.items():
         first.setdefault(id(model), key)
-    timed = measure_speed(
-        {key: (models[key].config, models[key].variables) for key in first.values()},
-        batch_sizes,
-        rounds,
-    )
+    distinct = {key: (models[key].config, models[key].variables) for key in first.values()}
+    total = len(distinct) * len(batch_sizes)
+    with tqdm(total=total, desc="speed: timing each row", leave=False) as bar:
+        timed = measure_speed(
+            distinct, batch_sizes, rounds, progress=lambda done, _: bar.update(done - bar.n)
+        )
     out = {}
     for key, model in models.items():
         mine = timed[first[id(model)]]
