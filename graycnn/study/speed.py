@@ -83,15 +83,18 @@ def measure_rows(
         first.setdefault(id(model), key)
     distinct = {key: (models[key].config, models[key].variables) for key in first.values()}
     total = len(distinct) * len(batch_sizes)
-    with tqdm(total=total, desc="speed: timing each row", leave=False) as bar:
+    with tqdm(total=total, desc="speed: timing each row", leave=False) as progress:
         timed = measure_speed(
-            distinct, batch_sizes, rounds, progress=lambda done, _: bar.update(done - bar.n)
+            distinct,
+            batch_sizes,
+            rounds,
+            progress=lambda done, _: progress.update(done - progress.n),
         )
     out = {}
     for key, model in models.items():
         mine = timed[first[id(model)]]
-        bar = bars.get(key)
-        bar_key = first[id(models[bar])] if bar is not None and bar in models else None
+        against = bars.get(key)
+        bar_key = first[id(models[against])] if against is not None and against in models else None
         speedup = None
         if bar_key is not None:
             speedup = (
@@ -101,7 +104,7 @@ def measure_rows(
             )
         out[key] = RowSpeed(
             images_per_second=dict(mine.images_per_second),
-            against=bar if speedup is not None else None,
+            against=against if speedup is not None else None,
             speedup=speedup,
         )
     return out
