@@ -77,7 +77,9 @@ def _check_classes(train: data.Split, other: data.Split, flag: str) -> None:
         )
 
 
-def fit_size(config: TransferConfig, splits: Splits, model_config: ModelConfig) -> tuple[Splits, int]:
+def fit_size(
+    config: TransferConfig, splits: Splits, model_config: ModelConfig
+) -> tuple[Splits, int]:
     """(the splits at the model's input size, that size): resized to the color model's
     size with --resize, else the size of the images, if the model can take it."""
     size = splits.train.images.shape[1:3]
@@ -92,8 +94,11 @@ def fit_size(config: TransferConfig, splits: Splits, model_config: ModelConfig) 
     target = model_config.image_size if config.resize else size[0]
     if not config.resize:
         try:
-            jax.eval_shape(build_model(model_config.replace(image_size=target, in_channels=1)).init,
-                           jax.random.key(0), jnp.zeros((1, target, target, 1)))
+            jax.eval_shape(
+                build_model(model_config.replace(image_size=target, in_channels=1)).init,
+                jax.random.key(0),
+                jnp.zeros((1, target, target, 1)),
+            )
         except ValueError as e:
             raise ValueError(
                 f"--resize=false: the model cannot take {size[0]}x{size[1]} images ({e}); "

@@ -24,8 +24,12 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     for row in report["rows"]:
         ev = row["eval"]
-        vs = "-" if "delta" not in ev else (
-            f"{ev['delta']:+.2f} [{ev['ci95'][0]:+.2f}, {ev['ci95'][1]:+.2f}] {ev['verdict']}"
+        vs = (
+            "-"
+            if "delta" not in ev
+            else (
+                f"{ev['delta']:+.2f} [{ev['ci95'][0]:+.2f}, {ev['ci95'][1]:+.2f}] {ev['verdict']}"
+            )
         )
         reach = "never" if row["steps_to_scratch"] is None else str(row["steps_to_scratch"])
         lines.append(

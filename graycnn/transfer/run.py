@@ -1,8 +1,8 @@
 """scratch, transfer and merged trained the same number of steps on the user's images.
 
     color model --fold--> gray --new head--> transfer
-                          gray --merge (clusters on the user's images, lstsq refit)--> new head --> merged
-    gray architecture, random init --> scratch
+    gray --merge (clusters on the user's images, lstsq refit)--> new head--> merged
+    the gray architecture, random init --> scratch
 
 Each is trained `steps` SGD steps (graycnn.training.train's step and optimizer), its
 validation accuracy recorded every `eval_every` steps (the curve).
@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm.auto import tqdm
 
 from graycnn.models import build_model, init_variables
@@ -152,14 +151,23 @@ def _summarize(config, rows, correct, splits, sizes, has_held) -> dict[str, Any]
         reached = [s for s, a in row["curve"] if a >= target]
         row["steps_to_scratch"] = reached[0] if reached else None
         if row["kind"] != "transfer":
-            row["eval"] |= stats.compare(correct[row["kind"]], correct["transfer"], seed=config.seed)
+            row["eval"] |= stats.compare(
+                correct[row["kind"]], correct["transfer"], seed=config.seed
+            )
     original, size = sizes
     return {
-        "settings": {k: (v if not hasattr(v, "layers") else repr(v))
-                     for k, v in vars(config).items()},  # fmt: skip
-        "images": {"original": list(original), "model": [size, size], "resized": config.resize
-                   and tuple(original) != (size, size)},  # fmt: skip
-        "data": {"train": len(splits.train), "validation": len(splits.validation),
-                 "eval": splits.held_out_name if has_held else "validation"},  # fmt: skip
+        "settings": {
+            k: (v if not hasattr(v, "layers") else repr(v)) for k, v in vars(config).items()
+        },  # fmt: skip
+        "images": {
+            "original": list(original),
+            "model": [size, size],
+            "resized": config.resize and tuple(original) != (size, size),
+        },  # fmt: skip
+        "data": {
+            "train": len(splits.train),
+            "validation": len(splits.validation),
+            "eval": splits.held_out_name if has_held else "validation",
+        },  # fmt: skip
         "rows": rows,
     }
