@@ -166,5 +166,6 @@ def test_64x64_pngs_run_at_their_size(tmp_path, color_checkpoint):
     assert ok.returncode == 0, ok.stderr
     report = json.load(open(work / "report.json"))
     assert report["images"] == {"original": [64, 64], "model": [64, 64], "resized": False}
-    assert report["data"] == {"train": 60, "validation": 12, "eval": "validation"}
+    # 24 images a class, the last 5 (20%, rounded) of each validation.
+    assert report["data"] == {"train": 57, "validation": 15, "eval": "validation"}
     assert len(report["rows"][0]["curve"]) == 3

@@ -42,7 +42,7 @@ applies are `graycnn.training.transforms`. Their public names are importable fro
 import dataclasses
 import importlib.resources
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -255,7 +255,7 @@ def _split(
     split: str,
     source: str,
     class_names: tuple[str, ...] | None = None,
-    per_class: dict[str, float] | None = None,
+    per_class: Mapping[str, float] | None = None,
 ) -> Split:
     """Class-balanced held-out splits taken from the end of each class, in file order.
 

@@ -106,9 +106,9 @@ def fit_size(
             ) from None
     if size == (target, target):
         return splits, target
-    fix = lambda s: None if s is None else resize(s, target)  # noqa: E731
-    return Splits(fix(splits.train), fix(splits.validation), fix(splits.held_out),
-                  splits.held_out_name), target  # fmt: skip
+    held = None if splits.held_out is None else resize(splits.held_out, target)
+    train, validation = resize(splits.train, target), resize(splits.validation, target)
+    return Splits(train, validation, held, splits.held_out_name), target
 
 
 def resize(split: data.Split, size: int) -> data.Split:

@@ -45,9 +45,12 @@ def build_models(
     """{kind: the model before training}, each with a head for `train`'s classes."""
     classes, names = train.num_classes, train.class_names or ()
     color = stages.Model(color.config.replace(image_size=size), color.variables, color.source)
+    # Clusters of the filters' responses to the user's images (compress's default
+    # objective), each merge refit by least squares; steps=1: the receptive fields that
+    # plan_layer_merge also computes are only for compress's figures.
     compress = CompressConfig(
         layers=config.layers, num_clusters=config.num_clusters, compensate="lstsq",
-        seed=config.seed,
+        seed=config.seed, steps=1,
     )  # fmt: skip
     gray = stages.fold_color_model(compress, color, train)
     rng = jax.random.key(config.seed + 7)
