@@ -87,7 +87,8 @@ def train_curve(
     rng = jax.random.key(config.seed + 1)
     curve = [[0, _accuracy(model.config, state.variables, val)]]
     seconds = 0.0
-    for step, (images, labels) in enumerate(_batches(config, train), start=1):
+    bar = tqdm(_batches(config, train), total=config.steps, mininterval=1.0, leave=False)
+    for step, (images, labels) in enumerate(bar, start=1):
         start = time.perf_counter()
         batch = parallel.shard_batch(batch_sharding, images, labels)
         state, metrics = step_fn(state, *batch, jax.random.fold_in(rng, step))
@@ -95,6 +96,7 @@ def train_curve(
         seconds += time.perf_counter() - start
         if step % config.eval_every == 0 or step == config.steps:
             curve.append([step, _accuracy(model.config, state.variables, val)])
+            bar.set_postfix(val_acc=f"{curve[-1][1]:.3f}")
     trained = stages.Model(model.config, jax.device_get(state.variables))
     return trained, curve, seconds
 
