@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
+from graycnn import config as config_lib
 from graycnn.models import build_model, init_variables
-from graycnn.study import stages
+from graycnn.study import stages, stats
 from graycnn.study.config import CompressConfig
 from graycnn.training import checkpoint, data, evaluation, parallel
 from graycnn.training import train as train_lib
@@ -149,8 +150,6 @@ def transfer(config: TransferConfig) -> dict[str, Any]:
 
 
 def _summarize(config, rows, correct, splits, sizes, has_held) -> dict[str, Any]:
-    from graycnn.study import stats
-
     target = rows[0]["curve"][-1][1]  # scratch's final validation accuracy
     for row in rows:
         reached = [s for s, a in row["curve"] if a >= target]
@@ -161,18 +160,16 @@ def _summarize(config, rows, correct, splits, sizes, has_held) -> dict[str, Any]
             )
     original, size = sizes
     return {
-        "settings": {
-            k: (v if not hasattr(v, "layers") else repr(v)) for k, v in vars(config).items()
-        },  # fmt: skip
+        "settings": config_lib.to_json(config),
         "images": {
             "original": list(original),
             "model": [size, size],
             "resized": config.resize and tuple(original) != (size, size),
-        },  # fmt: skip
+        },
         "data": {
             "train": len(splits.train),
             "validation": len(splits.validation),
             "eval": splits.held_out_name if has_held else "validation",
-        },  # fmt: skip
+        },
         "rows": rows,
     }
