@@ -3,8 +3,10 @@
 The library, for any Flax model (linen, or NNX): the names below, and the packages
 `graycnn.graph` (tracing), `graycnn.merge`, `graycnn.compensate` and `graycnn.models`.
 `graycnn.training` trains and evaluates; `graycnn.study` is the compress application
-(its stages, budget, controls, statistics, report, pool and baselines); `graycnn.cli`
-is the command-line plumbing of experiments/.
+(its stages, budget, controls, statistics, report, pool and baselines);
+`graycnn.transfer` takes a color model to the user's own gray task (a new head for any
+linen or NNX model: `graycnn.transfer.replace_head`); `graycnn.cli` is the
+command-line plumbing of experiments/.
 
 Importing it changes no process state; CPU tuning is opt-in:
 `graycnn.xla_options.enable_cpu_defaults()`.

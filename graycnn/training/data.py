@@ -8,6 +8,11 @@ Names:
                      class-balanced (per class, in file order) into 3,085 train, 1,000
                      test (the 100 before the last 100) and 1,000 validation (the last
                      100), so everything runs offline.
+    digits           scikit-learn's 1,797 handwritten digits (load_digits, offline), 8x8
+                     gray (N, 8, 8, 1), its 0..16 levels scaled to 0-255 (v * 255 / 16,
+                     rounded), classes '0'..'9'. Split per class in file order: the last
+                     20% of each class test, the 10% before them validation, the rest
+                     train (1,259 / 179 / 359 images).
     npz:PATH         arrays `images` (N, H, W, C) uint8 and `labels` (N,) int.
     folder:PATH      one subfolder per class of image files (hidden files are skipped;
                      images beside the class folders are refused, other files there
@@ -37,7 +42,7 @@ applies are `graycnn.training.transforms`. Their public names are importable fro
 import dataclasses
 import importlib.resources
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -70,11 +75,14 @@ __all__ = [
     "view_channels",
 ]
 
-DATASET_HELP = "cifar10, cifar10_sample (embedded), npz:PATH or folder:PATH."
+DATASET_HELP = "cifar10, cifar10_sample (embedded), digits, npz:PATH or folder:PATH."
 SPLITS = ("train", "validation", "test", "all")
 # Per class, from the end of the file order: validation, then test before it.
 _SAMPLE_HELD_OUT_PER_CLASS = {"validation": 100, "test": 100}
 _VALIDATION_FRACTION = 0.2
+# Fractions of each class, from the end of the file order: test, then validation.
+_DIGITS_HELD_OUT_FRACTION = {"test": 0.2, "validation": 0.1}
+DIGITS_CLASSES = tuple(str(d) for d in range(10))
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -87,7 +95,11 @@ CIFAR10_CLASSES = (
     "ship",
     "truck",
 )
-_NAMED = {"cifar10": CIFAR10_CLASSES, "cifar10_sample": CIFAR10_CLASSES}
+_NAMED = {
+    "cifar10": CIFAR10_CLASSES,
+    "cifar10_sample": CIFAR10_CLASSES,
+    "digits": DIGITS_CLASSES,
+}
 _CIFAR10_HOST = "www.cs.toronto.edu"  # Where TFDS downloads CIFAR-10 from.
 
 
@@ -131,18 +143,20 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None) -
         return _split(
             images, labels, split, name, CIFAR10_CLASSES, per_class=_SAMPLE_HELD_OUT_PER_CLASS
         )
+    if name == "digits":
+        return _split(*_digits(), split, name, DIGITS_CLASSES, per_class=_DIGITS_HELD_OUT_FRACTION)
     if name.startswith("npz:"):
         return _split(*read_npz(name[4:]), split, name)
     if name.startswith("folder:"):
         images, labels, class_names = read_folder(name[7:])
         return _split(images, labels, split, name, class_names)
     raise ValueError(
-        f"unknown dataset {name!r}; use cifar10, cifar10_sample, npz:PATH or folder:PATH"
+        f"unknown dataset {name!r}; use cifar10, cifar10_sample, digits, npz:PATH or folder:PATH"
     )
 
 
 def known_class_names(name: str) -> tuple[str, ...] | None:
-    """The class names of a named dataset (cifar10, cifar10_sample), else None."""
+    """The class names of a named dataset (cifar10, cifar10_sample, digits), else None."""
     return _NAMED.get(name)
 
 
@@ -241,14 +255,15 @@ def _split(
     split: str,
     source: str,
     class_names: tuple[str, ...] | None = None,
-    per_class: dict[str, int] | None = None,
+    per_class: Mapping[str, float] | None = None,
 ) -> Split:
     """Class-balanced held-out splits taken from the end of each class, in file order.
 
     Args:
         per_class: {'validation': k, 'test': k}: the last k of each class are validation,
-            the k before them test. None: the last 20% of each class are validation and
-            there is no test split.
+            the k before them test (in the dict's order from the end: the first key is
+            the last images); a float k is that fraction of the class, rounded. None: the
+            last 20% of each class are validation and there is no test split.
     """
     num_classes = len(class_names) if class_names else int(labels.max()) + 1
     if split == "all":
@@ -263,16 +278,22 @@ def _split(
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         end = len(idx)
-        for name in ("validation", "test"):
-            if per_class is None:
-                k = int(round(len(idx) * _VALIDATION_FRACTION)) if name == "validation" else 0
-            else:
-                k = per_class.get(name, 0)
-            k = min(k, end)
+        for name, share in (per_class or {"validation": _VALIDATION_FRACTION}).items():
+            is_fraction = per_class is None or isinstance(share, float)
+            k = min(int(round(len(idx) * share)) if is_fraction else int(share), end)
             part[idx[end - k : end]] = name
             end -= k
     keep = part == split
     return Split(images[keep], labels[keep], num_classes, class_names, source)
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as uint8 (N, 8, 8, 1) 0-255 images and int32 labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * 255.0 / 16.0).astype(np.uint8)[..., None]
+    return images, digits.target.astype(np.int32)
 
 
 def _check_reachable(host: str, data_dir: str | None) -> None:

@@ -1,0 +1,175 @@
+"""scratch, transfer and merged trained the same number of steps on the user's images.
+
+    color model --fold--> gray --new head--> transfer
+    gray --merge (clusters on the user's images, lstsq refit)--> new head--> merged
+    the gray architecture, random init --> scratch
+
+Each is trained `steps` SGD steps (graycnn.training.train's step and optimizer), its
+validation accuracy recorded every `eval_every` steps (the curve).
+"""
+
+import importlib.resources
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from graycnn import config as config_lib
+from graycnn.models import build_model, init_variables
+from graycnn.study import stages, stats
+from graycnn.study.config import CompressConfig
+from graycnn.training import checkpoint, data, evaluation, parallel
+from graycnn.training import train as train_lib
+from graycnn.transfer import data as transfer_data
+from graycnn.transfer.config import TransferConfig
+from graycnn.transfer.head import new_head
+
+KINDS = ("scratch", "transfer", "merged")
+
+
+def color_model(config: TransferConfig) -> stages.Model:
+    """The color checkpoint (default the shipped densenet_tiny)."""
+    path = config.checkpoint or str(
+        importlib.resources.files("graycnn") / "assets" / stages.PRETRAINED["densenet_tiny"]
+    )
+    model_config, variables, _ = checkpoint.load_model(path)
+    if model_config.in_channels != 3:
+        raise ValueError(f"--checkpoint={path}: a color (3-channel) model is needed")
+    return stages.Model(model_config, variables, path)
+
+
+def build_models(
+    config: TransferConfig, color: stages.Model, train: data.Split, size: int
+) -> dict[str, stages.Model]:
+    """{kind: the model before training}, each with a head for `train`'s classes."""
+    classes, names = train.num_classes, train.class_names or ()
+    color = stages.Model(color.config.replace(image_size=size), color.variables, color.source)
+    # Clusters of the filters' responses to the user's images (compress's default
+    # objective), each merge refit by least squares; steps=1: the receptive fields that
+    # plan_layer_merge also computes are only for compress's figures.
+    compress = CompressConfig(
+        layers=config.layers, num_clusters=config.num_clusters, compensate="lstsq",
+        seed=config.seed, steps=1,
+    )  # fmt: skip
+    gray = stages.fold_color_model(compress, color, train)
+    rng = jax.random.key(config.seed + 7)
+    scratch_config, _ = new_head(gray.config, gray.variables, classes, rng, names)
+    scratch = init_variables(scratch_config, jax.random.key(config.seed))
+    merged = gray
+    for layer, count in stages.plan_steps(compress, gray):
+        plan = stages.plan_layer_merge(
+            compress, merged, layer, count, train, color, config.seed, figures=False
+        ).plan
+        merged, _ = stages.merge_and_compensate(compress, merged, plan, train, config.seed, color)
+    out = {"scratch": stages.Model(scratch_config, jax.device_get(scratch))}
+    for kind, model in (("transfer", gray), ("merged", merged)):
+        out[kind] = stages.Model(*new_head(model.config, model.variables, classes, rng, names))
+    return out
+
+
+def train_curve(
+    config: TransferConfig, model: stages.Model, train: data.Split, val: data.Split, lr: float
+) -> tuple[stages.Model, list[list[float]], float]:
+    """(the trained model, [[step, validation accuracy], ...] from step 0, training
+    seconds without the evaluations)."""
+    settings = train_lib.TrainConfig(
+        epochs=1, batch_size=config.batch_size, learning_rate=lr, seed=config.seed
+    )
+    tx = train_lib.make_optimizer(settings, config.steps)  # the schedule over all steps
+    step_fn = train_lib.make_train_step(build_model(model.config), tx, "gray", config.augment)
+    batch_sharding, replicated = parallel.mesh_shardings()
+    state = jax.device_put(train_lib.TrainState(
+        step=jnp.zeros((), jnp.int32), params=model.variables["params"],
+        batch_stats=model.variables.get("batch_stats", {}),
+        opt_state=tx.init(model.variables["params"]),
+    ), replicated)  # fmt: skip
+    rng = jax.random.key(config.seed + 1)
+    curve = [[0, _accuracy(model.config, state.variables, val)]]
+    seconds = 0.0
+    bar = tqdm(_batches(config, train), total=config.steps, mininterval=1.0, leave=False)
+    for step, (images, labels) in enumerate(bar, start=1):
+        start = time.perf_counter()
+        batch = parallel.shard_batch(batch_sharding, images, labels)
+        state, metrics = step_fn(state, *batch, jax.random.fold_in(rng, step))
+        jax.block_until_ready(metrics)
+        seconds += time.perf_counter() - start
+        if step % config.eval_every == 0 or step == config.steps:
+            curve.append([step, _accuracy(model.config, state.variables, val)])
+            bar.set_postfix(val_acc=f"{curve[-1][1]:.3f}")
+    trained = stages.Model(model.config, jax.device_get(state.variables))
+    return trained, curve, seconds
+
+
+def _batches(config: TransferConfig, train: data.Split):
+    """`config.steps` shuffled full batches, a new order each epoch."""
+    if len(train) < config.batch_size:
+        raise ValueError(f"--batch_size={config.batch_size} exceeds the {len(train)} train images")
+    done, epoch = 0, 0
+    while True:
+        seed = config.seed * 100_003 + epoch
+        for images, labels, _ in data.iterate_batches(
+            train, config.batch_size, seed=seed, drop_remainder=True
+        ):
+            if done == config.steps:
+                return
+            done += 1
+            yield images, labels
+        epoch += 1
+
+
+def _accuracy(model_config, variables, split: data.Split) -> float:
+    return float(evaluation.evaluate(model_config, variables, split, "gray")["accuracy"])
+
+
+def transfer(config: TransferConfig) -> dict[str, Any]:
+    """Runs the three models; returns the report's content (`graycnn.transfer.report`)."""
+    splits = transfer_data.load(config)
+    color = color_model(config)
+    original = splits.train.images.shape[1:3]
+    splits, size = transfer_data.fit_size(config, splits, color.config)
+    models = build_models(config, color, splits.train, size)
+    held = splits.held_out if splits.held_out is not None and len(splits.held_out) else None
+    rows, correct = [], {}
+    for kind in KINDS:
+        model = models[kind]
+        tqdm.write(f"{kind}: training {config.steps} steps")
+        lr = config.learning_rate if kind == "scratch" else config.finetune_lr
+        start = time.perf_counter()
+        trained, curve, seconds = train_curve(config, model, splits.train, splits.validation, lr)
+        final = evaluation.evaluate(trained.config, trained.variables, held or splits.validation,
+                                    "gray")  # fmt: skip
+        correct[kind] = final["correct"]
+        rows.append({
+            "kind": kind, **stages.size(trained), "eval": {"accuracy": 100 * final["accuracy"]},
+            "validation": 100 * curve[-1][1], "curve": curve, "train_seconds": seconds,
+            "wall_seconds": time.perf_counter() - start,
+        })  # fmt: skip
+    return _summarize(config, rows, correct, splits, (original, size), held is not None)
+
+
+def _summarize(config, rows, correct, splits, sizes, has_held) -> dict[str, Any]:
+    target = rows[0]["curve"][-1][1]  # scratch's final validation accuracy
+    for row in rows:
+        reached = [s for s, a in row["curve"] if a >= target]
+        row["steps_to_scratch"] = reached[0] if reached else None
+        if row["kind"] != "transfer":
+            row["eval"] |= stats.compare(
+                correct[row["kind"]], correct["transfer"], seed=config.seed
+            )
+    original, size = sizes
+    return {
+        "settings": config_lib.to_json(config),
+        "images": {
+            "original": list(original),
+            "model": [size, size],
+            "resized": config.resize and tuple(original) != (size, size),
+        },
+        "data": {
+            "train": len(splits.train),
+            "validation": len(splits.validation),
+            "eval": splits.held_out_name if has_held else "validation",
+        },
+        "rows": rows,
+    }
