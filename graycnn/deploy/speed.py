@@ -89,38 +89,35 @@ def measure_speed(
         )
     names = list(models)
     seconds: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batch_sizes} for n in names}
+    total = len(batch_sizes) * len(names)
     for b, batch in enumerate(batch_sizes):
-        calls, repeats = {}, {}
-        for i, n in enumerate(names):
-            calls[n] = forward(*models[n], batch)
+        calls = {n: forward(*models[n], batch) for n in names}
+        repeats = {}
+        for i, n in enumerate(names):  # compiles: most of the time
             repeats[n] = _calibrate(calls[n], clock)
             if progress:
-                progress(b * len(names) + i + 1, len(batch_sizes) * len(names))
+                progress(b * len(names) + i + 1, total)
         for r in range(rounds):
             for n in names[r % len(names) :] + names[: r % len(names)]:
                 start = clock()
                 for _ in range(repeats[n]):
                     calls[n]()
                 seconds[n][batch].append((clock() - start) / repeats[n])
-    return {
-        n: Timed(
-            seconds={b: tuple(s) for b, s in seconds[n].items()},
-            images_per_second={
-                b: float(statistics.median(b / t for t in s)) for b, s in seconds[n].items()
-            },
-            rounds_against={
-                o: {
-                    b: tuple(
-                        t_o / t_n for t_o, t_n in zip(seconds[o][b], seconds[n][b], strict=True)
-                    )
-                    for b in batch_sizes
-                }
-                for o in names
-                if o != n
-            },
-        )
-        for n in names
-    }
+    return {n: _timed(n, seconds) for n in names}
+
+
+def _timed(name: str, seconds: Mapping[str, Mapping[int, Sequence[float]]]) -> Timed:
+    """`name`'s Timed from every model's seconds per call, batch size, round."""
+    mine = seconds[name]
+    return Timed(
+        seconds={b: tuple(s) for b, s in mine.items()},
+        images_per_second={b: float(statistics.median(b / t for t in s)) for b, s in mine.items()},
+        rounds_against={
+            other: {b: _ratios(theirs[b], mine[b]) for b in mine}
+            for other, theirs in seconds.items()
+            if other != name
+        },
+    )
 
 
 def _ratios(slower: Sequence[float], faster: Sequence[float]) -> tuple[float, ...]:
