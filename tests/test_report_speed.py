@@ -56,6 +56,7 @@ def test_every_row_is_timed_and_merged_rows_name_their_bar(timed_run):
     assert merged_line.endswith(expected)
     assert f"| {merged.speed.speedup[8]:.2f}x |" in merged_line
     assert os.path.getsize(os.path.join(workdir, "figures", "speed.png")) > 0
+    assert "speed.png: against measured images per second" in md
 
 
 @pytest.mark.slow

@@ -27,7 +27,9 @@ def format_report(report: Report | Mapping[str, Any]) -> str:
     lines += ["", "## Verdicts", ""] + _verdicts(report.rows, report.color)
     lines += [
         "",
-        "Figures: `figures/` (pareto.png: accuracy against parameters and FLOPs). Every "
+        "Figures: `figures/` (pareto.png: accuracy against parameters and FLOPs"
+        + ("; speed.png: against measured images per second" if config.get("speed") else "")
+        + "). Every "
         "row's model: `checkpoint` in report.json; evaluate it with `python -m "
         "experiments.evaluate --checkpoint=<workdir>/<checkpoint> --dataset=... "
         "--view=<input>`.",
