@@ -24,6 +24,8 @@ def main(argv):
     del argv
     runtime.setup()
     settings = config.from_flags(transfer.TransferConfig)
+    if settings.export:
+        workdir_lib.prepare(settings.export, "--export")  # before training, not after
     with workdir_lib.claim(FLAGS.workdir, "transfer") as path:
         report = transfer.transfer(settings)
         print(transfer.write_report(report, path))

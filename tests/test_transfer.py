@@ -1,5 +1,6 @@
 """Transfer: the digits dataset, the new head, the three-model run and its errors."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -103,9 +104,9 @@ def _folder(root, size: int, classes=("a", "b"), per_class: int = 24, seed: int 
 
 
 @pytest.mark.slow
-def test_transfer_runs_three_models_on_digits_resized(color_checkpoint):
+def test_transfer_runs_three_models_on_digits_resized(color_checkpoint, tmp_path):
     settings = TransferConfig(checkpoint=color_checkpoint, **TINY)
-    report = transfer(settings)
+    report = transfer(dataclasses.replace(settings, export=str(tmp_path / "export")))
     assert report["images"] == {"original": [8, 8], "model": [32, 32], "resized": True}
     assert [r["kind"] for r in report["rows"]] == ["scratch", "transfer", "merged"]
     rows = {r["kind"]: r for r in report["rows"]}
@@ -113,6 +114,12 @@ def test_transfer_runs_three_models_on_digits_resized(color_checkpoint):
     assert rows["merged"]["flops"] < rows["transfer"]["flops"] == rows["scratch"]["flops"]
     assert "ci95" in rows["merged"]["eval"] and "ci95" not in rows["transfer"]["eval"]
     assert rows["scratch"]["steps_to_scratch"] <= 4
+    # The best model (validation, then fewer FLOPs) exported, each file checked.
+    best = max(report["rows"], key=lambda r: (r["validation"], -r["flops"]))["kind"]
+    assert report["export"]["kind"] == best
+    assert max(report["export"]["max_abs_diff"].values()) <= 1e-4
+    assert sorted(os.listdir(tmp_path / "export")) == [
+        "model.stablehlo", "model.tflite", "signature.json"]  # fmt: skip
     again = transfer(settings)
     for a, b in zip(report["rows"], again["rows"], strict=True):
         assert a["curve"] == b["curve"] and a["eval"]["accuracy"] == b["eval"]["accuracy"]

@@ -33,6 +33,10 @@ class TransferConfig:
         PerLayer.of_dict({1: 18, 2: 9, 3: 9}), "Clusters per merged layer.", item=int
     )
     seed: int = setting(0, "Seed of init, the new heads, data order and clustering.")
+    export: str | None = setting(
+        None, "Directory for the best model (highest validation accuracy, then fewest "
+        "FLOPs) as StableHLO, TFLite and signature.json (graycnn.deploy).",
+    )  # fmt: skip
 
     def __post_init__(self):
         for name in ("steps", "eval_every", "batch_size"):

@@ -38,6 +38,11 @@ def format_report(report: dict[str, Any]) -> str:
             f"{row['train_seconds']:.0f} |"
         )
     lines += ["", "![accuracy vs steps](curve.png)", ""]
+    if "export" in report:
+        ex = report["export"]
+        diffs = ", ".join(f"{k} {v:.1g}" for k, v in ex["max_abs_diff"].items())
+        lines += [f"Exported: {ex['kind']} to `{ex['directory']}` (largest logit "
+                  f"difference from the Flax model: {diffs}).", ""]  # fmt: skip
     return "\n".join(lines)
 
 

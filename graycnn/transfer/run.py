@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from graycnn import config as config_lib
+from graycnn import deploy
 from graycnn.models import build_model, init_variables
 from graycnn.study import stages, stats
 from graycnn.study.config import CompressConfig
@@ -131,7 +132,7 @@ def transfer(config: TransferConfig) -> dict[str, Any]:
     splits, size = transfer_data.fit_size(config, splits, color.config)
     models = build_models(config, color, splits.train, size)
     held = splits.held_out if splits.held_out is not None and len(splits.held_out) else None
-    rows, correct = [], {}
+    rows, correct, trained_models = [], {}, {}
     for kind in KINDS:
         model = models[kind]
         tqdm.write(f"{kind}: training {config.steps} steps")
@@ -140,13 +141,25 @@ def transfer(config: TransferConfig) -> dict[str, Any]:
         trained, curve, seconds = train_curve(config, model, splits.train, splits.validation, lr)
         final = evaluation.evaluate(trained.config, trained.variables, held or splits.validation,
                                     "gray")  # fmt: skip
-        correct[kind] = final["correct"]
+        correct[kind], trained_models[kind] = final["correct"], trained
         rows.append({
             "kind": kind, **stages.size(trained), "eval": {"accuracy": 100 * final["accuracy"]},
             "validation": 100 * curve[-1][1], "curve": curve, "train_seconds": seconds,
             "wall_seconds": time.perf_counter() - start,
         })  # fmt: skip
-    return _summarize(config, rows, correct, splits, (original, size), held is not None)
+    report = _summarize(config, rows, correct, splits, (original, size), held is not None)
+    if config.export:
+        report["export"] = _export(config.export, report["rows"], trained_models, splits)
+    return report
+
+
+def _export(directory: str, rows, models, splits) -> dict[str, Any]:
+    """The best row's model (validation accuracy, then fewer FLOPs) as deployable files."""
+    best = max(rows, key=lambda r: (r["validation"], -r["flops"]))["kind"]
+    model = models[best]
+    images = data.apply_view(splits.validation.images[:256], "gray")
+    result = deploy.export_model(model.config, model.variables, directory, images)
+    return {"kind": best, "directory": directory, "max_abs_diff": dict(result.max_abs_diff)}
 
 
 def _summarize(config, rows, correct, splits, sizes, has_held) -> dict[str, Any]:
