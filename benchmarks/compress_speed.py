@@ -19,7 +19,7 @@ from absl import app, flags
 from benchmarks import markdown_table
 from graycnn.study.inputs import Model
 from graycnn.study.schema import Report
-from graycnn.study.speed import device_name, measure_rows
+from graycnn.study.speed import bars_of, device_name, measure_rows
 from graycnn.training import checkpoint
 
 
@@ -35,8 +35,7 @@ def run_table(runs: Sequence[tuple[str, str]], batch_size: int, rounds: int) -> 
         for r in timed:
             config, variables, _ = checkpoint.load_model(os.path.join(workdir, r.checkpoint))
             models[r.key] = Model(config, variables)
-        bars = {r.key: r.validation.vs_bar.against if r.validation.vs_bar else None for r in timed}
-        speeds = measure_rows(models, bars, batch_sizes, rounds)
+        speeds = measure_rows(models, bars_of(timed), batch_sizes, rounds)
         flops = {r.key: r.flops for r in timed}
         for r in timed:
             s = speeds[r.key]

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from graycnn import cluster, distance, graph, merge
 from graycnn import receptive_field as rf
 from graycnn.deploy import measure_speed
-from graycnn.models import ModelConfig, build_model, count_params, init_variables
+from graycnn.models import ModelConfig, build_model, count_params
 from graycnn.study import stages
 from graycnn.study.config import ACTIVATION, CompressConfig
 from graycnn.training import bn_reestimate, data, evaluation
@@ -164,13 +164,14 @@ def _measure(kind, gray, color, counts, narrowest, time_plans) -> tuple[float, C
 
 
 def measure_plans(gray: Any, plans: dict[str, dict[int, int]], config: Any) -> dict[str, float]:
-    """Each plan's model (random weights: time depends only on the widths) timed against
+    """Each plan's model (weights of ones: time depends only on the widths) timed against
     the gray model in interleaved rounds at --speed_batch: its latency as a fraction of
     the gray model's (the median of per-round ratios)."""
     models = {"gray": (gray.config, gray.variables)}
     for name, steps in plans.items():
         model_config = _config_of_plan(gray, steps)
-        models[name] = (model_config, init_variables(model_config, jax.random.key(0)))
+        shapes = _abstract_variables(model_config)  # traced, not compiled
+        models[name] = (model_config, jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes))
     with tqdm(total=len(models), desc="budget: timing each option", leave=False) as bar:
         timed = measure_speed(
             models, (config.speed_batch,), max(config.speed_rounds, 3),
@@ -301,9 +302,13 @@ def _size_of_plan(gray, steps: dict[int, int]) -> dict[str, int]:
     """The exact size of `gray` with each planned layer at its cluster count: counted on
     abstract shapes, nothing merged."""
     config = _config_of_plan(gray, steps)
+    return _size(config, _abstract_variables(config))
+
+
+def _abstract_variables(config: ModelConfig) -> Any:
+    """The variables' shapes and dtypes of `config`'s model (jax.ShapeDtypeStruct)."""
     model = build_model(config)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros(config.input_shape))
-    return _size(config, shapes)
+    return jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros(config.input_shape))
 
 
 def _size(model_config, variables) -> dict[str, int]:

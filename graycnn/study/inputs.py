@@ -25,6 +25,13 @@ from graycnn.training import train as train_lib
 
 # Made by `python -m experiments.train --epochs=40 --seed=0 --workdir=DIR` (docs/results.md).
 PRETRAINED = {"densenet_tiny": "densenet_tiny_color"}
+
+
+def pretrained_path(model: str) -> str:
+    """The shipped pretrained color checkpoint of `model` (a key of PRETRAINED)."""
+    return str(importlib.resources.files("graycnn") / "assets" / PRETRAINED[model])
+
+
 # The BN recalibration batch of the --target_* search's sensitivity measure (budget).
 SEARCH_BN_BATCH = 64
 
@@ -187,7 +194,7 @@ def color_model(config: CompressConfig, train_workdir: str, model_given: bool = 
     if config.checkpoint is not None:
         path = config.checkpoint
     elif not _trains_color(config):
-        path = str(importlib.resources.files("graycnn") / "assets" / PRETRAINED[config.model])
+        path = pretrained_path(config.model)
     else:
         train_config = train_lib.TrainConfig(
             model=config.model,

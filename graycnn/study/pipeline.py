@@ -116,7 +116,7 @@ def _timed(config, rows, models, out) -> tuple[list, dict[str, Any]]:
     """`rows` with their measured speed, and how it was measured. Kept in the workdir:
     a rerun of a finished run reports the same figures instead of timing again."""
     batch_sizes = sorted({1, config.speed_batch})
-    bars = {r.key: r.validation.vs_bar.against if r.validation.vs_bar else None for r in rows}
+    bars = speed.bars_of(rows)
     measured = out.computed_once(
         "speed.json",
         lambda: {

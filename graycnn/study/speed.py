@@ -64,6 +64,11 @@ class RowSpeed:
         )
 
 
+def bars_of(rows: Sequence[Any]) -> dict[str, str | None]:
+    """row key -> the key of the row its speed-up is over (its comparison's), or None."""
+    return {r.key: r.validation.vs_bar.against if r.validation.vs_bar else None for r in rows}
+
+
 def measure_rows(
     models: Mapping[str, Any],
     bars: Mapping[str, str | None],

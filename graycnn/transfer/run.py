@@ -8,7 +8,6 @@ Each is trained `steps` SGD steps (graycnn.training.train's step and optimizer),
 validation accuracy recorded every `eval_every` steps (the curve).
 """
 
-import importlib.resources
 import time
 from typing import Any
 
@@ -21,6 +20,7 @@ from graycnn import deploy
 from graycnn.models import build_model, init_variables
 from graycnn.study import stages, stats
 from graycnn.study.config import CompressConfig
+from graycnn.study.inputs import pretrained_path
 from graycnn.training import checkpoint, data, evaluation, parallel
 from graycnn.training import train as train_lib
 from graycnn.transfer import data as transfer_data
@@ -32,9 +32,7 @@ KINDS = ("scratch", "transfer", "merged")
 
 def color_model(config: TransferConfig) -> stages.Model:
     """The color checkpoint (default the shipped densenet_tiny)."""
-    path = config.checkpoint or str(
-        importlib.resources.files("graycnn") / "assets" / stages.PRETRAINED["densenet_tiny"]
-    )
+    path = config.checkpoint or pretrained_path("densenet_tiny")
     model_config, variables, _ = checkpoint.load_model(path)
     if model_config.in_channels != 3:
         raise ValueError(f"--checkpoint={path}: a color (3-channel) model is needed")

@@ -37,6 +37,14 @@ def plot_color_vs_gray(images: np.ndarray, path: str | os.PathLike, columns: int
     return save_figure(fig, path)
 
 
+# A row's marker: color rows squares, the merge circles, each control its own.
+_MARKERS = {None: "o", "random": "x", "prune_l1": "^", "refit": "D"}
+
+
+def _marker(row: Row) -> str:
+    return "s" if row.image_type == "color" else _MARKERS[row.control]
+
+
 def plot_pareto(rows: Sequence[Row], path: str | os.PathLike) -> str:
     """Accuracy (%) against parameters (left) and FLOPs (right), validation and, where
     the rows have it, held-out accuracy (second row of panels): every row a point
@@ -45,7 +53,6 @@ def plot_pareto(rows: Sequence[Row], path: str | os.PathLike) -> str:
     held = any(r.held_out is not None for r in rows)
     fig = Figure(figsize=(12, 4.6 * (2 if held else 1)))
     axes = fig.subplots(2 if held else 1, 2, squeeze=False)
-    markers = {None: "o", "random": "x", "prune_l1": "^", "refit": "D"}
     for line, (split, title) in enumerate(
         [("validation", "validation"), ("held_out", "held out")][: 2 if held else 1]
     ):
@@ -55,7 +62,7 @@ def plot_pareto(rows: Sequence[Row], path: str | os.PathLike) -> str:
                 result = getattr(r, split)
                 if result is None:
                     continue
-                marker = "s" if r.image_type == "color" else markers[r.control]
+                marker = _marker(r)
                 ax.scatter(
                     getattr(r, size),
                     100 * result.accuracy,
@@ -92,13 +99,11 @@ def plot_speed(rows: Sequence[Row], batch_size: int, path: str | os.PathLike) ->
     timed row a point, numbered as in report.md, controls open markers."""
     fig = Figure(figsize=(8, 4.6))
     ax = fig.subplots()
-    markers = {None: "o", "random": "x", "prune_l1": "^", "refit": "D"}
     for i, r in enumerate(rows, start=1):
         if r.speed is None:
             continue
         point = (r.speed.images_per_second[batch_size], 100 * r.validation.accuracy)
-        marker = "s" if r.image_type == "color" else markers[r.control]
-        ax.scatter(*point, marker=marker, s=36, label=f"{i}. {r.name}")
+        ax.scatter(*point, marker=_marker(r), s=36, label=f"{i}. {r.name}")
         ax.annotate(str(i), point, fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(f"measured images per second (batch {batch_size}, one device)")
     ax.set_ylabel("validation accuracy (%)")
