@@ -127,6 +127,12 @@ class CompressConfig:
         True, "Add a random-partition and an L1-pruning row at the same widths for every "
         "merged row.",
     )  # fmt: skip
+    scratch_epochs: int = setting(
+        0, "Also train every merged model's exact widths from scratch on gray images for "
+        "this many epochs (the 'scratch' control, Scratch-B of Liu et al. 2019: give the "
+        "color model's epochs, 40 for the shipped one), compared with the merge in the "
+        "last budget; 0: none.",
+    )  # fmt: skip
     seeds: int = setting(
         1, "Repeat every stochastic stage (field noise, random control, BN data order) "
         "this many times; rows report the mean, and the CIs cover the seeds.",
@@ -209,8 +215,8 @@ def with_preset(config: CompressConfig, given: Sequence[str] = ()) -> CompressCo
 INT32_MAX = 2**31 - 1
 INT_LOWS = {
     "train_epochs": 1, "steps": 1, "compensate_images": 1, "bn_epochs": 1,
-    "finetune_epochs": 0, "seeds": 1, "seed": 0, "speed_rounds": 0, "speed_batch": 1,
-    "round_to": 1,
+    "finetune_epochs": 0, "scratch_epochs": 0, "seeds": 1, "seed": 0, "speed_rounds": 0,
+    "speed_batch": 1, "round_to": 1,
 }  # fmt: skip
 # `config.check_number`'s rule of each float setting; target_* are also checked as
 # fractions.

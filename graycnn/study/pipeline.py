@@ -92,6 +92,8 @@ def _compress(config: CompressConfig, workdir: str, given: Sequence[str]) -> dic
             run.add(recovered_spec(config, clusters, None, None), chains[None], i)
             for c, model in chains.items():
                 run.recover(model, clusters, c, i)
+            if config.scratch_epochs:
+                run.scratch(chains[None], clusters, i)
     rows = run.table.rows()
     settings = _settings(config, color, steps, search)
     if config.speed_rounds:
@@ -164,6 +166,14 @@ class _Run:
                 self.config, model, self.color, self.out.path("finetune", tag), seed
             )
             self.add(spec, model, seed_index)
+
+    def scratch(self, merged: stages.Model, clusters: Mapping[int, int], seed_index: int) -> None:
+        """Adds the scratch control of a merge: its widths trained afresh, compared with
+        the merge in the last budget."""
+        seed = self.config.seed + seed_index
+        spec = recovered_spec(self.config, clusters, "scratch", self.config.budgets[-1])
+        workdir = self.out.path("scratch", f"{spec.key}.seed{seed}")
+        self.add(spec, stages.train_scratch(self.config, merged, workdir, seed), seed_index)
 
 
 def _settings(config, color, steps, search) -> dict[str, Any]:

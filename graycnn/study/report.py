@@ -150,11 +150,30 @@ def _verdicts(rows: tuple[Row, ...], color: Row) -> list[str]:
             if held is not None and held.vs_refit is not None:
                 refit.append(f"held out {_verdict(held.vs_refit)}")
             where.append(f"against the same refit without a merge: {'; '.join(refit)}")
+        if r.validation.vs_controls:
+            where.append(_against_controls(r))
         out.append(
             f"- {r.name} ({smaller:.1f}% fewer parameters, {fewer:.1f}% fewer FLOPs than "
             f"the color model), against its budget's baseline: {'; '.join(where)}."
         )
     return out or ["- no merged row."]
+
+
+def _against_controls(row: Row) -> str:
+    """The merge against each control of its budget at its widths (validation / held
+    out), and the best control: the one it leads least on validation."""
+    held = row.held_out.vs_controls if row.held_out is not None else ()
+    parts = []
+    for i, c in enumerate(row.validation.vs_controls):
+        text = f"{c.against} {c.delta:+.2f} {_ci(c)}"
+        if i < len(held):
+            text += f" / {held[i].delta:+.2f} {_ci(held[i])}"
+        parts.append(text)
+    best = min(row.validation.vs_controls, key=lambda c: c.delta)
+    return (
+        f"against its controls (validation{' / held out' if held else ''}): "
+        f"{', '.join(parts)}; the best control: {best.against} ({_verdict(best)})"
+    )
 
 
 def _budget_search(search: Mapping[str, Any]) -> list[str]:
@@ -193,7 +212,7 @@ def _settings(config: Mapping[str, Any]) -> str:
     keys = (
         "dataset", "layers", "fold", "objective", "fields", "metric", "cluster",
         "num_clusters", "bn_rule", "compensate", "bn", "bn_epochs", "bn_loss", "finetune_epochs",
-        "finetune", "target_flops", "target_params", "controls", "seeds", "seed",
+        "finetune", "target_flops", "target_params", "controls", "scratch_epochs", "seeds", "seed",
     )  # fmt: skip
     shown = ", ".join(f"{k}={config[k]}" for k in keys if k in config)
     return f"Settings ({preset}): {shown}. Color model: `{config.get('color_checkpoint')}`."

@@ -69,6 +69,7 @@ class SplitResult:
         accuracy_sd: Their standard deviation (ddof 1); None for one seed.
         vs_bar: Against the bar of the row's budget; None for the color rows.
         vs_refit: A merge given the color refit against the refit alone, else None.
+        vs_controls: A merge against each control of its budget at its widths.
     """
 
     dataset: str | None = None
@@ -78,6 +79,7 @@ class SplitResult:
     accuracy_sd: float | None = None
     vs_bar: Comparison | None = None
     vs_refit: Comparison | None = None
+    vs_controls: tuple[Comparison, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {} if self.dataset is None else {"dataset": self.dataset}
@@ -89,6 +91,8 @@ class SplitResult:
             out |= self.vs_bar.to_json()
         if self.vs_refit is not None:
             out["vs_refit"] = self.vs_refit.to_json()
+        if self.vs_controls:
+            out["vs_controls"] = [c.to_json() for c in self.vs_controls]
         return out
 
 
@@ -102,8 +106,8 @@ class Row:
         image_type: The view it is evaluated on: 'color', 'gray3' or 'gray'.
         clusters: {layer: clusters} of its merged layers; empty for an unmerged model.
         bn: Its BN re-estimation ('none' without one, '-' for the color rows).
-        control: None for a merge, 'random' or 'prune_l1' for a control, 'refit' for
-            the unmerged model given the merge's color refit.
+        control: None for a merge, 'random', 'prune_l1' or 'scratch' for a control,
+            'refit' for the unmerged model given the merge's color refit.
         budget: Its recovery: None, 'bn' or 'finetune'.
         finetune_epochs: Of the 'finetune' budget; 0 otherwise.
         is_bar: Whether it is the bar of its budget (the unmerged gray model).
@@ -360,6 +364,7 @@ class _At:
             raise self.error("accuracies", accuracies, "a list of numbers in 0..1")
         refit = raw.get("vs_refit")
         at_refit = _At(self.source, f"{self.where}.vs_refit")
+        controls = self.take(raw, "vs_controls", list, "a list", [])
         return SplitResult(
             dataset=self.take(raw, "dataset", str, "a string", None),
             examples=self.take(raw, "examples", _is_int, "an integer"),
@@ -368,6 +373,10 @@ class _At:
             accuracy_sd=self.take(raw, "accuracy_sd", _is_number, "a number", None),
             vs_bar=self.comparison(raw) if "delta" in raw else None,
             vs_refit=None if refit is None else at_refit.comparison(refit),
+            vs_controls=tuple(
+                _At(self.source, f"{self.where}.vs_controls[{i}]").comparison(c)
+                for i, c in enumerate(controls)
+            ),  # fmt: skip
         )
 
     def comparison(self, raw: Any) -> Comparison:

@@ -24,7 +24,7 @@ from graycnn import graph as graph_lib
 from graycnn import merge as merge_lib
 from graycnn import receptive_field as rf
 from graycnn.layers import layer_output_fn, resolve_layer
-from graycnn.models import ModelConfig, build_model, count_params
+from graycnn.models import ModelConfig, build_model, count_params, init_variables
 from graycnn.study import controls
 from graycnn.study.config import ACTIVATION, CompressConfig
 from graycnn.study.inputs import (
@@ -67,6 +67,7 @@ __all__ = [
     "reestimate_bn",
     "refit_unmerged",
     "size",
+    "train_scratch",
 ]
 
 
@@ -309,6 +310,26 @@ def finetune(config: CompressConfig, model: Model, color: Model, workdir: str, s
         teacher=_teacher(color, config.finetune),
     )
     return dataclasses.replace(model, variables=variables)
+
+
+def train_scratch(config: CompressConfig, model: Model, workdir: str, seed: int) -> Model:
+    """The scratch control: `model`'s exact architecture and widths, initialized afresh
+    and trained `config.scratch_epochs` epochs on gray training images with the color
+    model's training recipe (`TrainConfig`'s defaults: what experiments.train ran)."""
+    train_config = train_lib.TrainConfig(
+        model=model.config.name,
+        dataset=config.dataset,
+        view="gray",
+        epochs=config.scratch_epochs,
+        seed=seed,
+        validate=False,  # the report evaluates it; no choice is made on its epochs
+        data_dir=config.data_dir,
+    )
+    fresh = init_variables(model.config, jax.random.key(seed))
+    _, variables, _ = train_lib.train_and_evaluate(
+        train_config, workdir, init=(model.config, fresh)
+    )
+    return dataclasses.replace(model, variables=jax.device_get(variables))
 
 
 def _teacher(color: Model, loss: str) -> tuple[ModelConfig, Any] | None:

@@ -9,8 +9,12 @@ from typing import Any
 import numpy as np
 
 from graycnn.study import stats
+from graycnn.study.config import CONTROLS
 from graycnn.study.schema import Comparison, Row, SplitResult
 from graycnn.study.stages import Evaluation
+
+# What a merge is compared with at its widths, besides the bar of its budget.
+CONTROL_ROWS = (*CONTROLS, "scratch")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -21,7 +25,8 @@ class RowSpec:
         key: Unique within the report.
         model_dir: Its checkpoint's directory name under models/ (the two color rows
             share one).
-        control: None for a merge, 'random' or 'prune_l1' for a control; 'refit' for
+        control: None for a merge, 'random', 'prune_l1' or 'scratch' for a control (the
+            merged widths trained afresh: `--scratch_epochs`); 'refit' for
             the unmerged model given the merge's color refit (`--compensate=
             lstsq_color`), what the refit buys without a merge.
         budget: None (no recovery), 'bn' or 'finetune': which bar it is compared
@@ -67,24 +72,34 @@ class Table:
         for key, spec in self.specs.items():
             bar = bars.get(spec.budget or "bn") if spec.image_type != "color" else None
             refit = refits.get(spec.budget) if spec.clusters and not spec.control else None
+            controls = self._controls(spec)
             held = None
             if self.held_out_name is not None:
-                held = self._split(key, "held_out", bar, refit, self.held_out_name)
+                held = self._split(key, "held_out", bar, refit, controls, self.held_out_name)
             out.append(Row(
                 key=key, name=spec.name, image_type=spec.image_type,
                 clusters=dict(spec.clusters), bn=spec.bn, control=spec.control,
                 budget=spec.budget, finetune_epochs=spec.finetune_epochs, is_bar=spec.bar,
                 params=self.sizes[key]["params"], flops=self.sizes[key]["flops"],
                 checkpoints=tuple(self.checkpoints[key]),
-                validation=self._split(key, "validation", bar, refit),
+                validation=self._split(key, "validation", bar, refit, controls),
                 held_out=held,
             ))  # fmt: skip
         return out
 
+    def _controls(self, spec: RowSpec) -> list[str]:
+        """A merge's controls: the rows of its budget at its widths that are not merges."""
+        if not spec.clusters or spec.control or spec.budget is None:
+            return []
+        same = (spec.budget, dict(spec.clusters))
+        return [k for k, s in self.specs.items()
+                if s.control in CONTROL_ROWS and (s.budget, dict(s.clusters)) == same]  # fmt: skip
+
     def _split(
-        self, key: str, split: str, bar: str | None, refit: str | None, dataset: str | None = None
-    ) -> SplitResult:
-        """`key`'s results on `split`, compared with `bar` and `refit` where given."""
+        self, key: str, split: str, bar: str | None, refit: str | None,
+        controls: list[str], dataset: str | None = None,
+    ) -> SplitResult:  # fmt: skip
+        """`key`'s results on `split`, compared with `bar`, `refit` and `controls`."""
         correct = self._stack(key, split)
         per_seed = correct.mean(axis=1)
         return SplitResult(
@@ -95,6 +110,9 @@ class Table:
             accuracy_sd=float(per_seed.std(ddof=1)) if len(per_seed) > 1 else None,
             vs_bar=self._compare(correct, bar, split),
             vs_refit=self._compare(correct, refit, split),
+            vs_controls=tuple(
+                Comparison.of(c, stats.compare(correct, self._stack(c, split))) for c in controls
+            ),  # fmt: skip
         )
 
     def _compare(self, correct: np.ndarray, against: str | None, split: str):
@@ -138,6 +156,11 @@ def recovered_spec(
     else:
         noun = "layers" if len(clusters) > 1 else "layer"
         key, title = f"{control}_{names}", f"{control} control, {noun} {names}"
+    if control == "scratch":  # trained afresh: no merge, compensation or BN budget
+        epochs = config.scratch_epochs
+        return RowSpec(key=f"{key}_{budget}", name=f"{title}, trained from scratch {epochs} ep",
+                       image_type="gray", model_dir=f"{key}_{budget}", clusters=dict(clusters),
+                       bn="trained", control=control, budget=budget)  # fmt: skip
     if config.compensate != "none" and clusters:
         title += f" ({config.compensate})"
     if budget is None:

@@ -38,7 +38,7 @@ def plot_color_vs_gray(images: np.ndarray, path: str | os.PathLike, columns: int
 
 
 # A row's marker: color rows squares, the merge circles, each control its own.
-_MARKERS = {None: "o", "random": "x", "prune_l1": "^", "refit": "D"}
+_MARKERS = {None: "o", "random": "x", "prune_l1": "^", "refit": "D", "scratch": "v"}
 
 
 def _marker(row: Row) -> str:
