@@ -122,11 +122,20 @@ def color_specs(config: Any) -> list[RowSpec]:
 
 
 def recovered_spec(
-    config: Any, clusters: Mapping[int, int], control: str | None, budget: str | None
+    config: Any,
+    clusters: Mapping[int, int],
+    control: str | None,
+    budget: str | None,
+    target: str = "",
 ) -> RowSpec:
     """A gray model after `budget`'s recovery (None: none): the unmerged bar when
     `clusters` is empty (or, with control 'refit', the unmerged model refit to the
-    color model as the merges are), else the merge of those layers (or its `control`)."""
+    color model as the merges are), else the merge of those layers (or its `control`).
+
+    Args:
+        target: In a sweep of --target_* fractions, the plan's target (e.g. 'flops 0.5'):
+            a merge's name gains '(flops 0.5)' and its key and model dir '_flops0.5'.
+    """
     names = "+".join(map(str, clusters))
     if not clusters and control == "refit":
         key, title = "gray_refit", f"gray + color refit ({config.compensate}), no merge"
@@ -138,6 +147,8 @@ def recovered_spec(
     else:
         noun = "layers" if len(clusters) > 1 else "layer"
         key, title = f"{control}_{names}", f"{control} control, {noun} {names}"
+    if target and clusters:
+        key, title = f"{key}_{target.replace(' ', '')}", f"{title} ({target})"
     if config.compensate != "none" and clusters:
         title += f" ({config.compensate})"
     if budget is None:
