@@ -161,11 +161,12 @@ def test_a_sweep_searches_once_and_makes_each_targets_rows(sweep, tmp_path, monk
     assert len({r["checkpoints"][0] for r in report["rows"]}) == len(rows) - 1  # color x2
     text = (tmp_path / "run" / "report.md").read_text()
     assert "target_flops=0.7,0.5" in text and text.count("- Target: flops") == 2
+    assert (tmp_path / "run" / "figures" / "pareto.png").stat().st_size > 0  # every row
     # Killed and rerun: the search is read back from budget_search.json, not run again.
     monkeypatch.setattr(budget, "search", lambda *a, **k: pytest.fail("searched again"))
     again = compress(sweep, str(tmp_path / "run"))
     assert again["config"]["budget_search"] == report["config"]["budget_search"]
-    assert [r["validation"] for r in again["rows"]] == [r["validation"] for r in report["rows"]]
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in report["rows"]]
 
 
 def test_one_target_keeps_the_json_and_row_names_of_a_single_plan(tmp_path):

@@ -1,4 +1,4 @@
-"""Everything compress writes: run.json (the settings), budget_search.json (a target's
+"""Everything compress writes: run.json (the settings), budget_search.json (each target's
 plan), figures, clusters_layer*.json, one checkpoint per report row, report.json and
 report.md. Every file is written atomically; the input checkpoint is only read.
 
