@@ -10,10 +10,11 @@ import pytest
 from absl import flags
 
 from graycnn import config as config_lib
-from graycnn import graph, merge
+from graycnn import graph, io, merge
 from graycnn.models import ModelConfig, build_model, count_params, init_variables
 from graycnn.study import CompressConfig, budget, compress, stages, validate
 from graycnn.study.table import recovered_spec
+from graycnn.study.writer import Writer
 from graycnn.training import train
 
 TARGETS = [round(0.25 + 0.05 * i, 2) for i in range(14)]  # 0.25, 0.3, ..., 0.9
@@ -222,3 +223,16 @@ def test_a_bad_list_is_one_error_naming_its_flag_before_any_work(argv, message, 
     with pytest.raises(ValueError, match=message):
         compress(_from_argv(argv), str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_run_written_before_sweeps_resumes_with_its_search(tmp_path):
+    # Its run.json and budget_search.json hold a target as one fraction (0: none).
+    settings = config_lib.to_json(CompressConfig(target_flops=0.5))
+    assert settings["target_flops"] == [0.5] and settings["target_params"] == []
+    before = settings | {"target_flops": 0.5, "target_params": 0.0, "target_latency": 0.0}
+    io.write_json(str(tmp_path / "run.json"), before)
+    io.write_json(str(tmp_path / "budget_search.json"), {"settings": before, "result": {"a": 1}})
+    out = Writer(str(tmp_path), settings)  # not refused as other settings
+    assert out.computed_once("budget_search.json", lambda: pytest.fail("searched")) == {"a": 1}
+    with pytest.raises(FileExistsError, match="other settings"):
+        Writer(str(tmp_path), settings | {"target_flops": [0.4]})
