@@ -68,7 +68,12 @@ def test_the_planner_meets_every_target_from_a_quarter_to_nine_tenths(planner, k
     for target in TARGETS:
         steps = planner.plan(kind, target, full)
         assert steps and set(steps) <= layers
-        assert planner.size_of(steps)[kind] <= target * full, (target, steps)
+        size = planner.size_of(steps)[kind]
+        assert size <= target * full, (target, steps)
+        reached = size / full
+        # Not far under it either: the options are quarters of a layer's width, so the
+        # greedy plan and its relaxation leave at most a tenth of the model unspent.
+        assert reached > target - 0.1, (target, reached)
         for layer, k in steps.items():  # each a measured option of its layer
             assert any(o.layer == layer and o.clusters == k for o in planner.options)
 
