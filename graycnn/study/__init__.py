@@ -8,7 +8,7 @@ pipeline.py  `compress`: the stages in order
 writer.py    figures, JSON, checkpoints
 report.py    report.md
 pool.py      one row of several runs against its bar, pooled
-budget.py    the plan for a FLOPs or parameter target
+budget.py    the plans for FLOPs or parameter targets (a sweep: one search)
 table.py     the report's rows
 schema.py    report.json, typed and versioned (rows, comparisons, from_json)
 controls.py  random and prune_l1 groupings at the same widths

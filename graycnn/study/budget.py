@@ -14,6 +14,7 @@ The plan is [(layer, clusters)] in forward order, with the measurements behind i
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -100,9 +101,12 @@ def search(
     color: stages.Model,
     train: data.Split,
     time_plans: Callable[[Any, dict[str, dict[int, int]]], dict[str, float]] | None = None,
-) -> Plan:
-    """Picks layers and cluster counts to reach config.target_flops / target_params /
-    target_latency.
+) -> list[Plan]:
+    """Picks layers and cluster counts to reach each of config.target_flops /
+    target_params (a sweep: one plan per fraction) or config.target_latency.
+
+    The sensitivities do not depend on the target: they are measured once, and each
+    target's plan is allocated from the same options.
 
     Args:
         gray: The gray model; color: the color model, for the size fractions.
@@ -111,9 +115,11 @@ def search(
         time_plans: For --target_latency: (gray, {name: steps}) -> {name: the planned
             model's measured latency as a fraction of the gray model's}; default
             `measure_plans` (tests replace it).
+
+    Returns:
+        One plan per target, in the order the fractions were given.
     """
-    kind, target = config.target_of()
-    selection = selection_split(train)
+    kind, targets = config.targets_of()
     g = gray.graph()
     candidates = [
         (i, p) for i, p in enumerate(g.conv_order, start=1)
@@ -123,12 +129,30 @@ def search(
     narrowest = {layer: c[-1] for layer, c in counts.items()}
     time_plans = time_plans or functools.partial(measure_plans, config=config)
     full, size_of, timed = _measure(kind, gray, color, counts, narrowest, time_plans)
-    size_budget = target * full
     # Every candidate at its narrowest option is the smallest plan: refuse a target it
     # misses before measuring any sensitivity (minutes), not after.
     smallest = timed["smallest"] if kind == "latency" else size_of(narrowest)
-    if smallest > size_budget:
-        raise ValueError(_unreachable(kind, size_budget))
+    if smallest > min(targets) * full:
+        raise ValueError(_unreachable(kind, min(targets) * full))
+    options, base_accuracy = _sensitivities(config, gray, train, candidates, counts, timed)
+    plans = []
+    for target in targets:
+        steps = _allocate(options, kind, target * full, full, size_of)
+        achieved = {k: v / c for k, v, c in _fractions(gray, color, steps)}
+        if kind == "latency":
+            steps, achieved["latency"] = _meet_latency(
+                gray, options, steps, target, size_of, time_plans
+            )
+            achieved |= {k: v / c for k, v, c in _fractions(gray, color, steps)}
+        plans.append(Plan(sorted(steps.items()), (kind, target), achieved, options, base_accuracy))
+    return plans
+
+
+def _sensitivities(config, gray, train, candidates, counts, timed) -> tuple[list[Option], float]:
+    """Every candidate layer merged alone to each of its `counts`: the options, and the
+    unmerged model's selection accuracy they are measured against."""
+    selection = selection_split(train)
+    g = gray.graph()
     base_accuracy = _accuracy(gray.config, gray.variables, train, selection, config.seed)
     options = []
     for layer, path in tqdm(candidates, desc="budget: sensitivity", leave=False):
@@ -139,17 +163,21 @@ def search(
             # the programs compiled for the base accuracy, instead of compiling its own.
             merged = plan.apply(gray.variables, keep_widths=True)
             acc = _accuracy(gray.config, merged, train, selection, config.seed)
-            size = _size_of_plan(gray, {layer: k})
+            size = _size_of_plan(gray, {layer: k}, g)
             latency = timed.get(f"{layer}:{k}", 0.0)
             options.append(Option(layer, k, 100 * (base_accuracy - acc), **size, latency=latency))
-    steps = _allocate(options, kind, size_budget, full, size_of)
-    achieved = {k: v / c for k, v, c in _fractions(gray, color, steps)}
-    if kind == "latency":
-        steps, achieved["latency"] = _meet_latency(
-            gray, options, steps, target, size_of, time_plans
-        )
-        achieved |= {k: v / c for k, v, c in _fractions(gray, color, steps)}
-    return Plan(sorted(steps.items()), (kind, target), achieved, options, base_accuracy)
+    return options, base_accuracy
+
+
+def plans_to_json(plans: list[Plan]) -> dict[str, Any]:
+    """budget_search.json's result: one plan as `Plan.to_json` (as before sweeps), a
+    sweep as {'plans': [each plan's]}."""
+    return plans[0].to_json() if len(plans) == 1 else {"plans": [p.to_json() for p in plans]}
+
+
+def plans_from_json(d: dict[str, Any]) -> list[Plan]:
+    """The plans `plans_to_json` wrote (a single-plan file of an older run too)."""
+    return [Plan.from_json(p) for p in d["plans"]] if "plans" in d else [Plan.from_json(d)]
 
 
 def _measure(kind, gray, color, counts, narrowest, time_plans) -> tuple[float, Callable, dict]:
@@ -157,7 +185,8 @@ def _measure(kind, gray, color, counts, narrowest, time_plans) -> tuple[float, C
     option's and the narrowest plan's measured latency fraction (`timed`)."""
     if kind != "latency":
         full = _size(color.config, color.variables)[kind]
-        return full, lambda steps: _size_of_plan(gray, steps)[kind], {}
+        g = gray.graph()
+        return full, lambda steps: _size_of_plan(gray, steps, g)[kind], {}
     plans = {f"{layer}:{k}": {layer: k} for layer in counts for k in counts[layer]}
     timed = time_plans(gray, plans | {"smallest": narrowest})
     return 1.0, functools.partial(_latency_of_plan, timed), timed
@@ -298,11 +327,42 @@ def _config_of_plan(gray, steps: dict[int, int]) -> ModelConfig:
     return gray.config.replace(widths=widths)
 
 
-def _size_of_plan(gray, steps: dict[int, int]) -> dict[str, int]:
-    """The exact size of `gray` with each planned layer at its cluster count: counted on
-    abstract shapes, nothing merged."""
+def _size_of_plan(gray, steps: dict[int, int], g: Any = None) -> dict[str, int]:
+    """The exact size of `gray` with each planned layer at its cluster count, nothing
+    merged: counted on its channel graph `g` (`_counted`), else on abstract shapes."""
+    if (counted := _counted(g or gray.graph(), steps)) is not None:
+        return counted
     config = _config_of_plan(gray, steps)
     return _size(config, _abstract_variables(config))
+
+
+def _counted(g: graph.ChannelGraph, steps: dict[int, int]) -> dict[str, int] | None:
+    """{'params', 'flops'} of `g`'s model with each planned layer (its residual group
+    too) at its count, without a trace (the planner counts hundreds of plans): a leaf
+    axis holding a narrowed conv's channels loses the rest; a layer's FLOPs scale with
+    its kernel. None where the graph does not say it exactly (groups, a slice)."""
+    widths: dict[str, int] = {}
+    for layer, k in steps.items():
+        widths |= dict.fromkeys(g.group(g.conv_order[layer - 1]), k)
+    shapes = {leaf: list(shape) for leaf, shape in g.leaf_shapes.items()}
+    for use in g.uses:
+        if sum(s.length for s in use.segments) != g.leaf_shapes[use.leaf][use.axis]:
+            return None
+        length = 0
+        for s in use.segments:
+            if s.source in widths and (s.start, s.length) != (0, g.widths[s.source]):
+                return None
+            length += widths[s.source] if s.source in widths else s.length
+        shapes[use.leaf][use.axis] = length
+    flops = 0
+    for op in g.layers.values():
+        if op.kernel is None or op.groups != 1 or op.kernel not in shapes:
+            return None
+        before = math.prod(g.leaf_shapes[op.kernel])
+        if op.flops % before:
+            return None
+        flops += op.flops // before * math.prod(shapes[op.kernel])
+    return {"params": sum(math.prod(s) for s in shapes.values()), "flops": flops}
 
 
 def _abstract_variables(config: ModelConfig) -> Any:

@@ -19,6 +19,7 @@ ACTIVATION = "activation"
 OBJECTIVES = (*rf.OBJECTIVES, ACTIVATION)
 FIELDS = ("gray", "color_luma")
 CONTROLS = ("random", "prune_l1")
+TARGETS = ("flops", "params", "latency")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,17 +108,18 @@ class CompressConfig:
         choices=train.LOSSES,
     )  # fmt: skip
     finetune_lr: float = setting(0.01, "Fine-tune SGD learning rate (momentum 0.9).")
-    target_flops: float = setting(
-        0.0, "Pick layers and cluster counts to reach this fraction of the color model's "
-        "FLOPs (0: use --layers and --num_clusters).",
+    target_flops: tuple[float, ...] = setting(
+        (), "Pick layers and cluster counts to reach this fraction of the color model's "
+        "FLOPs (none: use --layers and --num_clusters); a list (0.7,0.5) is a sweep: one "
+        "search, one plan and merged model (with its controls) per fraction.",
     )  # fmt: skip
-    target_params: float = setting(
-        0.0, "As --target_flops, for the fraction of the color model's parameters.",
+    target_params: tuple[float, ...] = setting(
+        (), "As --target_flops, for fractions of the color model's parameters.",
     )  # fmt: skip
-    target_latency: float = setting(
-        0.0, "As --target_flops, for this fraction of the gray model's latency at "
+    target_latency: tuple[float, ...] = setting(
+        (), "As --target_flops, for this fraction of the gray model's latency at "
         "--speed_batch, measured on this device (each layer's option timed, the plan "
-        "measured again).",
+        "measured again); one value, not a list.",
     )  # fmt: skip
     round_to: int = setting(
         1, "With --target_*: the cluster counts the search tries are multiples of this "
@@ -151,6 +153,14 @@ class CompressConfig:
     data_dir: str | None = setting(None, "TFDS data directory.")
 
     def __post_init__(self):
+        for kind in TARGETS:  # what Python callers write: one fraction (0: none), or a list
+            value = getattr(self, f"target_{kind}")
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+                value = tuple(_fraction(f"--target_{kind}", v) for v in value)
+            elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+                value = (value,) if value else ()
+            object.__setattr__(self, f"target_{kind}", value)
         config_lib.coerce(self)
 
     def objective_of(self, layer: int) -> str:
@@ -165,11 +175,12 @@ class CompressConfig:
         """Whether a budget search picks the layers (a --target_* flag)."""
         return bool(self.target_flops or self.target_params or self.target_latency)
 
-    def target_of(self) -> tuple[str, float]:
-        """('flops', 'params' or 'latency', the fraction) of the run's --target_* flag."""
-        for kind in ("flops", "params", "latency"):
+    def targets_of(self) -> tuple[str, tuple[float, ...]]:
+        """('flops', 'params' or 'latency', its fractions in the order given) of the
+        run's --target_* flag; several fractions are a sweep (one plan each)."""
+        for kind in TARGETS:
             if getattr(self, f"target_{kind}"):
-                return kind, getattr(self, f"target_{kind}")
+                return kind, tuple(getattr(self, f"target_{kind}"))
         raise ValueError("no --target_flops, --target_params or --target_latency given")
 
     @property
@@ -218,12 +229,8 @@ INT_LOWS = {
     "finetune_epochs": 0, "scratch_epochs": 0, "seeds": 1, "seed": 0, "speed_rounds": 0,
     "speed_batch": 1, "round_to": 1,
 }  # fmt: skip
-# `config.check_number`'s rule of each float setting; target_* are also checked as
-# fractions.
-FLOAT_RULES: dict[str, dict[str, Any]] = {
-    "eps_std": {"positive": True}, "finetune_lr": {"low": 0},
-    "target_flops": {"low": 0}, "target_params": {"low": 0}, "target_latency": {"low": 0},
-}  # fmt: skip
+# `config.check_number`'s rule of each float setting (target_*: `_check_targets`).
+FLOAT_RULES: dict[str, dict[str, Any]] = {"eps_std": {"positive": True}, "finetune_lr": {"low": 0}}
 
 
 def _check_int(flag: str, value: Any, low: int) -> None:
@@ -251,10 +258,22 @@ def _check_numbers(config: CompressConfig) -> None:
         )
 
 
+def _fraction(flag: str, value: Any) -> float:
+    """`value` (a number, or its text) as a fraction in (0, 1); ValueError naming `flag`."""
+    try:
+        value = float(value) if isinstance(value, str) else value
+    except ValueError:
+        raise ValueError(f"{flag} must be a fraction in (0, 1), got {value!r}") from None
+    fraction = config_lib.check_number(flag, value)
+    if not 0 < fraction < 1:
+        raise ValueError(f"{flag} must be a fraction in (0, 1), got {value}")
+    return fraction
+
+
 def _check_targets(config: CompressConfig) -> None:
-    """At most one --target_*, each a fraction; --round_to only with one."""
-    kinds = ("flops", "params", "latency")
-    given = [f"--target_{k}" for k in kinds if getattr(config, f"target_{k}")]
+    """At most one --target_*, each a list of distinct fractions (--target_latency one);
+    --round_to only with one."""
+    given = [f"--target_{k}" for k in TARGETS if getattr(config, f"target_{k}")]
     if len(given) > 1:
         raise ValueError(
             "give one of --target_flops, --target_params, --target_latency, not "
@@ -265,10 +284,20 @@ def _check_targets(config: CompressConfig) -> None:
             "--round_to rounds the counts a --target_flops, --target_params or "
             "--target_latency search tries; give one, or --num_clusters in multiples yourself"
         )
-    for kind in kinds:
-        value = getattr(config, f"target_{kind}")
-        if value and not 0 < value < 1:
-            raise ValueError(f"--target_{kind} must be a fraction in (0, 1), got {value}")
+    for kind in TARGETS:
+        flag, values = f"--target_{kind}", getattr(config, f"target_{kind}")
+        if not isinstance(values, tuple):
+            raise ValueError(f"{flag} must be a list of fractions in (0, 1), got {values!r}")
+        fractions = [_fraction(flag, v) for v in values]
+        twice = sorted({v for v in fractions if fractions.count(v) > 1})
+        if twice:
+            raise ValueError(f"{flag} lists {twice[0]:g} twice: give each fraction once")
+    if len(config.target_latency) > 1:
+        listed = ",".join(f"{v:g}" for v in config.target_latency)
+        raise ValueError(
+            f"--target_latency takes one fraction, got {listed}: each latency plan is "
+            "timed on this device; sweep --target_flops or --target_params instead"
+        )
 
 
 def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) -> None:

@@ -51,15 +51,19 @@ def _compress(config: CompressConfig, workdir: str, given: Sequence[str]) -> dic
     color = stages.color_model(config, out.path("color_model"), "model" in given)
     splits = stages.load_splits(config, color, splits)
     gray = stages.fold_color_model(config, color, splits.train)
-    search = None
+    plans: list[budget.Plan] = []
     if config.target:  # minutes: kept in the workdir, so a killed run does not redo it
-        search = budget.Plan.from_json(
+        plans = budget.plans_from_json(
             out.computed_once(
                 "budget_search.json",
-                lambda: budget.search(config, gray, color, splits.train).to_json(),
+                lambda: budget.plans_to_json(budget.search(config, gray, color, splits.train)),
             )
         )
-    steps = stages.plan_steps(config, gray, search.steps if search else None)
+    chains = [stages.plan_steps(config, gray, p.steps) for p in plans] or [
+        stages.plan_steps(config, gray)
+    ]
+    # A sweep's rows say their target; one target's are named as without a sweep.
+    targets = [f"{p.target[0]} {p.target[1]:g}" for p in plans] if len(plans) > 1 else [""]
     out.begin()
     out.data_figure(splits)
     run = _Run(config, color, splits, out)
@@ -69,39 +73,25 @@ def _compress(config: CompressConfig, workdir: str, given: Sequence[str]) -> dic
         seed = config.seed + i
         run.recover(gray, {}, None, i)
         if config.compensate == "lstsq_color":  # what the refit buys without a merge
-            refit = stages.refit_unmerged(config, gray, steps, splits.train, seed, color)
+            refit = stages.refit_unmerged(config, gray, _union(chains), splits.train, seed, color)
             run.recover(refit, {}, "refit", i)
-        chains = {None: gray} | (dict.fromkeys(CONTROLS, gray) if config.controls else {})
-        clusters: dict[int, int] = {}
-        for k, (layer, count) in enumerate(tqdm(steps, desc="layers", leave=False)):
-            result = stages.plan_layer_merge(
-                config, chains[None], layer, count, splits.train, color, seed, figures=i == 0
-            )
-            if i == 0:
-                out.layer(result)
-            clusters[layer] = result.clustering.num_clusters
-            for c, before in chains.items():
-                plan = result.plan if c is None else stages.control_plan(
-                    config, c, before, layer, result.clustering.labels, seed)  # fmt: skip
-                chains[c], errors = stages.merge_and_compensate(
-                    config, before, plan, splits.train, seed, color
-                )
-                out.compensation(layer, c, seed, errors)
-            if config.target and k < len(steps) - 1:
-                continue  # a budget plan is one model: only its final step is a row
-            run.add(recovered_spec(config, clusters, None, None), chains[None], i)
-            for c, model in chains.items():
-                run.recover(model, clusters, c, i)
-            if config.scratch_epochs:
-                run.scratch(chains[None], clusters, i)
+        for j, (steps, target) in enumerate(zip(chains, targets, strict=True)):
+            run.merge(gray, steps, seed_index=i, target=target, figures=i == 0 and j == 0)
     rows = run.table.rows()
-    settings = _settings(config, color, steps, search)
+    settings = _settings(config, color, chains, plans)
     if config.speed_rounds:
         rows, settings["speed"] = _timed(config, rows, run.models, out)
     report = out.finish(rows, settings)
     if config.export:
         _export(report, run.models, splits, out.path("export"))
     return report.to_json()
+
+
+def _union(chains: list[list[tuple[int, int | None]]]) -> list[tuple[int, int | None]]:
+    """The steps of the one chain, or every layer a sweep's plans merge, in forward order."""
+    if len(chains) == 1:
+        return chains[0]
+    return sorted({layer: None for steps in chains for layer, _ in steps}.items())
 
 
 def _export(report, models, splits, directory: str) -> None:
@@ -152,33 +142,73 @@ class _Run:
         self.table.add(spec, result, stages.size(model), checkpoint)
         tqdm.write(f"{spec.name}: validation accuracy {100 * result.validation.mean():.2f}%")
 
-    def recover(self, model, clusters: Mapping[int, int], control, seed_index: int) -> None:
+    def merge(self, gray, steps, seed_index: int, target: str, figures: bool) -> None:
+        """Merges `steps` in order, the controls alongside at the same widths; adds each
+        merge (a budget plan: only its last, one model) with every recovery budget.
+
+        Args:
+            target: A sweep's plan's target, named in its rows ('' otherwise).
+            figures: Also write each layer's figures and clusters (one plan's, once).
+        """
+        config, splits, color = self.config, self.splits, self.color
+        seed = config.seed + seed_index
+        chains = {None: gray} | (dict.fromkeys(CONTROLS, gray) if config.controls else {})
+        clusters: dict[int, int] = {}
+        for k, (layer, count) in enumerate(tqdm(steps, desc="layers", leave=False)):
+            result = stages.plan_layer_merge(
+                config, chains[None], layer, count, splits.train, color, seed, figures=figures
+            )
+            if figures:
+                self.out.layer(result)
+            clusters[layer] = result.clustering.num_clusters
+            for c, before in chains.items():
+                plan = result.plan if c is None else stages.control_plan(
+                    config, c, before, layer, result.clustering.labels, seed)  # fmt: skip
+                chains[c], errors = stages.merge_and_compensate(
+                    config, before, plan, splits.train, seed, color
+                )
+                chain = (c or "merged") + (f" ({target})" if target else "")
+                self.out.compensation(layer, chain, seed, errors)
+            if config.target and k < len(steps) - 1:
+                continue  # a budget plan is one model: only its final step is a row
+            self.add(recovered_spec(config, clusters, None, None, target), chains[None], seed_index)
+            for c, model in chains.items():
+                self.recover(model, clusters, c, seed_index, target)
+            if config.scratch_epochs:
+                self.scratch(chains[None], clusters, seed_index, target)
+
+    def recover(
+        self, model, clusters: Mapping[int, int], control, seed_index: int, target: str = ""
+    ) -> None:
         """Adds `model` after each recovery budget: BN re-estimation, then fine-tuning
         from it; with no clusters, these are the budgets' baselines."""
         seed = self.config.seed + seed_index
-        spec = recovered_spec(self.config, clusters, control, "bn")
+        spec = recovered_spec(self.config, clusters, control, "bn", target)
         tag = f"{spec.key}.seed{seed}"
         model = stages.reestimate_bn(self.config, model, self.color, self.out.path("bn", tag), seed)
         self.add(spec, model, seed_index)
         if self.config.finetune_epochs:
-            spec = recovered_spec(self.config, clusters, control, "finetune")
+            spec = recovered_spec(self.config, clusters, control, "finetune", target)
             model = stages.finetune(
                 self.config, model, self.color, self.out.path("finetune", tag), seed
             )
             self.add(spec, model, seed_index)
 
-    def scratch(self, merged: stages.Model, clusters: Mapping[int, int], seed_index: int) -> None:
+    def scratch(self, merged, clusters: Mapping[int, int], seed_index: int, target: str) -> None:
         """Adds the scratch control of a merge: its widths trained afresh, compared with
         the merge in the last budget."""
         seed = self.config.seed + seed_index
-        spec = recovered_spec(self.config, clusters, "scratch", self.config.budgets[-1])
+        spec = recovered_spec(self.config, clusters, "scratch", self.config.budgets[-1], target)
         workdir = self.out.path("scratch", f"{spec.key}.seed{seed}")
         self.add(spec, stages.train_scratch(self.config, merged, workdir, seed), seed_index)
 
 
-def _settings(config, color, steps, search) -> dict[str, Any]:
+def _settings(config, color, chains, plans) -> dict[str, Any]:
+    """The run's settings for the report; with one plan (or none) 'steps' and
+    'budget_search' are as before sweeps, a sweep's hold one entry per plan."""
+    steps = [[{"layer": layer, "clusters": count} for layer, count in c] for c in chains]
     return config_lib.to_json(config) | {
         "color_checkpoint": color.source,
-        "steps": [{"layer": layer, "clusters": count} for layer, count in steps],
-        "budget_search": search.to_json() if search else None,
+        "steps": steps[0] if len(steps) == 1 else steps,
+        "budget_search": budget.plans_to_json(plans) if plans else None,
     }

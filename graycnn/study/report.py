@@ -177,23 +177,32 @@ def _against_controls(row: Row) -> str:
 
 
 def _budget_search(search: Mapping[str, Any]) -> list[str]:
-    """The plan a --target_* run chose, and the measurements behind it."""
-    target = ", ".join(f"{k} {v:.2f}" for k, v in search["target"].items())
-    achieved = ", ".join(f"{k} {v:.3f}" for k, v in search["achieved"].items())
-    plan = ", ".join(f"L{s['layer']}: {s['clusters']}" for s in search["steps"]) or "no merge"
-    latency = "latency" in search["target"]
+    """The plan a --target_* run chose (a sweep: each plan's), and the measurements
+    behind it (one search: shared by every plan)."""
+    plans = search.get("plans", [search])
+    latency = "latency" in plans[0]["target"]
     whose = (
         "the gray model's (latency measured on this device; sizes: of the color model's)"
         if latency
         else "the color model's"
     )
-    lines = [
-        "## Budget search (replaces --layers and --num_clusters)",
-        "",
-        f"Target: {target} of {whose}; plan {plan}; reached {achieved}. "
+    targets = []
+    for p in plans:
+        target = ", ".join(f"{k} {v:.2f}" for k, v in p["target"].items())
+        achieved = ", ".join(f"{k} {v:.3f}" for k, v in p["achieved"].items())
+        plan = ", ".join(f"L{s['layer']}: {s['clusters']}" for s in p["steps"]) or "no merge"
+        targets.append(f"Target: {target} of {whose}; plan {plan}; reached {achieved}.")
+    sensitivity = (
         "Sensitivity: each layer merged alone, BN recalibrated, accuracy lost (points) "
         "on the selection split carved from the training images (unmerged: "
-        f"{100 * search['selection_accuracy']:.1f}%).",
+        f"{100 * plans[0]['selection_accuracy']:.1f}%)."
+    )
+    lines = ["## Budget search (replaces --layers and --num_clusters)", ""]
+    if len(plans) == 1:
+        lines.append(f"{targets[0]} {sensitivity}")
+    else:  # a sweep: one search, one plan per target
+        lines += [*(f"- {t}" for t in targets), "", f"One search for every target. {sensitivity}"]
+    lines += [
         "",
         "| layer | clusters | points lost | model params | model FLOPs |"
         + (" model latency |" if latency else ""),
@@ -202,7 +211,7 @@ def _budget_search(search: Mapping[str, Any]) -> list[str]:
     lines += [
         f"| {o['layer']} | {o['clusters']} | {o['drop']:+.1f} | {o['params']:,} | {o['flops']:,} |"
         + (f" {o['latency']:.3f} |" if latency else "")
-        for o in search["options"]
+        for o in plans[0]["options"]
     ]
     return lines
 
@@ -214,8 +223,15 @@ def _settings(config: Mapping[str, Any]) -> str:
         "num_clusters", "bn_rule", "compensate", "bn", "bn_epochs", "bn_loss", "finetune_epochs",
         "finetune", "target_flops", "target_params", "controls", "scratch_epochs", "seeds", "seed",
     )  # fmt: skip
-    shown = ", ".join(f"{k}={config[k]}" for k in keys if k in config)
+    shown = ", ".join(f"{k}={_setting(k, config[k])}" for k in keys if k in config)
     return f"Settings ({preset}): {shown}. Color model: `{config.get('color_checkpoint')}`."
+
+
+def _setting(key: str, value: Any) -> Any:
+    """A --target_* list as its flag: '0.7,0.5' (none: 0.0, as before sweeps)."""
+    if key.startswith("target_") and isinstance(value, list):
+        return ",".join(map(str, value)) or "0.0"
+    return value
 
 
 def _acc(split: SplitResult) -> str:

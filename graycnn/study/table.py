@@ -32,6 +32,7 @@ class RowSpec:
         budget: None (no recovery), 'bn' or 'finetune': which bar it is compared
             with, and what recovery it had.
         bar: The unmerged gray model of its budget.
+        target: The plan's target in a sweep of --target_* fractions (e.g. 'flops 0.5').
     """
 
     key: str
@@ -44,6 +45,7 @@ class RowSpec:
     budget: str | None = None
     finetune_epochs: int = 0
     bar: bool = False
+    target: str = ""
 
 
 class Table:
@@ -91,9 +93,11 @@ class Table:
         """A merge's controls: the rows of its budget at its widths that are not merges."""
         if not spec.clusters or spec.control or spec.budget is None:
             return []
-        same = (spec.budget, dict(spec.clusters))
-        return [k for k, s in self.specs.items()
-                if s.control in CONTROL_ROWS and (s.budget, dict(s.clusters)) == same]  # fmt: skip
+
+        def at(s: RowSpec) -> tuple:
+            return s.budget, dict(s.clusters), s.target
+
+        return [k for k, s in self.specs.items() if s.control in CONTROL_ROWS and at(s) == at(spec)]
 
     def _split(
         self, key: str, split: str, bar: str | None, refit: str | None,
@@ -140,11 +144,20 @@ def color_specs(config: Any) -> list[RowSpec]:
 
 
 def recovered_spec(
-    config: Any, clusters: Mapping[int, int], control: str | None, budget: str | None
+    config: Any,
+    clusters: Mapping[int, int],
+    control: str | None,
+    budget: str | None,
+    target: str = "",
 ) -> RowSpec:
     """A gray model after `budget`'s recovery (None: none): the unmerged bar when
     `clusters` is empty (or, with control 'refit', the unmerged model refit to the
-    color model as the merges are), else the merge of those layers (or its `control`)."""
+    color model as the merges are), else the merge of those layers (or its `control`).
+
+    Args:
+        target: In a sweep of --target_* fractions, the plan's target (e.g. 'flops 0.5'):
+            a merge's name gains '(flops 0.5)' and its key and model dir '_flops0.5'.
+    """
     names = "+".join(map(str, clusters))
     if not clusters and control == "refit":
         key, title = "gray_refit", f"gray + color refit ({config.compensate}), no merge"
@@ -156,11 +169,13 @@ def recovered_spec(
     else:
         noun = "layers" if len(clusters) > 1 else "layer"
         key, title = f"{control}_{names}", f"{control} control, {noun} {names}"
+    if target and clusters:
+        key, title = f"{key}_{target.replace(' ', '')}", f"{title} ({target})"
     if control == "scratch":  # trained afresh: no merge, compensation or BN budget
         epochs = config.scratch_epochs
         return RowSpec(key=f"{key}_{budget}", name=f"{title}, trained from scratch {epochs} ep",
                        image_type="gray", model_dir=f"{key}_{budget}", clusters=dict(clusters),
-                       bn="trained", control=control, budget=budget)  # fmt: skip
+                       bn="trained", control=control, budget=budget, target=target)  # fmt: skip
     if config.compensate != "none" and clusters:
         title += f" ({config.compensate})"
     if budget is None:
@@ -186,4 +201,5 @@ def recovered_spec(
         budget=budget,
         finetune_epochs=config.finetune_epochs if budget == "finetune" else 0,
         bar=budget is not None and not clusters and control is None,
+        target=target if clusters else "",
     )

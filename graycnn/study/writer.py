@@ -1,4 +1,4 @@
-"""Everything compress writes: run.json (the settings), budget_search.json (a target's
+"""Everything compress writes: run.json (the settings), budget_search.json (each target's
 plan), figures, clusters_layer*.json, one checkpoint per report row, report.json and
 report.md. Every file is written atomically; the input checkpoint is only read.
 
@@ -47,7 +47,7 @@ class Writer:
         settings = self.settings
         if os.path.exists(run):
             with open(run) as f:
-                before = json.load(f)
+                before = _upgraded(json.load(f))
             changed = sorted(k for k in before.keys() | settings.keys()
                              if before.get(k) != settings.get(k))  # fmt: skip
             if changed:
@@ -80,7 +80,7 @@ class Writer:
         if os.path.exists(path):
             with open(path) as f:
                 saved = json.load(f)
-            if saved.get("settings") == self.settings:
+            if _upgraded(saved.get("settings") or {}) == self.settings:
                 return saved["result"]
         result = compute()
         io.write_json(path, {"settings": self.settings, "result": result})
@@ -174,3 +174,14 @@ class Writer:
             batch = max(config["speed"]["batch_sizes"])
             charts.plot_speed(result.rows, batch, os.path.join(self.figures, "speed.png"))
         return result
+
+
+def _upgraded(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings as an older run wrote them, as this one writes them: a --target_* was
+    one fraction (0: none), now a list (so such a run still resumes)."""
+    out = dict(settings)
+    for key in ("target_flops", "target_params", "target_latency"):
+        value = out.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = [value] if value else []
+    return out
