@@ -87,3 +87,17 @@ def test_every_merge_is_compared_with_each_control_and_the_best_is_named(run):
 def test_scratch_epochs_is_checked_before_any_work():
     with pytest.raises(ValueError, match="--scratch_epochs must be >= 0"):
         study.validate(study.CompressConfig(scratch_epochs=-1))
+
+
+@pytest.mark.slow
+def test_shipped_densenet_seed_loads_and_is_trained():
+    from graycnn.study.inputs import pretrained_path
+    from graycnn.training import data, evaluation
+
+    model_config, variables, extra = checkpoint.load_model(pretrained_path("densenet_seed"))
+    assert (model_config.name, model_config.in_channels) == ("densenet_seed", 3)
+    assert extra["train"]["epochs"] == 15  # what --scratch_epochs should give it
+    val = data.load_dataset("cifar10_sample", "validation")
+    # 15 epochs on the sample's 3,085 training images (docs/results.md: 48.6%); chance 10%.
+    accuracy = evaluation.evaluate(model_config, variables, val, "color")["accuracy"]
+    assert accuracy == pytest.approx(extra["val_accuracy"], abs=1e-6)

@@ -132,8 +132,8 @@ class CompressConfig:
     scratch_epochs: int = setting(
         0, "Also train every merged model's exact widths from scratch on gray images for "
         "this many epochs (the 'scratch' control, Scratch-B of Liu et al. 2019: give the "
-        "color model's epochs, 40 for the shipped one), compared with the merge in the "
-        "last budget; 0: none.",
+        "color model's, 40 for the shipped densenet_tiny, 15 for densenet_seed), compared "
+        "with the merge in the last budget; 0: none.",
     )  # fmt: skip
     seeds: int = setting(
         1, "Repeat every stochastic stage (field noise, random control, BN data order) "

@@ -23,8 +23,9 @@ from graycnn.study.config import CompressConfig, validate
 from graycnn.training import bn_reestimate, checkpoint, data, evaluation
 from graycnn.training import train as train_lib
 
-# Made by `python -m experiments.train --epochs=40 --seed=0 --workdir=DIR` (docs/results.md).
-PRETRAINED = {"densenet_tiny": "densenet_tiny_color"}
+# Made by `python -m experiments.train --epochs=40 --seed=0 --workdir=DIR` (densenet_tiny)
+# and `... --model=densenet_seed --epochs=15 --seed=0 ...` (docs/results.md).
+PRETRAINED = {"densenet_tiny": "densenet_tiny_color", "densenet_seed": "densenet_seed_color"}
 
 
 def pretrained_path(model: str) -> str:
