@@ -27,7 +27,7 @@ from graycnn.deploy import measure_speed
 from graycnn.models import ModelConfig, build_model, count_params
 from graycnn.study import stages
 from graycnn.study.config import ACTIVATION, CompressConfig
-from graycnn.training import bn_reestimate, data, evaluation
+from graycnn.training import bn_reestimate, data, evaluation, parallel
 
 FRACTIONS = (0.75, 0.5, 0.25)
 SELECTION_PER_CLASS = 50
@@ -166,7 +166,12 @@ def _measure(kind, gray, color, counts, narrowest, time_plans) -> tuple[float, C
 def measure_plans(gray: Any, plans: dict[str, dict[int, int]], config: Any) -> dict[str, float]:
     """Each plan's model (weights of ones: time depends only on the widths) timed against
     the gray model in interleaved rounds at --speed_batch: its latency as a fraction of
-    the gray model's (the median of per-round ratios)."""
+    the gray model's (the median of per-round ratios). Timed by process 0 alone, for
+    every process: each timing their own device, they would plan different models."""
+    return parallel.from_primary(lambda: _measure_plans(gray, plans, config))
+
+
+def _measure_plans(gray: Any, plans: dict[str, dict[int, int]], config: Any) -> dict[str, float]:
     models = {"gray": (gray.config, gray.variables)}
     for name, steps in plans.items():
         model_config = _config_of_plan(gray, steps)
