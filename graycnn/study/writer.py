@@ -82,9 +82,7 @@ class Writer:
         except OSError as e:
             raise ValueError(f"--workdir {self.workdir} is not writable: {e}") from None
 
-    def computed_once(
-        self, name: str, compute: Callable[[], Any], everywhere: bool = True
-    ) -> Any:
+    def computed_once(self, name: str, compute: Callable[[], Any], everywhere: bool = True) -> Any:
         """compute()'s JSON result, kept as `name` in the workdir with the run's
         settings: a rerun of the same settings reads it back instead of computing it
         again (the budget search, minutes, runs before `begin`).
