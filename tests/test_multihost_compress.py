@@ -177,7 +177,9 @@ def test_baselines_on_two_processes_equals_one_process(sample_npz, tmp_path):
     for a, b in zip(*rows, strict=True):
         assert (a["row"], a["accuracy"], a["history"]) == (b["row"], b["accuracy"], b["history"])
         assert a["params"] == b["params"]
-        where = [os.path.relpath(r["checkpoint"], tmp_path / w) for r, w in ((a, "one"), (b, "two"))]
+        where = [
+            os.path.relpath(r["checkpoint"], tmp_path / w) for r, w in ((a, "one"), (b, "two"))
+        ]
         assert where[0] == where[1]
         _same_models(tmp_path / "one", tmp_path / "two", where[:1])
 
@@ -211,3 +213,19 @@ def test_a_killed_process_stops_the_other_and_a_rerun_resumes(one_process, tmp_p
 
     _run([*args, f"--workdir={workdir}"], tmp_path, processes=2)
     _same_compress_reports(reference, workdir)
+
+
+def test_transfer_on_two_processes_equals_one_process(inputs, sample_npz, tmp_path):
+    color, held_out = inputs
+    args = ["experiments.transfer", f"--checkpoint={color}", f"--dataset=npz:{sample_npz}",
+            f"--eval_dataset=npz:{held_out}", "--steps=4", "--eval_every=2", "--batch_size=16",
+            "--layers=1", "--num_clusters=4"]  # fmt: skip
+    _run([*args, f"--workdir={tmp_path / 'one'}"], tmp_path, processes=1)
+    _run([*args, f"--workdir={tmp_path / 'two'}"], tmp_path, processes=2)
+    rows = [_report(tmp_path / w)["rows"] for w in ("one", "two")]
+    assert [r["kind"] for r in rows[0]] == ["scratch", "transfer", "merged"]
+    for a, b in zip(*rows, strict=True):
+        # The validation curve (every 2 steps) and the held-out accuracy with its stats.
+        assert (a["kind"], a["curve"], a["eval"]) == (b["kind"], b["curve"], b["eval"])
+        assert (a["params"], a["flops"]) == (b["params"], b["flops"])
+        assert [s for s, _ in a["curve"]] == [0, 2, 4]
