@@ -14,9 +14,11 @@ from absl import flags
 from graycnn import config, transfer
 from graycnn.cli import runtime
 from graycnn.cli import workdir as workdir_lib
+from graycnn.training import parallel
 
 config.define_flags(transfer.TransferConfig)
 flags.DEFINE_string("workdir", "runs/transfer", "Output directory (must not hold a run).")
+runtime.define_distributed_flags()
 FLAGS = flags.FLAGS
 
 
@@ -28,7 +30,8 @@ def main(argv):
         workdir_lib.prepare(settings.export, "--export")  # before training, not after
     with workdir_lib.claim(FLAGS.workdir, "transfer") as path:
         report = transfer.transfer(settings)
-        print(transfer.write_report(report, path))
+        if parallel.primary():  # every process computes the report; process 0 writes it
+            print(transfer.write_report(report, path))
 
 
 if __name__ == "__main__":

@@ -82,11 +82,13 @@ def _run_baselines(models, workdir, base, bn, val):
     rows: list[dict[str, Any]] = []
     for name in models:
         model_rows = _model_rows(dataclasses.replace(base, model=name), workdir, val, bn)
-        charts.plot_histories(model_rows, os.path.join(workdir, f"accuracy_{name}.png"))
+        if parallel.primary():  # every process computes; process 0 writes
+            charts.plot_histories(model_rows, os.path.join(workdir, f"accuracy_{name}.png"))
         rows += model_rows
     report = {"rows": rows, "config": dataclasses.asdict(base) | {"models": list(models), "bn": bn}}
-    io.write_json(os.path.join(workdir, "report.json"), report)
-    io.write_text(os.path.join(workdir, "report.md"), format_report(report))
+    if parallel.primary():
+        io.write_json(os.path.join(workdir, "report.json"), report)
+        io.write_text(os.path.join(workdir, "report.md"), format_report(report))
     return report
 
 
@@ -169,7 +171,7 @@ def _model_rows(
         )
     )
     model_dir = os.path.join(directory, "model")
-    if not os.path.exists(model_dir):
+    if not parallel.from_primary(lambda: os.path.exists(model_dir)):  # all save, or none
         checkpoint.save_model(model_dir, gray_config, reestimated)
     seconds = time.perf_counter() - start
     rows.append(

@@ -28,7 +28,7 @@ from graycnn.deploy import measure_speed
 from graycnn.models import ModelConfig, build_model, count_params
 from graycnn.study import stages
 from graycnn.study.config import ACTIVATION, CompressConfig
-from graycnn.training import bn_reestimate, data, evaluation
+from graycnn.training import bn_reestimate, data, evaluation, parallel
 
 FRACTIONS = (0.75, 0.5, 0.25)
 SELECTION_PER_CLASS = 50
@@ -193,20 +193,22 @@ def _measure(kind, gray, color, counts, narrowest, time_plans) -> tuple[float, C
 
 
 def measure_plans(gray: Any, plans: dict[str, dict[int, int]], config: Any) -> dict[str, float]:
-    """Each plan's model (weights of ones: time depends only on the widths) timed against
-    the gray model in interleaved rounds at --speed_batch: its latency as a fraction of
-    the gray model's (the median of per-round ratios)."""
+    """Each plan's model (weights of ones: time depends only on widths) against the gray
+    model, in interleaved rounds at --speed_batch: its latency as a fraction of the gray
+    model's (median of per-round ratios), timed by process 0 alone for one plan on all."""
     models = {"gray": (gray.config, gray.variables)}
     for name, steps in plans.items():
         model_config = _config_of_plan(gray, steps)
         shapes = _abstract_variables(model_config)  # traced, not compiled
         models[name] = (model_config, jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes))
-    with tqdm(total=len(models), desc="budget: timing each option", leave=False) as bar:
-        timed = measure_speed(
-            models, (config.speed_batch,), max(config.speed_rounds, 3),
-            progress=lambda done, total: bar.update(done - bar.n),
-        )  # fmt: skip
-    return {name: 1 / timed[name].speedup_over("gray", config.speed_batch) for name in plans}
+
+    def measure() -> dict[str, float]:
+        with tqdm(total=len(models), desc="budget: timing each option", leave=False) as bar:
+            rounds, step = max(config.speed_rounds, 3), lambda done, _: bar.update(done - bar.n)
+            timed = measure_speed(models, (config.speed_batch,), rounds, progress=step)
+        return {name: 1 / timed[name].speedup_over("gray", config.speed_batch) for name in plans}
+
+    return parallel.from_primary(measure)
 
 
 def _latency_of_plan(timed: dict[str, float], steps: dict[int, int]) -> float:
@@ -235,9 +237,7 @@ def _fractions(gray, color, steps) -> list[tuple[str, float, float]]:
     return [(k, v, color_size[k]) for k, v in _size_of_plan(gray, steps).items()]
 
 
-def _allocate(
-    options: list[Option], kind: str, budget: float, full: float, size_of: Callable
-) -> dict[int, int]:
+def _allocate(options: list[Option], kind: str, budget: float, full, size_of) -> dict[int, int]:
     """Greedy: cheapest accuracy per unit of size saved, until the plan fits `budget`.
 
     Args:

@@ -20,7 +20,7 @@ from graycnn.study import budget, speed, stages
 from graycnn.study.config import CONTROLS, CompressConfig, validate, with_preset
 from graycnn.study.table import RowSpec, Table, color_specs, recovered_spec
 from graycnn.study.writer import Writer
-from graycnn.training import data
+from graycnn.training import data, parallel
 
 
 def compress(config: CompressConfig, workdir: str, given: Sequence[str] = ()) -> dict[str, Any]:
@@ -82,7 +82,7 @@ def _compress(config: CompressConfig, workdir: str, given: Sequence[str]) -> dic
     if config.speed_rounds:
         rows, settings["speed"] = _timed(config, rows, run.models, out)
     report = out.finish(rows, settings)
-    if config.export:
+    if config.export and parallel.primary():
         _export(report, run.models, splits, out.path("export"))
     return report.to_json()
 
@@ -122,6 +122,7 @@ def _timed(config, rows, models, out) -> tuple[list, dict[str, Any]]:
                 ).items()
             },
         },
+        everywhere=False,  # one device's timings: process 0's
     )
     timed = {k: speed.RowSpeed.from_json(v) for k, v in measured.pop("rows").items()}
     return [dataclasses.replace(r, speed=timed.get(r.key)) for r in rows], measured

@@ -1,6 +1,8 @@
 """Everything compress writes: run.json (the settings), budget_search.json (each target's
 plan), figures, clusters_layer*.json, one checkpoint per report row, report.json and
-report.md. Every file is written atomically; the input checkpoint is only read.
+report.md. Every file is written atomically; the input checkpoint is only read. In a
+multi-process run process 0 writes them all (every process takes part in the
+checkpoints' saves), and reads what decides a resume for all.
 
 A run is resumable: its settings are written first, and a rerun of the same settings
 into the same workdir finds every finished checkpoint (rows, BN training, fine-tuning)
@@ -21,7 +23,7 @@ from graycnn.study.figures import receptive_fields as rf_figures
 from graycnn.study.schema import Compensation, Report, Row
 from graycnn.study.stages import LayerResult, Model, Splits
 from graycnn.study.table import RowSpec
-from graycnn.training import checkpoint
+from graycnn.training import checkpoint, parallel
 
 
 class Writer:
@@ -40,10 +42,17 @@ class Writer:
         self.workdir = os.path.abspath(workdir)
         self.figures = os.path.join(self.workdir, "figures")
         self.compensations: list[Compensation] = []
-        if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
-            raise FileExistsError(f"--workdir {self.workdir} is a file, not a directory")
-        run = self.path("run.json")
         self.settings = json.loads(json.dumps(dict(settings)))  # as it reads back
+        # Process 0's verdict: another process could already see the files it writes.
+        refusal = parallel.from_primary(self._refusal)
+        if refusal is not None:
+            raise FileExistsError(refusal)
+
+    def _refusal(self) -> str | None:
+        """Why the workdir cannot take this run, or None."""
+        if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+            return f"--workdir {self.workdir} is a file, not a directory"
+        run = self.path("run.json")
         settings = self.settings
         if os.path.exists(run):
             with open(run) as f:
@@ -51,7 +60,7 @@ class Writer:
             changed = sorted(k for k in before.keys() | settings.keys()
                              if before.get(k) != settings.get(k))  # fmt: skip
             if changed:
-                raise FileExistsError(
+                return (
                     f"{self.workdir} holds a compress run with other settings ("
                     + ", ".join(
                         f"{k}: {before.get(k)!r} there, {settings.get(k)!r} now"
@@ -60,30 +69,45 @@ class Writer:
                     + "); pass a new --workdir, or delete it"
                 )
         elif os.path.exists(self.path("models")):
-            raise FileExistsError(
-                f"{self.workdir} already holds a compress run; pass a new --workdir or delete it"
-            )
+            return f"{self.workdir} already holds a compress run; pass a new --workdir or delete it"
+        return None
 
     def begin(self) -> None:
         """Records the run's settings: call once every input is checked, before the long
         work, so that a failed check leaves nothing behind and a rerun can resume."""
+        if not parallel.primary():
+            return
         try:
             io.write_json(self.path("run.json"), self.settings)
         except OSError as e:
             raise ValueError(f"--workdir {self.workdir} is not writable: {e}") from None
 
-    def computed_once(self, name: str, compute: Callable[[], Any]) -> Any:
+    def computed_once(self, name: str, compute: Callable[[], Any], everywhere: bool = True) -> Any:
         """compute()'s JSON result, kept as `name` in the workdir with the run's
         settings: a rerun of the same settings reads it back instead of computing it
-        again (the budget search, minutes, runs before `begin`)."""
+        again (the budget search, minutes, runs before `begin`).
+
+        Args:
+            everywhere: Every process computes (`compute` runs collectives, as the budget
+                search's evaluations do); else process 0 alone, shared with the others
+                (the speed table: one device's timings).
+        """
         path = self.path(name)
-        if os.path.exists(path):
-            with open(path) as f:
-                saved = json.load(f)
-            if _upgraded(saved.get("settings") or {}) == self.settings:
-                return saved["result"]
-        result = compute()
-        io.write_json(path, {"settings": self.settings, "result": result})
+
+        def saved() -> Any:
+            if os.path.exists(path):
+                with open(path) as f:
+                    found = json.load(f)
+                if _upgraded(found.get("settings") or {}) == self.settings:
+                    return found
+            return None
+
+        found = parallel.from_primary(saved)
+        if found is not None:
+            return found["result"]
+        result = compute() if everywhere else parallel.from_primary(compute)
+        if parallel.primary():
+            io.write_json(path, {"settings": self.settings, "result": result})
         return result
 
     def path(self, *parts: str) -> str:
@@ -92,12 +116,16 @@ class Writer:
         return os.path.join(self.workdir, *parts)
 
     def data_figure(self, splits: Splits) -> None:
+        if not parallel.primary():
+            return
         charts.plot_color_vs_gray(
             splits.validation.images, os.path.join(self.figures, "color_vs_gray.png")
         )
 
     def layer(self, result: LayerResult) -> None:
         """The layer's fields (gray and color), distances, clusters and labels."""
+        if not parallel.primary():
+            return
         layer, path = result.layer, result.path
         rf_figures.plot_receptive_fields(
             result.fields.fields,
@@ -154,7 +182,8 @@ class Writer:
         to the workdir."""
         name = model_dir if seed_index == 0 else f"{model_dir}.seed{seed_index}"
         directory = self.path("models", name)
-        if not os.path.exists(directory):
+        # Every process saves (orbax's barriers), so all must agree whether to.
+        if not parallel.from_primary(lambda: os.path.exists(directory)):
             checkpoint.save_model(
                 directory, model.config, model.variables, row=spec.name, view=spec.image_type
             )
@@ -167,6 +196,8 @@ class Writer:
             compensation=tuple(self.compensations),
             config=config | {"workdir": self.workdir},
         )
+        if not parallel.primary():
+            return result
         io.write_json(self.path("report.json"), result.to_json())
         io.write_text(self.path("report.md"), report.format_report(result))
         charts.plot_pareto(result.rows, os.path.join(self.figures, "pareto.png"))

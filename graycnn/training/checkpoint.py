@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 
 from graycnn import graph
 from graycnn.models import ModelConfig, build_model
-from graycnn.training import data
+from graycnn.training import data, parallel
 
 _ITEMS = ("variables", "config", "opt_state")
 
@@ -75,7 +75,8 @@ def save(
 def save_model(
     directory: str, model_config: ModelConfig, variables: Mapping[str, Any], **extra: Any
 ) -> str:
-    """Writes a model checkpoint to a new directory; refuses to overwrite one.
+    """Writes a model checkpoint to a new directory; refuses to overwrite one. In a
+    multi-process run every process calls it (orbax's barriers), process 0 writes.
 
     Args:
         directory: Must not exist yet (a user's checkpoint is never overwritten).
@@ -85,7 +86,8 @@ def save_model(
         The absolute directory.
     """
     directory = os.path.abspath(directory)
-    if os.path.exists(directory):
+    # Process 0's answer: the others could see the directory its save has just made.
+    if parallel.from_primary(lambda: os.path.exists(directory)):
         raise FileExistsError(f"refusing to overwrite existing checkpoint {directory}")
     _check_finite(variables, directory)
     mngr = manager(directory, max_to_keep=None)

@@ -3,15 +3,60 @@
 Every device of every host (after `jax.distributed.initialize()`) is one position of the
 `data` axis. Parameters are replicated; a batch's rows are split across devices, and
 each host places only its own slice of every global batch.
+
+Every process runs every stage; only process 0 writes files (`primary`), and a choice
+that depends on the files (resume or not) is process 0's, shared (`from_primary`).
 """
 
+import itertools
+import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+T = TypeVar("T")
+# How long the other processes wait for process 0's value: far above any stage between
+# two agreements; a dead process 0 ends the run sooner (`runtime._PeerWatch`).
+AGREE_TIMEOUT_S = 24 * 3600
+_agreements = itertools.count()
+
+
+def primary() -> bool:
+    """Whether this process writes the run's files: process 0 (the only one of a
+    single-process run)."""
+    return jax.process_index() == 0
+
+
+def from_primary(compute: Callable[[], T]) -> T:
+    """`compute()` of process 0, on every process; the others do not call it.
+
+    For choices read from files (does a checkpoint exist, a saved result), so that every
+    process takes the same path however far ahead process 0 is in writing. Every process
+    must call this at the same points, in the same order.
+
+    Args:
+        compute: Returns a JSON value (tuples come back as lists).
+
+    Returns:
+        The value; in a multi-process run, through JSON on every process (process 0
+        too, so that all hold equal values).
+    """
+    if jax.process_count() == 1:
+        return compute()
+    from jax._src import distributed  # jax 0.10 has no public handle on its client
+
+    client: Any = distributed.global_state.client
+    key = f"graycnn/agreed/{next(_agreements)}"
+    if primary():
+        text = json.dumps(compute())
+        client.key_value_set(key, text)
+    else:
+        text = client.blocking_key_value_get(key, AGREE_TIMEOUT_S * 1000)
+    return json.loads(text)
 
 
 def mesh_shardings(devices: Sequence[jax.Device] | None = None) -> tuple[NamedSharding, ...]:

@@ -146,7 +146,7 @@ def transfer(config: TransferConfig) -> dict[str, Any]:
             "wall_seconds": time.perf_counter() - start,
         })  # fmt: skip
     report = _summarize(config, rows, correct, splits, (original, size), held is not None)
-    if config.export:
+    if config.export and parallel.primary():  # files: process 0 writes them
         report["export"] = _export(config.export, report["rows"], trained_models, splits)
     return report
 
