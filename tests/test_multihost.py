@@ -129,11 +129,18 @@ def test_a_killed_process_stops_the_other_with_one_error_line(sample_npz, tmp_pa
         f"--workdir={tmp_path / 'run'}",
     ]  # fmt: skip
     processes = [_start(command, i, port, tmp_path) for i in range(2)]
+    began = lambda: any("epoch 1/20" in line for line in _lines(tmp_path / "stderr0.txt"))  # noqa: E731
+    _kill_process_1(processes, tmp_path, began, "training")
+
+
+def _kill_process_1(processes, logs, began, what: str, timeout: float = TIMEOUT) -> None:
+    """Once `began()`, kills process 1: process 0 must end with one `error:` line naming
+    itself, within a minute."""
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not any("epoch 1/20" in line for line in _lines(tmp_path / "stderr0.txt")):
-            assert processes[0].poll() is None, _tail(tmp_path, 0)
-            assert time.monotonic() < deadline, "training never began"
+        deadline = time.monotonic() + timeout
+        while not began():
+            assert processes[0].poll() is None, _tail(logs, 0)
+            assert time.monotonic() < deadline, f"{what} never began"
             time.sleep(0.2)
         processes[1].send_signal(signal.SIGKILL)
         killed = time.monotonic()
@@ -142,7 +149,7 @@ def test_a_killed_process_stops_the_other_with_one_error_line(sample_npz, tmp_pa
     finally:
         _stop(processes)
     print(f"process 0 stopped {seconds:.1f} s after process 1 was killed")
-    errors = [line for line in _lines(tmp_path / "stderr0.txt") if line.startswith("error:")]
-    assert status != 0 and len(errors) == 1, _tail(tmp_path, 0)
+    errors = [line for line in _lines(logs / "stderr0.txt") if line.startswith("error:")]
+    assert status != 0 and len(errors) == 1, _tail(logs, 0)
     assert errors[0].startswith("error: process 0 of 2: "), errors
     assert seconds < 60

@@ -12,14 +12,12 @@ wait has a timeout.
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from test_multihost import _free_port, _lines, _stop, _tail
+from test_multihost import _free_port, _kill_process_1, _lines, _stop
 
 from graycnn import tree
 from graycnn.training import checkpoint, data, train
@@ -192,23 +190,8 @@ def test_a_killed_process_stops_the_other_and_a_rerun_resumes(one_process, tmp_p
     workdir = tmp_path / "run"
     port = _free_port()
     children = [_start([*args, f"--workdir={workdir}"], tmp_path, i, port) for i in (0, 1)]
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not (workdir / "bn").is_dir():  # the first BN training has begun
-            assert children[0].poll() is None, _tail(tmp_path, 0)
-            assert time.monotonic() < deadline, "BN training never began"
-            time.sleep(0.2)
-        children[1].send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        status = children[0].wait(timeout=90)
-        seconds = time.monotonic() - killed
-    finally:
-        _stop(children)
-    print(f"process 0 stopped {seconds:.1f} s after process 1 was killed")
-    errors = [line for line in _lines(tmp_path / "stderr0.txt") if line.startswith("error:")]
-    assert status != 0 and len(errors) == 1, _tail(tmp_path, 0)
-    assert errors[0].startswith("error: process 0 of 2: "), errors
-    assert seconds < 60
+    # Killed once the first BN training has begun.
+    _kill_process_1(children, tmp_path, (workdir / "bn").is_dir, "BN training", TIMEOUT)
     assert not (workdir / "report.json").exists()
 
     _run([*args, f"--workdir={workdir}"], tmp_path, processes=2)
