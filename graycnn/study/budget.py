@@ -196,13 +196,13 @@ def measure_plans(gray: Any, plans: dict[str, dict[int, int]], config: Any) -> d
     """Each plan's model (weights of ones: time depends only on widths) against the gray
     model, in interleaved rounds at --speed_batch: its latency as a fraction of the gray
     model's (median of per-round ratios), timed by process 0 alone for one plan on all."""
-    models = {"gray": (gray.config, gray.variables)}
-    for name, steps in plans.items():
-        model_config = _config_of_plan(gray, steps)
-        shapes = _abstract_variables(model_config)  # traced, not compiled
-        models[name] = (model_config, jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes))
 
-    def measure() -> dict[str, float]:
+    def measure() -> dict[str, float]:  # process 0's: the others need no timed models
+        models = {"gray": (gray.config, gray.variables)}
+        for name, steps in plans.items():
+            model_config = _config_of_plan(gray, steps)
+            shapes = _abstract_variables(model_config)  # traced, not compiled
+            models[name] = (model_config, jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes))
         with tqdm(total=len(models), desc="budget: timing each option", leave=False) as bar:
             rounds, step = max(config.speed_rounds, 3), lambda done, _: bar.update(done - bar.n)
             timed = measure_speed(models, (config.speed_batch,), rounds, progress=step)
