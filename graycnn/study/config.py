@@ -20,6 +20,9 @@ OBJECTIVES = (*rf.OBJECTIVES, ACTIVATION)
 FIELDS = ("gray", "color_luma")
 CONTROLS = ("random", "prune_l1")
 TARGETS = ("flops", "params", "latency")
+# --round_to's default with a --target_*: on CPU, widths in multiples of 4 ran nearer the
+# FLOPs cut at 0.5 of the FLOPs than free counts (docs/results.md, "Speed and shipping").
+ROUND_TO = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +125,9 @@ class CompressConfig:
         "measured again); one value, not a list.",
     )  # fmt: skip
     round_to: int = setting(
-        1, "With --target_*: the cluster counts the search tries are multiples of this "
-        "(widths the hardware's vector units divide); 1: any count.",
+        0, "With --target_*: the cluster counts the search tries are multiples of this "
+        "(widths the hardware's vector units divide); 1: any count; 0: 4 with a "
+        "--target_* (measured faster per FLOP cut on CPU, docs/results.md), else 1.",
     )  # fmt: skip
     controls: bool = setting(
         True, "Add a random-partition and an L1-pruning row at the same widths for every "
@@ -174,6 +178,12 @@ class CompressConfig:
     def target(self) -> bool:
         """Whether a budget search picks the layers (a --target_* flag)."""
         return bool(self.target_flops or self.target_params or self.target_latency)
+
+    @property
+    def rounding(self) -> int:
+        """The multiple the search's counts are rounded to: --round_to, or for 0 (the
+        default) ROUND_TO with a --target_* and 1 (any count) without."""
+        return self.round_to or (ROUND_TO if self.target else 1)
 
     def targets_of(self) -> tuple[str, tuple[float, ...]]:
         """('flops', 'params' or 'latency', its fractions in the order given) of the
@@ -227,7 +237,7 @@ INT32_MAX = 2**31 - 1
 INT_LOWS = {
     "train_epochs": 1, "steps": 1, "compensate_images": 1, "bn_epochs": 1,
     "finetune_epochs": 0, "scratch_epochs": 0, "seeds": 1, "seed": 0, "speed_rounds": 0,
-    "speed_batch": 1, "round_to": 1,
+    "speed_batch": 1, "round_to": 0,
 }  # fmt: skip
 # `config.check_number`'s rule of each float setting (target_*: `_check_targets`).
 FLOAT_RULES: dict[str, dict[str, Any]] = {"eps_std": {"positive": True}, "finetune_lr": {"low": 0}}
