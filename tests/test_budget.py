@@ -139,21 +139,22 @@ def test_round_to_needs_a_target():
     validate(CompressConfig(round_to=8, target_flops=0.5))
 
 
-def test_round_to_defaults_to_4_with_a_target_and_to_any_count_without():
+def test_round_to_defaults_to_4_with_a_size_target_and_to_any_count_otherwise():
     assert CompressConfig().round_to == 0 and CompressConfig().rounding == 1
-    for target in ({"target_flops": (0.5,)}, {"target_params": (0.7, 0.5)},
-                   {"target_latency": (0.5,)}):  # fmt: skip
+    for target, default in (({"target_flops": (0.5,)}, 4), ({"target_params": (0.7, 0.5)}, 4),
+                            ({"target_latency": (0.5,)}, 1)):  # fmt: skip
         validate(CompressConfig(**target))
-        assert CompressConfig(**target).rounding == 4
-        assert CompressConfig(round_to=1, **target).rounding == 1  # today's free counts
+        assert CompressConfig(**target).rounding == default  # latency: each count timed
+        assert CompressConfig(round_to=1, **target).rounding == 1  # free counts
         assert CompressConfig(round_to=8, **target).rounding == 8
 
 
-def test_a_run_written_when_round_to_defaulted_to_1_resumes_only_without_a_target(tmp_path):
-    # Without a --target_*, round_to 1 (the old default) and 0 (the new) are the same run.
-    for target, resumes in (([], True), ([0.5], False)):
-        workdir = tmp_path / f"run{len(target)}"
-        settings = config_lib.to_json(CompressConfig(target_flops=tuple(target)))
+def test_a_run_written_when_round_to_defaulted_to_1_resumes_unless_it_rounds_now(tmp_path):
+    # Without a size target, round_to 1 (the old default) and 0 (the new) are one run.
+    cases = [({}, True), ({"target_latency": (0.5,)}, True), ({"target_flops": (0.5,)}, False)]
+    for i, (target, resumes) in enumerate(cases):
+        workdir = tmp_path / f"run{i}"
+        settings = config_lib.to_json(CompressConfig(**target))
         assert settings["round_to"] == 0
         io.write_json(str(workdir / "run.json"), settings | {"round_to": 1})
         if resumes:
