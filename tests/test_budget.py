@@ -5,7 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 
+from graycnn import config as config_lib
+from graycnn import io
 from graycnn.study import CompressConfig, budget, compress, stages, validate
+from graycnn.study.writer import Writer
 from graycnn.training import data, train
 
 
@@ -20,6 +23,7 @@ def setting(tmp_path_factory, sample_npz):
         checkpoint=workdir,
         dataset=dataset,
         target_flops=0.7,
+        round_to=1,  # any count: densenet_test's layers are 4 to 8 filters wide
         objective="activation",
         metric="correlation",
         cluster="complete",
@@ -130,9 +134,54 @@ def test_round_to_makes_every_tried_count_a_multiple_narrower_than_the_layer():
 def test_round_to_needs_a_target():
     with pytest.raises(ValueError, match="--round_to rounds the counts a --target_flops"):
         validate(CompressConfig(round_to=8))
-    with pytest.raises(ValueError, match="--round_to must be >= 1"):
-        validate(CompressConfig(round_to=0, target_flops=0.5))
+    with pytest.raises(ValueError, match="--round_to must be >= 0"):
+        validate(CompressConfig(round_to=-1, target_flops=0.5))
     validate(CompressConfig(round_to=8, target_flops=0.5))
+
+
+def test_round_to_defaults_to_4_with_a_size_target_and_to_any_count_otherwise():
+    assert CompressConfig().round_to == 0 and CompressConfig().rounding == 1
+    for target, default in (({"target_flops": (0.5,)}, 4), ({"target_params": (0.7, 0.5)}, 4),
+                            ({"target_latency": (0.5,)}, 1)):  # fmt: skip
+        validate(CompressConfig(**target))
+        assert CompressConfig(**target).rounding == default  # latency: each count timed
+        assert CompressConfig(round_to=1, **target).rounding == 1  # free counts
+        assert CompressConfig(round_to=8, **target).rounding == 8
+
+
+def test_a_run_written_when_round_to_defaulted_to_1_resumes_unless_it_rounds_now(tmp_path):
+    # Without a size target, round_to 1 (the old default) and 0 (the new) are one run.
+    cases = [({}, True), ({"target_latency": (0.5,)}, True), ({"target_flops": (0.5,)}, False)]
+    for i, (target, resumes) in enumerate(cases):
+        workdir = tmp_path / f"run{i}"
+        settings = config_lib.to_json(CompressConfig(**target))
+        assert settings["round_to"] == 0
+        io.write_json(str(workdir / "run.json"), settings | {"round_to": 1})
+        if resumes:
+            Writer(str(workdir), settings)
+        else:  # a search with free counts, not the default multiples of 4
+            with pytest.raises(FileExistsError, match="round_to: 1 there, 0 now"):
+                Writer(str(workdir), settings)
+
+
+def test_the_default_rounding_is_what_the_search_tries(setting, monkeypatch):
+    # The counts each candidate layer is merged to in the sensitivity search: multiples
+    # of 4 by default with a target, any count with --round_to=1 (densenet_test's
+    # widths: 8 for the stem, 4 for a dense layer, 6 for a transition).
+    config, color = setting
+    tried = []
+
+    def sensitivities(config, gray, train, candidates, counts, timed):
+        tried.append({layer: counts[layer] for layer, _ in candidates})
+        raise RuntimeError("stop after the counts")
+
+    monkeypatch.setattr(budget, "_sensitivities", sensitivities)
+    for round_to in (0, 1):
+        with pytest.raises(RuntimeError, match="stop after the counts"):
+            _plan(_with(config, round_to=round_to), color)
+    by_default, free = tried
+    assert all(k % 4 == 0 for counts in by_default.values() for k in counts)
+    assert any(k % 4 for counts in free.values() for k in counts)
 
 
 def _flops_time(calls):

@@ -151,8 +151,8 @@ def test_compress_on_two_processes_equals_one_process(one_process, tmp_path):
 def test_target_flops_with_finetuning_on_two_processes(inputs, sample_npz, tmp_path):
     """The budget search, fine-tuning and the speed table (timed by process 0 alone)."""
     args = _compress(
-        inputs, sample_npz, "--target_flops=0.8", "--finetune_epochs=1", "--speed_rounds=1",
-        "--speed_batch=8",
+        inputs, sample_npz, "--target_flops=0.8", "--round_to=1", "--finetune_epochs=1",
+        "--speed_rounds=1", "--speed_batch=8",
     )  # fmt: skip
     _run([*args, f"--workdir={tmp_path / 'one'}"], tmp_path, processes=1)
     _run([*args, f"--workdir={tmp_path / 'two'}"], tmp_path, processes=2)

@@ -123,9 +123,9 @@ def search(
     g = gray.graph()
     candidates = [
         (i, p) for i, p in enumerate(g.conv_order, start=1)
-        if p in g.widths and _counts(g.widths[p], config.round_to) and _mergeable(g, p)
+        if p in g.widths and _counts(g.widths[p], config.rounding) and _mergeable(g, p)
     ]  # fmt: skip
-    counts = {layer: _counts(g.widths[path], config.round_to) for layer, path in candidates}
+    counts = {layer: _counts(g.widths[path], config.rounding) for layer, path in candidates}
     narrowest = {layer: c[-1] for layer, c in counts.items()}
     time_plans = time_plans or functools.partial(measure_plans, config=config)
     full, size_of, timed = _measure(kind, gray, color, counts, narrowest, time_plans)

@@ -20,6 +20,10 @@ OBJECTIVES = (*rf.OBJECTIVES, ACTIVATION)
 FIELDS = ("gray", "color_luma")
 CONTROLS = ("random", "prune_l1")
 TARGETS = ("flops", "params", "latency")
+# --round_to's default with --target_flops or --target_params: on CPU, widths in multiples
+# of 4 ran nearer the FLOPs cut at 0.5 of the FLOPs than free counts (docs/results.md,
+# "Speed and shipping"). --target_latency times every count itself: any count.
+ROUND_TO = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +126,10 @@ class CompressConfig:
         "measured again); one value, not a list.",
     )  # fmt: skip
     round_to: int = setting(
-        1, "With --target_*: the cluster counts the search tries are multiples of this "
-        "(widths the hardware's vector units divide); 1: any count.",
+        0, "With --target_*: the cluster counts the search tries are multiples of this "
+        "(widths the hardware's vector units divide); 1: any count; 0: 4 with "
+        "--target_flops or --target_params (faster per FLOP cut on CPU, docs/results.md), "
+        "else 1 (--target_latency times each count).",
     )  # fmt: skip
     controls: bool = setting(
         True, "Add a random-partition and an L1-pruning row at the same widths for every "
@@ -174,6 +180,12 @@ class CompressConfig:
     def target(self) -> bool:
         """Whether a budget search picks the layers (a --target_* flag)."""
         return bool(self.target_flops or self.target_params or self.target_latency)
+
+    @property
+    def rounding(self) -> int:
+        """The multiple the search's counts are rounded to: --round_to, or for 0 (the
+        default) ROUND_TO with --target_flops or --target_params, else 1 (any count)."""
+        return self.round_to or (ROUND_TO if self.target_flops or self.target_params else 1)
 
     def targets_of(self) -> tuple[str, tuple[float, ...]]:
         """('flops', 'params' or 'latency', its fractions in the order given) of the
@@ -227,7 +239,7 @@ INT32_MAX = 2**31 - 1
 INT_LOWS = {
     "train_epochs": 1, "steps": 1, "compensate_images": 1, "bn_epochs": 1,
     "finetune_epochs": 0, "scratch_epochs": 0, "seeds": 1, "seed": 0, "speed_rounds": 0,
-    "speed_batch": 1, "round_to": 1,
+    "speed_batch": 1, "round_to": 0,
 }  # fmt: skip
 # `config.check_number`'s rule of each float setting (target_*: `_check_targets`).
 FLOAT_RULES: dict[str, dict[str, Any]] = {"eps_std": {"positive": True}, "finetune_lr": {"low": 0}}
