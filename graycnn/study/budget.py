@@ -56,7 +56,7 @@ class Plan:
         target: ('flops' or 'params', fraction of the color model's).
         achieved: The planned model's size as a fraction of the color model's.
         options: Every measured option (the sensitivity table).
-        selection_accuracy: The unmerged gray model's accuracy on the selection split.
+        selection_accuracy: The unmerged gray model's score (default: selection accuracy).
     """
 
     steps: list[tuple[int, int]]
@@ -101,6 +101,7 @@ def search(
     color: stages.Model,
     train: data.Split,
     time_plans: Callable[[Any, dict[str, dict[int, int]]], dict[str, float]] | None = None,
+    score: Callable[[Any], float] | None = None,
 ) -> list[Plan]:
     """Picks layers and cluster counts to reach each of config.target_flops /
     target_params (a sweep: one plan per fraction) or config.target_latency.
@@ -115,6 +116,9 @@ def search(
         time_plans: For --target_latency: (gray, {name: steps}) -> {name: the planned
             model's measured latency as a fraction of the gray model's}; default
             `measure_plans` (tests replace it).
+        score: variables (in gray's shapes) -> a quality in [0, 1] read from `train` only;
+            an option's drop is 100 x (gray's score - its). Default: the selection
+            accuracy after a short BN recalibration (transfer scores features instead).
 
     Returns:
         One plan per target, in the order the fractions were given.
@@ -134,7 +138,9 @@ def search(
     smallest = timed["smallest"] if kind == "latency" else size_of(narrowest)
     if smallest > min(targets) * full:
         raise ValueError(_unreachable(kind, min(targets) * full))
-    options, base_accuracy = _sensitivities(config, gray, train, candidates, counts, timed)
+    selected = selection_split(train)  # the default score's data
+    score = score or functools.partial(_accuracy, gray.config, train, selected, config.seed)
+    options, base_accuracy = _sensitivities(config, gray, train, candidates, counts, timed, score)
     plans = []
     for target in targets:
         steps = _allocate(options, kind, target * full, full, size_of)
@@ -148,12 +154,11 @@ def search(
     return plans
 
 
-def _sensitivities(config, gray, train, candidates, counts, timed) -> tuple[list[Option], float]:
+def _sensitivities(config, gray, train, candidates, counts, timed, score) -> tuple[list, float]:
     """Every candidate layer merged alone to each of its `counts`: the options, and the
-    unmerged model's selection accuracy they are measured against."""
-    selection = selection_split(train)
+    unmerged model's score (`search`) they are measured against."""
     g = gray.graph()
-    base_accuracy = _accuracy(gray.config, gray.variables, train, selection, config.seed)
+    base_accuracy = score(gray.variables)
     options = []
     for layer, path in tqdm(candidates, desc="budget: sensitivity", leave=False):
         distances = _distances(config, gray, layer, path, train)
@@ -162,7 +167,7 @@ def _sensitivities(config, gray, train, candidates, counts, timed) -> tuple[list
             # The merged function in the gray model's shapes: every option then runs on
             # the programs compiled for the base accuracy, instead of compiling its own.
             merged = plan.apply(gray.variables, keep_widths=True)
-            acc = _accuracy(gray.config, merged, train, selection, config.seed)
+            acc = score(merged)
             size = _size_of_plan(gray, {layer: k}, g)
             latency = timed.get(f"{layer}:{k}", 0.0)
             options.append(Option(layer, k, 100 * (base_accuracy - acc), **size, latency=latency))
@@ -406,15 +411,10 @@ def _cluster(config, distances: np.ndarray, k: int) -> np.ndarray:
         return cluster.cluster(distances, "complete", num_clusters=k).labels
 
 
-def _accuracy(model_config, variables, train, selection, seed: int) -> float:
+def _accuracy(model_config, train, selection, seed: int, variables) -> float:
     """Selection accuracy after a short BN recalibration on training images."""
     variables = bn_reestimate.recalibrate(
-        model_config,
-        variables,
-        train,
-        "gray",
-        num_batches=8,
-        batch_size=stages.SEARCH_BN_BATCH,
+        model_config, variables, train, "gray", num_batches=8, batch_size=stages.SEARCH_BN_BATCH,
         seed=seed,
-    )
+    )  # fmt: skip
     return evaluation.evaluate(model_config, variables, selection, "gray")["accuracy"]

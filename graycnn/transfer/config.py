@@ -32,6 +32,12 @@ class TransferConfig:
     num_clusters: PerLayer = setting(
         PerLayer.of_dict({1: 18, 2: 9, 3: 9}), "Clusters per merged layer.", item=int
     )
+    target_flops: float | None = setting(
+        None, "Merged model: pick layers and cluster counts (instead of --layers and "
+        "--num_clusters) to reach this fraction of the transfer model's FLOPs, each layer "
+        "scored by its error on the head's input features on training images "
+        "(graycnn.transfer.budget).",
+    )  # fmt: skip
     seed: int = setting(0, "Seed of init, the new heads, data order and clustering.")
     export: str | None = setting(
         None, "Directory for the best model (highest validation accuracy, then fewest "
@@ -45,3 +51,7 @@ class TransferConfig:
         for name in ("learning_rate", "finetune_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if self.target_flops is not None and not 0 < self.target_flops < 1:
+            raise ValueError(
+                f"--target_flops must be a fraction in (0, 1), got {self.target_flops}"
+            )

@@ -18,6 +18,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['data']['validation']} validation (the curve); eval: {report['data']['eval']}. "
         f"Every model trained {report['settings']['steps']} steps.",
         "",
+        *_plan(report),
         "| kind | MFLOPs | params | eval % | vs transfer (95% CI) | validation % | "
         "steps to scratch's final | train s |",
         "|---|---|---|---|---|---|---|---|",
@@ -44,6 +45,20 @@ def format_report(report: dict[str, Any]) -> str:
         lines += [f"Exported: {ex['kind']} to `{ex['directory']}` (largest logit "
                   f"difference from the Flax model: {diffs}).", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _plan(report: dict[str, Any]) -> list[str]:
+    """The --target_flops plan's line (none without the flag)."""
+    if "plan" not in report:
+        return []
+    plan = report["plan"]
+    steps = ", ".join(f"L{s['layer']}: {s['clusters']}" for s in plan["steps"])
+    return [
+        f"Merged plan for --target_flops={plan['target']['flops']:g} (searched on the "
+        f"training images: the error of the head's input features): {steps}; "
+        f"{plan['achieved']['flops']:.3f} of transfer's FLOPs.",
+        "",
+    ]
 
 
 def write_report(report: dict[str, Any], workdir: str) -> str:

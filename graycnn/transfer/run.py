@@ -2,12 +2,15 @@
 
     color model --fold--> gray --new head--> transfer
     gray --merge (clusters on the user's images, lstsq refit)--> new head--> merged
+    (the merged layers: --layers and --num_clusters, or with --target_flops the plan of
+    `graycnn.transfer.budget`, searched on the training split alone)
     the gray architecture, random init --> scratch
 
 Each is trained `steps` SGD steps (graycnn.training.train's step and optimizer), its
 validation accuracy recorded every `eval_every` steps (the curve).
 """
 
+import dataclasses
 import time
 from typing import Any
 
@@ -17,12 +20,14 @@ from tqdm.auto import tqdm
 
 from graycnn import config as config_lib
 from graycnn import deploy
+from graycnn.config import PerLayer
 from graycnn.models import build_model, init_variables
 from graycnn.study import stages, stats
 from graycnn.study.config import CompressConfig
 from graycnn.study.inputs import pretrained_path
 from graycnn.training import checkpoint, data, evaluation, parallel
 from graycnn.training import train as train_lib
+from graycnn.transfer import budget
 from graycnn.transfer import data as transfer_data
 from graycnn.transfer.config import TransferConfig
 from graycnn.transfer.head import new_head
@@ -41,8 +46,9 @@ def color_model(config: TransferConfig) -> stages.Model:
 
 def build_models(
     config: TransferConfig, color: stages.Model, train: data.Split, size: int
-) -> dict[str, stages.Model]:
-    """{kind: the model before training}, each with a head for `train`'s classes."""
+) -> tuple[dict[str, stages.Model], dict[str, Any] | None]:
+    """({kind: the model before training}, each with a head for `train`'s classes; the
+    --target_flops plan (`budget.Plan.to_json`), or None without the flag)."""
     classes, names = train.num_classes, train.class_names or ()
     color = stages.Model(color.config.replace(image_size=size), color.variables, color.source)
     # Clusters of the filters' responses to the user's images (compress's default
@@ -56,6 +62,14 @@ def build_models(
     rng = jax.random.key(config.seed + 7)
     scratch_config, _ = new_head(gray.config, gray.variables, classes, rng, names)
     scratch = init_variables(scratch_config, jax.random.key(config.seed))
+    transfer_model = stages.Model(*new_head(gray.config, gray.variables, classes, rng, names))
+    searched = None
+    if config.target_flops is not None:
+        searched = budget.plan_merges(config, transfer_model, train)
+        compress = dataclasses.replace(
+            compress, layers=tuple(layer for layer, _ in searched.steps),
+            num_clusters=PerLayer.of_dict(dict(searched.steps)),
+        )  # fmt: skip
     merged = gray
     for layer, count in stages.plan_steps(compress, gray):
         plan = stages.plan_layer_merge(
@@ -63,9 +77,9 @@ def build_models(
         ).plan
         merged, _ = stages.merge_and_compensate(compress, merged, plan, train, config.seed, color)
     out = {"scratch": stages.Model(scratch_config, jax.device_get(scratch))}
-    for kind, model in (("transfer", gray), ("merged", merged)):
-        out[kind] = stages.Model(*new_head(model.config, model.variables, classes, rng, names))
-    return out
+    out["transfer"] = transfer_model
+    out["merged"] = stages.Model(*new_head(merged.config, merged.variables, classes, rng, names))
+    return out, None if searched is None else searched.to_json()
 
 
 def train_curve(
@@ -128,7 +142,7 @@ def transfer(config: TransferConfig) -> dict[str, Any]:
     color = color_model(config)
     original = splits.train.images.shape[1:3]
     splits, size = transfer_data.fit_size(config, splits, color.config)
-    models = build_models(config, color, splits.train, size)
+    models, plan = build_models(config, color, splits.train, size)
     held = splits.held_out if splits.held_out is not None and len(splits.held_out) else None
     rows, correct, trained_models = [], {}, {}
     for kind in KINDS:
@@ -146,6 +160,8 @@ def transfer(config: TransferConfig) -> dict[str, Any]:
             "wall_seconds": time.perf_counter() - start,
         })  # fmt: skip
     report = _summarize(config, rows, correct, splits, (original, size), held is not None)
+    if plan is not None:
+        report["plan"] = plan
     if config.export and parallel.primary():  # files: process 0 writes them
         report["export"] = _export(config.export, report["rows"], trained_models, splits)
     return report
