@@ -171,7 +171,7 @@ def test_the_default_rounding_is_what_the_search_tries(setting, monkeypatch):
     config, color = setting
     tried = []
 
-    def sensitivities(config, gray, train, candidates, counts, timed):
+    def sensitivities(config, gray, train, candidates, counts, timed, *score):
         tried.append({layer: counts[layer] for layer, _ in candidates})
         raise RuntimeError("stop after the counts")
 
