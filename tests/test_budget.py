@@ -1,13 +1,16 @@
 """Compression to a target: the plan meets it, and never reads the validation split."""
 
 import dataclasses
+import functools
 
+import jax
 import numpy as np
 import pytest
 
 from graycnn import config as config_lib
 from graycnn import io
-from graycnn.study import CompressConfig, budget, compress, stages, validate
+from graycnn.study import CompressConfig, budget, compress, search_proxy, stages, validate
+from graycnn.study import report as report_lib
 from graycnn.study.writer import Writer
 from graycnn.training import data, train
 
@@ -244,3 +247,83 @@ def test_a_latency_plan_that_misses_is_replanned_and_one_that_cannot_reports_its
     exact = lambda gray, plans: {n: size_of(s) for n, s in plans.items()}  # noqa: E731
     assert budget._meet_latency(None, options, steps, 0.75, size_of, exact) == (
         steps, pytest.approx(size_of(steps)))  # fmt: skip
+
+
+# --search_images: a cheaper score, on training data still.
+
+
+def _poisoned(config, tmp_path, name, pick):
+    """The dataset with the images `pick(class indices)` of each class replaced by noise."""
+    split = data.load_dataset(config.dataset, "all")
+    images = split.images.copy()
+    for c in range(10):
+        idx = pick(np.flatnonzero(split.labels == c))
+        images[idx] = np.random.default_rng(c).integers(0, 256, images[idx].shape, np.uint8)
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, images=images, labels=split.labels)
+    return f"npz:{path}"
+
+
+def test_search_images_reads_the_selection_images_of_training_data_only(setting, tmp_path):
+    config, color = setting
+    cheap = _with(config, search_images=20)  # 2 images a class: the last of its training
+    plan = _plan(cheap, color)
+    # The validation images (the last 20% of each class) poisoned: the same numbers.
+    validation = _poisoned(config, tmp_path, "val", lambda idx: idx[-round(len(idx) * 0.2) :])
+    again = _plan(_with(cheap, dataset=validation), color)
+    assert again.steps == plan.steps
+    assert [o.drop for o in again.options] == [o.drop for o in plan.options]
+    # Its 2 selection images a class (the training images just before them) poisoned:
+    # other drops, so those are the images it scores on.
+    n = lambda idx: len(idx) - round(len(idx) * 0.2)  # noqa: E731
+    selection = _poisoned(config, tmp_path, "sel", lambda idx: idx[n(idx) - 2 : n(idx)])
+    moved = _plan(_with(cheap, dataset=selection), color)
+    assert [o.drop for o in moved.options] != [o.drop for o in plan.options]
+
+
+def test_search_images_0_is_the_selection_accuracy_of_500_images(setting):
+    # The default score written out: budget._accuracy on the last 50 images a class.
+    config, color = setting
+    train_split = data.load_dataset(config.dataset, "train")
+    gray = stages.fold_color_model(config, color, train_split)
+    selected = budget.selection_split(train_split, 50)
+    score = functools.partial(budget._accuracy, gray.config, train_split, selected, config.seed)
+    [default] = budget.search(config, gray, color, train_split)
+    [explicit] = budget.search(config, gray, color, train_split, score=score)
+    assert default.options == explicit.options and default.steps == explicit.steps
+    assert default.selection_accuracy == score(gray.variables)
+    [cheap] = budget.search(_with(config, search_images=20), gray, color, train_split)
+    assert [o.drop for o in cheap.options] != [o.drop for o in default.options]
+
+
+def test_the_divergence_is_the_kl_of_the_predictions():
+    # Written out with numpy: sum p (log p - log q) per row, the mean over rows.
+    rng = np.random.default_rng(0)
+    ref, logits = rng.normal(size=(2, 5, 4))
+    p = np.exp(ref) / np.exp(ref).sum(-1, keepdims=True)
+    q = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    expected = np.mean(np.sum(p * np.log(p / q), -1))
+    got = search_proxy.kl_divergence(jax.nn.log_softmax(ref, -1), logits)
+    assert np.isclose(float(got), expected, rtol=1e-5)
+    assert float(search_proxy.kl_divergence(jax.nn.log_softmax(ref, -1), ref)) < 1e-6
+    # Recalibration batches: the default's 8 per 500 images, at least one.
+    assert [search_proxy.bn_batches(n) for n in (20, 128, 250, 500)] == [1, 2, 4, 8]
+
+
+def test_search_images_needs_a_target_and_is_one_error_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="^--search_images sets the data of a --target_flops"):
+        compress(CompressConfig(search_images=128), str(tmp_path / "w"))
+    with pytest.raises(ValueError, match=r"^--search_images must be >= 0, got -1$"):
+        compress(CompressConfig(search_images=-1, target_flops=0.5), str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+    validate(CompressConfig(search_images=128, target_flops=0.5))
+
+
+def test_the_report_says_which_score_ranked_the_options():
+    search = {"steps": [{"layer": 1, "clusters": 4}], "target": {"flops": 0.5},
+              "achieved": {"flops": 0.49}, "selection_accuracy": 0.5, "options": []}  # fmt: skip
+    default = " ".join(report_lib._budget_search(search))
+    assert "accuracy lost (points)" in default and "(unmerged: 50.0%)" in default
+    cheap = " ".join(report_lib._budget_search(search, 130))
+    assert "KL divergence" in cheap and "130 selection images" in cheap
+    assert "unmerged: " not in cheap  # its base score is no accuracy

@@ -126,7 +126,7 @@ def test_a_layer_named_outside_layers_is_still_refused_and_a_default_one_is_not(
 INT_LOWS = {
     "train_epochs": 1, "steps": 1, "compensate_images": 1, "bn_epochs": 1,
     "finetune_epochs": 0, "scratch_epochs": 0, "seeds": 1, "seed": 0, "speed_rounds": 0,
-    "speed_batch": 1, "round_to": 0,
+    "speed_batch": 1, "round_to": 0, "search_images": 0,
 }  # fmt: skip
 FLOAT_RULES = {"eps_std": "> 0", "finetune_lr": ">= 0"}  # target_*: test_budget_sweep
 

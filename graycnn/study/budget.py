@@ -26,12 +26,12 @@ from graycnn import cluster, distance, graph, merge
 from graycnn import receptive_field as rf
 from graycnn.deploy import measure_speed
 from graycnn.models import ModelConfig, build_model, count_params
-from graycnn.study import stages
+from graycnn.study import search_proxy, stages
 from graycnn.study.config import ACTIVATION, CompressConfig
 from graycnn.training import bn_reestimate, data, evaluation, parallel
 
 FRACTIONS = (0.75, 0.5, 0.25)
-SELECTION_PER_CLASS = 50
+SELECTION_PER_CLASS = search_proxy.SELECTION_PER_CLASS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +138,8 @@ def search(
     smallest = timed["smallest"] if kind == "latency" else size_of(narrowest)
     if smallest > min(targets) * full:
         raise ValueError(_unreachable(kind, min(targets) * full))
-    selected = selection_split(train)  # the default score's data
-    score = score or functools.partial(_accuracy, gray.config, train, selected, config.seed)
+    selected = selection_split(train, search_proxy.per_class(config.search_images, train))
+    score = score or search_proxy.search_score(config, gray, train, selected, _accuracy)
     options, base_accuracy = _sensitivities(config, gray, train, candidates, counts, timed, score)
     plans = []
     for target in targets:

@@ -21,7 +21,7 @@ def format_report(report: Report | Mapping[str, Any]) -> str:
     lines += _held_out(report.rows)
     lines += _speed(report.rows, config.get("speed"))
     if config.get("budget_search"):
-        lines += ["", *_budget_search(config["budget_search"])]
+        lines += ["", *_budget_search(config["budget_search"], config.get("search_images"))]
     if report.compensation:
         lines += _compensation(report)
     lines += ["", "## Verdicts", ""] + _verdicts(report.rows, report.color)
@@ -176,9 +176,9 @@ def _against_controls(row: Row) -> str:
     )
 
 
-def _budget_search(search: Mapping[str, Any]) -> list[str]:
+def _budget_search(search: Mapping[str, Any], images: int | None = 0) -> list[str]:
     """The plan a --target_* run chose (a sweep: each plan's), and the measurements
-    behind it (one search: shared by every plan)."""
+    behind it (one search: shared by every plan; `images`: its --search_images)."""
     plans = search.get("plans", [search])
     latency = "latency" in plans[0]["target"]
     whose = (
@@ -197,6 +197,12 @@ def _budget_search(search: Mapping[str, Any]) -> list[str]:
         "on the selection split carved from the training images (unmerged: "
         f"{100 * plans[0]['selection_accuracy']:.1f}%)."
     )
+    if images:  # --search_images: the score is a divergence, not an accuracy
+        sensitivity = (
+            "Sensitivity (--search_images): each layer merged alone, BN recalibrated, "
+            "100 x the KL divergence its predictions add to the unmerged gray model's on "
+            f"{images} selection images carved from the training images."
+        )
     lines = ["## Budget search (replaces --layers and --num_clusters)", ""]
     if len(plans) == 1:
         lines.append(f"{targets[0]} {sensitivity}")
