@@ -28,7 +28,7 @@ from graycnn.deploy import measure_speed
 from graycnn.models import ModelConfig, build_model, count_params
 from graycnn.study import search_proxy, stages
 from graycnn.study.config import ACTIVATION, CompressConfig
-from graycnn.training import bn_reestimate, data, evaluation, parallel
+from graycnn.training import data, evaluation, parallel
 
 FRACTIONS = (0.75, 0.5, 0.25)
 SELECTION_PER_CLASS = search_proxy.SELECTION_PER_CLASS
@@ -413,8 +413,5 @@ def _cluster(config, distances: np.ndarray, k: int) -> np.ndarray:
 
 def _accuracy(model_config, train, selection, seed: int, variables) -> float:
     """Selection accuracy after a short BN recalibration on training images."""
-    variables = bn_reestimate.recalibrate(
-        model_config, variables, train, "gray", num_batches=8, batch_size=stages.SEARCH_BN_BATCH,
-        seed=seed,
-    )  # fmt: skip
+    variables = search_proxy.recalibrated(model_config, variables, train, seed)
     return evaluation.evaluate(model_config, variables, selection, "gray")["accuracy"]

@@ -43,6 +43,18 @@ def search_score(
     return divergence_score(gray.config, gray.variables, train, selection, config.seed)
 
 
+def recalibrated(
+    model_config: ModelConfig, variables: Any, train: data.Split, seed: int,
+    batches: int = FULL_BATCHES, batch_size: int = SEARCH_BN_BATCH,
+) -> Any:  # fmt: skip
+    """`variables` with BatchNorm statistics recalibrated on `batches` seeded gray training
+    batches: every search score's first step (the same batches for every option)."""
+    return bn_reestimate.recalibrate(
+        model_config, variables, train, "gray", num_batches=batches, batch_size=batch_size,
+        seed=seed,
+    )  # fmt: skip
+
+
 def bn_batches(images: int) -> int:
     """Recalibration batches for a score on `images` images: the default's 8 batches per
     500 images, at least 1."""
@@ -70,18 +82,16 @@ def divergence_score(
     logits_of = _logits_fn(model_config)
     images = selection.images
 
-    def recalibrated(variables: Any) -> Any:  # the same batches for every model
-        return bn_reestimate.recalibrate(
-            model_config, variables, train, "gray", num_batches=bn_batches(len(images)),
-            batch_size=SEARCH_BN_BATCH, seed=seed,
-        )  # fmt: skip
-
+    batches = bn_batches(len(images))
     # The reference recalibrated alike: the few batches' noise is then common to both
     # sides, and the unmerged model's own divergence is 0.
-    target = jax.nn.log_softmax(logits_of(recalibrated(reference), images), -1)
+    target = jax.nn.log_softmax(
+        logits_of(recalibrated(model_config, reference, train, seed, batches), images), -1
+    )
 
     def score(variables: Any) -> float:
-        return -float(kl_divergence(target, logits_of(recalibrated(variables), images)))
+        variables = recalibrated(model_config, variables, train, seed, batches)
+        return -float(kl_divergence(target, logits_of(variables, images)))
 
     return score
 

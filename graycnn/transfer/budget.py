@@ -25,9 +25,9 @@ import numpy as np
 
 from graycnn.graph import capture
 from graycnn.models import build_model, head_path
-from graycnn.study import budget, stages
+from graycnn.study import budget, search_proxy, stages
 from graycnn.study.config import CompressConfig
-from graycnn.training import bn_reestimate, data
+from graycnn.training import data
 from graycnn.transfer.config import TransferConfig
 from graycnn.transfer.head import find_head
 
@@ -71,10 +71,9 @@ def feature_score(
     batch = min(stages.SEARCH_BN_BATCH, len(train))  # transfer trains on >= --batch_size
 
     def read(variables: Any) -> np.ndarray:
-        variables = bn_reestimate.recalibrate(
-            model.config, variables, train, "gray", num_batches=8,
-            batch_size=batch, seed=seed,
-        )  # fmt: skip
+        variables = search_proxy.recalibrated(
+            model.config, variables, train, seed, batch_size=batch
+        )
         return np.asarray(features(variables, images), np.float64)
 
     reference = read(model.variables)
