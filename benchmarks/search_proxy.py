@@ -22,7 +22,7 @@ from absl import app, flags
 from scipy import stats
 
 from graycnn import merge
-from graycnn.study import budget, search_proxy, stages
+from graycnn.study import allocation, budget, search_proxy, stages
 from graycnn.study.config import CompressConfig
 from graycnn.training import bn_reestimate
 
@@ -142,7 +142,7 @@ def _summary(config, gray, color, plans, full, rows, times, layers) -> None:
                        for r, d in zip(rows, drops, strict=True)]  # fmt: skip
             target = p["target"]["flops"]
             try:
-                steps = budget._allocate(options, "flops", target * total, total, size_of)
+                steps = allocation.allocate(options, "flops", target * total, total, size_of)
             except ValueError:
                 line += f" | {target}: unreachable"
                 continue

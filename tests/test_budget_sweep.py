@@ -12,7 +12,7 @@ from absl import flags
 from graycnn import config as config_lib
 from graycnn import graph, io, merge
 from graycnn.models import ModelConfig, build_model, count_params, init_variables
-from graycnn.study import CompressConfig, budget, compress, stages, validate
+from graycnn.study import CompressConfig, allocation, budget, compress, stages, validate
 from graycnn.study.table import recovered_spec
 from graycnn.study.writer import Writer
 from graycnn.training import train
@@ -46,7 +46,7 @@ class _Planner:
 
     def plan(self, kind: str, target: float, full: int) -> dict[int, int]:
         size_of = lambda steps: self.size_of(steps)[kind]  # noqa: E731
-        return budget._allocate(self.options, kind, target * full, full, size_of)
+        return allocation.allocate(self.options, kind, target * full, full, size_of)
 
 
 @pytest.fixture(scope="module", params=["densenet_tiny", "resnet20"])

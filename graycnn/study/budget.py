@@ -4,10 +4,11 @@
    its width (with the run's own comparison, clustering and merge), its BatchNorm
    recalibrated, and the accuracy lost measured on a *selection split carved from the
    training data*. The validation and held-out splits are never read.
-2. Allocation: greedy on the cost of each step, accuracy lost per FLOP (or parameter)
-   saved, from no merge towards smaller widths, until the planned model (its exact
-   widths, counted on the channel graph) meets the target. Drops are taken as additive
-   across layers; sizes are not assumed additive but counted.
+2. Allocation (`allocation`): greedy on the cost of each step, accuracy lost per FLOP
+   (or parameter) saved, from no merge towards smaller widths, until the planned model
+   (its exact widths, counted on the channel graph) meets the target. Drops are taken as
+   additive across layers; sizes are not assumed additive but counted. A latency target
+   times whole candidate plans and keeps the least predicted drop that is fast enough.
 
 The plan is [(layer, clusters)] in forward order, with the measurements behind it.
 """
@@ -26,7 +27,7 @@ from graycnn import cluster, distance, graph, merge
 from graycnn import receptive_field as rf
 from graycnn.deploy import measure_speed
 from graycnn.models import ModelConfig, build_model, count_params
-from graycnn.study import search_proxy, stages
+from graycnn.study import allocation, search_proxy, stages
 from graycnn.study.config import ACTIVATION, CompressConfig
 from graycnn.training import data, evaluation, parallel
 
@@ -137,19 +138,22 @@ def search(
     # misses before measuring any sensitivity (minutes), not after.
     smallest = timed["smallest"] if kind == "latency" else size_of(narrowest)
     if smallest > min(targets) * full:
-        raise ValueError(_unreachable(kind, min(targets) * full))
+        raise ValueError(allocation.unreachable(kind, min(targets) * full))
     selected = selection_split(train, search_proxy.per_class(config.search_images, train))
     score = score or search_proxy.search_score(config, gray, train, selected, _accuracy)
     options, base_accuracy = _sensitivities(config, gray, train, candidates, counts, timed, score)
     plans = []
     for target in targets:
-        steps = _allocate(options, kind, target * full, full, size_of)
-        achieved = {k: v / c for k, v, c in _fractions(gray, color, steps)}
+        achieved = {}
         if kind == "latency":
-            steps, achieved["latency"] = _meet_latency(
-                gray, options, steps, target, size_of, time_plans
+            color_flops = _size(color.config, color.variables)["flops"]
+            at_flops = functools.partial(_plan_at_flops, gray, options, color_flops)
+            steps, achieved["latency"] = allocation.meet_latency(
+                gray, options, target, size_of, at_flops, time_plans
             )
-            achieved |= {k: v / c for k, v, c in _fractions(gray, color, steps)}
+        else:
+            steps = allocation.allocate(options, kind, target * full, full, size_of)
+        achieved = {k: v / c for k, v, c in _fractions(gray, color, steps)} | achieved
         plans.append(Plan(sorted(steps.items()), (kind, target), achieved, options, base_accuracy))
     return plans
 
@@ -194,7 +198,7 @@ def _measure(kind, gray, color, counts, narrowest, time_plans) -> tuple[float, C
         return full, lambda steps: _size_of_plan(gray, steps, g)[kind], {}
     plans = {f"{layer}:{k}": {layer: k} for layer in counts for k in counts[layer]}
     timed = time_plans(gray, plans | {"smallest": narrowest})
-    return 1.0, functools.partial(_latency_of_plan, timed), timed
+    return 1.0, functools.partial(allocation.latency_of_plan, timed), timed
 
 
 def measure_plans(gray: Any, plans: dict[str, dict[int, int]], config: Any) -> dict[str, float]:
@@ -216,92 +220,17 @@ def measure_plans(gray: Any, plans: dict[str, dict[int, int]], config: Any) -> d
     return parallel.from_primary(measure)
 
 
-def _latency_of_plan(timed: dict[str, float], steps: dict[int, int]) -> float:
-    """Predicted: each layer's measured saving, added (checked by measuring the plan)."""
-    return 1.0 - sum(1.0 - timed[f"{layer}:{k}"] for layer, k in steps.items())
-
-
-def _meet_latency(gray, options, steps, target, size_of, time_plans) -> tuple[dict, float]:
-    """Measures the plan; while it misses the target, plans again to a budget cut by the
-    miss (savings do not add exactly). Returns the plan and its measured fraction."""
-    budget = target
-    for _ in range(3):
-        measured = time_plans(gray, {"plan": steps})["plan"]
-        if measured <= target:
-            return steps, measured
-        budget *= target / measured
-        try:
-            steps = _allocate(options, "latency", budget, 1.0, size_of)
-        except ValueError:  # no plan is predicted that fast: report the closest measured
-            return steps, measured
-    return steps, time_plans(gray, {"plan": steps})["plan"]
+def _plan_at_flops(gray, options, full: int, fraction: float) -> dict[int, int]:
+    """The plan --target_flops=fraction makes of the same options (full: the color
+    model's FLOPs)."""
+    g = gray.graph()
+    size_of = lambda steps: _size_of_plan(gray, steps, g)["flops"]  # noqa: E731
+    return allocation.allocate(options, "flops", fraction * full, full, size_of)
 
 
 def _fractions(gray, color, steps) -> list[tuple[str, float, float]]:
     color_size = _size(color.config, color.variables)
     return [(k, v, color_size[k]) for k, v in _size_of_plan(gray, steps).items()]
-
-
-def _allocate(options: list[Option], kind: str, budget: float, full, size_of) -> dict[int, int]:
-    """Greedy: cheapest accuracy per unit of size saved, until the plan fits `budget`.
-
-    Args:
-        full: The unmerged size (latency: 1.0); size_of(steps): a plan's size.
-    """
-    by_layer: dict[int, list[Option]] = {}
-    for o in options:
-        by_layer.setdefault(o.layer, []).append(o)
-    for layer in by_layer:
-        by_layer[layer].sort(key=lambda o: -o.clusters)  # widest first
-    chosen: dict[int, Option] = {}
-    while size_of({k: o.clusters for k, o in chosen.items()}) > budget:
-        best, best_cost = None, np.inf
-        for layer, opts in by_layer.items():
-            current = chosen.get(layer)
-            drop0 = current.drop if current else 0.0
-            saved0 = full - getattr(current, kind) if current else 0.0
-            for o in opts:
-                if current is not None and o.clusters >= current.clusters:
-                    continue
-                saved = (full - getattr(o, kind)) - saved0
-                if saved <= 0:
-                    continue
-                cost = max(o.drop - drop0, 0.0) / saved
-                if cost < best_cost:
-                    best, best_cost = o, cost
-        if best is None:
-            raise ValueError(_unreachable(kind, budget))
-        chosen[best.layer] = best
-    return _relax(by_layer, chosen, budget, size_of)
-
-
-def _relax(by_layer, chosen: dict, budget: float, size_of: Callable) -> dict[int, int]:
-    """Greedy steps are coarse and can overshoot the target: widen the costliest
-    choices again (or drop them) while the plan still fits."""
-    improved = True
-    while improved:
-        improved = False
-        for layer in sorted(chosen, key=lambda k: -chosen[k].drop):
-            current = chosen[layer]
-            wider = [o for o in by_layer[layer] if o.clusters > current.clusters]
-            for o in [None, *wider]:  # dropping the merge first, then the widest option
-                trial = {k: v.clusters for k, v in chosen.items() if k != layer}
-                if o is None and current.drop <= 0:
-                    continue  # a merge that costs nothing stays
-                if o is not None:
-                    if o.drop >= current.drop:
-                        continue
-                    trial[layer] = o.clusters
-                if size_of(trial) <= budget:
-                    if o is None:
-                        del chosen[layer]
-                    else:
-                        chosen[layer] = o
-                    improved = True
-                    break
-            if improved:
-                break
-    return {layer: o.clusters for layer, o in chosen.items()}
 
 
 def _counts(width: int, multiple: int = 1) -> list[int]:
@@ -312,15 +241,6 @@ def _counts(width: int, multiple: int = 1) -> list[int]:
         return []
     counts = {max(multiple, multiple * round(width * f / multiple)) for f in FRACTIONS}
     return sorted((k for k in counts if k < width), reverse=True)
-
-
-def _unreachable(kind: str, budget: float) -> str:
-    amount = f"{budget:.2f} of the gray model's latency" if kind == "latency" else (
-        f"{budget:,.0f} {kind}")  # fmt: skip
-    return (
-        f"--target_{kind}: cannot reach {amount} by merging the mergeable "
-        f"layers to {min(FRACTIONS):g} of their widths; ask for a larger fraction"
-    )
 
 
 def _config_of_plan(gray, steps: dict[int, int]) -> ModelConfig:

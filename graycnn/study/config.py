@@ -20,9 +20,8 @@ OBJECTIVES = (*rf.OBJECTIVES, ACTIVATION)
 FIELDS = ("gray", "color_luma")
 CONTROLS = ("random", "prune_l1")
 TARGETS = ("flops", "params", "latency")
-# --round_to's default with --target_flops or --target_params: on CPU, widths in multiples
-# of 4 ran nearer the FLOPs cut at 0.5 of the FLOPs than free counts (docs/results.md,
-# "Speed and shipping"). --target_latency times every count itself: any count.
+# --round_to's default with a --target_*: on CPU, widths in multiples of 4 ran nearer the
+# FLOPs cut at 0.5 of the FLOPs than free counts (docs/results.md, "Speed and shipping").
 ROUND_TO = 4
 
 
@@ -127,9 +126,8 @@ class CompressConfig:
     )  # fmt: skip
     round_to: int = setting(
         0, "With --target_*: the cluster counts the search tries are multiples of this "
-        "(widths the hardware's vector units divide); 1: any count; 0: 4 with "
-        "--target_flops or --target_params (faster per FLOP cut on CPU, docs/results.md), "
-        "else 1 (--target_latency times each count).",
+        "(widths the hardware's vector units divide); 1: any count; 0: 4 (faster per "
+        "FLOP cut on CPU, docs/results.md).",
     )  # fmt: skip
     search_images: int = setting(
         0, "With --target_*: score each option of the search on this many selection "
@@ -190,8 +188,8 @@ class CompressConfig:
     @property
     def rounding(self) -> int:
         """The multiple the search's counts are rounded to: --round_to, or for 0 (the
-        default) ROUND_TO with --target_flops or --target_params, else 1 (any count)."""
-        return self.round_to or (ROUND_TO if self.target_flops or self.target_params else 1)
+        default) ROUND_TO with a --target_*, else 1 (any count)."""
+        return self.round_to or (ROUND_TO if self.target else 1)
 
     def targets_of(self) -> tuple[str, tuple[float, ...]]:
         """('flops', 'params' or 'latency', its fractions in the order given) of the

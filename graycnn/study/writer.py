@@ -210,14 +210,14 @@ class Writer:
 def _upgraded(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Settings as an older run wrote them, as this one writes them: a --target_* was
     one fraction (0: none), now a list; --round_to's default was 1, now 0, the same
-    without --target_flops or --target_params (so such runs still resume); a run
-    before --search_images searched with its default, 0."""
+    without a --target_* (so such runs still resume); a run before --search_images
+    searched with its default, 0."""
     out = {"search_images": 0} | dict(settings)
     targets = ("target_flops", "target_params", "target_latency")
     for key in targets:
         value = out.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key] = [value] if value else []
-    if out.get("round_to") == 1 and not any(out.get(k) for k in targets[:2]):
+    if out.get("round_to") == 1 and not any(out.get(k) for k in targets):
         out["round_to"] = 0
     return out

@@ -1,0 +1,167 @@
+"""The budget search's allocation: which options (a layer merged alone to a count,
+with its measured drop and size) make a plan that meets a target.
+
+Pure functions on the options; sizes come from the caller's `size_of(steps)` (counted
+on the channel graph, or measured latency fractions) and timings from `time_plans`.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+# The FLOPs fractions a latency target also plans to (their plans are timed whole): every
+# --target_flops of 0.2-0.95 in steps of 0.025, so a FLOPs row of the same speed is one.
+FLOPS_LADDER = tuple(round(0.95 - 0.025 * i, 3) for i in range(31))
+# The latency path's budgets, as multiples of the target (savings do not add exactly).
+LATENCY_LADDER = (1.3, 1.2, 1.1, 1.05, 1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
+NEAR = (0.6, 1.4)  # a plan predicted within these multiples of the target is timed
+MOST_TIMED = 24  # at most this many, the nearest to the target as predicted
+
+
+def allocate(options: Sequence[Any], kind: str, budget: float, full, size_of) -> dict[int, int]:
+    """Greedy: cheapest accuracy per unit of size saved, until the plan fits `budget`.
+
+    Args:
+        options: Each with `layer`, `clusters`, `drop` and the size `kind` of the model
+            with that option alone.
+        kind: 'flops', 'params' or 'latency'.
+        full: The unmerged size (latency: 1.0); size_of(steps): a plan's size.
+
+    Returns:
+        {layer: clusters}.
+
+    Raises:
+        ValueError: no plan of the options fits `budget`.
+    """
+    by_layer: dict[int, list[Any]] = {}
+    for o in options:
+        by_layer.setdefault(o.layer, []).append(o)
+    for layer in by_layer:
+        by_layer[layer].sort(key=lambda o: -o.clusters)  # widest first
+    chosen: dict[int, Any] = {}
+    while size_of({k: o.clusters for k, o in chosen.items()}) > budget:
+        best, best_cost = None, np.inf
+        for layer, opts in by_layer.items():
+            current = chosen.get(layer)
+            drop0 = current.drop if current else 0.0
+            saved0 = full - getattr(current, kind) if current else 0.0
+            for o in opts:
+                if current is not None and o.clusters >= current.clusters:
+                    continue
+                saved = (full - getattr(o, kind)) - saved0
+                if saved <= 0:
+                    continue
+                cost = max(o.drop - drop0, 0.0) / saved
+                if cost < best_cost:
+                    best, best_cost = o, cost
+        if best is None:
+            raise ValueError(unreachable(kind, budget))
+        chosen[best.layer] = best
+    return _relax(by_layer, chosen, budget, size_of)
+
+
+def _relax(by_layer, chosen: dict, budget: float, size_of: Callable) -> dict[int, int]:
+    """Greedy steps are coarse and can overshoot the target: widen the costliest
+    choices again (or drop them) while the plan still fits."""
+    improved = True
+    while improved:
+        improved = False
+        for layer in sorted(chosen, key=lambda k: -chosen[k].drop):
+            current = chosen[layer]
+            wider = [o for o in by_layer[layer] if o.clusters > current.clusters]
+            for o in [None, *wider]:  # dropping the merge first, then the widest option
+                trial = {k: v.clusters for k, v in chosen.items() if k != layer}
+                if o is None and current.drop <= 0:
+                    continue  # a merge that costs nothing stays
+                if o is not None:
+                    if o.drop >= current.drop:
+                        continue
+                    trial[layer] = o.clusters
+                if size_of(trial) <= budget:
+                    if o is None:
+                        del chosen[layer]
+                    else:
+                        chosen[layer] = o
+                    improved = True
+                    break
+            if improved:
+                break
+    return {layer: o.clusters for layer, o in chosen.items()}
+
+
+def unreachable(kind: str, budget: float) -> str:
+    amount = f"{budget:.2f} of the gray model's latency" if kind == "latency" else (
+        f"{budget:,.0f} {kind}")  # fmt: skip
+    return (
+        f"--target_{kind}: cannot reach {amount} by merging the mergeable "
+        f"layers to the narrowest counts tried; ask for a larger fraction"
+    )
+
+
+def latency_of_plan(timed: dict[str, float], steps: dict[int, int]) -> float:
+    """Predicted: each layer's measured saving (`timed['layer:k']`), added."""
+    return 1.0 - sum(1.0 - timed[f"{layer}:{k}"] for layer, k in steps.items())
+
+
+def drop_of_plan(options: Sequence[Any], steps: dict[int, int]) -> float:
+    """Predicted accuracy lost: the options' drops, added (as the greedy takes them)."""
+    drops = {(o.layer, o.clusters): o.drop for o in options}
+    return sum(drops[layer, k] for layer, k in steps.items())
+
+
+def latency_candidates(
+    options: Sequence[Any], target: float, size_of: Callable, at_flops: Callable
+) -> list[dict[int, int]]:
+    """The distinct plans worth timing for a latency `target`: allocated on the measured
+    per-layer savings (`size_of`, predicted by adding them) to budgets around the target,
+    and to every FLOPs fraction of FLOPS_LADDER (`at_flops(fraction)`), those predicted
+    within NEAR of the target, at most MOST_TIMED, the nearest first."""
+    plans: dict[tuple, dict[int, int]] = {}
+    budgets = [("latency", target * s) for s in LATENCY_LADDER]
+    for kind, value in budgets + [("flops", f) for f in FLOPS_LADDER]:
+        try:
+            steps = allocate(options, "latency", value, 1.0, size_of) if kind == "latency" else (
+                at_flops(value))  # fmt: skip
+        except ValueError:  # that budget cannot be planned: the others can
+            continue
+        if steps and NEAR[0] * target <= size_of(steps) <= NEAR[1] * target:
+            plans.setdefault(tuple(sorted(steps.items())), steps)
+    return sorted(plans.values(), key=lambda s: abs(size_of(s) - target))[:MOST_TIMED]
+
+
+def meet_latency(
+    gray, options, target: float, size_of: Callable, at_flops: Callable, time_plans: Callable
+) -> tuple[dict[int, int], float]:
+    """Times every plan of `latency_candidates` whole, interleaved in one measurement
+    (savings do not add exactly), and keeps the one of least predicted drop measured at
+    `target` or under. If none is, plans again on the latency path to the fastest one's
+    prediction cut by its miss, up to three times; still none: the fastest measured.
+
+    Args:
+        gray: Passed to `time_plans(gray, {name: steps}) -> {name: measured fraction}`.
+        at_flops: fraction -> the plan --target_flops=fraction would make.
+
+    Returns:
+        The plan and its measured latency fraction.
+    """
+    timed = []
+    candidates = latency_candidates(options, target, size_of, at_flops)
+    budget = target
+    for _ in range(3):
+        if not candidates:
+            try:
+                candidates = [allocate(options, "latency", budget, 1.0, size_of)]
+            except ValueError:  # nothing is predicted that fast: the fastest measured
+                break
+        measured = time_plans(gray, {f"plan{i}": s for i, s in enumerate(candidates)})
+        timed += [(s, measured[f"plan{i}"]) for i, s in enumerate(candidates)]
+        met = [(s, m) for s, m in timed if m <= target]
+        if met:
+            return min(met, key=lambda sm: (drop_of_plan(options, sm[0]), sm[1]))
+        steps, fastest = min(timed, key=lambda sm: sm[1])
+        budget = min(budget, size_of(steps)) * target / fastest
+        candidates = []
+    if not timed:
+        raise ValueError(unreachable("latency", target))
+    return min(timed, key=lambda sm: sm[1])
