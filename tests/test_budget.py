@@ -242,10 +242,10 @@ def _options(timed, drops):
 
 def _least_drop_under(target, drops, timings):
     """The reference: of every plan timed, the one of least summed drop measured at
-    `target` or under."""
+    `target` or under, of equal drops the slowest (`drops` are all positive here)."""
     timed = [(s, m) for call in timings for s, m in call]
-    met = [(sum(drops[f"{k}:{c}"] for k, c in s.items()), s) for s, m in timed if m <= target]
-    return min(met, key=lambda ds: ds[0])[1]
+    met = [(sum(drops[f"{k}:{c}"] for k, c in s.items()), -m, s) for s, m in timed if m <= target]
+    return min(met, key=lambda dms: dms[:2])[2]
 
 
 class _Clock:
@@ -257,6 +257,27 @@ class _Clock:
     def __call__(self, gray, plans):
         self.calls.append([(s, self.measure(s)) for s in plans.values()])
         return {n: self.measure(s) for n, s in plans.items()}
+
+
+def test_measured_allocation_picks_steps_by_the_whole_plans_drop():
+    # Layers 1 and 2 are each cheap alone but lose 5 points together; 1 and 3, 1.5.
+    saving = {1: 30, 2: 30, 3: 25}  # of a size of 100
+    alone = {1: 0.5, 2: 0.6, 3: 1.0}
+    together = {(1,): 0.5, (2,): 0.6, (3,): 1.0, (1, 2): 5.0, (1, 3): 1.5, (2, 3): 1.6,
+                (1, 2, 3): 6.0}  # fmt: skip
+    options = [budget.Option(k, 8, drop=alone[k], params=0, flops=100 - saving[k]) for k in alone]
+    size_of = lambda steps: 100 - sum(saving[k] for k in steps)  # noqa: E731
+    measured = []
+    drop_of = lambda steps: measured.append(dict(steps)) or together[tuple(sorted(steps))]  # noqa: E731
+    additive = allocation.allocate(options, "flops", 45, 100, size_of)
+    assert additive == {1: 8, 2: 8}  # the sum of the drops: 1.1, as measured 5.0
+    steps = allocation.allocate_measured(options, "flops", 45, size_of, drop_of)
+    assert steps == {1: 8, 3: 8} and size_of(steps) <= 45
+    assert {1: 8, 2: 8} in measured and {1: 8, 3: 8} in measured  # both were measured
+    # Measuring only the cheapest next step by the added drops is the additive plan.
+    assert allocation.allocate_measured(options, "flops", 45, size_of, drop_of, top=1) == additive
+    with pytest.raises(ValueError, match="--target_flops: cannot reach 10 flops"):
+        allocation.allocate_measured(options, "flops", 10, size_of, drop_of)
 
 
 def test_a_latency_plan_is_the_least_predicted_drop_of_the_timed_plans_that_meet_it():
@@ -286,6 +307,14 @@ def test_a_latency_plan_is_the_least_predicted_drop_of_the_timed_plans_that_meet
     floor = _Clock(lambda s: max(size_of(s), 0.8))
     steps, measured = allocation.meet_latency(None, options, 0.75, size_of, never, floor)
     assert measured == 0.8 and len(floor.calls) >= 2
+    # An option scored above the unmerged model (-2 points: selection noise) is no gain:
+    # a plan that adds it to one already fast enough does not win by it.
+    noisy = {"1:8": 0.6, "4:8": 0.95}
+    options = _options(noisy, {"1:8": 0.5, "4:8": -2.0})
+    size_of = lambda steps: allocation.latency_of_plan(noisy, steps)  # noqa: E731
+    both = lambda fraction: {1: 8} if fraction > 0.6 else {1: 8, 4: 8}  # noqa: E731
+    steps, _ = allocation.meet_latency(None, options, 0.62, size_of, both, _Clock(size_of))
+    assert steps == {1: 8}
 
 
 # --search_images: a cheaper score, on training data still.

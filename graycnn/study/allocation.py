@@ -17,6 +17,7 @@ FLOPS_LADDER = tuple(round(0.95 - 0.025 * i, 3) for i in range(31))
 LATENCY_LADDER = (1.3, 1.2, 1.1, 1.05, 1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
 NEAR = (0.6, 1.4)  # a plan predicted within these multiples of the target is timed
 MOST_TIMED = 24  # at most this many, the nearest to the target as predicted
+TOP = 4  # --allocation=measured: the next steps measured on the whole plan, per step
 
 
 def allocate(options: Sequence[Any], kind: str, budget: float, full, size_of) -> dict[int, int]:
@@ -59,6 +60,64 @@ def allocate(options: Sequence[Any], kind: str, budget: float, full, size_of) ->
             raise ValueError(unreachable(kind, budget))
         chosen[best.layer] = best
     return _relax(by_layer, chosen, budget, size_of)
+
+
+def allocate_measured(
+    options: Sequence[Any], kind: str, budget: float, size_of, drop_of, top: int = TOP
+) -> dict[int, int]:
+    """As `allocate`, for layers that interact: each greedy step is picked among the `top`
+    cheapest by their options' drops, by the drop measured on the whole plan it makes
+    (`drop_of(steps)`) per unit of size the plan saves.
+
+    Args:
+        kind: 'flops' or 'params'; size_of(steps): the plan's size, counted.
+        drop_of: {layer: clusters} -> the accuracy the plan loses, points (measured).
+
+    Returns:
+        {layer: clusters}.
+    """
+    by_layer: dict[int, list[Any]] = {}
+    for o in options:
+        by_layer.setdefault(o.layer, []).append(o)
+    chosen: dict[int, Any] = {}
+    lost = 0.0
+    while (size := size_of(steps := {k: o.clusters for k, o in chosen.items()})) > budget:
+        ranked = []
+        for layer, opts in by_layer.items():
+            current = chosen.get(layer)
+            for o in opts:
+                if current is not None and o.clusters >= current.clusters:
+                    continue
+                saved = size - size_of(steps | {layer: o.clusters})
+                if saved > 0:
+                    added = max(o.drop - (current.drop if current else 0.0), 0.0)
+                    ranked.append((added / saved, saved, o))
+        if not ranked:
+            raise ValueError(unreachable(kind, budget))
+        best = None
+        for _, saved, o in sorted(ranked, key=lambda r: (r[0], -r[1]))[:top]:
+            measured = drop_of(steps | {o.layer: o.clusters})
+            cost = (max(measured - lost, 0.0) / saved, -saved)
+            if best is None or cost < best[0]:
+                best = (cost, measured, o)
+        assert best is not None
+        _, lost, o = best
+        chosen[o.layer] = o
+    # The last step can overshoot: widen a layer again (or unmerge it) where the plan
+    # still fits and loses less as measured.
+    steps = {k: o.clusters for k, o in chosen.items()}
+    for layer in sorted(steps):
+        for k in [
+            None,
+            *sorted(
+                (o.clusters for o in by_layer[layer] if o.clusters > steps[layer]), reverse=True
+            ),
+        ]:
+            trial = {m: c for m, c in steps.items() if m != layer} | ({layer: k} if k else {})
+            if size_of(trial) <= budget and (measured := drop_of(trial)) < lost:
+                steps, lost = trial, measured
+                break
+    return steps
 
 
 def _relax(by_layer, chosen: dict, budget: float, size_of: Callable) -> dict[int, int]:
@@ -105,8 +164,9 @@ def latency_of_plan(timed: dict[str, float], steps: dict[int, int]) -> float:
 
 
 def drop_of_plan(options: Sequence[Any], steps: dict[int, int]) -> float:
-    """Predicted accuracy lost: the options' drops, added (as the greedy takes them)."""
-    drops = {(o.layer, o.clusters): o.drop for o in options}
+    """Predicted accuracy lost: the options' drops, each at least 0 (as the greedy takes
+    them: an option scored above the unmerged model is noise, not a gain), added."""
+    drops = {(o.layer, o.clusters): max(o.drop, 0.0) for o in options}
     return sum(drops[layer, k] for layer, k in steps.items())
 
 
@@ -135,8 +195,9 @@ def meet_latency(
 ) -> tuple[dict[int, int], float]:
     """Times every plan of `latency_candidates` whole, interleaved in one measurement
     (savings do not add exactly), and keeps the one of least predicted drop measured at
-    `target` or under. If none is, plans again on the latency path to the fastest one's
-    prediction cut by its miss, up to three times; still none: the fastest measured.
+    `target` or under, of equal drops the slowest (it merges least). If none is, plans
+    again on the latency path to the fastest one's prediction cut by its miss, up to
+    three times; still none: the fastest measured.
 
     Args:
         gray: Passed to `time_plans(gray, {name: steps}) -> {name: measured fraction}`.
@@ -158,7 +219,7 @@ def meet_latency(
         timed += [(s, measured[f"plan{i}"]) for i, s in enumerate(candidates)]
         met = [(s, m) for s, m in timed if m <= target]
         if met:
-            return min(met, key=lambda sm: (drop_of_plan(options, sm[0]), sm[1]))
+            return min(met, key=lambda sm: (drop_of_plan(options, sm[0]), -sm[1]))
         steps, fastest = min(timed, key=lambda sm: sm[1])
         budget = min(budget, size_of(steps)) * target / fastest
         candidates = []

@@ -141,7 +141,9 @@ def search(
         raise ValueError(allocation.unreachable(kind, min(targets) * full))
     selected = selection_split(train, search_proxy.per_class(config.search_images, train))
     score = score or search_proxy.search_score(config, gray, train, selected, _accuracy)
-    options, base_accuracy = _sensitivities(config, gray, train, candidates, counts, timed, score)
+    options, base_accuracy, merges = _sensitivities(
+        config, gray, train, candidates, counts, timed, score
+    )
     plans = []
     for target in targets:
         achieved = {}
@@ -151,6 +153,9 @@ def search(
             steps, achieved["latency"] = allocation.meet_latency(
                 gray, options, target, size_of, at_flops, time_plans
             )
+        elif config.allocation == "measured":
+            drop_of = functools.partial(_drop_of_plan, gray, merges, score, base_accuracy, {})
+            steps = allocation.allocate_measured(options, kind, target * full, size_of, drop_of)
         else:
             steps = allocation.allocate(options, kind, target * full, full, size_of)
         achieved = {k: v / c for k, v, c in _fractions(gray, color, steps)} | achieved
@@ -158,16 +163,18 @@ def search(
     return plans
 
 
-def _sensitivities(config, gray, train, candidates, counts, timed, score) -> tuple[list, float]:
-    """Every candidate layer merged alone to each of its `counts`: the options, and the
-    unmerged model's score (`search`) they are measured against."""
+def _sensitivities(config, gray, train, candidates, counts, timed, score) -> tuple:
+    """Every candidate layer merged alone to each of its `counts`: the options, the
+    unmerged model's score (`search`) they are measured against, and each option's
+    merge plan, {(layer, count): MergePlan}."""
     g = gray.graph()
     base_accuracy = score(gray.variables)
-    options = []
+    options, merges = [], {}
     for layer, path in tqdm(candidates, desc="budget: sensitivity", leave=False):
         distances = _distances(config, gray, layer, path, train)
         for k in counts[layer]:
             plan = merge.plan_merge(g, layer, _cluster(config, distances, k), config.bn_rule)
+            merges[layer, k] = plan
             # The merged function in the gray model's shapes: every option then runs on
             # the programs compiled for the base accuracy, instead of compiling its own.
             merged = plan.apply(gray.variables, keep_widths=True)
@@ -175,7 +182,20 @@ def _sensitivities(config, gray, train, candidates, counts, timed, score) -> tup
             size = _size_of_plan(gray, {layer: k}, g)
             latency = timed.get(f"{layer}:{k}", 0.0)
             options.append(Option(layer, k, 100 * (base_accuracy - acc), **size, latency=latency))
-    return options, base_accuracy
+    return options, base_accuracy, merges
+
+
+def _drop_of_plan(gray, merges, score, base_accuracy, seen: dict, steps: dict) -> float:
+    """--allocation=measured: the points a whole plan loses, its options' merges applied
+    in forward order in the gray model's shapes (each clustered on the unmerged model),
+    scored as the options were; `seen` keeps each plan's."""
+    key = tuple(sorted(steps.items()))
+    if key not in seen:
+        variables = gray.variables
+        for layer, k in key:
+            variables = merges[layer, k].apply(variables, keep_widths=True)
+        seen[key] = 100 * (base_accuracy - score(variables))
+    return seen[key]
 
 
 def plans_to_json(plans: list[Plan]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ OBJECTIVES = (*rf.OBJECTIVES, ACTIVATION)
 FIELDS = ("gray", "color_luma")
 CONTROLS = ("random", "prune_l1")
 TARGETS = ("flops", "params", "latency")
+ALLOCATIONS = ("additive", "measured")
 # --round_to's default with a --target_*: on CPU, widths in multiples of 4 ran nearer the
 # FLOPs cut at 0.5 of the FLOPs than free counts (docs/results.md, "Speed and shipping").
 ROUND_TO = 4
@@ -128,6 +129,12 @@ class CompressConfig:
         0, "With --target_*: the cluster counts the search tries are multiples of this "
         "(widths the hardware's vector units divide); 1: any count; 0: 4 (faster per "
         "FLOP cut on CPU, docs/results.md).",
+    )  # fmt: skip
+    allocation: str = setting(
+        "additive", "With --target_flops or --target_params: 'additive' plans on each "
+        "option's drop, added across layers; 'measured' picks each greedy step among the "
+        "4 cheapest by the drop of the whole plan it makes, measured (layers interact).",
+        choices=ALLOCATIONS,
     )  # fmt: skip
     search_images: int = setting(
         0, "With --target_*: score each option of the search on this many selection "
@@ -299,6 +306,11 @@ def _check_targets(config: CompressConfig) -> None:
         raise ValueError(
             "--round_to rounds the counts a --target_flops, --target_params or "
             "--target_latency search tries; give one, or --num_clusters in multiples yourself"
+        )
+    if config.allocation != "additive" and not (config.target_flops or config.target_params):
+        raise ValueError(
+            f"--allocation={config.allocation} plans a --target_flops or --target_params "
+            "search; give one, or leave it 'additive'"
         )
     if config.search_images and not config.target:
         raise ValueError(

@@ -211,8 +211,8 @@ def _upgraded(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Settings as an older run wrote them, as this one writes them: a --target_* was
     one fraction (0: none), now a list; --round_to's default was 1, now 0, the same
     without a --target_* (so such runs still resume); a run before --search_images
-    searched with its default, 0."""
-    out = {"search_images": 0} | dict(settings)
+    or --allocation searched with their defaults."""
+    out = {"search_images": 0, "allocation": "additive"} | dict(settings)
     targets = ("target_flops", "target_params", "target_latency")
     for key in targets:
         value = out.get(key)
