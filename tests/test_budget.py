@@ -387,6 +387,17 @@ def test_search_images_needs_a_target_and_is_one_error_before_any_work(tmp_path)
     validate(CompressConfig(search_images=128, target_flops=0.5))
 
 
+def test_allocation_needs_a_size_target_and_a_known_name_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="^--allocation=measured plans a --target_flops"):
+        compress(CompressConfig(allocation="measured"), str(tmp_path / "w"))
+    with pytest.raises(ValueError, match="^--allocation=measured plans a --target_flops"):
+        compress(CompressConfig(allocation="measured", target_latency=0.5), str(tmp_path / "w"))
+    with pytest.raises(ValueError, match="allocation.*'greedy'"):
+        compress(CompressConfig(allocation="greedy", target_flops=0.5), str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+    validate(CompressConfig(allocation="measured", target_params=0.5))
+
+
 def test_the_report_says_which_score_ranked_the_options():
     search = {"steps": [{"layer": 1, "clusters": 4}], "target": {"flops": 0.5},
               "achieved": {"flops": 0.49}, "selection_accuracy": 0.5, "options": []}  # fmt: skip

@@ -122,8 +122,8 @@ class CompressConfig:
     )  # fmt: skip
     target_latency: tuple[float, ...] = setting(
         (), "As --target_flops, for this fraction of the gray model's latency at "
-        "--speed_batch, measured on this device (each layer's option timed, the plan "
-        "measured again); one value, not a list.",
+        "--speed_batch, measured on this device (each layer's option timed; candidate "
+        "plans, every --target_flops plan near it among them, timed whole); one value.",
     )  # fmt: skip
     round_to: int = setting(
         0, "With --target_*: the cluster counts the search tries are multiples of this "
