@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+FRACTIONS = (0.75, 0.5, 0.25)  # of each layer's width: the counts the search tries
 # The FLOPs fractions a latency target also plans to (their plans are timed whole): every
 # --target_flops of 0.2-0.95 in steps of 0.025, so a FLOPs row of the same speed is one.
 FLOPS_LADDER = tuple(round(0.95 - 0.025 * i, 3) for i in range(31))
@@ -156,7 +157,7 @@ def unreachable(kind: str, budget: float) -> str:
         f"{budget:,.0f} {kind}")  # fmt: skip
     return (
         f"--target_{kind}: cannot reach {amount} by merging the mergeable "
-        f"layers to the narrowest counts tried; ask for a larger fraction"
+        f"layers to {min(FRACTIONS):g} of their widths; ask for a larger fraction"
     )
 
 

@@ -31,7 +31,7 @@ from graycnn.study import allocation, search_proxy, stages
 from graycnn.study.config import ACTIVATION, CompressConfig
 from graycnn.training import data, evaluation, parallel
 
-FRACTIONS = (0.75, 0.5, 0.25)
+FRACTIONS = allocation.FRACTIONS
 SELECTION_PER_CLASS = search_proxy.SELECTION_PER_CLASS
 
 
