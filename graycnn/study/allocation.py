@@ -110,12 +110,8 @@ def allocate_measured(
     # still fits and loses less as measured.
     steps = {k: o.clusters for k, o in chosen.items()}
     for layer in sorted(steps):
-        for k in [
-            None,
-            *sorted(
-                (o.clusters for o in by_layer[layer] if o.clusters > steps[layer]), reverse=True
-            ),
-        ]:
+        wider = sorted(o.clusters for o in by_layer[layer] if o.clusters > steps[layer])
+        for k in [None, *reversed(wider)]:  # unmerged first, then the widest
             trial = {m: c for m, c in steps.items() if m != layer} | ({layer: k} if k else {})
             if size_of(trial) <= budget and (measured := drop_of(trial)) < lost:
                 steps, lost = trial, measured
