@@ -398,6 +398,17 @@ def test_allocation_needs_a_size_target_and_a_known_name_before_any_work(tmp_pat
     validate(CompressConfig(allocation="measured", target_params=0.5))
 
 
+def test_the_settings_line_shows_the_search_a_target_ran_not_the_layers_it_replaced():
+    with_target = config_lib.to_json(CompressConfig(target_latency=(0.5,)))
+    line = report_lib._settings(with_target)
+    assert "target_latency=0.5, round_to=0 (multiples of 4), allocation=additive" in line
+    assert "layers=" not in line and "num_clusters=" not in line and "target_flops" not in line
+    line = report_lib._settings(config_lib.to_json(CompressConfig(target_flops=(0.7, 0.5))))
+    assert "target_flops=0.7,0.5, round_to=0" in line
+    line = report_lib._settings(config_lib.to_json(CompressConfig()))
+    assert "layers=[1, 2], num_clusters=1:20,2:12" in line and "target" not in line
+
+
 def test_the_report_says_which_score_ranked_the_options():
     search = {"steps": [{"layer": 1, "clusters": 4}], "target": {"flops": 0.5},
               "achieved": {"flops": 0.49}, "selection_accuracy": 0.5, "options": []}  # fmt: skip
