@@ -406,7 +406,7 @@ def test_the_settings_line_shows_the_search_a_target_ran_not_the_layers_it_repla
     line = report_lib._settings(config_lib.to_json(CompressConfig(target_flops=(0.7, 0.5))))
     assert "target_flops=0.7,0.5, round_to=0" in line
     line = report_lib._settings(config_lib.to_json(CompressConfig()))
-    assert "layers=[1, 2], num_clusters=1:20,2:12" in line and "target" not in line
+    assert "layers=[1, 2], fold=sum" in line and "num_clusters=1:20,2:12" in line
 
 
 def test_the_report_says_which_score_ranked_the_options():

@@ -225,25 +225,27 @@ def _budget_search(search: Mapping[str, Any], images: int | None = 0) -> list[st
 
 def _settings(config: Mapping[str, Any]) -> str:
     """The settings the run used: with a --target_*, the search's (its plan replaces
-    --layers and --num_clusters, which are not shown), else the layers merged."""
+    --layers and --num_clusters, which are not shown); else as before targets."""
     preset = f"preset `{config['preset']}`" if config.get("preset") else "no preset"
-    target = next((f"target_{k}" for k in TARGETS if config.get(f"target_{k}")), None)
-    chosen = [target, "round_to", "allocation", "search_images"] if target else [
-        "layers", "num_clusters"]  # fmt: skip
     keys = [
-        "dataset", *chosen, "fold", "objective", "fields", "metric", "cluster", "bn_rule",
-        "compensate", "bn", "bn_epochs", "bn_loss", "finetune_epochs", "finetune", "controls",
-        "scratch_epochs", "seeds", "seed",
+        "dataset", "layers", "fold", "objective", "fields", "metric", "cluster",
+        "num_clusters", "bn_rule", "compensate", "bn", "bn_epochs", "bn_loss", "finetune_epochs",
+        "finetune", "target_flops", "target_params", "controls", "scratch_epochs", "seeds", "seed",
     ]  # fmt: skip
+    target = next((f"target_{k}" for k in TARGETS if config.get(f"target_{k}")), None)
+    if target:
+        keys = [k for k in keys if k not in ("layers", "num_clusters", "target_flops",
+                                             "target_params")]  # fmt: skip
+        keys[1:1] = [target, "round_to", "allocation", "search_images"]
     shown = ", ".join(f"{k}={_setting(k, config[k])}" for k in keys if k in config)
     return f"Settings ({preset}): {shown}. Color model: `{config.get('color_checkpoint')}`."
 
 
 def _setting(key: str, value: Any) -> Any:
-    """A --target_* list as its flag ('0.7,0.5'; an older run's one number as it is);
-    --round_to 0 (with a target) as the multiple it stands for."""
+    """A --target_* list as its flag: '0.7,0.5' (none: 0.0, as before sweeps); --round_to
+    0 (with a target) as the multiple it stands for."""
     if key.startswith("target_") and isinstance(value, list):
-        return ",".join(map(str, value))
+        return ",".join(map(str, value)) or "0.0"
     if key == "round_to" and value == 0:
         return f"0 (multiples of {ROUND_TO})"
     return value
