@@ -248,6 +248,11 @@ def _least_drop_under(target, drops, timings):
     return min(met, key=lambda dms: dms[:2])[2]
 
 
+def _no_flops_plan(fraction):
+    """A stand-in for `at_flops` where no FLOPs fraction can be planned."""
+    raise ValueError(f"--target_flops: cannot reach {fraction}")
+
+
 class _Clock:
     """A stand-in for timing: `measure(steps)` for each plan, every call recorded."""
 
@@ -285,10 +290,9 @@ def test_a_latency_plan_is_the_least_predicted_drop_of_the_timed_plans_that_meet
     drops = {"1:8": 0.5, "1:4": 3.0, "2:8": 0.2, "3:8": 0.1}  # accuracy lost, points
     options = _options(timed, drops)
     size_of = lambda steps: allocation.latency_of_plan(timed, steps)  # noqa: E731
-    never = lambda fraction: (_ for _ in ()).throw(ValueError("unreachable"))  # noqa: E731
     # Measured as predicted: the latency path's plans; the kept one is the reference's.
     exact = _Clock(size_of)
-    steps, measured = allocation.meet_latency(None, options, 0.75, size_of, never, exact)
+    steps, measured = allocation.meet_latency(None, options, 0.75, size_of, _no_flops_plan, exact)
     assert len(exact.calls) == 1 and len(exact.calls[0]) >= 2  # one interleaved timing
     assert steps == _least_drop_under(0.75, drops, exact.calls) and measured <= 0.75
     # A FLOPs plan (layers 2 and 3: 0.3 points lost) that the latency path does not
@@ -300,12 +304,12 @@ def test_a_latency_plan_is_the_least_predicted_drop_of_the_timed_plans_that_meet
     # Every plan measured 0.35 slower than predicted: none near the target meets it at
     # first; the re-plan to a budget cut by the miss does.
     slow = _Clock(lambda s: size_of(s) + 0.35)
-    steps, measured = allocation.meet_latency(None, options, 0.75, size_of, never, slow)
+    steps, measured = allocation.meet_latency(None, options, 0.75, size_of, _no_flops_plan, slow)
     assert len(slow.calls) >= 2 and measured == pytest.approx(size_of(steps) + 0.35)
     assert measured <= 0.75 and steps == _least_drop_under(0.75, drops, slow.calls)
     # Never under 0.8 as measured: no exception, the fastest plan measured.
     floor = _Clock(lambda s: max(size_of(s), 0.8))
-    steps, measured = allocation.meet_latency(None, options, 0.75, size_of, never, floor)
+    steps, measured = allocation.meet_latency(None, options, 0.75, size_of, _no_flops_plan, floor)
     assert measured == 0.8 and len(floor.calls) >= 2
     # An option scored above the unmerged model (-2 points: selection noise) is no gain:
     # a plan that adds it to one already fast enough does not win by it.
