@@ -38,11 +38,7 @@ def allocate(options: Sequence[Any], kind: str, budget: float, full, size_of) ->
     Raises:
         ValueError: no plan of the options fits `budget`.
     """
-    by_layer: dict[int, list[Any]] = {}
-    for o in options:
-        by_layer.setdefault(o.layer, []).append(o)
-    for layer in by_layer:
-        by_layer[layer].sort(key=lambda o: -o.clusters)  # widest first
+    by_layer = _by_layer(options)
     chosen: dict[int, Any] = {}
     while size_of({k: o.clusters for k, o in chosen.items()}) > budget:
         best, best_cost = None, np.inf
@@ -79,9 +75,7 @@ def allocate_measured(
     Returns:
         {layer: clusters}.
     """
-    by_layer: dict[int, list[Any]] = {}
-    for o in options:
-        by_layer.setdefault(o.layer, []).append(o)
+    by_layer = _by_layer(options)
     chosen: dict[int, Any] = {}
     lost = 0.0
     while (size := size_of(steps := {k: o.clusters for k, o in chosen.items()})) > budget:
@@ -117,6 +111,15 @@ def allocate_measured(
                 steps, lost = trial, measured
                 break
     return steps
+
+
+def _by_layer(options: Sequence[Any]) -> dict[int, list[Any]]:
+    """{layer: its options, widest first}, layers in the options' order (greedy ties
+    go to the first)."""
+    by_layer: dict[int, list[Any]] = {}
+    for o in options:
+        by_layer.setdefault(o.layer, []).append(o)
+    return {layer: sorted(opts, key=lambda o: -o.clusters) for layer, opts in by_layer.items()}
 
 
 def _relax(by_layer, chosen: dict, budget: float, size_of: Callable) -> dict[int, int]:

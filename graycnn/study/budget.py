@@ -133,7 +133,9 @@ def search(
     counts = {layer: _counts(g.widths[path], config.rounding) for layer, path in candidates}
     narrowest = {layer: c[-1] for layer, c in counts.items()}
     time_plans = time_plans or functools.partial(measure_plans, config=config)
-    full, size_of, timed = _measure(kind, gray, color, counts, narrowest, time_plans)
+    color_size = _size(color.config, color.variables)  # traced once for every fraction
+    counted = {k: functools.partial(_counted_size, gray, g, k) for k in ("params", "flops")}
+    full, size_of, timed = _measure(kind, gray, color_size, counted, counts, narrowest, time_plans)
     # Every candidate at its narrowest option is the smallest plan: refuse a target it
     # misses before measuring any sensitivity (minutes), not after.
     smallest = timed["smallest"] if kind == "latency" else size_of(narrowest)
@@ -148,8 +150,9 @@ def search(
     for target in targets:
         achieved = {}
         if kind == "latency":
-            color_flops = _size(color.config, color.variables)["flops"]
-            at_flops = functools.partial(_plan_at_flops, gray, options, color_flops)
+            at_flops = functools.partial(
+                _plan_at_flops, options, color_size["flops"], counted["flops"]
+            )
             steps, achieved["latency"] = allocation.meet_latency(
                 gray, options, target, size_of, at_flops, time_plans
             )
@@ -158,7 +161,8 @@ def search(
             steps = allocation.allocate_measured(options, kind, target * full, size_of, drop_of)
         else:
             steps = allocation.allocate(options, kind, target * full, full, size_of)
-        achieved = {k: v / c for k, v, c in _fractions(gray, color, steps)} | achieved
+        size = _size_of_plan(gray, steps, g)
+        achieved = {k: v / color_size[k] for k, v in size.items()} | achieved
         plans.append(Plan(sorted(steps.items()), (kind, target), achieved, options, base_accuracy))
     return plans
 
@@ -209,13 +213,16 @@ def plans_from_json(d: dict[str, Any]) -> list[Plan]:
     return [Plan.from_json(p) for p in d["plans"]] if "plans" in d else [Plan.from_json(d)]
 
 
-def _measure(kind, gray, color, counts, narrowest, time_plans) -> tuple[float, Callable, dict]:
+def _measure(kind, gray, color_size, counted, counts, narrowest, time_plans) -> tuple:
     """The unmerged size, a plan's size (`size_of(steps)`) and, for latency, every
-    option's and the narrowest plan's measured latency fraction (`timed`)."""
+    option's and the narrowest plan's measured latency fraction (`timed`).
+
+    Args:
+        color_size: The color model's {'params', 'flops'}; counted: {kind: steps -> the
+            planned gray model's size}.
+    """
     if kind != "latency":
-        full = _size(color.config, color.variables)[kind]
-        g = gray.graph()
-        return full, lambda steps: _size_of_plan(gray, steps, g)[kind], {}
+        return color_size[kind], counted[kind], {}
     plans = {f"{layer}:{k}": {layer: k} for layer in counts for k in counts[layer]}
     timed = time_plans(gray, plans | {"smallest": narrowest})
     return 1.0, functools.partial(allocation.latency_of_plan, timed), timed
@@ -240,17 +247,15 @@ def measure_plans(gray: Any, plans: dict[str, dict[int, int]], config: Any) -> d
     return parallel.from_primary(measure)
 
 
-def _plan_at_flops(gray, options, full: int, fraction: float) -> dict[int, int]:
+def _plan_at_flops(options, full: int, size_of: Callable, fraction: float) -> dict[int, int]:
     """The plan --target_flops=fraction makes of the same options (full: the color
     model's FLOPs)."""
-    g = gray.graph()
-    size_of = lambda steps: _size_of_plan(gray, steps, g)["flops"]  # noqa: E731
     return allocation.allocate(options, "flops", fraction * full, full, size_of)
 
 
-def _fractions(gray, color, steps) -> list[tuple[str, float, float]]:
-    color_size = _size(color.config, color.variables)
-    return [(k, v, color_size[k]) for k, v in _size_of_plan(gray, steps).items()]
+def _counted_size(gray, g, kind: str, steps: dict[int, int]) -> int:
+    """The planned gray model's size `kind` ('params' or 'flops'), counted on `g`."""
+    return _size_of_plan(gray, steps, g)[kind]
 
 
 def _counts(width: int, multiple: int = 1) -> list[int]:

@@ -106,7 +106,7 @@ def _logits_fn(model_config: ModelConfig) -> Callable[[Any, np.ndarray], jax.Arr
     """(variables, (N, H, W, C) images) -> (N, classes) logits of the gray view."""
     model = build_model(model_config, eval_step=True)
 
-    @functools.partial(jax.jit)
+    @jax.jit
     def logits_of(variables, images):
         return model.apply(variables, transforms.apply_view(images, "gray"), train=False)
 
