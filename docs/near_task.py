@@ -1,7 +1,8 @@
 """A second gray task for `experiments.transfer`, offline: vehicles against animals.
 
     python -m docs.near_task --out=DIR
-    python -m experiments.transfer --dataset=npz:DIR/train.npz --eval_dataset=npz:DIR/eval.npz --workdir=W
+    python -m experiments.transfer --dataset=npz:DIR/train.npz \
+        --eval_dataset=npz:DIR/eval.npz --workdir=W
 
 Its images are the embedded cifar10_sample's 2,000 images that the shipped color model
 never saw: its validation split (1,000) becomes the task's training data (npz: the last
