@@ -268,21 +268,27 @@ def _counts(width: int, multiple: int = 1) -> list[int]:
     return sorted((k for k in counts if k < width), reverse=True)
 
 
-def _config_of_plan(gray, steps: dict[int, int]) -> ModelConfig:
-    """`gray`'s config with each planned layer at its cluster count."""
-    g = gray.graph()
-    widths = dict(gray.config.widths)
+def _config_of_plan(gray, steps: dict[int, int], g: Any = None) -> ModelConfig:
+    """`gray`'s config with each planned layer at its cluster count (`g`: its graph)."""
+    widths = _planned_widths(g or gray.graph(), steps)
+    return gray.config.replace(widths=dict(gray.config.widths) | widths)
+
+
+def _planned_widths(g: graph.ChannelGraph, steps: dict[int, int]) -> dict[str, int]:
+    """{conv path: count} of each planned layer, its residual group's convs too."""
+    widths: dict[str, int] = {}
     for layer, k in steps.items():
-        widths |= dict.fromkeys(g.group(g.conv_order[layer - 1]), k)  # a residual group too
-    return gray.config.replace(widths=widths)
+        widths |= dict.fromkeys(g.group(g.conv_order[layer - 1]), k)
+    return widths
 
 
 def _size_of_plan(gray, steps: dict[int, int], g: Any = None) -> dict[str, int]:
     """The exact size of `gray` with each planned layer at its cluster count, nothing
     merged: counted on its channel graph `g` (`_counted`), else on abstract shapes."""
-    if (counted := _counted(g or gray.graph(), steps)) is not None:
+    g = g or gray.graph()
+    if (counted := _counted(g, steps)) is not None:
         return counted
-    config = _config_of_plan(gray, steps)
+    config = _config_of_plan(gray, steps, g)
     return _size(config, _abstract_variables(config))
 
 
@@ -291,9 +297,7 @@ def _counted(g: graph.ChannelGraph, steps: dict[int, int]) -> dict[str, int] | N
     too) at its count, without a trace (the planner counts hundreds of plans): a leaf
     axis holding a narrowed conv's channels loses the rest; a layer's FLOPs scale with
     its kernel. None where the graph does not say it exactly (groups, a slice)."""
-    widths: dict[str, int] = {}
-    for layer, k in steps.items():
-        widths |= dict.fromkeys(g.group(g.conv_order[layer - 1]), k)
+    widths = _planned_widths(g, steps)
     shapes = {leaf: list(shape) for leaf, shape in g.leaf_shapes.items()}
     for use in g.uses:
         if sum(s.length for s in use.segments) != g.leaf_shapes[use.leaf][use.axis]:
