@@ -360,8 +360,8 @@ def test_study_preset_sets_the_studys_method_and_explicit_flags_win():
     config = with_preset(preset)
     assert (config.fields, config.objective_of(1), config.metric_of(1), config.metric_of(2)) == (
         "color_luma", "mean", "mse", "imed")  # fmt: skip
-    assert (config.cluster, config.bn_rule, config.bn, config.bn_epochs) == (
-        "dbscan", "mean", "train", 1)  # fmt: skip
+    assert (config.cluster, config.bn_rule, config.bn, config.bn_epochs, config.bn_lr) == (
+        "dbscan", "mean", "train", 1, 0.01)  # fmt: skip
     assert config.num_clusters.of(1) == 21  # layer 1 alone; 20 + 12 for layers 1 and 2
     both = with_preset(dataclasses.replace(preset, layers=(1, 2)))
     assert (both.num_clusters.of(1), both.num_clusters.of(2)) == (20, 12)

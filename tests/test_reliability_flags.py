@@ -128,7 +128,8 @@ INT_LOWS = {
     "finetune_epochs": 0, "scratch_epochs": 0, "seeds": 1, "seed": 0, "speed_rounds": 0,
     "speed_batch": 1, "round_to": 0, "search_images": 0,
 }  # fmt: skip
-FLOAT_RULES = {"eps_std": "> 0", "finetune_lr": ">= 0"}  # target_*: test_budget_sweep
+# target_*: test_budget_sweep
+FLOAT_RULES = {"eps_std": "> 0", "finetune_lr": ">= 0", "bn_lr": "> 0"}
 
 
 def test_every_numeric_field_of_compress_is_covered():

@@ -98,6 +98,10 @@ class CompressConfig:
     )  # fmt: skip
     bn: str = setting("train", "BN re-estimation of every gray row.", choices=bn_reestimate.METHODS)
     bn_epochs: int = setting(1, "Epochs of BN-only training for --bn=train.")
+    bn_lr: float = setting(
+        0.1, "SGD learning rate (momentum 0.7) of --bn=train (the study: 0.01; 0.1 chosen "
+        "on validation, docs/results.md).",
+    )  # fmt: skip
     bn_loss: str = setting(
         "ce", "Loss of --bn=train: 'ce' the labels (the study); 'kd' distills the color "
         "model's softened predictions on the matching color images (plus the labels).",
@@ -228,6 +232,7 @@ def study_preset(layers: Sequence[int]) -> dict[str, Any]:
         "compensate": "none",
         "bn": "train",
         "bn_epochs": 1,
+        "bn_lr": 0.01,
     }
 
 
@@ -253,7 +258,9 @@ INT_LOWS = {
     "speed_batch": 1, "round_to": 0, "search_images": 0,
 }  # fmt: skip
 # `config.check_number`'s rule of each float setting (target_*: `_check_targets`).
-FLOAT_RULES: dict[str, dict[str, Any]] = {"eps_std": {"positive": True}, "finetune_lr": {"low": 0}}
+FLOAT_RULES: dict[str, dict[str, Any]] = {
+    "eps_std": {"positive": True}, "finetune_lr": {"low": 0}, "bn_lr": {"positive": True},
+}  # fmt: skip
 
 
 def _check_int(flag: str, value: Any, low: int) -> None:

@@ -229,8 +229,9 @@ def _settings(config: Mapping[str, Any]) -> str:
     preset = f"preset `{config['preset']}`" if config.get("preset") else "no preset"
     keys = [
         "dataset", "layers", "fold", "objective", "fields", "metric", "cluster",
-        "num_clusters", "bn_rule", "compensate", "bn", "bn_epochs", "bn_loss", "finetune_epochs",
-        "finetune", "target_flops", "target_params", "controls", "scratch_epochs", "seeds", "seed",
+        "num_clusters", "bn_rule", "compensate", "bn", "bn_epochs", "bn_lr", "bn_loss",
+        "finetune_epochs", "finetune", "target_flops", "target_params", "controls",
+        "scratch_epochs", "seeds", "seed",
     ]  # fmt: skip
     target = next((f"target_{k}" for k in TARGETS if config.get(f"target_{k}")), None)
     if target:

@@ -282,6 +282,7 @@ def reestimate_bn(
         workdir=workdir,
         seed=seed,
         epochs=config.bn_epochs,
+        learning_rate=config.bn_lr,
         data_dir=config.data_dir,
         teacher=_teacher(color, config.bn_loss),
     )
