@@ -6,6 +6,8 @@ import pytest
 
 from graycnn import models
 from graycnn.layers import layer_output_fn
+from graycnn.study import stages
+from graycnn.study.config import CompressConfig
 from graycnn.training import bn_reestimate, data
 
 
@@ -80,3 +82,25 @@ def test_bn_training_distills_the_teacher_and_trains_only_batchnorm(net, sample_
     scales = {k: np.asarray(v["params"]["bn"]["scale"]) for k, v in out.items()}
     assert not np.allclose(scales["ce"], scales["kd"], atol=1e-6)
     assert not np.allclose(scales["kd"], scales["kd5"], atol=1e-6)
+
+
+def test_compress_bn_lr_is_the_bn_epochs_rate(net, sample_npz, tmp_path):
+    """--bn_lr reaches the BN epoch: compress's stage equals BN training at that rate,
+    and the default (0.1) moves BN further than the study's 0.01."""
+    gray = models.ModelConfig("bn_net", in_channels=1)
+    start = jax.device_get(models.init_variables(gray, jax.random.key(0)))
+    model = stages.Model(gray, start)
+    moved = {}
+    for lr in (0.1, 0.01):
+        config = CompressConfig(dataset=f"npz:{sample_npz}", bn_lr=lr)
+        staged = stages.reestimate_bn(config, model, model, str(tmp_path / f"s{lr}"), seed=0)
+        direct = bn_reestimate.reestimate(
+            "train", gray, start, dataset=f"npz:{sample_npz}", view="gray",
+            workdir=str(tmp_path / f"d{lr}"), seed=0, learning_rate=lr,
+        )  # fmt: skip
+        jax.tree.map(np.testing.assert_array_equal, staged.variables, jax.device_get(direct))
+        delta = (
+            np.asarray(staged.variables["params"]["bn"]["scale"]) - start["params"]["bn"]["scale"]
+        )
+        moved[lr] = np.abs(delta).sum()
+    assert CompressConfig().bn_lr == 0.1 and moved[0.1] > 3 * moved[0.01] > 0
