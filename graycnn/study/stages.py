@@ -270,9 +270,10 @@ def _layer_output(model: Any, path: str):
 def reestimate_bn(
     config: CompressConfig, model: Model, color: Model, workdir: str, seed: int
 ) -> Model:
-    """BatchNorm re-estimated on gray training images by `config.bn`, the same budget
-    for every row (`workdir` holds BN training checkpoints; a rerun reuses them);
-    with `config.bn_loss='kd'`, BN training distills `color`."""
+    """BatchNorm re-estimated on gray training images by `config.bn` (BN training at
+    `config.bn_lr`), the same budget for every row (`workdir` holds BN training
+    checkpoints; a rerun reuses them); with `config.bn_loss='kd'`, BN training distills
+    `color`."""
     variables = bn_reestimate.reestimate(
         config.bn,
         model.config,
