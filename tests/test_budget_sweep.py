@@ -76,6 +76,34 @@ def test_the_planner_meets_every_target_from_a_quarter_to_nine_tenths(planner, k
         assert reached > target - 0.1, (target, reached)
         for layer, k in steps.items():  # each a measured option of its layer
             assert any(o.layer == layer and o.clusters == k for o in planner.options)
+            # ... and the budget is filled: no planned layer widens (to a wider option
+            # or unmerged) and still fits.
+            rest = {m: c for m, c in steps.items() if m != layer}
+            for o in planner.options:
+                if o.layer == layer and o.clusters > k:
+                    assert planner.size_of(rest | {layer: o.clusters})[kind] > target * full
+            assert planner.size_of(rest)[kind] > target * full, (target, steps, layer)
+
+
+def test_the_fill_reads_each_layers_drops_clamped_and_non_increasing_in_the_count():
+    options = [budget.Option(3, k, d, 0, 0) for k, d in ((12, -1.2), (8, 0.8), (4, 0.4))]
+    # By hand: -1.2 -> 0 (a gain is noise); 0.8 at 8 above 0.4 at 4 violates the order,
+    # so the two pool to their mean.
+    assert allocation._monotone_drops(options) == pytest.approx({12: 0.0, 8: 0.6, 4: 0.6})
+    assert allocation._monotone_drops(options[:1]) == {12: 0.0}
+
+
+def test_the_fill_spends_what_the_greedys_last_step_left():
+    # Sizes: 100 unmerged; layer 1 saves 20 at 8 clusters, 40 at 4; layer 2 saves 10 at 8.
+    saved = {(1, 8): 20, (1, 4): 40, (2, 8): 10}
+    options = [budget.Option(1, 8, 1.0, 0, 80), budget.Option(1, 4, 1.0, 0, 60)]
+    options.append(budget.Option(2, 8, 0.5, 0, 90))
+    size_of = lambda steps: 100 - sum(saved[item] for item in steps.items())  # noqa: E731
+    # To 85 the greedy takes layer 1 at 4 (1.0 lost per 40 saved is the cheapest), 60;
+    # the relaxation keeps it (8 is measured no better). Widening it to 8 (80) fits and
+    # loses no more, unmerging it (100) does not fit; layer 2 is not planned.
+    steps = allocation.allocate(options, "flops", 85, 100, size_of)
+    assert steps == {1: 8} and size_of(steps) == 80
 
 
 def _merged_for_real(gray_config: ModelConfig, steps: dict[int, int]) -> stages.Model:

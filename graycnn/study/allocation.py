@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from sklearn.isotonic import IsotonicRegression
 
 FRACTIONS = (0.75, 0.5, 0.25)  # of each layer's width: the counts the search tries
 # The FLOPs fractions a latency target also plans to (their plans are timed whole): every
@@ -24,7 +25,8 @@ TOP = 4  # --allocation=measured: the next steps measured on the whole plan, per
 
 
 def allocate(options: Sequence[Any], kind: str, budget: float, full, size_of) -> dict[int, int]:
-    """Greedy: cheapest accuracy per unit of size saved, until the plan fits `budget`.
+    """Greedy: cheapest accuracy per unit of size saved, until the plan fits `budget`;
+    then planned layers are widened again into what the budget has left (`_fill`).
 
     Args:
         options: Each with `layer`, `clusters`, `drop` and the size `kind` of the model
@@ -58,7 +60,7 @@ def allocate(options: Sequence[Any], kind: str, budget: float, full, size_of) ->
         if best is None:
             raise ValueError(unreachable(kind, budget))
         chosen[best.layer] = best
-    return _relax(by_layer, chosen, budget, size_of)
+    return _fill(by_layer, _relax(by_layer, chosen, budget, size_of), budget, size_of)
 
 
 def allocate_measured(
@@ -149,6 +151,48 @@ def _relax(by_layer, chosen: dict, budget: float, size_of: Callable) -> dict[int
             if improved:
                 break
     return {layer: o.clusters for layer, o in chosen.items()}
+
+
+def _fill(by_layer, steps: dict[int, int], budget: float, size_of) -> dict[int, int]:
+    """Widens planned layers while the plan still fits: a greedy step is a quarter of a
+    layer's width, so the last one can leave much of the budget unspent (the shipped
+    model's 0.35 plan reached 0.302 of the FLOPs). Each step takes the widening that fits
+    (a wider option of a planned layer, or no merge) of the largest drop removed per unit
+    of size added, of equal ones the largest. Drops are read as `_monotone_drops`: a
+    wider option of the same layer never predicts a larger loss.
+
+    Returns:
+        {layer: clusters}: no single planned layer can be widened within `budget`.
+    """
+    drops = {layer: _monotone_drops(opts) for layer, opts in by_layer.items()}
+    while True:
+        size, best = size_of(steps), None
+        for layer, k in steps.items():
+            for wider in [o.clusters for o in by_layer[layer] if o.clusters > k] + [None]:
+                trial = {m: c for m, c in steps.items() if m != layer}
+                if wider is not None:
+                    trial[layer] = wider
+                added = size_of(trial) - size
+                if added <= 0 or size + added > budget:
+                    continue
+                removed = drops[layer][k] - (drops[layer][wider] if wider else 0.0)
+                if best is None or (removed / added, added) > best[0]:
+                    best = ((removed / added, added), trial)
+        if best is None:
+            return steps
+        steps = best[1]
+
+
+def _monotone_drops(options: Sequence[Any]) -> dict[int, float]:
+    """{clusters: drop} of one layer's options, each at least 0 (a score above the
+    unmerged model's is noise, as `drop_of_plan` reads it) and fitted non-increasing in
+    the count (isotonic regression): the measured drops of neighbouring counts are noisy
+    (500 selection images), a narrower layer does not lose less in expectation."""
+    counts = np.array([o.clusters for o in options], float)
+    drops = np.array([max(o.drop, 0.0) for o in options])
+    if len(counts) > 1:
+        drops = IsotonicRegression(increasing=False).fit_transform(counts, drops)
+    return {int(k): float(d) for k, d in zip(counts, drops, strict=True)}
 
 
 def unreachable(kind: str, budget: float) -> str:
