@@ -6,8 +6,9 @@
    training data*. The validation and held-out splits are never read.
 2. Allocation (`allocation`): greedy on the cost of each step, accuracy lost per FLOP
    (or parameter) saved, from no merge towards smaller widths, until the planned model
-   (its exact widths, counted on the channel graph) meets the target. Drops are taken as
-   additive across layers; sizes are not assumed additive but counted. A latency target
+   (its exact widths, counted on the channel graph) meets the target, then widens planned
+   layers into what the coarse last step left. Drops are taken as additive across layers;
+   sizes are not assumed additive but counted. A latency target
    times whole candidate plans and keeps the least predicted drop that is fast enough.
 
 The plan is [(layer, clusters)] in forward order, with the measurements behind it.
