@@ -8,8 +8,8 @@
    (or parameter) saved, from no merge towards smaller widths, until the planned model
    (its exact widths, counted on the channel graph) meets the target, then widens planned
    layers into what the coarse last step left. Drops are taken as additive across layers;
-   sizes are not assumed additive but counted. A latency target
-   times whole candidate plans and keeps the least predicted drop that is fast enough.
+   sizes are not assumed additive but counted. A latency target times whole candidate
+   plans and keeps the least predicted drop that is fast enough.
 
 The plan is [(layer, clusters)] in forward order, with the measurements behind it.
 """
