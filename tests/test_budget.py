@@ -19,6 +19,7 @@ from graycnn.study import (
     validate,
 )
 from graycnn.study import report as report_lib
+from graycnn.study.config import with_preset
 from graycnn.study.writer import Writer
 from graycnn.training import data, train
 
@@ -411,6 +412,23 @@ def test_the_settings_line_shows_the_search_a_target_ran_not_the_layers_it_repla
     assert "target_flops=0.7,0.5, round_to=0" in line
     line = report_lib._settings(config_lib.to_json(CompressConfig()))
     assert "layers=[1, 2], fold=sum" in line and "num_clusters=1:20,2:12" in line
+    assert "compensate=auto (lstsq_color)" in line
+    assert "compensate=auto (none)" in report_lib._settings(with_target)
+
+
+def test_auto_compensation_is_the_color_refit_except_at_a_target_without_fine_tuning():
+    """--compensate=auto (the default): lstsq_color for the default command and after a
+    target's fine-tune, none at a target's BN budget; any other value is kept."""
+    default = CompressConfig()
+    assert default.compensate == "auto" and default.compensation == "lstsq_color"
+    at = lambda **kw: dataclasses.replace(default, **kw).compensation  # noqa: E731
+    assert at(target_flops=(0.5,)) == at(target_params=(0.5,)) == "none"
+    assert at(target_latency=(0.5,)) == at(target_flops=(0.7, 0.5)) == "none"
+    assert at(target_flops=(0.35,), finetune_epochs=3) == "lstsq_color"
+    assert at(finetune_epochs=3) == "lstsq_color"
+    for value in ("none", "lstsq", "lstsq_color"):
+        assert at(compensate=value) == at(compensate=value, target_flops=(0.5,)) == value
+    assert with_preset(CompressConfig(preset="study")).compensation == "none"
 
 
 def test_the_report_says_which_score_ranked_the_options():

@@ -62,6 +62,7 @@ def config(color_checkpoint, sample_npz, held_out_npz):
         steps=3,
         num_clusters={1: 5, 2: 3},
         bn="recalibrate",
+        compensate="none",  # the default's color refit: test_color_refit_has_its_reference_row
         eval_dataset=f"npz:{held_out_npz}",
         speed_rounds=0,  # timed in tests/test_report_speed.py
     )
@@ -329,7 +330,7 @@ def test_killed_run_resumes_to_the_same_report(runs, config, tmp_path):
         sys.executable, "-m", "experiments.compress", f"--checkpoint={config.checkpoint}",
         f"--dataset={config.dataset}", f"--eval_dataset={config.eval_dataset}",
         "--layers=1,2", "--steps=3", "--num_clusters=1:5,2:3", "--bn=recalibrate",
-        "--speed_rounds=0", f"--workdir={workdir}",
+        "--compensate=none", "--speed_rounds=0", f"--workdir={workdir}",
     ]  # fmt: skip
     proc = subprocess.Popen(flags, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)  # fmt: skip

@@ -71,6 +71,7 @@ def test_fold_fields_merge_and_compress_at_any_size(tmp_path, sample_npz, name, 
             steps=2,
             num_clusters={1: width - 2},
             bn="recalibrate",
+            compensate_images=32,  # the default color refit, on fewer images
         ),
         str(tmp_path / "compress"),
     )

@@ -113,7 +113,8 @@ def test_the_benchmark_times_a_finished_runs_rows_against_their_bar(timed_run):
     table = compress_speed.run_table(compress_speed.parse_runs([f"x={workdir}"]), 4, 1)
     assert table["batch_sizes"] == [1, 4]
     timed = {r["row"]: r for r in table["rows"]}
-    assert set(timed) == {"merged_1", "random_1", "prune_l1_1"}  # the BN budget's gray rows
+    # The BN budget's gray rows: with the default color refit, the unmerged refit too.
+    assert set(timed) == {"gray_refit_bn", "merged_1", "random_1", "prune_l1_1"}
     bar = report.row("gray_bn")
     for key, r in timed.items():
         assert r["flops_cut"] == pytest.approx(bar.flops / report.row(key).flops)

@@ -131,7 +131,8 @@ def test_a_real_runs_tables_check_and_one_changed_number_is_found(tiny_run, tmp_
 
     # One accuracy of the merged row, changed in both tables.
     title, shown = next(t for t in check_results.tables(report_md) if t[0].startswith("Valid"))
-    merged = next(row for row in shown if row[0] == "merged layer 1 + BN re-estimation")
+    name = "merged layer 1 (lstsq_color) + BN re-estimation"  # the default's color refit
+    merged = next(row for row in shown if row[0] == name)
     accuracy = merged[2]
     wrong = f"{float(accuracy.rstrip('%')) + 0.01:.2f}%"
     row_text = "| " + " | ".join(merged) + " |"

@@ -24,6 +24,7 @@ ALLOCATIONS = ("additive", "measured")
 # --round_to's default with a --target_*: on CPU, widths in multiples of 4 ran nearer the
 # FLOPs cut at 0.5 of the FLOPs than free counts (docs/results.md, "Speed and shipping").
 ROUND_TO = 4
+COMPENSATIONS = ("auto", "none", "lstsq", "lstsq_color")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +88,12 @@ class CompressConfig:
         choices=merge.BN_RULES,
     )  # fmt: skip
     compensate: str = setting(
-        "none",
+        "auto",
         "After each merge, refit every consumer of the merged channels on training "
         "images to its outputs before the merge ('lstsq'), or to the color model's on "
-        "the same images in color ('lstsq_color'), or not ('none').",
-        choices=("none", "lstsq", "lstsq_color"),
+        "the same images in color ('lstsq_color'), or not ('none'). 'auto': "
+        "lstsq_color, except none with a --target_* and no --finetune_epochs.",
+        choices=COMPENSATIONS,
     )
     compensate_images: int = setting(
         512, "Training images (seeded, gray) each --compensate refit is fit on.",
@@ -202,6 +204,12 @@ class CompressConfig:
         default) ROUND_TO with a --target_*, else 1 (any count)."""
         return self.round_to or (ROUND_TO if self.target else 1)
 
+    @property
+    def compensation(self) -> str:
+        """The refit each merge gets: --compensate, or for 'auto' (the default)
+        `compensation_of`'s."""
+        return compensation_of(self.compensate, self.target, self.finetune_epochs)
+
     def targets_of(self) -> tuple[str, tuple[float, ...]]:
         """('flops', 'params' or 'latency', its fractions in the order given) of the
         run's --target_* flag; several fractions are a sweep (one plan each)."""
@@ -214,6 +222,17 @@ class CompressConfig:
     def budgets(self) -> tuple[str, ...]:
         """The recovery budgets every model gets: BN re-estimation, and fine-tuning."""
         return ("bn", "finetune") if self.finetune_epochs > 0 else ("bn",)
+
+
+def compensation_of(compensate: str, target: bool, finetune_epochs: int) -> str:
+    """--compensate as a run uses it: 'auto' is lstsq_color, except 'none' with a
+    --target_* and no fine-tuning. Chosen on validation (docs/results.md, the levers):
+    the color refit lifts the merge at the default command's layers and after a target's
+    fine-tune, while at a target's BN budget it lifts L1 pruning as much as the merge,
+    whose lead over it (+1.3 points at 0.5 of the FLOPs) the goal asks for."""
+    if compensate != "auto":
+        return compensate
+    return "none" if target and not finetune_epochs else "lstsq_color"
 
 
 def study_preset(layers: Sequence[int]) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def _compress(config: CompressConfig, workdir: str, given: Sequence[str]) -> dic
     for i in tqdm(range(config.seeds), desc="seeds", leave=False, disable=config.seeds == 1):
         seed = config.seed + i
         run.recover(gray, {}, None, i)
-        if config.compensate == "lstsq_color":  # what the refit buys without a merge
+        if config.compensation == "lstsq_color":  # what the refit buys without a merge
             refit = stages.refit_unmerged(config, gray, _union(chains), splits.train, seed, color)
             run.recover(refit, {}, "refit", i)
         for j, (steps, target) in enumerate(zip(chains, targets, strict=True)):

@@ -3,7 +3,7 @@
 from collections.abc import Mapping
 from typing import Any
 
-from graycnn.study.config import ROUND_TO, TARGETS
+from graycnn.study.config import ROUND_TO, TARGETS, compensation_of
 from graycnn.study.schema import Comparison, Report, Row, SplitResult
 
 
@@ -116,7 +116,7 @@ def _compensation(report: Report) -> list[str]:
     """Each refit consumer's reconstruction error before and after."""
     against = (
         "the color model's on the same images in color"
-        if report.config.get("compensate") == "lstsq_color"
+        if _refit(report.config) == "lstsq_color"
         else "the unmerged model's"
     )
     return [
@@ -238,17 +238,26 @@ def _settings(config: Mapping[str, Any]) -> str:
         keys = [k for k in keys if k not in ("layers", "num_clusters", "target_flops",
                                              "target_params")]  # fmt: skip
         keys[1:1] = [target, "round_to", "allocation", "search_images"]
-    shown = ", ".join(f"{k}={_setting(k, config[k])}" for k in keys if k in config)
+    shown = ", ".join(f"{k}={_setting(k, config[k], config)}" for k in keys if k in config)
     return f"Settings ({preset}): {shown}. Color model: `{config.get('color_checkpoint')}`."
 
 
-def _setting(key: str, value: Any) -> Any:
+def _refit(config: Mapping[str, Any]) -> str:
+    """The run's compensation, its 'auto' resolved (`config.compensation_of`)."""
+    target = any(config.get(f"target_{k}") for k in TARGETS)
+    epochs = config.get("finetune_epochs", 0)
+    return compensation_of(config.get("compensate", "none"), target, epochs)
+
+
+def _setting(key: str, value: Any, config: Mapping[str, Any]) -> Any:
     """A --target_* list as its flag: '0.7,0.5' (none: 0.0, as before sweeps); --round_to
-    0 (with a target) as the multiple it stands for."""
+    0 (with a target) as the multiple it stands for; --compensate=auto as the refit."""
     if key.startswith("target_") and isinstance(value, list):
         return ",".join(map(str, value)) or "0.0"
     if key == "round_to" and value == 0:
         return f"0 (multiples of {ROUND_TO})"
+    if key == "compensate" and value == "auto":
+        return f"auto ({_refit(config)})"
     return value
 
 

@@ -187,11 +187,11 @@ def merge_and_compensate(
     Returns:
         (the merged model, one reconstruction-error entry per consumer; [] for 'none').
     """
-    if config.compensate == "none":
+    if config.compensation == "none":
         return apply_plan(before, plan), []
     idx = np.random.default_rng(seed).permutation(len(train))[: config.compensate_images]
     teacher = None
-    if config.compensate == "lstsq_color":
+    if config.compensation == "lstsq_color":
         color_images = np.asarray(data.apply_view(train.images[idx], "color"))
         teacher = compensation.Teacher(build_model(color.config), color.variables, color_images)
     variables, report = compensation.compensate_merge(

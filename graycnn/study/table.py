@@ -160,7 +160,7 @@ def recovered_spec(
     """
     names = "+".join(map(str, clusters))
     if not clusters and control == "refit":
-        key, title = "gray_refit", f"gray + color refit ({config.compensate}), no merge"
+        key, title = "gray_refit", f"gray + color refit ({config.compensation}), no merge"
     elif not clusters:
         key, title = "gray", "gray"
     elif control is None:
@@ -176,8 +176,8 @@ def recovered_spec(
         return RowSpec(key=f"{key}_{budget}", name=f"{title}, trained from scratch {epochs} ep",
                        image_type="gray", model_dir=f"{key}_{budget}", clusters=dict(clusters),
                        bn="trained", control=control, budget=budget, target=target)  # fmt: skip
-    if config.compensate != "none" and clusters:
-        title += f" ({config.compensate})"
+    if config.compensation != "none" and clusters:
+        title += f" ({config.compensation})"
     if budget is None:
         key, name, bn = f"{key}_raw", f"{title}, no BN re-estimation", "none"
     elif budget == "bn":
