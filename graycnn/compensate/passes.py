@@ -108,8 +108,7 @@ class Passes:
         one padded with masked zeros. With a teacher, `images` are the fit's and the
         reference batch is cut from the teacher's row-matched images; else it is None
         (the batch itself, not copied to the device twice)."""
-        devices = len(self._rows.mesh.devices)  # rounded up: a row count for each device
-        size = -(-(batch_size or self.batch_size) // devices) * devices
+        size = batch_size or self.batch_size  # one device: no rounding to a device count
         total = None
         for start in range(0, len(images), size):
             batch, mask = jax.device_put(_padded(images[start : start + size], size), self._rows)
