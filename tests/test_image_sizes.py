@@ -72,6 +72,9 @@ def test_fold_fields_merge_and_compress_at_any_size(tmp_path, sample_npz, name, 
             num_clusters={1: width - 2},
             bn="recalibrate",
             compensate_images=32,  # the default color refit, on fewer images
+            controls=False,  # the same code as the merged row's, at the same size
+            speed_rounds=1,
+            speed_batch=8,
         ),
         str(tmp_path / "compress"),
     )

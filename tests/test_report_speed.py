@@ -4,11 +4,13 @@ the last merged row."""
 
 import json
 import os
+import shutil
 
+import jax
 import numpy as np
 import pytest
 
-from graycnn import study
+from graycnn import compensate, study
 from graycnn.deploy import run_stablehlo
 from graycnn.models import build_model
 from graycnn.study.schema import Report
@@ -76,10 +78,33 @@ def test_export_writes_the_last_merged_rows_model(timed_run, sample_npz):
 
 
 @pytest.mark.slow
-def test_a_rerun_reports_the_kept_figures(timed_run):
+def test_a_rerun_reports_the_kept_figures_and_refits(timed_run, monkeypatch):
     config, workdir, first = timed_run
+    # The refits (each chain's merge, the unmerged model) are kept as complete checkpoints.
+    refits = os.path.join(workdir, "refits")
+    kept = ["merged.layer1.seed0", "prune_l1.layer1.seed0", "random.layer1.seed0",
+            "unmerged.seed0"]  # fmt: skip
+    assert sorted(os.listdir(refits)) == kept
+    assert all(checkpoint.is_complete(os.path.join(refits, name)) for name in kept)
+    # A save killed midway leaves orbax's temporary step alone: that one is made again.
+    partial = os.path.join(refits, "random.layer1.seed0")
+    _, random_variables, _ = checkpoint.load_model(partial)
+    shutil.rmtree(partial)
+    os.makedirs(os.path.join(partial, "0.orbax-checkpoint-tmp-1"))
+    assert not checkpoint.is_complete(partial)
+    calls = []
+    real = compensate.compensate_merge
+    monkeypatch.setattr(
+        compensate, "compensate_merge", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     again = study.compress(config, workdir)  # the same settings: read back, not re-timed
     assert [r["speed"] for r in again["rows"]] == [r["speed"] for r in first["rows"]]
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in first["rows"]]
+    assert again["compensation"] == first["compensation"]
+    assert len(calls) == 1  # the partial one alone, refit again to the same weights
+    _, refit_again, _ = checkpoint.load_model(partial)
+    for a, b in zip(jax.tree.leaves(random_variables), jax.tree.leaves(refit_again), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_row_speed_round_trips_and_refuses_malformed_entries():

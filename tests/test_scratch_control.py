@@ -29,6 +29,7 @@ def run(tmp_path_factory, sample_npz):
         bn="recalibrate",
         scratch_epochs=1,
         speed_rounds=0,
+        compensate="none",  # the default refit is tests/test_compress.py's subject
     )
     workdir = str(tmp_path_factory.mktemp("run"))
     return workdir, study.compress(config, workdir)

@@ -8,6 +8,7 @@ Every row of the report is a model saved under `workdir/models/`, loadable by
 """
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -73,7 +74,10 @@ def _compress(config: CompressConfig, workdir: str, given: Sequence[str]) -> dic
         seed = config.seed + i
         run.recover(gray, {}, None, i)
         if config.compensation == "lstsq_color":  # what the refit buys without a merge
-            refit = stages.refit_unmerged(config, gray, _union(chains), splits.train, seed, color)
+            unmerged = functools.partial(
+                _refit_unmerged, config, gray, _union(chains), splits, seed, color
+            )
+            refit, _ = out.refit(f"unmerged.seed{seed}", unmerged)
             run.recover(refit, {}, "refit", i)
         for j, (steps, target) in enumerate(zip(chains, targets, strict=True)):
             run.merge(gray, steps, seed_index=i, target=target, figures=i == 0 and j == 0)
@@ -85,6 +89,11 @@ def _compress(config: CompressConfig, workdir: str, given: Sequence[str]) -> dic
     if config.export and parallel.primary():
         _export(report, run.models, splits, out.path("export"))
     return report.to_json()
+
+
+def _refit_unmerged(config, gray, steps, splits, seed, color) -> tuple[stages.Model, list]:
+    """`stages.refit_unmerged` with no errors to report, as `Writer.refit` keeps it."""
+    return stages.refit_unmerged(config, gray, steps, splits.train, seed, color), []
 
 
 def _union(chains: list[list[tuple[int, int | None]]]) -> list[tuple[int, int | None]]:
@@ -165,10 +174,13 @@ class _Run:
             for c, before in chains.items():
                 plan = result.plan if c is None else stages.control_plan(
                     config, c, before, layer, result.clustering.labels, seed)  # fmt: skip
-                chains[c], errors = stages.merge_and_compensate(
-                    config, before, plan, splits.train, seed, color
+                merge = functools.partial(
+                    stages.merge_and_compensate, config, before, plan, splits.train, seed, color
                 )
                 chain = (c or "merged") + (f" ({target})" if target else "")
+                name = "_".join([c or "merged", *target.split()]) + f".layer{layer}.seed{seed}"
+                refit = config.compensation != "none"  # else instant: nothing kept
+                chains[c], errors = self.out.refit(name, merge) if refit else merge()
                 self.out.compensation(layer, chain, seed, errors)
             if config.target and k < len(steps) - 1:
                 continue  # a budget plan is one model: only its final step is a row

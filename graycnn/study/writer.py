@@ -12,6 +12,7 @@ uninterrupted run writes. Different settings are refused.
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -183,11 +184,26 @@ class Writer:
         name = model_dir if seed_index == 0 else f"{model_dir}.seed{seed_index}"
         directory = self.path("models", name)
         # Every process saves (orbax's barriers), so all must agree whether to.
-        if not parallel.from_primary(lambda: os.path.exists(directory)):
+        if not parallel.from_primary(lambda: _kept(directory)):
             checkpoint.save_model(
                 directory, model.config, model.variables, row=spec.name, view=spec.image_type
             )
         return os.path.relpath(directory, self.workdir)
+
+    def refit(
+        self, name: str, compute: Callable[[], tuple[Model, list[dict[str, Any]]]]
+    ) -> tuple[Model, list[dict[str, Any]]]:
+        """compute()'s refit model and its consumers' errors, kept under refits/`name`: a
+        rerun of the same settings loads them instead of refitting again (the refit of a
+        large model takes minutes)."""
+        directory = self.path("refits", name)
+        if parallel.from_primary(lambda: _kept(directory)):
+            model_config, variables, extra = checkpoint.load_model(directory)
+            return Model(model_config, variables), extra["errors"]
+        model, errors = compute()
+        errors = json.loads(json.dumps(errors, default=float))  # as it reads back
+        checkpoint.save_model(directory, model.config, model.variables, errors=errors)
+        return model, errors
 
     def finish(self, rows: Sequence[Row], config: dict[str, Any]) -> Report:
         """Writes report.json, report.md and the accuracy figure; returns the report."""
@@ -221,3 +237,12 @@ def _upgraded(settings: Mapping[str, Any]) -> dict[str, Any]:
     if out.get("round_to") == 1 and not any(out.get(k) for k in targets):
         out["round_to"] = 0
     return out
+
+
+def _kept(directory: str) -> bool:
+    """Whether `directory` holds a complete checkpoint; a partial one (its save killed
+    midway) is removed, to be saved again."""
+    if checkpoint.is_complete(directory):
+        return True
+    shutil.rmtree(directory, ignore_errors=True)
+    return False

@@ -72,6 +72,18 @@ def save(
     mngr.wait_until_finished()
 
 
+def is_complete(directory: str) -> bool:
+    """Whether `directory` holds a finished checkpoint step (a save killed midway leaves
+    only orbax's temporary one, which restores nothing)."""
+    if not os.path.isdir(directory):
+        return False
+    mngr = manager(directory, read_only=True)
+    try:
+        return mngr.latest_step() is not None
+    finally:
+        mngr.close()
+
+
 def save_model(
     directory: str, model_config: ModelConfig, variables: Mapping[str, Any], **extra: Any
 ) -> str:
