@@ -123,47 +123,42 @@ def _compress(inputs, sample_npz, *more: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def one_process(inputs, sample_npz, tmp_path_factory):
-    """The reference: compress by one process with two devices; its workdir."""
+    """The reference: compress by one process with two devices, to a FLOPs target with
+    the budget search, the default color refit, fine-tuning and the speed table; its
+    workdir."""
     logs = tmp_path_factory.mktemp("one_process")
     workdir = logs / "run"
-    args = _compress(inputs, sample_npz, "--num_clusters=5", "--speed_rounds=0")
+    args = _compress(
+        inputs, sample_npz, "--target_flops=0.8", "--round_to=1", "--finetune_epochs=1",
+        "--speed_rounds=1", "--speed_batch=8",
+    )  # fmt: skip
     _run([*args, f"--workdir={workdir}"], logs, processes=1)
     return args, workdir
 
 
 def test_compress_on_two_processes_equals_one_process(one_process, tmp_path):
+    """The budget search, the refit, fine-tuning and the speed table (timed by process 0
+    alone): every row and model equal."""
     args, reference = one_process
     workdir = tmp_path / "run"
     _run([*args, f"--workdir={workdir}"], tmp_path, processes=2)
     rows = _same_compress_reports(reference, workdir)
     assert [r["key"] for r in rows] == [
-        "color", "color_gray3", "gray_fold", "gray_bn", "gray_refit_bn", "merged_1_raw",
-        "merged_1",
+        "color", "color_gray3", "gray_fold", "gray_bn", "gray_finetune", "gray_refit_bn",
+        "gray_refit_finetune", "merged_1_raw", "merged_1", "merged_1_finetune",
     ]  # fmt: skip
+    assert all(r["speed"] for r in _report(workdir)["rows"])
+    searches = [_report(w)["config"]["budget_search"] for w in (reference, workdir)]
+    assert searches[0]["steps"] == searches[1]["steps"] == [{"layer": 1, "clusters": 6}]
+    for a, b in zip(searches[0]["options"], searches[1]["options"], strict=True):
+        assert (a["layer"], a["clusters"], a["drop"]) == (b["layer"], b["clusters"], b["drop"])
     # Process 0 wrote every file once; the BN training ran on both (its checkpoints).
-    names = {"run.json", "report.json", "report.md", "clusters_layer1.json", "figures"}
+    names = {"run.json", "report.json", "report.md", "budget_search.json", "refits", "figures"}
     assert names <= set(os.listdir(workdir))
     assert not [n for n in os.listdir(workdir) if n.startswith(".tmp")]
     # Both print the report's tables, alike.
     tables = [[x for x in _lines(tmp_path / f"stdout{i}.txt") if x.startswith("|")] for i in (0, 1)]
     assert tables[0] == tables[1] and len(tables[0]) > 12
-
-
-def test_target_flops_with_finetuning_on_two_processes(inputs, sample_npz, tmp_path):
-    """The budget search, fine-tuning and the speed table (timed by process 0 alone)."""
-    args = _compress(
-        inputs, sample_npz, "--target_flops=0.8", "--round_to=1", "--finetune_epochs=1",
-        "--speed_rounds=1", "--speed_batch=8", "--compensate=none",  # the refit: the test above
-    )  # fmt: skip
-    _run([*args, f"--workdir={tmp_path / 'one'}"], tmp_path, processes=1)
-    _run([*args, f"--workdir={tmp_path / 'two'}"], tmp_path, processes=2)
-    rows = _same_compress_reports(tmp_path / "one", tmp_path / "two")
-    assert {"gray_finetune", "merged_1_finetune"} <= {r["key"] for r in rows}
-    assert all(r["speed"] for r in _report(tmp_path / "two")["rows"])
-    searches = [_report(tmp_path / w)["config"]["budget_search"] for w in ("one", "two")]
-    assert searches[0]["steps"] == searches[1]["steps"] == [{"layer": 1, "clusters": 6}]
-    for a, b in zip(searches[0]["options"], searches[1]["options"], strict=True):
-        assert (a["layer"], a["clusters"], a["drop"]) == (b["layer"], b["clusters"], b["drop"])
 
 
 def test_baselines_on_two_processes_equals_one_process(sample_npz, tmp_path):

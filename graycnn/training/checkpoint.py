@@ -75,13 +75,9 @@ def save(
 def is_complete(directory: str) -> bool:
     """Whether `directory` holds a finished checkpoint step (a save killed midway leaves
     only orbax's temporary one, which restores nothing)."""
-    if not os.path.isdir(directory):
-        return False
-    mngr = manager(directory, read_only=True)
-    try:
-        return mngr.latest_step() is not None
-    finally:
-        mngr.close()
+    # A listing, not a CheckpointManager: a manager syncs every process at barriers, and
+    # only process 0 asks.
+    return os.path.isdir(directory) and bool(ocp.path.step.checkpoint_steps(directory))
 
 
 def save_model(
