@@ -53,7 +53,9 @@ def run(setting, tmp_path_factory):
 
 
 def _run_config(config):
-    return _with(config, steps=2, bn="recalibrate", controls=False, eval_dataset="none")
+    return _with(
+        config, steps=2, bn="recalibrate", controls=False, eval_dataset="none", speed_rounds=0
+    )
 
 
 def _plan(config, color):

@@ -130,7 +130,7 @@ def one_process(inputs, sample_npz, tmp_path_factory):
     workdir = logs / "run"
     args = _compress(
         inputs, sample_npz, "--target_flops=0.8", "--round_to=1", "--finetune_epochs=1",
-        "--speed_rounds=1", "--speed_batch=8",
+        "--speed_rounds=1", "--speed_batch=8", "--compensate_images=32",
     )  # fmt: skip
     _run([*args, f"--workdir={workdir}"], logs, processes=1)
     return args, workdir
