@@ -92,6 +92,11 @@ def test_a_rerun_reports_the_kept_figures_and_refits(timed_run, monkeypatch):
     shutil.rmtree(partial)
     os.makedirs(os.path.join(partial, "0.orbax-checkpoint-tmp-1"))
     assert not checkpoint.is_complete(partial)
+    # A row's model too: saved again.
+    merged = next(r for r in first["rows"] if r["key"] == "merged_1")
+    row_model = os.path.join(workdir, merged["checkpoint"])
+    shutil.rmtree(row_model)
+    os.makedirs(os.path.join(row_model, "0.orbax-checkpoint-tmp-1"))
     calls = []
     real = compensate.compensate_merge
     monkeypatch.setattr(
@@ -102,6 +107,7 @@ def test_a_rerun_reports_the_kept_figures_and_refits(timed_run, monkeypatch):
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in first["rows"]]
     assert again["compensation"] == first["compensation"]
     assert len(calls) == 1  # the partial one alone, refit again to the same weights
+    assert checkpoint.load_model(row_model)[2]["row"] == merged["name"]
     _, refit_again, _ = checkpoint.load_model(partial)
     for a, b in zip(jax.tree.leaves(random_variables), jax.tree.leaves(refit_again), strict=True):
         np.testing.assert_array_equal(a, b)
