@@ -1,8 +1,8 @@
 """Everything compress writes: run.json (the settings), budget_search.json (each target's
 plan), figures, clusters_layer*.json, one checkpoint per report row and per refit
-(refits/), report.json and report.md. Every file is written atomically; the input checkpoint is only read. In a
-multi-process run process 0 writes them all (every process takes part in the
-checkpoints' saves), and reads what decides a resume for all.
+(refits/), report.json and report.md. Every file is written atomically; the input
+checkpoint is only read. In a multi-process run process 0 writes them all (every process
+takes part in the checkpoints' saves), and reads what decides a resume for all.
 
 A run is resumable: its settings are written first, and a rerun of the same settings
 into the same workdir finds every finished checkpoint (rows, refits, BN training,
