@@ -6,8 +6,8 @@ takes part in the checkpoints' saves), and reads what decides a resume for all.
 
 A run is resumable: its settings are written first, and a rerun of the same settings
 into the same workdir finds every finished checkpoint (rows, refits, BN training,
-fine-tuning) and recomputes only the rest, with the same seeds, so it ends with the report an
-uninterrupted run writes. Different settings are refused.
+fine-tuning) and recomputes only the rest, with the same seeds, so it ends with the
+report an uninterrupted run writes. Different settings are refused.
 """
 
 import json
