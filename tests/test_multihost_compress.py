@@ -136,11 +136,19 @@ def one_process(inputs, sample_npz, tmp_path_factory):
     return args, workdir
 
 
-def test_compress_on_two_processes_equals_one_process(one_process, tmp_path):
-    """The budget search, the refit, fine-tuning and the speed table (timed by process 0
-    alone): every row and model equal."""
+def test_two_processes_killed_then_rerun_equal_one_process(one_process, tmp_path):
+    """Process 1 is killed during the BN training of the first gray row; process 0 must
+    stop with one `error:` line. The same two commands again finish the run: the budget
+    search (before the kill), the refit, fine-tuning and the speed table (timed by
+    process 0 alone) give every row and model of one uninterrupted process."""
     args, reference = one_process
     workdir = tmp_path / "run"
+    port = _free_port()
+    children = [_start([*args, f"--workdir={workdir}"], tmp_path, i, port) for i in (0, 1)]
+    # Killed once the first BN training has begun.
+    _kill_process_1(children, tmp_path, (workdir / "bn").is_dir, "BN training", TIMEOUT)
+    assert not (workdir / "report.json").exists()
+
     _run([*args, f"--workdir={workdir}"], tmp_path, processes=2)
     rows = _same_compress_reports(reference, workdir)
     assert [r["key"] for r in rows] == [
@@ -176,22 +184,6 @@ def test_baselines_on_two_processes_equals_one_process(sample_npz, tmp_path):
         ]
         assert where[0] == where[1]
         _same_models(tmp_path / "one", tmp_path / "two", where[:1])
-
-
-def test_a_killed_process_stops_the_other_and_a_rerun_resumes(one_process, tmp_path):
-    """Process 1 is killed during the BN training of the first gray row; process 0 must
-    stop with one `error:` line, and the same two commands again finish the run with the
-    report of one uninterrupted process."""
-    args, reference = one_process
-    workdir = tmp_path / "run"
-    port = _free_port()
-    children = [_start([*args, f"--workdir={workdir}"], tmp_path, i, port) for i in (0, 1)]
-    # Killed once the first BN training has begun.
-    _kill_process_1(children, tmp_path, (workdir / "bn").is_dir, "BN training", TIMEOUT)
-    assert not (workdir / "report.json").exists()
-
-    _run([*args, f"--workdir={workdir}"], tmp_path, processes=2)
-    _same_compress_reports(reference, workdir)
 
 
 def test_transfer_on_two_processes_equals_one_process(inputs, sample_npz, tmp_path):
