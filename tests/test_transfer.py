@@ -151,7 +151,7 @@ def test_28x28_pngs_need_resize(tmp_path, color_checkpoint):
     folder = _folder(tmp_path / "d28", 28)
     work = tmp_path / "w28"
     common = [f"--dataset=folder:{folder}", f"--checkpoint={color_checkpoint}", "--steps=4",
-              "--eval_every=2", "--batch_size=16", "--num_clusters=1:4,2:2,3:2"]  # fmt: skip
+              "--eval_every=2", "--batch_size=16", "--layers=1", "--num_clusters=1:4"]  # fmt: skip
     bad = _cli(*common, "--resize=false", f"--workdir={work}")
     assert bad.returncode != 0 and not os.path.exists(work)
     lines = bad.stderr.strip().splitlines()
@@ -168,7 +168,7 @@ def test_64x64_pngs_run_at_their_size(tmp_path, color_checkpoint):
     folder = _folder(tmp_path / "d64", 64, classes=("a", "b", "c"))
     work = tmp_path / "w64"
     ok = _cli(f"--dataset=folder:{folder}", f"--checkpoint={color_checkpoint}", "--steps=4",
-              "--eval_every=2", "--batch_size=16", "--num_clusters=1:4,2:2,3:2",
+              "--eval_every=2", "--batch_size=16", "--layers=1", "--num_clusters=1:4",
               "--resize=false", f"--workdir={work}")  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     report = json.load(open(work / "report.json"))

@@ -195,10 +195,12 @@ def check_finite(variables: Mapping[str, Any]) -> None:
     for path, leaf in flatten(variables).items():
         if isinstance(leaf, jax.ShapeDtypeStruct):
             continue
-        # jnp for jax.Arrays: a sharded one need not be on this host.
-        finite = (
-            jnp.isfinite(leaf).all() if isinstance(leaf, jax.Array) else np.isfinite(leaf).all()
-        )
+        # On the host where it can be: jnp would compile a program per new leaf shape
+        # (every merge makes some). jnp for a sharded array not all on this host.
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            finite = jnp.isfinite(leaf).all()
+        else:
+            finite = np.isfinite(np.asarray(leaf)).all()
         if not bool(finite):
             raise ValueError(f"variables: {path} holds NaN or inf")
 
