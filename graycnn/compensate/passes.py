@@ -235,14 +235,16 @@ def tap(model: Any, paths: Sequence[str]) -> Callable:
     """f(variables, images) -> {path: (module, input, output)}, in call order, of the
     modules at `paths` (inference mode).
 
+    The run stops once the last of them has returned (`probe`, on the whole run, has
+    checked that each is called once).
+
     Raises:
-        ValueError: a module is not called, or called more than once (shared weights).
+        ValueError: a module is not called.
     """
 
     def run(variables, images):
-        return {
-            p: (c.module, c.input, c.output) for p, c in _calls(model, variables, images, paths)
-        }
+        calls = _calls(model, variables, images, paths, stop=True)
+        return {p: (c.module, c.input, c.output) for p, c in calls}
 
     return run
 
@@ -266,8 +268,8 @@ def probe(model, variables, input_shape, paths) -> tuple[dict[str, Any], dict[st
     return info, {p: (c.input, c.output) for p, c in calls}
 
 
-def _calls(model, variables, images, paths: Sequence[str]) -> list[tuple[str, Any]]:
-    calls = capture.capture(model, variables, images, set(paths))
+def _calls(model, variables, images, paths: Sequence[str], stop=False) -> list[tuple[str, Any]]:
+    calls = capture.capture(model, variables, images, set(paths), stop=set(paths) if stop else None)
     for path, call in calls.items():
         if call.count > 1:
             raise ValueError(f"module {path!r} is called more than once per forward pass")

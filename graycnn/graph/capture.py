@@ -122,7 +122,12 @@ def intercept_methods(interceptor: Callable) -> contextlib.AbstractContextManage
 
 
 def capture(
-    model: Any, variables: Any, x: Any, select: Select = None, *, stop: str | None = None
+    model: Any,
+    variables: Any,
+    x: Any,
+    select: Select = None,
+    *,
+    stop: str | Collection[str] | None = None,
 ) -> dict[str, Call]:
     """Runs the model on `x` in inference mode; returns the selected modules' first calls.
 
@@ -133,7 +138,9 @@ def capture(
         x: (N, H, W, C) images, or a jax.ShapeDtypeStruct to capture shapes only.
         select: Which modules: None (all), module classes, paths, or a function
             (path, module) -> bool.
-        stop: Stop the run once the module at this path has returned.
+        stop: Stop the run once the module at this path (or every module at these
+            paths) has returned: a trace of the rest costs time, and a jitted caller
+            needs none of it. Calls after that are not seen (nor counted).
 
     Returns:
         {path: Call} in the order the modules were first called.
@@ -155,7 +162,7 @@ def layer_output_fn(model: Any, path: str) -> Callable[[Any, jax.Array], jax.Arr
     def output(variables: Any, images: jax.Array) -> jax.Array:
         if isinstance(variables, nnx.State):
             variables = nnx_adapter.to_variables(variables)
-        calls = capture(model, variables, images, {path})
+        calls = capture(model, variables, images, {path}, stop=path)
         if path not in calls:
             raise ValueError(f"module {path!r} is never called")
         return calls[path].output
@@ -268,8 +275,9 @@ def _select(select: Select) -> Callable[[str, Any], bool]:
     return lambda path, module: path in wanted
 
 
-def _record(model, variables, x, select: Select, stop: str | None) -> dict[str, Call]:
+def _record(model, variables, x, select: Select, stop: str | Collection[str] | None) -> dict:
     keep = _select(select)
+    pending = set() if stop is None else {stop} if isinstance(stop, str) else set(stop)
     calls: dict[str, tuple[Any, tuple, dict, Any]] = {}
     counts: dict[str, int] = {}
 
@@ -284,8 +292,10 @@ def _record(model, variables, x, select: Select, stop: str | None) -> dict[str, 
         out = next_fun(*args, **kwargs)
         if path in calls and counts[path] == 1 and calls[path][-1] is None:
             calls[path] = (*calls[path][:-1], out)
-        if path == stop:
-            raise _Stop
+        if pending:
+            pending.discard(path)
+            if not pending:
+                raise _Stop
         return out
 
     try:
