@@ -15,8 +15,10 @@ from sklearn.datasets import load_digits
 
 from graycnn.config import PerLayer
 from graycnn.models import ModelConfig, build_model, init_variables
+from graycnn.study import validate
 from graycnn.training import checkpoint, data
 from graycnn.transfer import TransferConfig, new_head, replace_head, transfer
+from graycnn.transfer.run import compress_config
 from graycnn.tree import flatten
 
 TINY = dict(
@@ -144,6 +146,21 @@ def test_eval_classes_the_training_data_lacks_are_refused(tmp_path, color_checkp
     with pytest.raises(ValueError, match=r"--eval_dataset .*classes c are not classes"):
         transfer(TransferConfig(dataset=f"folder:{train}", eval_dataset=f"folder:{other}",
                                 checkpoint=color_checkpoint, **TINY))  # fmt: skip
+
+
+def test_layers_alone_merge_those_with_their_default_counts():
+    """--layers=1 keeps layer 1's default count and passes compress's checks (the other
+    defaults, for layers 2 and 3, are not passed on); a count for a layer not merged is
+    refused, naming the flag."""
+    config = TransferConfig(layers=(1,))
+    merged = compress_config(config)
+    validate(merged)
+    assert merged.layers == (1,) and str(merged.num_clusters) == "1:18"
+    assert (
+        str(compress_config(TransferConfig(layers=(1,), num_clusters="1:4")).num_clusters) == "1:4"
+    )
+    with pytest.raises(ValueError, match=r"^--num_clusters: layer 2 is not in --layers=1$"):
+        TransferConfig(layers=(1,), num_clusters={2: 5})
 
 
 @pytest.mark.slow

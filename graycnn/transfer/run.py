@@ -44,6 +44,22 @@ def color_model(config: TransferConfig) -> stages.Model:
     return stages.Model(model_config, variables, path)
 
 
+def compress_config(config: TransferConfig) -> CompressConfig:
+    """The merged model's settings as compress takes them: clusters of the filters'
+    responses to the user's images (compress's default objective), each merge refit by
+    least squares; steps=1: the receptive fields that plan_layer_merge also computes are
+    only for compress's figures. Only the merged layers' counts are passed: compress
+    refuses a count for a layer it does not merge, and transfer's defaults name three."""
+    counts = {layer: config.num_clusters.of(layer) for layer in config.layers}
+    return CompressConfig(
+        layers=config.layers,
+        num_clusters=PerLayer.of_dict({k: v for k, v in counts.items() if v is not None}),
+        compensate="lstsq",
+        seed=config.seed,
+        steps=1,
+    )
+
+
 def build_models(
     config: TransferConfig, color: stages.Model, train: data.Split, size: int
 ) -> tuple[dict[str, stages.Model], dict[str, Any] | None]:
@@ -54,10 +70,7 @@ def build_models(
     # Clusters of the filters' responses to the user's images (compress's default
     # objective), each merge refit by least squares; steps=1: the receptive fields that
     # plan_layer_merge also computes are only for compress's figures.
-    compress = CompressConfig(
-        layers=config.layers, num_clusters=config.num_clusters, compensate="lstsq",
-        seed=config.seed, steps=1,
-    )  # fmt: skip
+    compress = compress_config(config)
     gray = stages.fold_color_model(compress, color, train)
     rng = jax.random.key(config.seed + 7)
     scratch_config, _ = new_head(gray.config, gray.variables, classes, rng, names)
