@@ -268,7 +268,10 @@ def probe(model, variables, input_shape, paths) -> tuple[dict[str, Any], dict[st
     return info, {p: (c.input, c.output) for p, c in calls}
 
 
-def _calls(model, variables, images, paths: Sequence[str], stop=False) -> list[tuple[str, Any]]:
+def _calls(
+    model, variables, images, paths: Sequence[str], stop: bool = False
+) -> list[tuple[str, Any]]:
+    """The modules' calls; with `stop`, the run ends once the last has returned."""
     calls = capture.capture(model, variables, images, set(paths), stop=set(paths) if stop else None)
     for path, call in calls.items():
         if call.count > 1:

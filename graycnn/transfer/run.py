@@ -67,9 +67,6 @@ def build_models(
     --target_flops plan (`budget.Plan.to_json`), or None without the flag)."""
     classes, names = train.num_classes, train.class_names or ()
     color = stages.Model(color.config.replace(image_size=size), color.variables, color.source)
-    # Clusters of the filters' responses to the user's images (compress's default
-    # objective), each merge refit by least squares; steps=1: the receptive fields that
-    # plan_layer_merge also computes are only for compress's figures.
     compress = compress_config(config)
     gray = stages.fold_color_model(compress, color, train)
     rng = jax.random.key(config.seed + 7)
