@@ -234,6 +234,20 @@ def check(config: Any) -> Any:
     return config
 
 
+def check_merged_layers(config: Any, names: Iterable[str], layers: Sequence[int]) -> None:
+    """Raises ValueError naming the flag where PerLayer field `name` of `config` gives a
+    layer not in `layers` a value of its own (not its default's): the user named a
+    setting for a layer that is not merged."""
+    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(config)}
+    for name in names:
+        value = getattr(config, name)
+        for layer in value.layer_numbers():
+            if value.of(layer) != defaults[name].of(layer) and layer not in layers:
+                raise ValueError(
+                    f"--{name}: layer {layer} is not in --layers={','.join(map(str, layers))}"
+                )
+
+
 def coerce(config: Any) -> None:
     """Converts, in place (call from __post_init__), what Python callers write for a
     PerLayer field: {layer: value} or 'VALUE,LAYER:VALUE' (the layers not named keep the

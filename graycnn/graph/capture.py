@@ -275,7 +275,9 @@ def _select(select: Select) -> Callable[[str, Any], bool]:
     return lambda path, module: path in wanted
 
 
-def _record(model, variables, x, select: Select, stop: str | Collection[str] | None) -> dict:
+def _record(
+    model, variables, x, select: Select, stop: str | Collection[str] | None
+) -> dict[str, Call]:
     keep = _select(select)
     pending = set() if stop is None else {stop} if isinstance(stop, str) else set(stop)
     calls: dict[str, tuple[Any, tuple, dict, Any]] = {}

@@ -374,21 +374,10 @@ def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) ->
     if len(set(config.layers)) != len(config.layers):
         raise ValueError(f"--layers lists a layer twice: {list(config.layers)}")
     _check_targets(config)
-    per_layer = {
-        "--objective": config.objective,
-        "--metric": config.metric,
-        "--num_clusters": config.num_clusters,
-    }
-    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(CompressConfig)}
-    for flag, value in per_layer.items():
-        default = defaults[flag[2:]]
-        for layer in value.layer_numbers():
-            # A layer the user named (its value is not the default's) must be merged.
-            named = value.of(layer) != default.of(layer)
-            if named and not config.target and layer not in config.layers:
-                raise ValueError(
-                    f"{flag}: layer {layer} is not in --layers={','.join(map(str, config.layers))}"
-                )
+    if not config.target:  # a target's plan picks the layers
+        config_lib.check_merged_layers(
+            config, ("objective", "metric", "num_clusters"), config.layers
+        )
     for layer in config.layers:
         if config.objective_of(layer) is None:
             raise ValueError(f"--objective: no value for layer {layer}; give one, e.g. 'mean'")

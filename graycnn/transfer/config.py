@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from graycnn.config import PerLayer, coerce, setting
+from graycnn.config import PerLayer, check_merged_layers, coerce, setting
 from graycnn.training.data import DATASET_HELP
 
 
@@ -56,12 +56,5 @@ class TransferConfig:
             raise ValueError(
                 f"--target_flops must be a fraction in (0, 1), got {self.target_flops}"
             )
-        # A count the user gave (not the default's) for a layer that is not merged.
-        default = TransferConfig.__dataclass_fields__["num_clusters"].default
-        for layer in self.num_clusters.layer_numbers():
-            named = self.num_clusters.of(layer) != default.of(layer)
-            if named and self.target_flops is None and layer not in self.layers:
-                raise ValueError(
-                    f"--num_clusters: layer {layer} is not in "
-                    f"--layers={','.join(map(str, self.layers))}"
-                )
+        if self.target_flops is None:  # a target's plan picks the layers
+            check_merged_layers(self, ("num_clusters",), self.layers)
