@@ -177,8 +177,12 @@ def _sensitivities(config, gray, train, candidates, counts, timed, score) -> tup
     options, merges = [], {}
     for layer, path in tqdm(candidates, desc="budget: sensitivity", leave=False):
         distances = _distances(config, gray, layer, path, train)
-        for k in counts[layer]:
-            plan = merge.plan_merge(g, layer, _cluster(config, distances, k), config.bn_rule)
+        for i, k in enumerate(counts[layer]):
+            # The model's own shape check (its init traced at the merged width) at the
+            # conv's first count only: whether a module's variables follow the width does
+            # not depend on the count, and the merge of the plan kept checks its own.
+            labels = _cluster(config, distances, k)
+            plan = merge.plan_merge(g, layer, labels, config.bn_rule, check=i == 0)
             merges[layer, k] = plan
             # The merged function in the gray model's shapes: every option then runs on
             # the programs compiled for the base accuracy, instead of compiling its own.

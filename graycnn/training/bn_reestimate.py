@@ -54,14 +54,13 @@ def recalibrate(
     batch_sharding, replicated = parallel.mesh_shardings()
     params = jax.device_put(variables["params"], replicated)
     zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
-    ones = jax.tree.map(jnp.ones_like, variables["batch_stats"])
-    step = _stats_step(build_model(model_config), view, augment)
+    step, momenta = _stats_step(build_model(model_config), view, augment)
 
     def updated_stats(batch_stats, images, rng):
         return step(params, batch_stats, images, rng)
 
     batches = data.iterate_batches(split, batch_size, seed=seed, drop_remainder=True)
-    total, count, momentum = None, 0, None
+    total, count, momentum = None, 0, momenta.get(replicated)
     for images, _, _ in tqdm(batches, total=num_batches, desc="recalibrate BN", leave=False):
         if count == num_batches:
             break
@@ -73,9 +72,11 @@ def recalibrate(
         # which then never runs (seen as XLA's "waiting for all reduce ... may be stuck").
         from_zeros = jax.block_until_ready(updated_stats(zeros, images, rng))
         if momentum is None:
-            # ones in: m + (1 - m) * batch statistic, so m is the difference.
+            # ones in: m + (1 - m) * batch statistic, so m is the difference. It is the
+            # architecture's, whatever the weights and images: read once per model.
+            ones = jax.tree.map(jnp.ones_like, zeros)
             ones_in = jax.block_until_ready(updated_stats(ones, images, rng))
-            momentum = jax.tree.map(jnp.subtract, ones_in, from_zeros)
+            momentum = momenta[replicated] = jax.tree.map(jnp.subtract, ones_in, from_zeros)
         batch = jax.tree.map(lambda z, m: z / (1 - m), from_zeros, momentum)
         total = batch if total is None else jax.tree.map(jnp.add, total, batch)
         count += 1
@@ -86,11 +87,12 @@ def recalibrate(
 
 
 @functools.lru_cache(maxsize=32)
-def _stats_step(model: Any, view: str, augment: bool) -> Callable:
+def _stats_step(model: Any, view: str, augment: bool) -> tuple[Callable, dict]:
     """Jitted (params, batch_stats, images, rng) -> the running statistics after one
-    train-mode pass. Cached per architecture, with the weights as arguments: a closure
-    over them would bake them into the program as constants and compile it anew for
-    every model (each merge, control and seed)."""
+    train-mode pass, and a dict for its BatchNorm momenta, {replicated sharding: tree}
+    (`recalibrate` fills it). Cached per architecture, with the weights as arguments: a
+    closure over them would bake them into the program as constants and compile it anew
+    for every model (each merge, control and seed)."""
 
     def step(params, batch_stats, images, rng):
         x = transforms.apply_view(images, view)
@@ -101,7 +103,7 @@ def _stats_step(model: Any, view: str, augment: bool) -> Callable:
         )
         return state["batch_stats"]
 
-    return jax.jit(step)
+    return jax.jit(step), {}
 
 
 def reestimate(
