@@ -94,6 +94,12 @@ class PerLayer:
             return self
         return PerLayer.of_dict(dict(base.layers) | dict(self.layers), base.default)
 
+    def only(self, layers: Iterable[int]) -> "PerLayer":
+        """The same setting with the values of layers outside `layers` dropped (the
+        default stays)."""
+        keep = set(layers)
+        return PerLayer(self.default, tuple((k, v) for k, v in self.layers if k in keep))
+
     def of(self, layer: int, fallback: Any = None) -> Any:
         """The value for `layer`: its own, else the default, else `fallback`."""
         value = dict(self.layers).get(layer, self.default)

@@ -179,8 +179,8 @@ def _sensitivities(config, gray, train, candidates, counts, timed, score) -> tup
         distances = _distances(config, gray, layer, path, train)
         for i, k in enumerate(counts[layer]):
             # The model's own shape check (its init traced at the merged width) at the
-            # conv's first count only: whether a module's variables follow the width does
-            # not depend on the count, and the merge of the plan kept checks its own.
+            # conv's first count only: a module whose variables do not follow the width
+            # fails it at any count, and the plan kept is merged with the check.
             labels = _cluster(config, distances, k)
             plan = merge.plan_merge(g, layer, labels, config.bn_rule, check=i == 0)
             merges[layer, k] = plan

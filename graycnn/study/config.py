@@ -246,7 +246,7 @@ def study_preset(layers: Sequence[int]) -> dict[str, Any]:
         "objective": PerLayer("mean"),
         "metric": PerLayer.of_dict({1: "mse"} if 1 in layers else {}, default="imed"),
         "cluster": "dbscan",
-        "num_clusters": PerLayer.of_dict({k: v for k, v in counts.items() if k in layers}),
+        "num_clusters": PerLayer.of_dict(counts).only(layers),
         "bn_rule": "mean",
         "compensate": "none",
         "bn": "train",

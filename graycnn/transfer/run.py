@@ -50,10 +50,9 @@ def compress_config(config: TransferConfig) -> CompressConfig:
     least squares; steps=1: the receptive fields that plan_layer_merge also computes are
     only for compress's figures. Only the merged layers' counts are passed: compress
     refuses a count for a layer it does not merge, and transfer's defaults name three."""
-    counts = {layer: config.num_clusters.of(layer) for layer in config.layers}
     return CompressConfig(
         layers=config.layers,
-        num_clusters=PerLayer.of_dict({k: v for k, v in counts.items() if v is not None}),
+        num_clusters=config.num_clusters.only(config.layers),
         compensate="lstsq",
         seed=config.seed,
         steps=1,
