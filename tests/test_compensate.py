@@ -97,6 +97,60 @@ def test_dense_patches_are_its_input():
     assert spec.use_bias and spec.kind == "dense"
 
 
+def _im2col(x, window, strides, padding, dilation):
+    """float64 patches by loops: rows (n, i, j), features (c, dy, dx), explicit padding."""
+    (kh, kw), (sh, sw), (dh, dw) = window, strides, dilation
+    extent = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
+    if padding in ("SAME", "VALID"):
+        pads = []
+        for size, e, s in zip(x.shape[1:3], extent, strides, strict=True):
+            total = max((-(-size // s) - 1) * s + e - size, 0) if padding == "SAME" else 0
+            pads.append((total // 2, total - total // 2))
+    else:
+        pads = padding
+    xp = np.pad(x.astype(np.float64), ((0, 0), *pads, (0, 0)))
+    rows_out = (xp.shape[1] - extent[0]) // sh + 1
+    cols_out = (xp.shape[2] - extent[1]) // sw + 1
+    out = [
+        [
+            xp[n, sh * i + dh * dy, sw * j + dw * dx, c]
+            for c in range(x.shape[-1])
+            for dy in range(kh)
+            for dx in range(kw)
+        ]
+        for n in range(x.shape[0])
+        for i in range(rows_out)
+        for j in range(cols_out)
+    ]
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize(
+    "shape, window, strides, padding, dilation",
+    [
+        ((2, 7, 6, 3), (3, 3), (1, 1), "SAME", (1, 1)),  # the stride-1 sums without P
+        ((2, 8, 9, 2), (3, 2), (1, 2), "VALID", (1, 1)),
+        ((2, 9, 9, 2), (3, 3), (1, 1), ((1, 2), (0, 1)), (2, 3)),
+        ((2, 3, 4, 2), (5, 3), (1, 1), "SAME", (1, 1)),  # fewer output rows than the window
+        ((2, 7, 6, 3), (3, 3), (2, 1), "SAME", (1, 1)),  # row stride 2: through P
+        ((2, 5, 6, 3), (1, 3), (1, 1), "SAME", (1, 1)),  # one window row: through P
+    ],
+)
+def test_normal_equations_are_the_patches_products(shape, window, strides, padding, dilation):
+    """P^T P, P^T R, P^T 1 and P K against loops over the padded input in float64."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape).astype(np.float32)
+    spec = compensate.LayerSpec("conv", window, strides, padding, (1, 1), dilation)
+    p = _im2col(x, window, strides, padding, dilation)
+    residual = rng.normal(size=(p.shape[0], 4)).astype(np.float32)
+    kernel = rng.normal(size=(p.shape[1], 5)).astype(np.float32)
+    gram, cross, ones = compensate.normal_equations(x, residual, spec)
+    for got, want in ((gram, p.T @ p), (cross, p.T @ residual), (ones, p.sum(0))):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    out = compensate.apply_matrix(x, kernel, spec)
+    np.testing.assert_allclose(out, p @ kernel, rtol=0, atol=1e-5 * np.abs(p @ kernel).max())
+
+
 def test_ridge_solve_matches_lstsq_of_the_design_matrix():
     rng = np.random.default_rng(0)
     p, r = rng.normal(size=(40, 6)), rng.normal(size=(40, 3))

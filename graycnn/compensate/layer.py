@@ -17,6 +17,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 from flax import nnx
@@ -123,6 +124,132 @@ def patches(inputs: jax.Array, spec: LayerSpec) -> jax.Array:
         precision=HIGHEST,
     )
     return out.reshape(-1, out.shape[-1])
+
+
+def apply_matrix(inputs: jax.Array, matrix: jax.Array, spec: LayerSpec) -> jax.Array:
+    """patches(inputs, spec) @ matrix without the patches: the layer with kernel
+    `kernel_from_matrix(matrix)` and no bias, as (M, O) rows.
+
+    Args:
+        inputs: (N, *spatial, C) for a conv, (..., C) for dense.
+        matrix: (D, O) a kernel in `kernel_matrix`'s layout.
+        spec: The layer's LayerSpec.
+    """
+    if spec.kind == "dense":
+        return jnp.matmul(patches(inputs, spec), matrix, precision=HIGHEST)
+    channels = inputs.shape[-1]
+    kernel = jnp.moveaxis(matrix.reshape(channels, *spec.window, -1), 0, -2)
+    out = jax.lax.conv_general_dilated(
+        inputs,
+        kernel,
+        spec.strides,
+        spec.padding,
+        lhs_dilation=spec.input_dilation,
+        rhs_dilation=spec.kernel_dilation,
+        dimension_numbers=_DIMENSIONS[len(spec.window)],
+        precision=HIGHEST,
+    )
+    return out.reshape(-1, out.shape[-1])
+
+
+def normal_equations(
+    inputs: jax.Array, residual: jax.Array, spec: LayerSpec
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(P^T P, P^T residual, P^T 1) for P = patches(inputs, spec), in float32.
+
+    A 2-d conv of row stride 1 and a window of kh > 1 rows is summed without P: its
+    patches at window row dy are the input rows shifted by dy, so the Gram's (dy, dy')
+    block is the product of one row-shifted matrix R (width x channels of one window
+    row, kw x C features) with itself d = dy' - dy rows further, over the output rows.
+    One product per d serves every block of that d but for a few border rows, added row
+    by row: kh products of (kw C)^2 instead of one of (kh kw C)^2, and no (M, D) patches
+    for the cross products. Other layers form P.
+
+    Args:
+        inputs: (N, *spatial, C) for a conv, (..., C) for dense; rows that must not
+            count (padding) set to zero.
+        residual: (M, O) rows in `patches`' order.
+        spec: The layer's LayerSpec.
+
+    Returns:
+        (D, D), (D, O) and (D,) float32 arrays, features in `patches`' order.
+    """
+    inputs = inputs.astype(jnp.float32)
+    window = spec.window
+    if (
+        spec.kind != "conv"
+        or len(window) != 2
+        or window[0] == 1
+        or spec.strides[0] != 1
+        or any(d != 1 for d in spec.input_dilation)
+    ):
+        p = patches(inputs, spec)
+        gram = jnp.matmul(p.T, p, precision=HIGHEST)
+        return gram, jnp.matmul(p.T, residual, precision=HIGHEST), jnp.sum(p, axis=0)
+    (kh, kw), dh = window, spec.kernel_dilation[0]
+    shifted = _row_shifted(inputs, spec)  # (N, rows in, W', kw C)
+    n, rows_in, width, features = shifted.shape
+    rows_out = rows_in - (kh - 1) * dh
+    channels = inputs.shape[-1]
+    residual = residual.reshape(n, rows_out, width, -1)
+
+    def flat(rows: slice) -> jax.Array:
+        return shifted[:, rows].reshape(-1, features)
+
+    # The Gram, (dy, dy') block by block: output row i reads input row i + dh * dy.
+    blocks: dict[tuple[int, int], jax.Array] = {}
+    for d in range(kh):
+        offset = d * dh
+        core_start = dh * (kh - 1 - d)  # every block of this d reads rows core_start..
+        core = None
+        if core_start < rows_out:
+            first = flat(slice(core_start, rows_out))
+            second = flat(slice(core_start + offset, rows_out + offset))
+            core = jnp.matmul(first.T, second, precision=HIGHEST)
+        for dy in range(kh - d):
+            start = dh * dy
+            edge = [r for r in range(start, start + rows_out) if not core_start <= r < rows_out]
+            block = core if core is not None else jnp.zeros((features, features), jnp.float32)
+            if edge:
+                idx = np.asarray(edge)
+                block = block + jnp.einsum(
+                    "nrjk,nrjl->kl", shifted[:, idx], shifted[:, idx + offset], precision=HIGHEST
+                )
+            blocks[dy, dy + d] = block
+            if d:
+                blocks[dy + d, dy] = block.T
+    gram = jnp.stack([jnp.stack([blocks[i, j] for j in range(kh)]) for i in range(kh)])
+    # (dy, dy', (dx, c), (dx', c')) -> ((c, dy, dx), (c', dy', dx')), `patches`' order.
+    gram = gram.reshape(kh, kh, kw, channels, kw, channels).transpose(3, 0, 2, 5, 1, 4)
+    reads = [flat(slice(dh * dy, dh * dy + rows_out)) for dy in range(kh)]
+    res = residual.reshape(-1, residual.shape[-1])
+    cross = jnp.stack([jnp.matmul(r.T, res, precision=HIGHEST) for r in reads])
+    ones = jnp.stack([jnp.sum(r, axis=0) for r in reads])
+    size = channels * kh * kw
+
+    def order(a: jax.Array) -> jax.Array:  # (kh, (kw, C), ...) -> ((C, kh, kw), ...)
+        a = a.reshape(kh, kw, channels, *a.shape[2:])
+        return jnp.moveaxis(a, 2, 0).reshape(size, *a.shape[3:])
+
+    return gram.reshape(size, size), order(cross), order(ones)
+
+
+def _row_shifted(inputs: jax.Array, spec: LayerSpec) -> jax.Array:
+    """(N, H + padding, W', kw x C): the padded input's rows, each cut into the kw
+    columns every output column reads (features (dx, c))."""
+    (kh, kw), (dh, dw), (_, sw) = spec.window, spec.kernel_dilation, spec.strides
+    spatial = inputs.shape[1:3]
+    extent = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
+    pads = (
+        jax.lax.padtype_to_pads(spatial, extent, spec.strides, spec.padding)
+        if isinstance(spec.padding, str)
+        else spec.padding
+    )
+    config = [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)]
+    padded = jax.lax.pad(inputs, jnp.zeros((), inputs.dtype), config)
+    width = (padded.shape[2] - extent[1]) // sw + 1
+    cols = [padded[:, :, dw * dx : dw * dx + sw * (width - 1) + 1 : sw] for dx in range(kw)]
+    return jnp.concatenate(cols, axis=-1)
 
 
 def kernel_matrix(kernel: Any) -> np.ndarray:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graycnn.compensate.layer import HIGHEST, LayerSpec, layer_spec, patches
+from graycnn.compensate.layer import HIGHEST, LayerSpec, apply_matrix, layer_spec, normal_equations
 from graycnn.graph import capture
 from graycnn.nnx_adapter import BATCHNORMS
 from graycnn.training import parallel
@@ -206,9 +206,10 @@ def _sums(fit: Fit, y, x, out, mask, kernel, bias, shift) -> dict[str, jax.Array
     y = y.reshape(-1, y.shape[-1]).astype(jnp.float32)
     if fit.target is not None:
         y = jnp.matmul(y, jnp.asarray(fit.target.T, jnp.float32), precision=HIGHEST)
-    p = patches(x.astype(jnp.float32), fit.spec)
-    rows = jnp.repeat(mask, p.shape[0] // mask.shape[0])[:, None]
-    residual = (y - jnp.matmul(p, kernel, precision=HIGHEST) - bias) * rows
+    x = x.astype(jnp.float32)
+    merged = apply_matrix(x, kernel, fit.spec)
+    rows = jnp.repeat(mask, merged.shape[0] // mask.shape[0])[:, None]
+    residual = (y - merged - bias) * rows
     sums = {
         "rows": jnp.sum(rows),
         "sum": jnp.sum((y - shift) * rows, axis=0),
@@ -218,11 +219,14 @@ def _sums(fit: Fit, y, x, out, mask, kernel, bias, shift) -> dict[str, jax.Array
     if out is not None:
         out = out.reshape(-1, out.shape[-1]).astype(jnp.float32)
         return sums | {"after": jnp.sum((out - y) ** 2 * rows)}
-    if fit.spec.use_bias:
-        p = jnp.concatenate([p, jnp.ones_like(p[:, :1])], axis=1)
-    p = p * rows
-    gram = jnp.matmul(p.T, p, precision=HIGHEST)
-    return sums | {"gram": gram, "cross": jnp.matmul(p.T, residual, precision=HIGHEST)}
+    # A padding image's patches are zero rows: it adds nothing to the sums.
+    gram, cross, ones = normal_equations(
+        x * mask.reshape(-1, *[1] * (x.ndim - 1)), residual, fit.spec
+    )
+    if fit.spec.use_bias:  # P's ones column
+        gram = jnp.block([[gram, ones[:, None]], [ones[None, :], sums["rows"].reshape(1, 1)]])
+        cross = jnp.concatenate([cross, jnp.sum(residual, axis=0, keepdims=True)])
+    return sums | {"gram": gram, "cross": cross}
 
 
 def mean_var(sums: Mapping[str, np.ndarray], shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -283,7 +287,7 @@ def _calls(
 
 
 def bytes_per_image(spec: LayerSpec, inputs: Any, outputs: Any) -> int:
-    """float32 bytes one image takes in a consumer's pass: its patches (twice: masked),
+    """float32 bytes one image takes in a consumer's pass, at most: its patches (twice),
     target, residual and output rows, and its input and output in both models."""
     rows = int(np.prod(outputs.shape[:-1])) // outputs.shape[0]
     if spec.kind == "dense":
