@@ -93,7 +93,9 @@ def enable_compilation_cache(directory: str | None = None) -> None:
     instead of compiling them again."""
     directory = directory or os.path.join(os.path.expanduser("~"), ".cache", "graycnn", "jax")
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    # Every program, however quick to compile: a run compiles hundreds of small ones
+    # (BUILD_NOTES.md, "runtime and the CLIs").
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def setup(distributed: DistributedConfig | None = None) -> None:
