@@ -113,17 +113,20 @@ def patches(inputs: jax.Array, spec: LayerSpec) -> jax.Array:
     """
     if spec.kind == "dense":
         return inputs.reshape(-1, inputs.shape[-1])
-    out = jax.lax.conv_general_dilated_patches(
-        inputs,
-        spec.window,
-        spec.strides,
-        spec.padding,
-        lhs_dilation=spec.input_dilation,
-        rhs_dilation=spec.kernel_dilation,
-        dimension_numbers=_DIMENSIONS[len(spec.window)],
-        precision=HIGHEST,
-    )
+    out = jax.lax.conv_general_dilated_patches(inputs, spec.window, **_conv_args(spec))
     return out.reshape(-1, out.shape[-1])
+
+
+def _conv_args(spec: LayerSpec) -> dict[str, Any]:
+    """The layer's lax conv arguments after the input and the kernel (or window)."""
+    return {
+        "window_strides": spec.strides,
+        "padding": spec.padding,
+        "lhs_dilation": spec.input_dilation,
+        "rhs_dilation": spec.kernel_dilation,
+        "dimension_numbers": _DIMENSIONS[len(spec.window)],
+        "precision": HIGHEST,
+    }
 
 
 def apply_matrix(inputs: jax.Array, matrix: jax.Array, spec: LayerSpec) -> jax.Array:
@@ -139,16 +142,7 @@ def apply_matrix(inputs: jax.Array, matrix: jax.Array, spec: LayerSpec) -> jax.A
         return jnp.matmul(patches(inputs, spec), matrix, precision=HIGHEST)
     channels = inputs.shape[-1]
     kernel = jnp.moveaxis(matrix.reshape(channels, *spec.window, -1), 0, -2)
-    out = jax.lax.conv_general_dilated(
-        inputs,
-        kernel,
-        spec.strides,
-        spec.padding,
-        lhs_dilation=spec.input_dilation,
-        rhs_dilation=spec.kernel_dilation,
-        dimension_numbers=_DIMENSIONS[len(spec.window)],
-        precision=HIGHEST,
-    )
+    out = jax.lax.conv_general_dilated(inputs, kernel, **_conv_args(spec))
     return out.reshape(-1, out.shape[-1])
 
 
