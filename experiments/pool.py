@@ -10,7 +10,8 @@ runs of two color models with the same flags. The label may hold '='
 again on its validation and held-out images (the runs must share them), and the
 differences, in points, get one paired bootstrap interval over images and runs
 (docs/results.md "Pooled over color models"); --figure draws them. Every input error is
-found before the first evaluation.
+found before the first evaluation. Runs planned to a target have keys of their own plans:
+name their rows by role, `--row=merged@finetune --bar=prune_l1@finetune`.
 """
 
 import os
@@ -26,8 +27,14 @@ flags.DEFINE_multi_string(
     "runs", None, "LABEL=WORKDIR[,WORKDIR...]: compress workdirs pooled into one line; "
     "repeat for more lines.", required=True,
 )  # fmt: skip
-flags.DEFINE_string("row", "merged_1+2", "Key of the row compared (report.json 'key').")
-flags.DEFINE_string("bar", "gray_bn", "Key of the row it is compared against.")
+flags.DEFINE_string(
+    "row", "merged_1+2", "Key of the row compared (report.json 'key'), or ROLE@BUDGET: "
+    "e.g. merged@finetune, the one merged row of the fine-tune budget in each run.",
+)  # fmt: skip
+flags.DEFINE_string(
+    "bar", "gray_bn", "Key of the row it is compared against, or ROLE@BUDGET (ROLE: merged, "
+    "bar, refit, random, prune_l1 or scratch; BUDGET: bn, finetune or none).",
+)  # fmt: skip
 flags.DEFINE_string("out", None, "Also write the results here, as JSON.")
 flags.DEFINE_string("figure", None, "Also draw them here, as a PNG (one panel per split).")
 FLAGS = flags.FLAGS

@@ -379,6 +379,65 @@ def test_pool_refuses_one_run_counted_twice(tmp_path, monkeypatch):
         pool.check_runs([a], "gray_bn", "gray_bn")
 
 
+def test_pool_names_rows_by_role_across_plans(tmp_path, monkeypatch):
+    """Runs planned to a target on other color models have keys of their own plans: the
+    role form finds each run's one row of that role and budget, and refuses any other
+    count, naming the rows."""
+    monkeypatch.setattr(pool, "_evaluate", lambda *_: pytest.fail("evaluated before the checks"))
+
+    def run(name, plan, seed):
+        workdir = _run_dir(tmp_path, name, seed=seed)
+        path = os.path.join(workdir, "report.json")
+        report = json.loads(open(path).read())
+        template = report["rows"][0]
+        rows = []
+        for key, control, budget, baseline, clusters in (
+            ("gray_bn", None, "bn", True, {}),
+            ("gray_finetune", None, "finetune", True, {}),
+            (f"merged_{plan}_raw", None, None, False, {"1": 8}),
+            (f"merged_{plan}", None, "bn", False, {"1": 8}),
+            (f"merged_{plan}_finetune", None, "finetune", False, {"1": 8}),
+            (f"prune_l1_{plan}_finetune", "prune_l1", "finetune", False, {"1": 8}),
+            ("gray_refit_finetune", "refit", "finetune", False, {}),
+        ):
+            rows.append(template | {"key": key, "name": key, "control": control, "budget": budget,
+                                    "baseline": baseline, "clusters": clusters,
+                                    "checkpoint": f"models/{key}",
+                                    "checkpoints": [f"models/{key}"]})  # fmt: skip
+            os.makedirs(os.path.join(workdir, "models", key), exist_ok=True)
+        open(path, "w").write(json.dumps(report | {"rows": rows}))
+        return workdir
+
+    a, b = run("a", "1+2", 0), run("b", "1+3", 1)
+    for spec, bar, keys, bar_key in (
+        ("merged@finetune", "bar@finetune", ["merged_1+2_finetune", "merged_1+3_finetune"],
+         "gray_finetune"),
+        ("merged@bn", "bar@bn", ["merged_1+2", "merged_1+3"], "gray_bn"),
+        ("merged@none", "gray_bn", ["merged_1+2_raw", "merged_1+3_raw"], "gray_bn"),
+        ("prune_l1@finetune", "refit@finetune", ["prune_l1_1+2_finetune", "prune_l1_1+3_finetune"],
+         "gray_refit_finetune"),
+    ):  # fmt: skip
+        checked = pool.check_runs([a, b], spec, bar)
+        assert [r.entries[0].key for r in checked] == keys
+        assert [r.entries[1].key for r in checked] == [bar_key] * 2
+    for spec, message in (
+        ("random@finetune", rf"^{a}/report.json has not one row 'random@finetune' but none$"),
+        ("merged@ft", r"^row 'merged@ft' is neither a key nor ROLE@BUDGET with ROLE one of "
+                      r"merged, bar, refit, random, prune_l1, scratch and BUDGET one of bn, "
+                      r"finetune, none$"),
+        ("bar@bn", rf"^{a}/report.json: --row 'bar@bn' and --bar 'gray_bn' are both its row "
+                   r"'gray_bn': a row compared with itself$"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            pool.check_runs([a, b], spec, "gray_bn")
+    report = json.loads(open(os.path.join(b, "report.json")).read())
+    report["rows"].append(report["rows"][3] | {"key": "merged_1", "checkpoints": ["models/m"]})
+    open(os.path.join(b, "report.json"), "w").write(json.dumps(report))
+    with pytest.raises(ValueError, match=rf"^{b}/report.json has not one row 'merged@bn' but 2: "
+                                         r"merged_1\+3, merged_1$"):  # fmt: skip
+        pool.check_runs([a, b], "merged@bn", "gray_bn")
+
+
 MUTATIONS = [None, 1, 2.5, "x", [], {}, [1], {"a": 1}, True, -1]
 
 

@@ -58,6 +58,11 @@ def check_runs(workdirs: Sequence[str], row: str, bar: str) -> list[Run]:
                 "the same images"
             )
         entries = (_row(workdir, report, row), _row(workdir, report, bar))
+        if entries[0].key == entries[1].key:
+            raise ValueError(
+                f"{workdir}/report.json: --row {row!r} and --bar {bar!r} are both its row "
+                f"{entries[0].key!r}: a row compared with itself"
+            )
         mine, theirs = (_checkpoints(workdir, e) for e in entries)
         if len(mine) != len(theirs):
             raise ValueError(
@@ -76,7 +81,8 @@ def compare_runs(workdirs: Sequence[str], row: str, bar: str) -> dict[str, Any]:
 
     Args:
         workdirs: compress workdirs whose runs share the dataset and held-out set.
-        row, bar: Row keys, e.g. 'merged_1+2' and 'gray_bn'.
+        row, bar: Row keys, e.g. 'merged_1+2' and 'gray_bn', or roles at a budget,
+            e.g. 'merged@finetune' and 'bar@finetune' (`resolve_key`).
 
     Returns:
         {'row', 'bar', 'runs': models compared (seeds over all workdirs), 'validation':
@@ -202,10 +208,49 @@ def _data(report: Report) -> tuple[Any, Any]:
     return report.config.get("dataset"), report.config.get("eval_dataset")
 
 
-def _row(workdir: str, report: Report, key: str) -> Row:
-    """The row of `key`, checked for pooling: one accuracy per checkpoint (a row
-    evaluated once for several seeds has one checkpoint, and cannot be paired seed by
-    seed) and an image type to evaluate it on."""
+ROLES = ("merged", "bar", "refit", "random", "prune_l1", "scratch")
+BUDGETS = ("bn", "finetune", "none")
+
+
+def resolve_key(report: Report, spec: str, where: str = "report.json") -> str:
+    """The key of the row `spec` names: a key itself, or ROLE@BUDGET, the one row of that
+    role (one of `ROLES`: the merge, the bar, the unmerged refit or a control) at that
+    recovery budget ('bn', 'finetune', or 'none' for no recovery). The role form pools
+    runs whose plans, and so whose keys, differ: e.g. `--target_flops` runs of several
+    color models, each searched on its own.
+
+    Raises:
+        ValueError: an unknown role or budget, or not exactly one such row (naming
+            `where` and the rows that match).
+    """
+    if "@" not in spec:
+        return spec
+    role, _, budget = spec.partition("@")
+    if role not in ROLES or budget not in BUDGETS:
+        raise ValueError(
+            f"row {spec!r} is neither a key nor ROLE@BUDGET with ROLE one of "
+            f"{', '.join(ROLES)} and BUDGET one of {', '.join(BUDGETS)}"
+        )
+
+    def has_role(r: Row) -> bool:
+        if role == "bar":
+            return r.is_bar
+        if role == "merged":
+            return r.control is None and bool(r.clusters)
+        return r.control == role
+
+    keys = [r.key for r in report.rows if has_role(r) and (r.budget or "none") == budget]
+    if len(keys) != 1:
+        found = f"{len(keys)}: {', '.join(keys)}" if keys else "none"
+        raise ValueError(f"{where} has not one row {spec!r} but {found}")
+    return keys[0]
+
+
+def _row(workdir: str, report: Report, spec: str) -> Row:
+    """The row `spec` names (see `resolve_key`), checked for pooling: one accuracy per
+    checkpoint (a row evaluated once for several seeds has one checkpoint, and cannot be
+    paired seed by seed) and an image type to evaluate it on."""
+    key = resolve_key(report, spec, f"{workdir}/report.json")
     try:
         row = report.row(key)
     except KeyError as e:
