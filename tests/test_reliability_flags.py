@@ -120,6 +120,19 @@ def test_a_layer_named_outside_layers_is_still_refused_and_a_default_one_is_not(
         validate(_from_argv("--objective="))
 
 
+def test_the_kernel_objective_beyond_the_stem_is_refused_before_any_work():
+    """`--objective=kernel` with a target failed 10 s into the search, at layer 2."""
+    message = r"^--objective: 'kernel' compares kernels as images, so only layer 1 .* layer 2 would"
+    with pytest.raises(ValueError, match=message):
+        validate(_from_argv("--objective=kernel", "--layers=1,2"))
+    targeted = _from_argv("--objective=kernel", "--target_flops=0.5")
+    validate(targeted)  # the plan's layers are not known yet
+    with pytest.raises(ValueError, match=message):
+        validate(targeted, {1: 36, 2: 18, 3: 18})
+    validate(_from_argv("--objective=kernel", "--layers=1"))
+    validate(_from_argv("--objective=activation,1:kernel", "--target_flops=0.5"), {1: 36, 2: 18})
+
+
 # Numeric flags, every one, as a class: checked before any work and any workdir.
 
 # Independent of the code: each numeric field's lowest valid value.

@@ -359,6 +359,18 @@ def _check_targets(config: CompressConfig) -> None:
         )
 
 
+def _check_kernel_objective(config: CompressConfig, layers: Sequence[int]) -> None:
+    """'kernel' compares kernels as images: only the stem's kernels see the image."""
+    for layer in layers:
+        if layer != 1 and config.objective_of(layer) == "kernel":
+            raise ValueError(
+                f"--objective: 'kernel' compares kernels as images, so only layer 1 (the "
+                f"stem, whose kernels see the image) can use it, and layer {layer} would "
+                "(a --target_* may merge any conv): give it to layer 1 alone, e.g. "
+                "--objective=activation,1:kernel"
+            )
+
+
 def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) -> None:
     """Raises ValueError naming the flag at fault, before any work.
 
@@ -381,7 +393,12 @@ def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) ->
     for layer in config.layers:
         if config.objective_of(layer) is None:
             raise ValueError(f"--objective: no value for layer {layer}; give one, e.g. 'mean'")
+    if not config.target:
+        _check_kernel_objective(config, config.layers)
     if widths is None:
+        return
+    if config.target:  # the plan picks the layers and counts, among every conv
+        _check_kernel_objective(config, sorted(widths))
         return
     for layer in config.layers:
         if layer not in widths:

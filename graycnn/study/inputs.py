@@ -165,14 +165,15 @@ def _trains_color(config: CompressConfig) -> bool:
 
 
 def check_layers(config: CompressConfig, splits: Splits) -> None:
-    """--layers and --num_clusters against the architecture before a color model is
-    trained for minutes: its shapes alone, from the same ModelConfig training makes. (A
-    checkpoint's or the shipped model, read in seconds, is checked by `plan_steps`.)
+    """--layers and --num_clusters (with a --target_*, every conv's flags) against the
+    architecture before a color model is trained for minutes: its shapes alone, from the
+    same ModelConfig training makes. (A checkpoint's or the shipped model, read in
+    seconds, is checked by `plan_steps`, or before the search.)
 
     Raises:
         ValueError: naming the flag, as `plan_steps` does.
     """
-    if not _trains_color(config) or config.target:
+    if not _trains_color(config):
         return
     model_config = ModelConfig(
         config.model,
@@ -182,7 +183,10 @@ def check_layers(config: CompressConfig, splits: Splits) -> None:
         class_names=splits.train.class_names or (),
     )
     shapes = jax.eval_shape(lambda: init_variables(model_config, jax.random.key(0)))
-    plan_steps(config, Model(model_config, shapes))
+    if config.target:  # the search picks the layers: each conv's flags are checked
+        validate(config, Model(model_config, shapes).widths())
+    else:
+        plan_steps(config, Model(model_config, shapes))
 
 
 def color_model(config: CompressConfig, train_workdir: str, model_given: bool = False) -> Model:

@@ -50,6 +50,8 @@ def _compress(config: CompressConfig, workdir: str, given: Sequence[str]) -> dic
     stages.check_data(config, splits)
     stages.check_layers(config, splits)
     color = stages.color_model(config, out.path("color_model"), "model" in given)
+    if config.target:  # the search may pick any conv: its flags are checked before it runs
+        validate(config, color.widths())
     splits = stages.load_splits(config, color, splits)
     gray = stages.fold_color_model(config, color, splits.train)
     plans: list[budget.Plan] = []
