@@ -120,9 +120,16 @@ def test_a_layer_named_outside_layers_is_still_refused_and_a_default_one_is_not(
         validate(_from_argv("--objective="))
 
 
-def test_the_kernel_objective_beyond_the_stem_is_refused_before_any_work():
+def test_the_kernel_objective_beyond_the_stem_is_refused_before_any_work(tmp_path, monkeypatch):
     """`--objective=kernel` with a target failed 10 s into the search, at layer 2."""
     message = r"^--objective: 'kernel' compares kernels as images, so only layer 1 .* layer 2 would"
+    with monkeypatch.context() as m:  # a model to train: refused before training it
+        m.setattr(stages, "color_model", lambda *a, **k: pytest.fail("color model first"))
+        cfg = _from_argv("--objective=kernel", "--target_flops=0.5", "--model=resnet20")
+        _refused(cfg, tmp_path / "a", message)
+    with monkeypatch.context() as m:  # the shipped model, read in seconds: before the search
+        m.setattr(stages, "load_splits", lambda *a, **k: pytest.fail("data before the checks"))
+        _refused(_from_argv("--objective=kernel", "--target_flops=0.5"), tmp_path / "b", message)
     with pytest.raises(ValueError, match=message):
         validate(_from_argv("--objective=kernel", "--layers=1,2"))
     targeted = _from_argv("--objective=kernel", "--target_flops=0.5")
