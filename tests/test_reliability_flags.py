@@ -130,11 +130,11 @@ def test_the_kernel_objective_beyond_the_stem_is_refused_before_any_work(tmp_pat
     with monkeypatch.context() as m:  # the shipped model, read in seconds: before the search
         m.setattr(stages, "load_splits", lambda *a, **k: pytest.fail("data before the checks"))
         _refused(_from_argv("--objective=kernel", "--target_flops=0.5"), tmp_path / "b", message)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message + r": give it to layer 1 alone"):
         validate(_from_argv("--objective=kernel", "--layers=1,2"))
     targeted = _from_argv("--objective=kernel", "--target_flops=0.5")
     validate(targeted)  # the plan's layers are not known yet
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message + r" \(a --target_\* may merge any conv\)"):
         validate(targeted, {1: 36, 2: 18, 3: 18})
     validate(_from_argv("--objective=kernel", "--layers=1"))
     validate(_from_argv("--objective=activation,1:kernel", "--target_flops=0.5"), {1: 36, 2: 18})

@@ -361,13 +361,13 @@ def _check_targets(config: CompressConfig) -> None:
 
 def _check_kernel_objective(config: CompressConfig, layers: Sequence[int]) -> None:
     """'kernel' compares kernels as images: only the stem's kernels see the image."""
+    why = " (a --target_* may merge any conv)" if config.target else ""
     for layer in layers:
         if layer != 1 and config.objective_of(layer) == "kernel":
             raise ValueError(
                 f"--objective: 'kernel' compares kernels as images, so only layer 1 (the "
-                f"stem, whose kernels see the image) can use it, and layer {layer} would "
-                "(a --target_* may merge any conv): give it to layer 1 alone, e.g. "
-                "--objective=activation,1:kernel"
+                f"stem, whose kernels see the image) can use it, and layer {layer} would"
+                f"{why}: give it to layer 1 alone, e.g. --objective=activation,1:kernel"
             )
 
 
