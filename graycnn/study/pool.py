@@ -212,12 +212,12 @@ ROLES = ("merged", "bar", "refit", "random", "prune_l1", "scratch")
 BUDGETS = ("bn", "finetune", "none")
 
 
-def resolve_key(report: Report, spec: str, where: str = "report.json") -> str:
-    """The key of the row `spec` names: a key itself, or ROLE@BUDGET, the one row of that
-    role (one of `ROLES`: the merge, the bar, the unmerged refit or a control) at that
-    recovery budget ('bn', 'finetune', or 'none' for no recovery). The role form pools
-    runs whose plans, and so whose keys, differ: e.g. `--target_flops` runs of several
-    color models, each searched on its own.
+def resolve_key(report: Report, spec: str, where: str) -> str:
+    """The key of the row `spec` names in `report` (read from `where`): a key itself, or
+    ROLE@BUDGET, the one row of that `Row.role` (one of `ROLES`) at that recovery budget
+    ('bn', 'finetune', or 'none' for no recovery). The role form pools runs whose plans,
+    and so whose keys, differ: e.g. `--target_flops` runs of several color models, each
+    searched on its own.
 
     Raises:
         ValueError: an unknown role or budget, or not exactly one such row (naming
@@ -231,15 +231,7 @@ def resolve_key(report: Report, spec: str, where: str = "report.json") -> str:
             f"row {spec!r} is neither a key nor ROLE@BUDGET with ROLE one of "
             f"{', '.join(ROLES)} and BUDGET one of {', '.join(BUDGETS)}"
         )
-
-    def has_role(r: Row) -> bool:
-        if role == "bar":
-            return r.is_bar
-        if role == "merged":
-            return r.control is None and bool(r.clusters)
-        return r.control == role
-
-    keys = [r.key for r in report.rows if has_role(r) and (r.budget or "none") == budget]
+    keys = [r.key for r in report.rows if r.role == role and (r.budget or "none") == budget]
     if len(keys) != 1:
         found = f"{len(keys)}: {', '.join(keys)}" if keys else "none"
         raise ValueError(f"{where} has not one row {spec!r} but {found}")

@@ -142,9 +142,19 @@ class Row:
         return self.checkpoints[0]
 
     @property
+    def role(self) -> str | None:
+        """'bar', 'merged' (a merge, recovered or not), its control ('random', 'prune_l1',
+        'scratch', 'refit'), or None (the color and fold rows)."""
+        if self.is_bar:
+            return "bar"
+        if self.control:
+            return self.control
+        return "merged" if self.clusters else None
+
+    @property
     def merged(self) -> bool:
         """A merge, recovered by a budget: a row with a verdict."""
-        return bool(self.clusters) and not self.control and self.budget is not None
+        return self.role == "merged" and self.budget is not None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
