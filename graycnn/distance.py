@@ -381,6 +381,45 @@ def _ssim_window(
     return dict(filter_size=int(size), filter_sigma=float(sigma), k1=k1, k2=k2)
 
 
+def pairwise_merge_cost(responses: Any, jacobians: Any) -> np.ndarray:
+    """How much merging each pair of channels changes a model's output, to first order.
+
+    Merging channels i and k replaces both normalized responses n_i, n_k by their mean,
+    so channel i moves by (n_k - n_i) / 2 and k by the opposite. Through the output's
+    derivatives G (one per output, in each channel) the output c moves by
+
+        T_c(i, k) = sum over positions of (G_ci - G_ck) (n_k - n_i) / 2,
+
+    zero when the two respond alike (n_i = n_k) and when the rest of the network reads
+    them alike (G_ci = G_ck): a pair of channels nothing downstream tells apart merges as
+    freely as a pair of duplicates. With outputs whitened by the softmax's Fisher
+    information (see `graycnn.study.stages.merge_costs`), 1/2 sum_c T_c^2 is the KL
+    divergence the merge causes, to second order.
+
+    Args:
+        responses: (B, P, F) normalized responses of F channels at P positions of B
+            images.
+        jacobians: (B, C, P, F) derivatives of C outputs in the same responses.
+
+    Returns:
+        (F, F) float64 sqrt of the mean over images of 1/2 sum_c T_c^2: symmetric, zero
+        diagonal, non-negative.
+    """
+    n = np.asarray(responses, np.float64)
+    g = np.asarray(jacobians, np.float64)
+    if n.ndim != 3 or g.ndim != 4 or g.shape[:1] + g.shape[2:] != n.shape:
+        raise ValueError(
+            f"responses must be (B, P, F) and jacobians (B, C, P, F) of the same B, P, F; "
+            f"got {n.shape} and {g.shape}"
+        )
+    # M[b, c, i, k] = sum_p G_ci n_k; T = (M_ik + M_ki - M_ii - M_kk) / 2.
+    m = np.einsum("bcpi,bpk->bcik", g, n)
+    d = np.diagonal(m, axis1=2, axis2=3)
+    t = (m + np.swapaxes(m, 2, 3) - d[..., :, None] - d[..., None, :]) / 2
+    cost = 0.5 * np.mean(np.sum(t**2, axis=1), axis=0)
+    return np.sqrt(np.maximum(cost, 0.0))
+
+
 METRICS: dict[str, Callable[..., jax.Array]] = {
     "mse": pairwise_mse,
     "ssim": pairwise_ssim,

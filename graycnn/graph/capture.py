@@ -170,6 +170,33 @@ def layer_output_fn(model: Any, path: str) -> Callable[[Any, jax.Array], jax.Arr
     return output
 
 
+def perturbed_fn(model: Any, path: str) -> Callable[[Any, jax.Array, jax.Array], Any]:
+    """f(variables, images, delta) -> the model's output, inference mode, with `delta`
+    added to the output of the module at `path` (its first call): the derivative in
+    `delta` at 0 is the output's derivative in that module's output."""
+    model = nnx_adapter.adapt_model(model)
+
+    def output(variables: Any, images: jax.Array, delta: jax.Array) -> Any:
+        if isinstance(variables, nnx.State):
+            variables = nnx_adapter.to_variables(variables)
+        seen = [False]
+
+        def add(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if context.method_name != "__call__" or module_path(context) != path or seen[0]:
+                return out
+            seen[0] = True
+            return out + delta
+
+        with intercept(add):
+            out = run(model, variables, images)
+        if not seen[0]:
+            raise ValueError(f"module {path!r} is never called")
+        return out
+
+    return output
+
+
 def call_kwargs(model: Any) -> dict[str, Any]:
     """{'train': False} if the module's __call__ takes `train`, else {}."""
     if isinstance(model, nnx_adapter.NNXModel):

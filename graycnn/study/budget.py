@@ -29,7 +29,7 @@ from graycnn import receptive_field as rf
 from graycnn.deploy import measure_speed
 from graycnn.models import ModelConfig, build_model, count_params
 from graycnn.study import allocation, search_proxy, stages
-from graycnn.study.config import ACTIVATION, CompressConfig
+from graycnn.study.config import ACTIVATION, FISHER, CompressConfig
 from graycnn.training import data, evaluation, parallel
 
 FRACTIONS = allocation.FRACTIONS
@@ -345,6 +345,10 @@ def _mergeable(g: graph.ChannelGraph, path: str) -> bool:
 
 def _distances(config, gray, layer: int, path: str, train: data.Split) -> np.ndarray:
     objective = config.objective_of(layer)
+    if objective == FISHER:
+        return stages.merge_costs(
+            build_model(gray.config), gray.variables, path, train, config.seed
+        )
     if objective == ACTIVATION:
         compared = stages.filter_responses(
             build_model(gray.config), gray.variables, path, train, config.seed

@@ -14,9 +14,13 @@ from graycnn.models import check_name
 from graycnn.training import bn_reestimate, train
 from graycnn.training.data import DATASET_HELP
 
-# Besides the receptive-field objectives: cluster each filter's responses to real images.
+# Besides the receptive-field objectives: cluster each filter's responses to real images
+# ('activation'), or pairs by how much merging them changes the output ('fisher').
 ACTIVATION = "activation"
-OBJECTIVES = (*rf.OBJECTIVES, ACTIVATION)
+FISHER = "fisher"
+OBJECTIVES = (*rf.OBJECTIVES, ACTIVATION, FISHER)
+# The objectives computed on real images, which give the receptive-field figures 'center'.
+ON_IMAGES = (ACTIVATION, FISHER)
 FIELDS = ("gray", "color_luma")
 CONTROLS = ("random", "prune_l1")
 TARGETS = ("flops", "params", "latency")
@@ -59,7 +63,9 @@ class CompressConfig:
     objective: PerLayer = setting(
         PerLayer(ACTIVATION),
         "What is compared per layer: receptive fields ('mean', 'center'), the kernels "
-        "('kernel', layer 1) or the filters' responses to real images ('activation').",
+        "('kernel', layer 1), the filters' responses to real images ('activation'), or "
+        "each pair by the first-order change of the predictions merging it makes on "
+        "them ('fisher', which sets the distances itself: --metric is not used).",
         choices=OBJECTIVES,
     )
     fields: str = setting(

@@ -16,6 +16,7 @@ import typing
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from graycnn import cluster, distance, fold
@@ -23,10 +24,11 @@ from graycnn import compensate as compensation
 from graycnn import graph as graph_lib
 from graycnn import merge as merge_lib
 from graycnn import receptive_field as rf
+from graycnn.graph import capture
 from graycnn.layers import layer_output_fn, resolve_layer
 from graycnn.models import ModelConfig, build_model, count_params, init_variables
 from graycnn.study import controls
-from graycnn.study.config import ACTIVATION, CompressConfig
+from graycnn.study.config import ACTIVATION, FISHER, ON_IMAGES, CompressConfig
 from graycnn.study.inputs import (
     PRETRAINED,
     SEARCH_BN_BATCH,
@@ -61,6 +63,7 @@ __all__ = [
     "fold_color_model",
     "load_splits",
     "merge_and_compensate",
+    "merge_costs",
     "plan_layer_merge",
     "plan_steps",
     "read_splits",
@@ -139,13 +142,13 @@ def plan_layer_merge(
     path = resolve_layer(layer, model.graph().conv_order)
     objective = config.objective_of(layer)
     ascent: dict[str, Any] = dict(
-        objective="center" if objective == ACTIVATION else objective, steps=config.steps, seed=seed
+        objective="center" if objective in ON_IMAGES else objective, steps=config.steps, seed=seed
     )
     fields = rf.gradient_ascent(
         net, model.variables, layer, image_shape=model.config.input_shape[1:], **ascent
     )
     color_fields: np.ndarray | None = None
-    if figures or (config.fields == "color_luma" and objective != ACTIVATION):
+    if figures or (config.fields == "color_luma" and objective not in ON_IMAGES):
         color_fields = rf.gradient_ascent(
             build_model(color.config),
             color.variables,
@@ -153,21 +156,25 @@ def plan_layer_merge(
             image_shape=color.config.input_shape[1:],
             **ascent,
         ).fields
-    if objective == ACTIVATION:
-        compared = filter_responses(net, model.variables, path, train, seed)
-    elif config.fields == "color_luma":
-        # Not None: computed above for color_luma.
-        compared = np.asarray(rf.to_gray(typing.cast(np.ndarray, color_fields)))[..., 0]
+    if objective == FISHER:
+        distances = merge_costs(net, model.variables, path, train, seed)
     else:
-        compared = fields.fields[..., 0]
-    distances = np.asarray(distance.pairwise(compared, config.metric_of(layer)))
+        if objective == ACTIVATION:
+            compared = filter_responses(net, model.variables, path, train, seed)
+        elif config.fields == "color_luma":
+            # Not None: computed above for color_luma.
+            compared = np.asarray(rf.to_gray(typing.cast(np.ndarray, color_fields)))[..., 0]
+        else:
+            compared = fields.fields[..., 0]
+        distances = np.asarray(distance.pairwise(compared, config.metric_of(layer)))
     if count is not None:
         clustering = cluster.cluster(distances, config.cluster, num_clusters=count)
     else:
         clustering = cluster.cluster(distances, "dbscan", eps_std=config.eps_std)
     plan = merge_lib.plan_merge(model.graph(), layer, clustering.labels, config.bn_rule)
     return LayerResult(
-        layer, path, objective, config.metric_of(layer), fields, color_fields, distances,
+        layer, path, objective, FISHER if objective == FISHER else config.metric_of(layer),
+        fields, color_fields, distances,
         clustering, plan,
     )  # fmt: skip
 
@@ -258,6 +265,67 @@ def filter_responses(
     images = data.apply_view(split.images[idx], "gray")
     out = _layer_output(model, path)(variables, images)
     return np.moveaxis(np.asarray(out), -1, 0)
+
+
+def merge_costs(
+    model: Any, variables: Any, path: str, split: data.Split, seed: int, count: int = 256
+) -> np.ndarray:
+    """`distance.pairwise_merge_cost` of conv `path`'s channels on the images
+    `filter_responses` sees: each response normalized by its channel's mean and std over
+    them, the derivatives those of the logits whitened by the softmax's Fisher
+    information, u = sqrt(p) (logits - p . logits) at p fixed, so that |du|^2 / 2 is the
+    KL divergence of a small change.
+
+    Returns:
+        (F, F) float64 distances.
+    """
+    z = filter_responses(model, variables, path, split, seed, count)  # (F, B, H, W)
+    axes = (1, 2, 3)
+    std = z.std(axis=axes, keepdims=True)
+    std = np.where(std > 0, std, 1.0)  # a dead channel: n = 0, nothing to scale
+    n = np.moveaxis((z - z.mean(axis=axes, keepdims=True)) / std, 0, -1)
+    idx = np.random.default_rng(seed).permutation(len(split))[:count]
+    images = np.asarray(data.apply_view(split.images[idx], "gray"))
+    jac = [
+        np.asarray(_whitened_jacobian(model, path)(variables, images[i : i + _JACOBIAN_BATCH]))
+        for i in range(0, len(images), _JACOBIAN_BATCH)
+    ]
+    # d/dn = std d/dz, as z = mean + std n.
+    g = np.concatenate(jac) * np.moveaxis(std, 0, -1)[:, None]
+    b, c = g.shape[:2]
+    return distance.pairwise_merge_cost(
+        n.reshape(b, -1, n.shape[-1]), g.reshape(b, c, -1, g.shape[-1])
+    )
+
+
+# Images per vmapped Jacobian: classes x images x the layer's output, in float32.
+_JACOBIAN_BATCH = 32
+
+
+@functools.lru_cache(maxsize=64)
+def _whitened_jacobian(model: Any, path: str):
+    """Jitted f(variables, images) -> (B, C, H, W, F) derivatives of the whitened logits
+    u (`merge_costs`) in the output of module `path`."""
+    forward = capture.perturbed_fn(model, path)
+    output = layer_output_fn(model, path)
+
+    def jacobian(variables, images):
+        delta = jnp.zeros_like(output(variables, images))
+
+        def whitened(d):
+            logits = forward(variables, images, d)
+            p = jax.lax.stop_gradient(jax.nn.softmax(logits))
+            centered = logits - jnp.sum(p * logits, axis=-1, keepdims=True)
+            return jnp.sqrt(p) * centered
+
+        u, pullback = jax.vjp(whitened, delta)
+        basis = jnp.broadcast_to(
+            jnp.eye(u.shape[-1], dtype=u.dtype)[:, None], (u.shape[-1], *u.shape)
+        )
+        (g,) = jax.vmap(pullback)(basis)  # (C, B, H, W, F)
+        return jnp.moveaxis(g, 0, 1)
+
+    return jax.jit(jacobian)
 
 
 @functools.lru_cache(maxsize=64)
