@@ -415,7 +415,7 @@ def pairwise_merge_cost(responses: Any, jacobians: Any) -> np.ndarray:
     # M[b, c, i, k] = sum_p G_ci n_k; T = (M_ik + M_ki - M_ii - M_kk) / 2.
     m = np.einsum("bcpi,bpk->bcik", g, n)
     d = np.diagonal(m, axis1=2, axis2=3)
-    t = (m + np.swapaxes(m, 2, 3) - d[..., :, None] - d[..., None, :]) / 2
+    t = ((m + np.swapaxes(m, 2, 3)) - (d[..., :, None] + d[..., None, :])) / 2  # symmetric
     cost = 0.5 * np.mean(np.sum(t**2, axis=1), axis=0)
     return np.sqrt(np.maximum(cost, 0.0))
 
