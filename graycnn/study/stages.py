@@ -172,11 +172,10 @@ def plan_layer_merge(
     else:
         clustering = cluster.cluster(distances, "dbscan", eps_std=config.eps_std)
     plan = merge_lib.plan_merge(model.graph(), layer, clustering.labels, config.bn_rule)
+    metric = FISHER if objective == FISHER else config.metric_of(layer)
     return LayerResult(
-        layer, path, objective, FISHER if objective == FISHER else config.metric_of(layer),
-        fields, color_fields, distances,
-        clustering, plan,
-    )  # fmt: skip
+        layer, path, objective, metric, fields, color_fields, distances, clustering, plan
+    )
 
 
 def merge_and_compensate(
