@@ -140,6 +140,19 @@ def test_the_kernel_objective_beyond_the_stem_is_refused_before_any_work(tmp_pat
     validate(_from_argv("--objective=activation,1:kernel", "--target_flops=0.5"), {1: 36, 2: 18})
 
 
+def test_a_metric_the_fisher_objective_would_not_use_is_refused():
+    """--objective=fisher sets its own distances: a --metric for its layer is an error."""
+    message = r"^--metric: layer {} uses --objective=fisher, .* \(mse\) would go unused: drop it$"
+    with pytest.raises(ValueError, match=message.format(1)):
+        validate(_from_argv("--objective=fisher", "--metric=mse", "--layers=1,2"))
+    targeted = _from_argv("--objective=2:fisher", "--metric=2:mse", "--target_flops=0.5")
+    validate(targeted)  # the plan's layers are not known yet
+    with pytest.raises(ValueError, match=message.format(2)):
+        validate(targeted, {1: 36, 2: 18, 3: 18})
+    validate(_from_argv("--objective=fisher", "--layers=1,2"))
+    validate(_from_argv("--objective=1:fisher", "--metric=2:mse", "--layers=1,2"))
+
+
 # Numeric flags, every one, as a class: checked before any work and any workdir.
 
 # Independent of the code: each numeric field's lowest valid value.

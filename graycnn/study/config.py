@@ -3,6 +3,7 @@ the presets that set several at once."""
 
 import dataclasses
 import numbers
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -273,6 +274,9 @@ def with_preset(config: CompressConfig, given: Sequence[str] = ()) -> CompressCo
     return dataclasses.replace(config, **{k: v for k, v in values.items() if k not in given})
 
 
+_FIELDS = {f.name: f for f in dataclasses.fields(CompressConfig)}
+
+
 # The numeric settings, each with its lowest allowed value. Every int and float field of
 # CompressConfig is here (tests check it): an int is at most 2**31 - 1, as the seeds,
 # step counters and sizes it becomes are 32-bit; a float must be finite.
@@ -365,10 +369,19 @@ def _check_targets(config: CompressConfig) -> None:
         )
 
 
-def _check_kernel_objective(config: CompressConfig, layers: Sequence[int]) -> None:
-    """'kernel' compares kernels as images: only the stem's kernels see the image."""
+def _check_objectives(config: CompressConfig, layers: Sequence[int]) -> None:
+    """'kernel' compares kernels as images: only the stem's kernels see the image.
+    'fisher' sets the distances itself: a --metric of its own for such a layer is an
+    error, not a setting silently unused."""
     why = " (a --target_* may merge any conv)" if config.target else ""
+    default_metric = typing.cast(PerLayer, _FIELDS["metric"].default)
     for layer in layers:
+        metric = config.metric.of(layer)
+        if config.objective_of(layer) == FISHER and metric != default_metric.of(layer):
+            raise ValueError(
+                f"--metric: layer {layer} uses --objective=fisher, which sets its distances "
+                f"itself, so its --metric ({metric}) would go unused: drop it"
+            )
         if layer != 1 and config.objective_of(layer) == "kernel":
             raise ValueError(
                 f"--objective: 'kernel' compares kernels as images, so only layer 1 (the "
@@ -400,11 +413,11 @@ def validate(config: CompressConfig, widths: Mapping[int, int] | None = None) ->
         if config.objective_of(layer) is None:
             raise ValueError(f"--objective: no value for layer {layer}; give one, e.g. 'mean'")
     if not config.target:
-        _check_kernel_objective(config, config.layers)
+        _check_objectives(config, config.layers)
     if widths is None:
         return
     if config.target:  # the plan picks the layers and counts, among every conv
-        _check_kernel_objective(config, sorted(widths))
+        _check_objectives(config, sorted(widths))
         return
     for layer in config.layers:
         if layer not in widths:
