@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from graycnn import distance
 from graycnn.models import build_model
@@ -118,3 +119,27 @@ def test_fisher_objective_plans_a_merge(sample_npz, tmp_path):
     want = stages.merge_costs(build_model(gray.config), gray.variables, path, split, 0)
     np.testing.assert_array_equal(result.distances, want)
     assert result.metric == FISHER and result.clustering.num_clusters == 2
+
+
+class _TinyNNX(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.conv(x / 255.0)).mean(axis=(1, 2)))
+
+
+def test_merge_costs_of_an_nnx_model_are_its_linen_twins():
+    """The same weights as linen and as NNX modules: the same pair costs."""
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (8, 6, 6, 1), dtype=np.uint8)
+    split = data.Split(images, np.zeros(8, np.int32), 3)
+    variables = _Tiny().init(jax.random.key(5), images.astype(np.float32))
+    twin = _TinyNNX(nnx.Rngs(0))
+    for name in ("conv", "head"):
+        getattr(twin, name).kernel[...] = variables["params"][name]["kernel"]
+        getattr(twin, name).bias[...] = variables["params"][name]["bias"]
+    want = stages.merge_costs(_Tiny(), variables, "conv", split, seed=0, count=8)
+    got = stages.merge_costs(twin, nnx.state(twin), "conv", split, seed=0, count=8)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
