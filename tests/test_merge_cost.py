@@ -11,7 +11,7 @@ from graycnn import distance
 from graycnn.models import build_model
 from graycnn.study import CompressConfig, stages
 from graycnn.study.config import FISHER
-from graycnn.training import data
+from graycnn.training import data, train
 
 
 def _loop_cost(n, g):
@@ -104,8 +104,6 @@ def test_merge_costs_are_the_kl_of_a_small_merge():
 @pytest.mark.slow
 def test_fisher_objective_plans_a_merge(sample_npz, tmp_path):
     """plan_layer_merge with --objective=fisher clusters by the pair costs, metric named."""
-    from graycnn.training import train
-
     dataset = f"npz:{sample_npz}"
     model_config, variables, _ = train.train_and_evaluate(
         train.TrainConfig(model="densenet_test", dataset=dataset, epochs=1), str(tmp_path)
