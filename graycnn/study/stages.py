@@ -260,10 +260,14 @@ def filter_responses(
     Returns:
         (F, count, H', W') float32: one stack of response maps per filter.
     """
-    idx = np.random.default_rng(seed).permutation(len(split))[:count]
-    images = data.apply_view(split.images[idx], "gray")
-    out = _layer_output(model, path)(variables, images)
+    out = _layer_output(model, path)(variables, _response_images(split, seed, count))
     return np.moveaxis(np.asarray(out), -1, 0)
+
+
+def _response_images(split: data.Split, seed: int, count: int) -> np.ndarray:
+    """The `count` seeded training images, gray view, that responses are taken on."""
+    idx = np.random.default_rng(seed).permutation(len(split))[:count]
+    return np.asarray(data.apply_view(split.images[idx], "gray"))
 
 
 def merge_costs(
@@ -278,23 +282,21 @@ def merge_costs(
     Returns:
         (F, F) float64 distances.
     """
-    z = filter_responses(model, variables, path, split, seed, count)  # (F, B, H, W)
-    axes = (1, 2, 3)
-    std = z.std(axis=axes, keepdims=True)
+    images = _response_images(split, seed, count)
+    z = np.asarray(_layer_output(model, path)(variables, images))  # (B, H, W, F)
+    std = z.std(axis=(0, 1, 2))
     std = np.where(std > 0, std, 1.0)  # a dead channel: n = 0, nothing to scale
-    n = np.moveaxis((z - z.mean(axis=axes, keepdims=True)) / std, 0, -1)
-    idx = np.random.default_rng(seed).permutation(len(split))[:count]
-    images = np.asarray(data.apply_view(split.images[idx], "gray"))
-    jac = [
-        np.asarray(_whitened_jacobian(model, path)(variables, images[i : i + _JACOBIAN_BATCH]))
-        for i in range(0, len(images), _JACOBIAN_BATCH)
-    ]
-    # d/dn = std d/dz, as z = mean + std n.
-    g = np.concatenate(jac) * np.moveaxis(std, 0, -1)[:, None]
-    b, c = g.shape[:2]
-    return distance.pairwise_merge_cost(
-        n.reshape(b, -1, n.shape[-1]), g.reshape(b, c, -1, g.shape[-1])
+    n = (z - z.mean(axis=(0, 1, 2))) / std
+    jacobian = _whitened_jacobian(model, path)
+    g = np.concatenate(
+        [
+            np.asarray(jacobian(variables, images[i : i + _JACOBIAN_BATCH]))
+            for i in range(0, len(images), _JACOBIAN_BATCH)
+        ]
     )
+    g = g * std  # d/dn = std d/dz, as z = mean + std n
+    b, c, f = len(g), g.shape[1], z.shape[-1]
+    return distance.pairwise_merge_cost(n.reshape(b, -1, f), g.reshape(b, c, -1, f))
 
 
 # Images per vmapped Jacobian: classes x images x the layer's output, in float32.
@@ -309,6 +311,7 @@ def _whitened_jacobian(model: Any, path: str):
     output = layer_output_fn(model, path)
 
     def jacobian(variables, images):
+        # Only its shape is used: XLA drops the computation.
         delta = jnp.zeros_like(output(variables, images))
 
         def whitened(d):
