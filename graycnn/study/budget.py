@@ -7,8 +7,9 @@
 2. Allocation (`allocation`): greedy on the cost of each step, accuracy lost per FLOP
    (or parameter) saved, from no merge towards smaller widths, until the planned model
    (its exact widths, counted on the channel graph) meets the target, then widens planned
-   layers into what the coarse last step left. Drops are taken as additive across layers;
-   sizes are not assumed additive but counted. A latency target times whole candidate
+   layers into what the coarse last step left. Drops are taken as additive across layers
+   (`--allocation=floor`: each at least the selection split's noise); sizes are not
+   assumed additive but counted. A latency target times whole candidate
    plans and keeps the least predicted drop that is fast enough.
 
 The plan is [(layer, clusters)] in forward order, with the measurements behind it.
@@ -161,7 +162,8 @@ def search(
             drop_of = functools.partial(_drop_of_plan, gray, merges, score, base_accuracy, {})
             steps = allocation.allocate_measured(options, kind, target * full, size_of, drop_of)
         else:
-            steps = allocation.allocate(options, kind, target * full, full, size_of)
+            floor = allocation.noise_floor(options) if config.allocation == "floor" else None
+            steps = allocation.allocate(options, kind, target * full, full, size_of, floor)
         size = _size_of_plan(gray, steps, g)
         achieved = {k: v / color_size[k] for k, v in size.items()} | achieved
         plans.append(Plan(sorted(steps.items()), (kind, target), achieved, options, base_accuracy))

@@ -25,7 +25,7 @@ ON_IMAGES = (ACTIVATION, FISHER)
 FIELDS = ("gray", "color_luma")
 CONTROLS = ("random", "prune_l1")
 TARGETS = ("flops", "params", "latency")
-ALLOCATIONS = ("additive", "measured")
+ALLOCATIONS = ("additive", "measured", "floor")
 # --round_to's default with a --target_*: on CPU, widths in multiples of 4 ran nearer the
 # FLOPs cut at 0.5 of the FLOPs than free counts (docs/results.md, "Speed and shipping").
 ROUND_TO = 4
@@ -146,7 +146,9 @@ class CompressConfig:
     allocation: str = setting(
         "additive", "With --target_flops or --target_params: 'additive' plans on each "
         "option's drop, added across layers; 'measured' picks each greedy step among the "
-        "4 cheapest by the drop of the whole plan it makes, measured (layers interact).",
+        "4 cheapest by the drop of the whole plan it makes, measured (layers interact); "
+        "'floor' plans additively on each drop taken as at least the selection split's "
+        "noise (the RMS of the drops measured below 0), so few layers are cut deeper.",
         choices=ALLOCATIONS,
     )  # fmt: skip
     search_images: int = setting(
