@@ -148,6 +148,7 @@ def search(
     options, base_accuracy, merges = _sensitivities(
         config, gray, train, candidates, counts, timed, score
     )
+    floor = allocation.noise_floor(options) if config.allocation == "floor" else None
     plans = []
     for target in targets:
         achieved = {}
@@ -162,7 +163,6 @@ def search(
             drop_of = functools.partial(_drop_of_plan, gray, merges, score, base_accuracy, {})
             steps = allocation.allocate_measured(options, kind, target * full, size_of, drop_of)
         else:
-            floor = allocation.noise_floor(options) if config.allocation == "floor" else None
             steps = allocation.allocate(options, kind, target * full, full, size_of, floor)
         size = _size_of_plan(gray, steps, g)
         achieved = {k: v / color_size[k] for k, v in size.items()} | achieved
