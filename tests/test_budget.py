@@ -406,6 +406,9 @@ def test_allocation_needs_a_size_target_and_a_known_name_before_any_work(tmp_pat
     validate(CompressConfig(allocation="floor", target_flops=0.5))
     with pytest.raises(ValueError, match="^--allocation=floor plans a --target_flops"):
         validate(CompressConfig(allocation="floor", layers=(1,)))
+    validate(CompressConfig(allocation="checked", target_params=0.5))
+    with pytest.raises(ValueError, match="^--allocation=checked plans a --target_flops"):
+        validate(CompressConfig(allocation="checked", target_latency=0.5))
 
 
 def test_the_settings_line_shows_the_search_a_target_ran_not_the_layers_it_replaced():

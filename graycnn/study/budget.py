@@ -8,9 +8,10 @@
    (or parameter) saved, from no merge towards smaller widths, until the planned model
    (its exact widths, counted on the channel graph) meets the target, then widens planned
    layers into what the coarse last step left. Drops are taken as additive across layers
-   (`--allocation=floor`: each at least the selection split's noise); sizes are not
-   assumed additive but counted. A latency target times whole candidate
-   plans and keeps the least predicted drop that is fast enough.
+   (`--allocation=floor`: each at least the selection split's noise; `checked`: the plan
+   measured whole and allocated again); sizes are not assumed additive but counted. A
+   latency target times whole candidate plans and keeps the least predicted drop that is
+   fast enough.
 
 The plan is [(layer, clusters)] in forward order, with the measurements behind it.
 """
@@ -149,6 +150,8 @@ def search(
         config, gray, train, candidates, counts, timed, score
     )
     floor = allocation.noise_floor(options) if config.allocation == "floor" else None
+    # --allocation=measured and checked: whole plans scored as the options were, each once
+    drop_of = functools.partial(_drop_of_plan, gray, merges, score, base_accuracy, {})
     plans = []
     for target in targets:
         achieved = {}
@@ -160,8 +163,11 @@ def search(
                 gray, options, target, size_of, at_flops, time_plans
             )
         elif config.allocation == "measured":
-            drop_of = functools.partial(_drop_of_plan, gray, merges, score, base_accuracy, {})
             steps = allocation.allocate_measured(options, kind, target * full, size_of, drop_of)
+        elif config.allocation == "checked":
+            steps = allocation.allocate_checked(
+                options, kind, target * full, full, size_of, drop_of
+            )
         else:
             steps = allocation.allocate(options, kind, target * full, full, size_of, floor)
         size = _size_of_plan(gray, steps, g)
@@ -197,7 +203,7 @@ def _sensitivities(config, gray, train, candidates, counts, timed, score) -> tup
 
 
 def _drop_of_plan(gray, merges, score, base_accuracy, seen: dict, steps: dict) -> float:
-    """--allocation=measured: the points a whole plan loses, its options' merges applied
+    """--allocation=measured and checked: the points a whole plan loses, its options' merges applied
     in forward order in the gray model's shapes (each clustered on the unmerged model),
     scored as the options were; `seen` keeps each plan's."""
     key = tuple(sorted(steps.items()))

@@ -25,7 +25,7 @@ ON_IMAGES = (ACTIVATION, FISHER)
 FIELDS = ("gray", "color_luma")
 CONTROLS = ("random", "prune_l1")
 TARGETS = ("flops", "params", "latency")
-ALLOCATIONS = ("additive", "measured", "floor")
+ALLOCATIONS = ("additive", "measured", "floor", "checked")
 # --round_to's default with a --target_*: on CPU, widths in multiples of 4 ran nearer the
 # FLOPs cut at 0.5 of the FLOPs than free counts (docs/results.md, "Speed and shipping").
 ROUND_TO = 4
@@ -148,7 +148,9 @@ class CompressConfig:
         "option's drop, added across layers; 'measured' picks each greedy step among the "
         "4 cheapest by the drop of the whole plan it makes, measured (layers interact); "
         "'floor' plans additively on each drop taken as at least the selection split's "
-        "noise (the RMS of the drops measured below 0), so few layers are cut deeper.",
+        "noise (the RMS of the drops measured below 0), so few layers are cut deeper; "
+        "'checked' measures the additive plan whole and each planned layer's share of its "
+        "drop, and plans again on those shares (3 plans at most, the least loss kept).",
         choices=ALLOCATIONS,
     )  # fmt: skip
     search_images: int = setting(
