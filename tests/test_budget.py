@@ -178,6 +178,30 @@ def test_a_run_written_when_round_to_defaulted_to_1_resumes_unless_it_rounds_now
                 Writer(str(workdir), settings)
 
 
+def test_a_run_written_when_allocation_defaulted_to_additive_resumes_unless_it_plans_now(
+    tmp_path,
+):
+    # Without a --target_flops or --target_params no allocation is read: an old run's
+    # 'additive' is the new default's run; with one, it planned otherwise.
+    cases = [({}, True), ({"target_latency": (0.5,)}, True), ({"target_flops": (0.5,)}, False)]
+    for i, (target, resumes) in enumerate(cases):
+        workdir = tmp_path / f"run{i}"
+        settings = config_lib.to_json(CompressConfig(**target))
+        assert settings["allocation"] == "checked"
+        io.write_json(str(workdir / "run.json"), settings | {"allocation": "additive"})
+        if resumes:
+            Writer(str(workdir), settings)
+        else:
+            with pytest.raises(FileExistsError, match="allocation: 'additive' there, 'checked'"):
+                Writer(str(workdir), settings)
+    # A run written before --allocation existed searched additively.
+    old = {k: v for k, v in settings.items() if k != "allocation"}
+    io.write_json(str(tmp_path / "older" / "run.json"), old)
+    with pytest.raises(FileExistsError, match="allocation: 'additive' there"):
+        Writer(str(tmp_path / "older"), settings)
+    Writer(str(tmp_path / "older"), settings | {"allocation": "additive"})
+
+
 def test_the_default_rounding_is_what_the_search_tries(setting, monkeypatch):
     # The counts each candidate layer is merged to in the sensitivity search: multiples
     # of 4 by default with a target, any count with --round_to=1 (densenet_test's
@@ -397,6 +421,8 @@ def test_search_images_needs_a_target_and_is_one_error_before_any_work(tmp_path)
 def test_allocation_needs_a_size_target_and_a_known_name_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="^--allocation=measured plans a --target_flops"):
         compress(CompressConfig(allocation="measured"), str(tmp_path / "w"))
+    with pytest.raises(ValueError, match="^--allocation=additive plans a .*leave it 'checked'"):
+        compress(CompressConfig(allocation="additive", layers=(1,)), str(tmp_path / "w"))
     with pytest.raises(ValueError, match="^--allocation=measured plans a --target_flops"):
         compress(CompressConfig(allocation="measured", target_latency=0.5), str(tmp_path / "w"))
     with pytest.raises(ValueError, match="allocation.*'greedy'"):
@@ -406,15 +432,17 @@ def test_allocation_needs_a_size_target_and_a_known_name_before_any_work(tmp_pat
     validate(CompressConfig(allocation="floor", target_flops=0.5))
     with pytest.raises(ValueError, match="^--allocation=floor plans a --target_flops"):
         validate(CompressConfig(allocation="floor", layers=(1,)))
-    validate(CompressConfig(allocation="checked", target_params=0.5))
-    with pytest.raises(ValueError, match="^--allocation=checked plans a --target_flops"):
-        validate(CompressConfig(allocation="checked", target_latency=0.5))
+    validate(CompressConfig(allocation="additive", target_params=0.5))
+    # The default is no request: runs without a size target take it.
+    validate(CompressConfig(target_latency=0.5))
+    validate(CompressConfig(layers=(1,)))
 
 
 def test_the_settings_line_shows_the_search_a_target_ran_not_the_layers_it_replaced():
     with_target = config_lib.to_json(CompressConfig(target_latency=(0.5,)))
     line = report_lib._settings(with_target)
-    assert "target_latency=0.5, round_to=0 (multiples of 4), allocation=additive" in line
+    # A latency target reads no --allocation: it is not shown.
+    assert "target_latency=0.5, round_to=0 (multiples of 4), search_images=0" in line
     assert "layers=" not in line and "num_clusters=" not in line and "target_flops" not in line
     line = report_lib._settings(config_lib.to_json(CompressConfig(target_flops=(0.7, 0.5))))
     assert "target_flops=0.7,0.5, round_to=0" in line

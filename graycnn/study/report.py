@@ -237,7 +237,9 @@ def _settings(config: Mapping[str, Any]) -> str:
     if target:
         keys = [k for k in keys if k not in ("layers", "num_clusters", "target_flops",
                                              "target_params")]  # fmt: skip
-        keys[1:1] = [target, "round_to", "allocation", "search_images"]
+        # A latency target plans on timed whole plans: no --allocation is read.
+        allocation = [] if target == "target_latency" else ["allocation"]
+        keys[1:1] = [target, "round_to", *allocation, "search_images"]
     shown = ", ".join(f"{k}={_setting(k, config[k], config)}" for k in keys if k in config)
     return f"Settings ({preset}): {shown}. Color model: `{config.get('color_checkpoint')}`."
 

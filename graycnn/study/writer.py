@@ -18,6 +18,7 @@ from typing import Any
 
 from graycnn import io
 from graycnn.study import report
+from graycnn.study.config import ALLOCATION
 from graycnn.study.figures import charts
 from graycnn.study.figures import clusters as cluster_figures
 from graycnn.study.figures import receptive_fields as rf_figures
@@ -227,7 +228,8 @@ def _upgraded(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Settings as an older run wrote them, as this one writes them: a --target_* was
     one fraction (0: none), now a list; --round_to's default was 1, now 0, the same
     without a --target_* (so such runs still resume); a run before --search_images
-    or --allocation searched with their defaults."""
+    or --allocation searched with their defaults; --allocation's default was 'additive',
+    now 'checked', the same without a --target_flops or --target_params."""
     out = {"search_images": 0, "allocation": "additive"} | dict(settings)
     targets = ("target_flops", "target_params", "target_latency")
     for key in targets:
@@ -236,6 +238,8 @@ def _upgraded(settings: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = [value] if value else []
     if out.get("round_to") == 1 and not any(out.get(k) for k in targets):
         out["round_to"] = 0
+    if out["allocation"] == "additive" and not any(out.get(k) for k in targets[:2]):
+        out["allocation"] = ALLOCATION
     return out
 
 
