@@ -7,11 +7,12 @@
 2. Allocation (`allocation`): greedy on the cost of each step, accuracy lost per FLOP
    (or parameter) saved, from no merge towards smaller widths, until the planned model
    (its exact widths, counted on the channel graph) meets the target, then widens planned
-   layers into what the coarse last step left. Drops are taken as additive across layers
-   (`--allocation=floor`: each at least the selection split's noise; `checked`: the plan
-   measured whole and allocated again); sizes are not assumed additive but counted. A
-   latency target times whole candidate plans and keeps the least predicted drop that is
-   fast enough.
+   layers into what the coarse last step left. Drops are taken as additive across layers;
+   the default (`--allocation=checked`) then measures the plan whole, reads each planned
+   layer's share of its drop back into the options and allocates again (`floor`: each
+   drop at least the selection split's noise). Sizes are not assumed additive but
+   counted. A latency target times whole candidate plans and keeps the least predicted
+   drop that is fast enough.
 
 The plan is [(layer, clusters)] in forward order, with the measurements behind it.
 """
