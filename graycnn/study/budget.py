@@ -204,9 +204,9 @@ def _sensitivities(config, gray, train, candidates, counts, timed, score) -> tup
 
 
 def _drop_of_plan(gray, merges, score, base_accuracy, seen: dict, steps: dict) -> float:
-    """--allocation=measured and checked: the points a whole plan loses, its options' merges applied
-    in forward order in the gray model's shapes (each clustered on the unmerged model),
-    scored as the options were; `seen` keeps each plan's."""
+    """--allocation=measured and checked: the points a whole plan loses, its options'
+    merges applied in forward order in the gray model's shapes (each clustered on the
+    unmerged model), scored as the options were; `seen` keeps each plan's."""
     key = tuple(sorted(steps.items()))
     if key not in seen:
         variables = gray.variables
