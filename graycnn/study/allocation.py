@@ -132,14 +132,13 @@ def allocate_measured(
 
 
 def allocate_checked(
-    options: Sequence[Any], kind: str, budget: float, full, size_of, drop_of,
-    rounds: int = CHECKS,
-) -> dict[int, int]:  # fmt: skip
+    options: Sequence[Any], kind: str, budget: float, full, size_of, drop_of
+) -> dict[int, int]:
     """The additive plan (`allocate`) checked whole: the plan's drop is measured
     (`drop_of`), and so is each planned layer's share of it, the plan's drop less the
     drop of the plan without that layer. Each planned option, and the narrower options of
     its layer, is then read as losing at least its share, and the plan is allocated again
-    on those drops, up to `rounds` plans; of the plans measured, the least measured drop
+    on those drops, up to CHECKS plans; of the plans measured, the least measured drop
     is kept. The cuts stay many and mild where they do not interact (the additive plan's
     lead over L1 pruning) and move away from layers that lose more together than alone.
 
@@ -157,7 +156,7 @@ def allocate_checked(
     by_layer = _by_layer(options)
     measured: dict[tuple[tuple[int, int], ...], float] = {}
     steps = allocate(options, kind, budget, full, size_of)
-    for _ in range(rounds):
+    for _ in range(CHECKS):
         key = tuple(sorted(steps.items()))
         if key in measured:  # the drops read no differently: the plans repeat from here
             break
